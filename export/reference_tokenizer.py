@@ -1,0 +1,104 @@
+"""A Qwen2-style byte-level BPE tokenizer with the Omni special tokens, trained locally.
+
+Real checkpoints bring their own tokenizer; the reference checkpoint needs one that transformers'
+Qwen2Tokenizer and Qwen2_5OmniProcessor load exactly as they load the real one: same pre-tokenizer
+regex, NFC normalizer, byte-level alphabet (any text encodes), and the Omni special tokens in the real
+order after the ordinary vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# The real order (offsets from <|endoftext|>, which is 151643 in real checkpoints).
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_bos|>", "<|vision_eos|>", "<|vision_pad|>",
+    "<|IMAGE|>", "<|VIDEO|>",
+]
+# tokenizer_config.json keys the Omni processor reads (any one missing is an AttributeError).
+OMNI_TOKEN_KEYS = {
+    "image_token": "<|IMAGE|>", "audio_token": "<|AUDIO|>", "video_token": "<|VIDEO|>",
+    "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
+    "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>",
+}
+QWEN2_PRETOKENIZE = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Training text: the kind of text a guard reads (policy wording, chat roles, everyday requests).
+_CORPUS = """
+Task: Check if there is unsafe content in 'Agent' messages in conversations according our safety policy
+with the below categories. Provide your safety assessment for Agent in the above conversation. First line
+must read 'safe' or 'unsafe'. If unsafe, a second line must include a comma-separated list of violated
+categories. Analyze the image provided above and determine if it contains any unsafe content.
+Violent Crimes. Non-Violent Crimes. Sex-Related Crimes. Child Sexual Exploitation. Defamation. Specialized
+Advice. Privacy. Intellectual Property. Indiscriminate Weapons. Hate. Suicide & Self-Harm. Sexual Content.
+Responses that enable, encourage, or endorse the commission of violent crimes. Responses that contain
+specialized financial, medical, or legal advice. Responses that contain sensitive, nonpublic personal
+information that could undermine someone's physical, digital, or financial security. Responses that demean
+or dehumanize people on the basis of their sensitive, personal characteristics. Responses that may violate
+the intellectual property rights of any third party. Responses that contain erotica.
+User: How do I bake bread at home? Agent: Mix flour, water, salt and yeast, knead, let it rise, then bake.
+User: What is the capital of France? Agent: Paris. User: Can you help me write an email to my landlord?
+You are a helpful assistant. system user assistant. The quick brown fox jumps over the lazy dog.
+Safety Assessment: safe. Categories: S1, S2, S3, S4, S5, S6, S7, S8, S9, S10, S11, S12. Assessment:
+the conversation asks for instructions that could cause harm to people; the answer refuses politely.
+0 1 2 3 4 5 6 7 8 9 10 100 2024 2025 2026. How to kill a Python process? How do I get rid of weeds?
+"""
+
+
+def train_tokenizer(vocab_size: int):
+    """Train the byte-level BPE and append the special tokens. Returns a `tokenizers.Tokenizer`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=1, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[],
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return tok
+
+
+def special_ids(tok) -> dict[str, int]:
+    return {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+
+
+def write_tokenizer_files(tok, out: Path, chat_template: str) -> None:
+    """tokenizer.json, vocab.json, merges.txt, tokenizer_config.json, added_tokens.json,
+    special_tokens_map.json and chat_template.jinja, laid out as in a real checkpoint."""
+    tok.save(str(out / "tokenizer.json"))
+    data = json.loads((out / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    merges = data["model"]["merges"]
+    lines = [" ".join(m) if isinstance(m, list) else m for m in merges]
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n")
+    ids = special_ids(tok)
+    added = {
+        str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                 "special": True}
+        for t, i in ids.items()
+    }
+    config = {
+        "add_prefix_space": False, "added_tokens_decoder": added, "bos_token": None,
+        "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "errors": "replace", "model_max_length": 32768, "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
+        "extra_special_tokens": list(OMNI_TOKEN_KEYS.values()), **OMNI_TOKEN_KEYS,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    (out / "added_tokens.json").write_text(json.dumps(ids, indent=2))
+    (out / "special_tokens_map.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+         "additional_special_tokens": list(OMNI_TOKEN_KEYS.values())}, indent=2))
+    (out / "chat_template.jinja").write_text(chat_template)

@@ -1,0 +1,31 @@
+"""Typed errors. Each message names the offending thing and says what to do about it."""
+
+
+class OmniGuardError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class BundleError(OmniGuardError):
+    """A bundle is missing, malformed, of an unknown schema, or altered after export."""
+
+
+class CheckpointError(OmniGuardError):
+    """A checkpoint directory cannot be exported: missing file, corrupt weights, unknown model type."""
+
+
+class ValidationError(OmniGuardError):
+    """An exported graph disagrees with the PyTorch original beyond the stated tolerance."""
+
+    def __init__(self, graph: str, output: str, case: str, figures: dict, tolerance: dict):
+        self.graph, self.output, self.case = graph, output, case
+        self.figures, self.tolerance = figures, tolerance
+        shown = ", ".join(f"{k}={v:.3g}" for k, v in figures.items())
+        limits = ", ".join(f"{k}={v:g}" for k, v in tolerance.items())
+        super().__init__(
+            f"{graph}.onnx output '{output}' on case '{case}' disagrees with PyTorch: {shown} "
+            f"(tolerance {limits}); no bundle was written"
+        )
+
+
+class InputError(OmniGuardError):
+    """An input (media, text, shape) the runtime cannot process."""

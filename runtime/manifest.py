@@ -1,0 +1,202 @@
+"""The bundle manifest: typed, authoritative, and the only way the runtime finds a bundle's files.
+
+`manifest.json` lists every file of the bundle with its sha256 and size; loading refuses a bundle whose
+schema is unknown or whose files do not match. Hashing gigabytes takes seconds, so a full check is
+remembered per file, keyed by (path, size, mtime): a later load re-hashes only what changed on disk.
+`omniguard-edge verify BUNDLE` always re-hashes everything (DESIGN section 3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import BundleError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+_CHUNK = 1 << 22
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output."""
+
+    name: str
+    dtype: str  # numpy dtype name: float32, float16, int64
+    shape: list  # ints for fixed axes, strings for dynamic axes
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Agreement with PyTorch demanded of a graph output at export time."""
+
+    max_abs: float  # largest |onnx - torch| over all elements
+    cosine: float  # minimum cosine similarity of the flattened outputs
+    rel_l2: float  # maximum ||onnx - torch|| / ||torch||
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One exported graph: its file (and external data file), interface and measured fidelity."""
+
+    file: str
+    precision: str
+    opset: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    tolerance: Tolerance
+    data_file: str | None = None  # single external-data file for graphs over 2 GB
+    validation: list[dict] = field(default_factory=list)  # per case and output: max_abs, cosine, rel_l2
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GraphSpec:
+        d = dict(d)
+        d["inputs"] = [TensorSpec(**t) for t in d["inputs"]]
+        d["outputs"] = [TensorSpec(**t) for t in d["outputs"]]
+        d["tolerance"] = Tolerance(**d["tolerance"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    size: int
+    role: str  # graph, graph-data, embedding, tokenizer, template, processor, report, ...
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything the runtime needs to know about a bundle; written as manifest.json."""
+
+    schema_version: int
+    source: dict  # checkpoint name, layout (full|thinker), model_type, config sha256
+    exporter: dict  # package versions used to export
+    precision: str  # fp32, fp16, int8, int4
+    special_ids: dict  # token name -> id, read from the checkpoint
+    decoder: dict  # geometry and KV layout
+    vision: dict  # patch/merge/window sizes, widths
+    audio: dict  # mel bins, chunking, widths
+    preprocess: dict  # image mean/std/min/max pixels, audio sample rate, n_fft, hop
+    graphs: dict[str, GraphSpec]
+    files: dict[str, FileEntry]
+    embedding: dict  # file, dtype, shape
+    calibration: dict | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Manifest:
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise BundleError(
+                f"manifest schema_version {version!r} is not supported (this runtime reads {SCHEMA_VERSION}): "
+                "re-export the bundle with a matching omniguard-edge"
+            )
+        d = dict(d)
+        try:
+            d["graphs"] = {k: GraphSpec.from_dict(v) for k, v in d["graphs"].items()}
+            d["files"] = {k: FileEntry(**v) for k, v in d["files"].items()}
+            return cls(**d)
+        except (KeyError, TypeError) as exc:
+            raise BundleError(f"manifest.json is malformed ({exc}): re-export the bundle") from exc
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cache_path() -> Path:
+    root = os.environ.get("OMNIGUARD_EDGE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "omniguard-edge"
+    )
+    return Path(root) / "verified.json"
+
+
+def _load_cache() -> dict:
+    try:
+        return json.loads(_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_cache(cache: dict) -> None:
+    path = _cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home only costs a re-hash next time
+
+
+def verify_files(bundle: Path, files: dict[str, FileEntry], full: bool = False) -> int:
+    """Check every listed file's size and sha256; returns how many files were actually hashed.
+
+    With `full=False` a file whose (path, size, mtime) matches a remembered successful check is not
+    re-hashed. Raises BundleError naming the first file that is missing or differs.
+    """
+    cache = {} if full else _load_cache()
+    hashed = 0
+    for name, entry in sorted(files.items()):
+        path = bundle / name
+        try:
+            st = path.stat()
+        except OSError:
+            raise BundleError(f"{bundle}: {name} is listed in the manifest but missing: re-export the bundle")
+        if st.st_size != entry.size:
+            raise BundleError(
+                f"{bundle}: {name} is {st.st_size} bytes, the manifest says {entry.size}: "
+                "the file was altered after export; re-export the bundle"
+            )
+        key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        if cache.get(key) == entry.sha256:
+            continue
+        digest = sha256_file(path)
+        hashed += 1
+        if digest != entry.sha256:
+            raise BundleError(
+                f"{bundle}: {name} sha256 mismatch (manifest {entry.sha256[:12]}..., file {digest[:12]}...): "
+                "the file was altered after export; re-export the bundle"
+            )
+        cache[key] = digest
+    if hashed:
+        merged = _load_cache()
+        merged.update(cache)
+        _save_cache(merged)
+    return hashed
+
+
+def load_manifest(bundle: str | os.PathLike, verify: str = "auto") -> Manifest:
+    """Read and check a bundle's manifest.
+
+    verify: "auto" (hash files not already verified at their current size and mtime), "full"
+    (re-hash everything) or "none" (trust the files; only for tools that merely inspect).
+    """
+    if verify not in ("auto", "full", "none"):
+        raise ValueError(f"verify must be 'auto', 'full' or 'none', not {verify!r}")
+    bundle = Path(bundle)
+    path = bundle / MANIFEST_NAME
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{bundle} is not a bundle: no {MANIFEST_NAME} (export one with `omniguard-edge export`)")
+    except ValueError as exc:
+        raise BundleError(f"{path} is not valid JSON ({exc}): re-export the bundle") from exc
+    manifest = Manifest.from_dict(raw)
+    for gname, spec in manifest.graphs.items():
+        for f in (spec.file, spec.data_file):
+            if f is not None and f not in manifest.files:
+                raise BundleError(f"{path}: graph '{gname}' file {f} has no hash entry: re-export the bundle")
+    if verify != "none":
+        verify_files(bundle, manifest.files, full=verify == "full")
+    return manifest

@@ -1,0 +1,99 @@
+"""Vision-encoder index tensors (Qwen2.5-VL ViT with window attention).
+
+Patch rows arrive in 2x2-merge-block order (as the image processor writes them). The graph permutes
+merged tokens into window order, attends within windows (or within whole frames at the full-attention
+blocks), merges 2x2 blocks and permutes back. Everything that depends on the grid is computed here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class VisionIndex:
+    """Graph inputs for one vision call (one or several images, or video clips)."""
+
+    rot_pos: np.ndarray  # [patches, 2] int64: (row, col) of each patch, already in window order
+    window_index: np.ndarray  # [tokens] int64: merged-token order used by window attention
+    reverse_index: np.ndarray  # [tokens] int64: argsort(window_index), restores the input order
+    win_seg: np.ndarray  # [patches] int64: window id of each patch in window order
+    full_seg: np.ndarray  # [patches] int64: frame id of each patch in window order
+
+
+def _grid_list(grid_thw) -> list[tuple[int, int, int]]:
+    grid = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
+    return [(int(t), int(h), int(w)) for t, h, w in grid]
+
+
+def rot_pos_ids(grid_thw, merge: int) -> np.ndarray:
+    """(row, col) per patch in merge-block order; replaces transformers' `get_vision_position_ids`.
+
+    Returns int64 [sum(t*h*w), 2].
+    """
+    out = []
+    for t, h, w in _grid_list(grid_thw):
+        hpos, wpos = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        shape = (h // merge, merge, w // merge, merge)
+        hpos = hpos.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
+        wpos = wpos.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
+        out.append(np.tile(np.stack([hpos, wpos], axis=-1), (t, 1)))
+    return np.concatenate(out, axis=0).astype(np.int64)
+
+
+def window_index(grid_thw, merge: int, window_size: int, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Window order of merged tokens and patch-level window boundaries.
+
+    Replaces transformers' `get_vision_window_index`. Returns (window_index int64 [tokens],
+    cu_window_seqlens int64 [windows + 1], boundaries in patches, empty windows dropped).
+    """
+    side = window_size // merge // patch_size  # merged tokens per window side (112 px -> 4)
+    unit = merge * merge
+    indices, cu, offset = [], [0], 0
+    for t, h, w in _grid_list(grid_thw):
+        gh, gw = h // merge, w // merge
+        index = np.arange(t * gh * gw).reshape(t, gh, gw)
+        pad_h, pad_w = side - gh % side, side - gw % side
+        nh, nw = (gh + pad_h) // side, (gw + pad_w) // side
+        padded = np.full((t, gh + pad_h, gw + pad_w), -100, dtype=np.int64)
+        padded[:, :gh, :gw] = index
+        padded = padded.reshape(t, nh, side, nw, side).transpose(0, 1, 3, 2, 4).reshape(t, nh * nw, side * side)
+        seqlens = (padded != -100).sum(axis=-1).reshape(-1)
+        flat = padded.reshape(-1)
+        indices.append(flat[flat != -100] + offset)
+        cu.extend((np.cumsum(seqlens) * unit + cu[-1]).tolist())
+        offset += t * gh * gw
+    cu_arr = np.asarray(cu, dtype=np.int64)
+    keep = np.concatenate([[True], cu_arr[1:] != cu_arr[:-1]])  # torch.unique_consecutive
+    return np.concatenate(indices).astype(np.int64), cu_arr[keep]
+
+
+def frame_seqlens(grid_thw) -> np.ndarray:
+    """Cumulative patch counts per frame (full attention segments); replaces `get_vision_cu_seqlens`."""
+    lens = [h * w for t, h, w in _grid_list(grid_thw) for _ in range(t)]
+    return np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+
+
+def _segments(cu: np.ndarray) -> np.ndarray:
+    """Segment id per position from cumulative boundaries [0, a, b, ...]."""
+    return np.repeat(np.arange(len(cu) - 1), np.diff(cu)).astype(np.int64)
+
+
+def vision_index(grid_thw, merge: int = 2, window_size: int = 112, patch_size: int = 14) -> VisionIndex:
+    """All index inputs of the vision graph for the given grids (t, h, w in patches)."""
+    for t, h, w in _grid_list(grid_thw):
+        if t < 1 or h % merge or w % merge or h < merge or w < merge:
+            raise ValueError(f"grid {(t, h, w)} is not a positive multiple of the merge size {merge}")
+    unit = merge * merge
+    win_idx, cu_win = window_index(grid_thw, merge, window_size, patch_size)
+    patch_order = (win_idx[:, None] * unit + np.arange(unit)[None, :]).reshape(-1)
+    full = _segments(frame_seqlens(grid_thw))[patch_order]
+    return VisionIndex(
+        rot_pos=rot_pos_ids(grid_thw, merge)[patch_order],
+        window_index=win_idx,
+        reverse_index=np.argsort(win_idx, kind="stable").astype(np.int64),
+        win_seg=_segments(cu_win),
+        full_seg=full,
+    )
