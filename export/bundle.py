@@ -1,0 +1,170 @@
+"""Export a checkpoint into a validated bundle: graphs, embedding table, tokenizer, template,
+processor constants and a typed manifest. Nothing is left behind unless every graph validates."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from importlib import metadata as pkg_metadata
+from pathlib import Path
+
+import numpy as np
+
+from ..runtime.errors import BundleError
+from ..runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, FileEntry, GraphSpec, Manifest, TensorSpec, sha256_file
+from .checkpoint import Checkpoint, open_checkpoint
+from .graphs import GRAPHS
+from .graphs.spec import case_feeds
+from .onnx_io import OPSET, finalize_onnx, run_onnx, trace_to_onnx
+from .parts import Parts
+from .validate import FP32_TOLERANCE, check, compare
+
+log = logging.getLogger(__name__)
+# Files copied from the checkpoint into the bundle when present (role in the manifest).
+COPIED = {"tokenizer.json": "tokenizer", "tokenizer_config.json": "tokenizer", "chat_template.jinja": "template",
+          "preprocessor_config.json": "processor", "video_preprocessor_config.json": "processor",
+          "generation_config.json": "generation"}
+TOWER_OF = {"vision": ("visual",), "audio": ("audio_tower",), "decoder": ("language_model", "lm_head")}
+
+
+def _versions() -> dict:
+    out = {}
+    for pkg in ("omniguard-edge", "torch", "transformers", "onnx", "onnxruntime", "numpy"):
+        try:
+            out[pkg] = pkg_metadata.version(pkg)
+        except pkg_metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _tensor_specs(names, feeds_or_outputs, axes) -> list[TensorSpec]:
+    specs = []
+    for name, arr in zip(names, feeds_or_outputs):
+        shape = [axes.get(name, {}).get(i, int(d)) for i, d in enumerate(np.shape(arr))]
+        specs.append(TensorSpec(name=name, dtype=str(np.asarray(arr).dtype), shape=shape))
+    return specs
+
+
+def _export_graph(name: str, parts: Parts, work: Path, bar, rng) -> tuple[GraphSpec, list[str]]:
+    """Trace, release the tower, validate every named case. Returns the spec and files written."""
+    gdef = GRAPHS[name]
+    inputs, outputs, axes = gdef.interface(parts)
+    module = gdef.build(parts)
+    example = gdef.example(parts)
+    cases = gdef.cases(parts, rng)
+    bar.set_postfix_str(f"{name}: PyTorch reference")
+    prepared = [(c.name, case_feeds(c), c.reference(), c.meaningful) for c in cases]
+    scratch = Path(tempfile.mkdtemp(prefix=f"trace-{name}-", dir=work))
+    bar.set_postfix_str(f"{name}: tracing")
+    traced = trace_to_onnx(module, example, inputs, outputs, axes, scratch)
+    del module
+    parts.release(*TOWER_OF[name])  # low peak memory: the tower is not needed past this point
+    meta = {"omniguard_edge.graph": name, "omniguard_edge.precision": "fp32",
+            "omniguard_edge.schema_version": SCHEMA_VERSION, "omniguard_edge.opset": OPSET}
+    dest = work / f"{name}.onnx"
+    data_file = finalize_onnx(traced, dest, meta)
+    shutil.rmtree(scratch, ignore_errors=True)
+    bar.set_postfix_str(f"{name}: validating {len(prepared)} cases in onnxruntime")
+    results = run_onnx(dest, [feeds for _, feeds, _, _ in prepared])
+    report = []
+    for (case, feeds, ref, meaningful), got in zip(prepared, results):
+        for out_name, arr in zip(outputs, got):
+            figures = compare(arr, ref[out_name], meaningful(out_name))
+            report.append({"case": case, "output": out_name, **figures})
+            check(name, case, out_name, figures, FP32_TOLERANCE)
+    first_feeds, first_out = prepared[0][1], results[0]
+    spec = GraphSpec(
+        file=dest.name, precision="fp32", opset=OPSET,
+        inputs=_tensor_specs(inputs, [first_feeds[i] for i in inputs], axes),
+        outputs=_tensor_specs(outputs, first_out, axes),
+        tolerance=FP32_TOLERANCE, data_file=data_file, validation=report,
+    )
+    return spec, [dest.name] + ([data_file] if data_file else [])
+
+
+def _geometry(ckpt: Checkpoint) -> tuple[dict, dict, dict, dict]:
+    cfg = ckpt.thinker_config
+    t, v, a = cfg.text_config, cfg.vision_config, cfg.audio_config
+    head_dim = t.hidden_size // t.num_attention_heads
+    decoder = {"hidden_size": t.hidden_size, "num_layers": t.num_hidden_layers, "num_heads": t.num_attention_heads,
+               "num_kv_heads": t.num_key_value_heads, "head_dim": head_dim, "vocab_size": t.vocab_size,
+               "max_position_embeddings": t.max_position_embeddings, "rope_parameters": dict(t.rope_parameters),
+               "tie_word_embeddings": bool(t.tie_word_embeddings), "kv_layout": "batch,kv_heads,seq,head_dim",
+               "position_id_per_seconds": cfg.position_id_per_seconds, "seconds_per_chunk": cfg.seconds_per_chunk}
+    vision = {"patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size, "in_channels": v.in_channels,
+              "spatial_merge_size": v.spatial_merge_size, "window_size": v.window_size, "hidden_size": v.hidden_size,
+              "depth": v.depth, "fullatt_block_indexes": list(v.fullatt_block_indexes), "out_hidden_size": v.out_hidden_size}
+    audio = {"num_mel_bins": a.num_mel_bins, "n_window": a.n_window, "d_model": a.d_model,
+             "encoder_layers": a.encoder_layers, "output_dim": a.output_dim, "max_source_positions": a.max_source_positions}
+    pre = json.loads((ckpt.path / "preprocessor_config.json").read_text())
+    keys = ["image_mean", "image_std", "min_pixels", "max_pixels", "patch_size", "merge_size", "temporal_patch_size",
+            "rescale_factor", "sampling_rate", "n_fft", "hop_length", "feature_size", "chunk_length", "dither"]
+    preprocess = {k: pre[k] for k in keys if k in pre}
+    return decoder, vision, audio, preprocess
+
+
+def _write_embedding(parts: Parts, work: Path, dtype: str) -> dict:
+    weight = parts.embed_weight().float().numpy().astype(dtype)
+    np.save(work / "embed_tokens.npy", weight)
+    return {"file": "embed_tokens.npy", "dtype": dtype, "shape": list(weight.shape)}
+
+
+def export_bundle(checkpoint: str | Path, out: str | Path, overwrite: bool = False, embed_dtype: str = "float32",
+                  seed: int = 0, progress: bool = True) -> Path:
+    """Export `checkpoint` to the bundle folder `out` (fp32 graphs), validating each graph.
+
+    Raises CheckpointError for an unusable checkpoint, ValidationError when a graph disagrees with
+    PyTorch, BundleError when `out` exists; in every failure no bundle (and no partial folder) remains.
+    """
+    from tqdm import tqdm
+
+    if embed_dtype not in ("float32", "float16"):
+        raise BundleError(f"embed_dtype must be float32 or float16, not {embed_dtype!r}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise BundleError(f"{out} already exists: pass --overwrite or choose another --out")
+    ckpt = open_checkpoint(checkpoint)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        parts = Parts(ckpt)
+        rng = np.random.default_rng(seed)
+        graphs, roles = {}, {}
+        with tqdm(total=len(GRAPHS) + 1, desc="export", unit="step", disable=not progress) as bar:
+            for name in GRAPHS:
+                spec, files = _export_graph(name, parts, work, bar, rng)
+                graphs[name] = spec
+                roles.update({f: ("graph-data" if f.endswith(".data") else "graph") for f in files})
+                bar.update(1)
+            bar.set_postfix_str("embedding table")
+            embedding = _write_embedding(parts, work, embed_dtype)
+            roles["embed_tokens.npy"] = "embedding"
+            bar.update(1)
+        for fname, role in COPIED.items():
+            if (ckpt.path / fname).exists():
+                shutil.copyfile(ckpt.path / fname, work / fname)
+                roles[fname] = role
+        decoder, vision, audio, preprocess = _geometry(ckpt)
+        files = {f: FileEntry(sha256=sha256_file(work / f), size=(work / f).stat().st_size, role=r)
+                 for f, r in sorted(roles.items())}
+        manifest = Manifest(
+            schema_version=SCHEMA_VERSION,
+            source={"checkpoint": ckpt.path.name, "layout": ckpt.layout,
+                    "model_type": ckpt.raw_config.get("model_type"),
+                    "config_sha256": hashlib.sha256((ckpt.path / "config.json").read_bytes()).hexdigest()},
+            exporter=_versions(), precision="fp32",
+            special_ids={k: v for k, v in ckpt.special.items() if k != "text_vocab"},
+            decoder=decoder, vision=vision, audio=audio, preprocess=preprocess,
+            graphs=graphs, files=files, embedding=embedding,
+        )
+        (work / MANIFEST_NAME).write_text(manifest.to_json())
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+        return out
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
