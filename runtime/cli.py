@@ -1,0 +1,116 @@
+"""The one command line, `omniguard-edge`, with typed subcommands.
+
+It lives in the runtime so that it works on a runtime-only install; the export-side subcommands import
+their code only when invoked and fail with one line naming the extra to install (DESIGN section 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import OmniGuardError
+
+PROFILE_NAMES = ["tiny", "small", "3b-shape", "7b-shape"]
+
+
+def _need_export_extra(exc: ImportError) -> int:
+    print(f"omniguard-edge: this command needs the export extra ({exc.name or exc} is missing): "
+          "pip install 'omniguard-edge[cpu,export]'", file=sys.stderr)
+    return 2
+
+
+def cmd_reference(args) -> int:
+    try:
+        from ..export.reference import write_reference
+    except ImportError as exc:
+        return _need_export_extra(exc)
+    path = write_reference(args.profile, args.out, layout=args.layout, seed=args.seed, overwrite=args.overwrite,
+                           progress=not args.quiet)
+    print(f"reference checkpoint ({args.profile}, {args.layout} layout, RANDOM weights) written to {path}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    try:
+        from ..export.bundle import export_bundle
+    except ImportError as exc:
+        return _need_export_extra(exc)
+    path = export_bundle(args.checkpoint, args.out, overwrite=args.overwrite, embed_dtype=args.embed_dtype,
+                         progress=not args.quiet)
+    from .manifest import load_manifest
+
+    manifest = load_manifest(path, verify="none")
+    rows = []
+    for name, spec in manifest.graphs.items():
+        worst = max(spec.validation, key=lambda r: r["max_abs"])
+        rows.append(f"  {name:8s} {len(spec.validation):3d} checks  max_abs {worst['max_abs']:.2e}  "
+                    f"min cosine {min(r['cosine'] for r in spec.validation):.7f}")
+    print(f"bundle written to {path}; every graph matches PyTorch:\n" + "\n".join(rows))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .manifest import load_manifest
+
+    manifest = load_manifest(args.bundle, verify="full")
+    print(f"{args.bundle}: {len(manifest.files)} files match their sha256 (schema {manifest.schema_version})")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .manifest import load_manifest
+
+    manifest = load_manifest(args.bundle, verify="none")
+    print(manifest.to_json())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omniguard-edge", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("reference", help="write a random-weight reference checkpoint (needs [export])")
+    p.add_argument("--profile", choices=PROFILE_NAMES, default="tiny")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint directory to create")
+    p.add_argument("--layout", choices=["full", "thinker"], default="full",
+                   help="full Omni layout (thinker_config, thinker.* tensors) or thinker-only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_reference)
+
+    p = sub.add_parser("export", help="export a checkpoint to a validated ONNX bundle (needs [export])")
+    p.add_argument("--checkpoint", type=Path, required=True, help="Qwen2.5-Omni / OmniGuard checkpoint folder")
+    p.add_argument("--out", type=Path, required=True, help="bundle folder to create")
+    p.add_argument("--embed-dtype", choices=["float32", "float16"], default="float32",
+                   help="storage dtype of embed_tokens.npy (float16 halves it: 1.1 GB instead of 2.2 GB for 7B)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("verify", help="re-hash every file of a bundle against its manifest")
+    p.add_argument("bundle", type=Path)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("inspect", help="print a bundle's manifest")
+    p.add_argument("bundle", type=Path)
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except OmniGuardError as exc:
+        print(f"omniguard-edge {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

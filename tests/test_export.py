@@ -1,0 +1,172 @@
+"""The exporter: every graph agrees with PyTorch, nothing is baked in, bad checkpoints and tampered
+bundles are refused, and a failure leaves no bundle behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from omniguard_edge.export import bundle as bundle_mod  # noqa: E402
+from omniguard_edge.export.bundle import export_bundle  # noqa: E402
+from omniguard_edge.export.graphs import GRAPHS  # noqa: E402
+from omniguard_edge.export.graphs.spec import case_feeds  # noqa: E402
+from omniguard_edge.export.onnx_io import run_onnx  # noqa: E402
+from omniguard_edge.export.validate import compare  # noqa: E402
+from omniguard_edge.runtime.errors import BundleError, CheckpointError, ValidationError  # noqa: E402
+from omniguard_edge.runtime.manifest import load_manifest, verify_files  # noqa: E402
+
+REQUIRED_CASES = {
+    "vision": {"image_8x10", "image_20x36", "image_16x16", "two_images", "video_t2"},
+    "audio": {"frames_5", "frames_301", "frames_1234", "frames_3000", "two_clips"},
+    "decoder": {"prefill_b1", "decode_b1", "prefill_b2_leftpad", "decode_b2_leftpad"},
+}
+
+
+@pytest.mark.parametrize("graph", ["vision", "audio", "decoder"])
+def test_onnx_matches_pytorch_on_named_cases(graph, tiny_bundle, tiny_parts):
+    """Re-run every named case in onnxruntime and PyTorch, independently of the export's own check."""
+    gdef = GRAPHS[graph]
+    cases = gdef.cases(tiny_parts, np.random.default_rng(123))
+    assert REQUIRED_CASES[graph] <= {c.name for c in cases}
+    _, outputs, _ = gdef.interface(tiny_parts)
+    got = run_onnx(tiny_bundle / f"{graph}.onnx", [case_feeds(c) for c in cases])
+    for case, result in zip(cases, got):
+        ref = case.reference()
+        for name, arr in zip(outputs, result):
+            fig = compare(arr, ref[name], case.meaningful(name))
+            assert fig["max_abs"] <= 1e-4 and fig["cosine"] >= 0.99999, (graph, case.name, name, fig)
+
+
+def test_vision_graph_has_no_baked_grid(tiny_bundle, tiny_parts):
+    """A grid that no export case used, in a call with a video: same answer as PyTorch."""
+    import torch
+
+    from omniguard_edge.export.graphs.vision import feeds_for
+
+    grids = [(1, 12, 14), (2, 6, 22)]
+    feeds = feeds_for(grids, tiny_parts.visual.config, np.random.default_rng(5))
+    (got,) = run_onnx(tiny_bundle / "vision.onnx", [feeds])[0]
+    with torch.no_grad():
+        ref = tiny_parts.visual(torch.from_numpy(feeds["pixel_values"]), grid_thw=torch.tensor(grids)).pooler_output
+    assert got.shape == (sum(t * h * w for t, h, w in grids) // 4, ref.shape[1])
+    assert compare(got, ref.numpy())["max_abs"] <= 1e-4
+
+
+def test_manifest_describes_bundle(tiny_bundle, tiny_parts):
+    m = load_manifest(tiny_bundle)
+    assert set(m.graphs) == {"vision", "audio", "decoder"}
+    assert m.special_ids["image"] == tiny_parts.special["image"]
+    assert m.decoder["num_layers"] == 2 and m.decoder["kv_layout"] == "batch,kv_heads,seq,head_dim"
+    names = [t.name for t in m.graphs["decoder"].inputs]
+    assert names[:3] == ["inputs_embeds", "attention_mask", "position_ids"] and "past_key_1" in names
+    for spec in m.graphs.values():
+        assert spec.validation and spec.tolerance.max_abs == 1e-4
+    for f in ("embed_tokens.npy", "tokenizer.json", "chat_template.jinja", "preprocessor_config.json"):
+        assert f in m.files
+    emb = np.load(tiny_bundle / "embed_tokens.npy", mmap_mode="r")
+    assert list(emb.shape) == m.embedding["shape"]
+
+
+def test_thinker_only_layout_exports(tiny_thinker_checkpoint, tmp_path):
+    out = export_bundle(tiny_thinker_checkpoint, tmp_path / "b", progress=False)
+    assert load_manifest(out).source["layout"] == "thinker"
+
+
+def _leftovers(parent):
+    return sorted(p.name for p in parent.iterdir())
+
+
+def _broken_copy(src, dst, how):
+    shutil.copytree(src, dst)
+    if how == "missing_file":
+        (dst / "tokenizer.json").unlink()
+    elif how == "corrupt_safetensors":
+        shard = next(dst.glob("model-*.safetensors"))
+        data = bytearray(shard.read_bytes())
+        data[:8] = b"\xff" * 8  # header length now points past the end of the file
+        shard.write_bytes(bytes(data))
+    elif how == "missing_shard":
+        next(dst.glob("model-*.safetensors")).unlink()
+    elif how == "unknown_model_type":
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg["model_type"] = "llama"
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("how,message", [
+    ("missing_file", "tokenizer.json is missing"),
+    ("corrupt_safetensors", "not a readable safetensors"),
+    ("missing_shard", "is missing"),
+    ("unknown_model_type", "model_type 'llama' is not supported"),
+])
+def test_bad_checkpoint_gives_clear_error_and_no_bundle(how, message, tiny_checkpoint, tmp_path):
+    ckpt = _broken_copy(tiny_checkpoint, tmp_path / "ckpt", how)
+    out_parent = tmp_path / "bundles"
+    out_parent.mkdir()
+    with pytest.raises(CheckpointError, match=message):
+        export_bundle(ckpt, out_parent / "b", progress=False)
+    assert _leftovers(out_parent) == []
+
+
+def test_validation_failure_raises_and_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+    strict = bundle_mod.FP32_TOLERANCE.__class__(max_abs=0.0, cosine=1.0, rel_l2=0.0)
+    monkeypatch.setattr(bundle_mod, "FP32_TOLERANCE", strict)
+    with pytest.raises(ValidationError, match=r"vision\.onnx output 'features'"):
+        export_bundle(tiny_checkpoint, tmp_path / "b", progress=False)
+    assert _leftovers(tmp_path) == []
+
+
+def test_existing_output_is_not_overwritten(tiny_bundle, tiny_checkpoint):
+    with pytest.raises(BundleError, match="already exists"):
+        export_bundle(tiny_checkpoint, tiny_bundle, progress=False)
+
+
+@pytest.mark.parametrize("victim", ["decoder.onnx", "embed_tokens.npy", "tokenizer.json"])
+def test_altered_bundle_is_refused(victim, tiny_bundle, tmp_path):
+    copy = shutil.copytree(tiny_bundle, tmp_path / "b")
+    load_manifest(copy)  # verified and remembered
+    path = copy / victim
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size, one bit flipped
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=f"{victim} sha256 mismatch"):
+        load_manifest(copy)
+
+
+def test_external_data_file_is_single_and_hashed(tiny_checkpoint, tmp_path, monkeypatch):
+    """Force the >2 GB path on the tiny model: one .data file, listed, hashed, refused when altered."""
+    from omniguard_edge.export import onnx_io
+
+    monkeypatch.setattr(onnx_io, "PROTOBUF_LIMIT", 0)
+    out = export_bundle(tiny_checkpoint, tmp_path / "b", progress=False)
+    m = load_manifest(out)
+    for name, spec in m.graphs.items():
+        assert spec.data_file == f"{name}.onnx.data" and m.files[spec.data_file].role == "graph-data"
+    assert sorted(p.name for p in out.glob("*.data")) == ["audio.onnx.data", "decoder.onnx.data", "vision.onnx.data"]
+    data = out / "decoder.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0x01
+    data.write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match="decoder.onnx.data sha256 mismatch"):
+        load_manifest(out)
+
+
+def test_repeated_loads_hash_only_changed_files(tiny_bundle):
+    m = load_manifest(tiny_bundle, verify="full")
+    assert verify_files(tiny_bundle, m.files) == 0  # remembered from the full check
+    assert verify_files(tiny_bundle, m.files, full=True) == len(m.files)
+
+
+def test_unknown_schema_is_refused(tiny_bundle, tmp_path):
+    copy = shutil.copytree(tiny_bundle, tmp_path / "b")
+    raw = json.loads((copy / "manifest.json").read_text())
+    raw["schema_version"] = 99
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="schema_version 99"):
+        load_manifest(copy)

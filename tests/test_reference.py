@@ -1,0 +1,85 @@
+"""The reference checkpoint loads in transformers exactly as a real OmniGuard checkpoint does."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from omniguard_edge.export.reference import write_reference  # noqa: E402
+from omniguard_edge.runtime.errors import CheckpointError  # noqa: E402
+
+
+def test_layout_matches_a_real_checkpoint(tiny_checkpoint):
+    names = {p.name for p in tiny_checkpoint.iterdir()}
+    for f in ["config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json", "vocab.json",
+              "merges.txt", "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json",
+              "chat_template.jinja", "preprocessor_config.json", "video_preprocessor_config.json"]:
+        assert f in names
+    cfg = json.loads((tiny_checkpoint / "config.json").read_text())
+    assert cfg["model_type"] == "qwen2_5_omni" and cfg["enable_audio_output"] is False
+    assert "talker_config" in cfg and "thinker_config" in cfg
+    index = json.loads((tiny_checkpoint / "model.safetensors.index.json").read_text())
+    assert all(k.startswith("thinker.") for k in index["weight_map"])
+    assert any(k.startswith("thinker.model.layers.") for k in index["weight_map"])  # the real, older names
+    gen = json.loads((tiny_checkpoint / "generation_config.json").read_text())
+    tok_cfg = json.loads((tiny_checkpoint / "tokenizer_config.json").read_text())
+    added = json.loads((tiny_checkpoint / "added_tokens.json").read_text())
+    assert gen["eos_token_id"] == [added["<|im_end|>"], added["<|endoftext|>"]]
+    assert cfg["thinker_config"]["image_token_index"] == added["<|IMAGE|>"]
+    assert tok_cfg["image_token"] == "<|IMAGE|>" and tok_cfg["eos_token"] == "<|im_end|>"
+
+
+@pytest.mark.parametrize("fixture", ["tiny_checkpoint", "tiny_thinker_checkpoint"])
+def test_transformers_loads_with_no_missing_keys(fixture, request):
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    path = request.getfixturevalue(fixture)
+    _, info = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_processor_loads_and_special_tokens_are_single_ids(tiny_checkpoint):
+    from transformers import Qwen2_5OmniProcessor
+
+    proc = Qwen2_5OmniProcessor.from_pretrained(tiny_checkpoint)
+    added = json.loads((tiny_checkpoint / "added_tokens.json").read_text())
+    ids = proc.tokenizer("a<|IMAGE|>b").input_ids
+    assert added["<|IMAGE|>"] in ids
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                                    add_generation_prompt=True, tokenize=False)
+    assert text == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_weights_are_seeded_and_scaled(tiny_checkpoint, tmp_path):
+    from safetensors.numpy import load_file
+
+    again = write_reference("tiny", tmp_path / "again", progress=False)
+    shard = "model-00001-of-00001.safetensors"
+    a, b = load_file(tiny_checkpoint / shard), load_file(again / shard)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    w = a["thinker.model.layers.0.mlp.up_proj.weight"]
+    assert 0.15 < w.std() < 0.25  # DESIGN: 0.2 makes different media give different greedy tokens
+
+
+def test_different_images_change_greedy_tokens(tiny_thinker_model, tiny_parts):
+    """The weight scale is large enough for media to matter (otherwise parity tests prove little)."""
+    special = tiny_parts.special
+    ids = torch.tensor([[5, 6, special["vision_bos"]] + [special["image"]] * 20 + [special["vision_eos"], 7, 8]])
+    grid = torch.tensor([[1, 8, 10]])
+    outs = []
+    for seed in (0, 1):
+        pixels = torch.from_numpy(np.random.default_rng(seed).standard_normal((80, 1176)).astype(np.float32))
+        out = tiny_thinker_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                                          image_grid_thw=grid, max_new_tokens=8, do_sample=False)
+        outs.append(out[0, ids.shape[1]:].tolist())
+    assert outs[0] != outs[1]
+
+
+def test_unknown_profile_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="unknown profile 'huge'"):
+        write_reference("huge", tmp_path / "x")
