@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import sys
+import time
 from pathlib import Path
 
 from .errors import OmniGuardError
@@ -38,8 +40,10 @@ def cmd_export(args) -> int:
         from ..export.bundle import export_bundle
     except ImportError as exc:
         return _need_export_extra(exc)
+    start = time.perf_counter()
     path = export_bundle(args.checkpoint, args.out, overwrite=args.overwrite, embed_dtype=args.embed_dtype,
                          progress=not args.quiet)
+    elapsed = time.perf_counter() - start
     from .manifest import load_manifest
 
     manifest = load_manifest(path, verify="none")
@@ -48,7 +52,9 @@ def cmd_export(args) -> int:
         worst = max(spec.validation, key=lambda r: r["max_abs"])
         rows.append(f"  {name:8s} {len(spec.validation):3d} checks  max_abs {worst['max_abs']:.2e}  "
                     f"min cosine {min(r['cosine'] for r in spec.validation):.7f}")
-    print(f"bundle written to {path}; every graph matches PyTorch:\n" + "\n".join(rows))
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    print(f"bundle written to {path} in {elapsed:.1f} s (peak RSS {peak_mb:.0f} MB); "
+          f"every graph matches PyTorch:\n" + "\n".join(rows))
     return 0
 
 

@@ -1,0 +1,30 @@
+# The README's two commands: `make demo` and `make test`. Each sets up .venv first if needed.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CLI := $(VENV)/bin/omniguard-edge
+ART ?= artifacts
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+# torch and torchvision first, as the pinned pair that installs from the machine's disk (DESIGN section 8);
+# then the package with the CPU runtime, the export tools and the test runner.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[cpu,export,dev]'
+	touch $@
+
+# Main job on the embedded default: the tiny reference checkpoint (RANDOM weights), exported and verified.
+demo: setup
+	$(CLI) reference --profile tiny --out $(ART)/checkpoints/tiny --overwrite
+	$(CLI) export --checkpoint $(ART)/checkpoints/tiny --out $(ART)/bundles/tiny-fp32 --overwrite
+	$(CLI) verify $(ART)/bundles/tiny-fp32
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(ART)
