@@ -98,15 +98,11 @@ def _is_norm(name: str) -> bool:
 
 
 def _random_tensor(name: str, shape, std: float, seed: int, dtype):
+    """Norm weights 1, norm biases 0, everything else N(0, std) from a per-name seed (order-free)."""
     import torch
 
-    if name.endswith(".bias"):
-        if _is_norm(name):
-            return torch.zeros(shape, dtype=dtype)
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        return (torch.randn(shape, generator=gen) * std).to(dtype)
     if _is_norm(name):
-        return torch.ones(shape, dtype=dtype)
+        return (torch.zeros if name.endswith(".bias") else torch.ones)(shape, dtype=dtype)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     return (torch.randn(shape, generator=gen) * std).to(dtype)
 
