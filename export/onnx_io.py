@@ -8,8 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .graphs.spec import case_feeds
-
 OPSET = 17
 PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # stay clear of protobuf's hard 2 GiB ceiling
 
@@ -62,6 +60,3 @@ def run_onnx(path: Path, feeds_list: list[dict], threads: int = 0) -> list[list[
         opts.intra_op_num_threads = threads
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     return [sess.run(None, feeds) for feeds in feeds_list]
-
-
-__all__ = ["OPSET", "trace_to_onnx", "finalize_onnx", "run_onnx", "case_feeds"]

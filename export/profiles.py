@@ -6,7 +6,7 @@ dimensions (our CPU speed anchors). `3b-shape` and `7b-shape` carry the real dim
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 REAL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, fullatt_block_indexes=[7, 15, 23, 31])
 REAL_AUDIO = dict(encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120, d_model=1280)
@@ -24,7 +24,6 @@ class Profile:
     dtype: str = "float32"  # storage dtype of the safetensors
     shard_bytes: int = 2 * 1024**3
     notes: str = ""
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         heads, hidden = self.text["num_attention_heads"], self.text["hidden_size"]

@@ -69,8 +69,8 @@ def saved_name(internal: str) -> str:
     return internal
 
 
-def thinker_config_dict(profile: Profile, ids: dict[str, int], vocab: int) -> dict:
-    """The thinker config of a profile as transformers writes it (sub-configs expanded)."""
+def thinker_config(profile: Profile, ids: dict[str, int], vocab: int) -> dict:
+    """The transformers thinker config of a profile (`Qwen2_5OmniThinkerConfig`)."""
     from transformers import Qwen2_5OmniThinkerConfig
 
     text = dict(profile.text)
@@ -180,7 +180,7 @@ def write_reference(profile_name: str, out: str | Path, layout: str = "full", se
     tok = train_tokenizer(vocab_size=1000)
     ids = special_ids(tok)
     vocab = profile.text["vocab_size"] or -(-tok.get_vocab_size() // 64) * 64
-    cfg = thinker_config_dict(profile, ids, vocab)
+    cfg = thinker_config(profile, ids, vocab)
     plan = _tensor_plan(cfg)
     thinker = cfg.to_dict()
     thinker["architectures"] = ["Qwen2_5OmniThinkerForConditionalGeneration"]
