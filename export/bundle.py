@@ -18,6 +18,7 @@ from ..runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, FileEntry, GraphSp
 from .checkpoint import Checkpoint, open_checkpoint
 from .graphs import GRAPHS
 from .graphs.spec import case_feeds
+from .layered import export_decoder_layered
 from .onnx_io import OPSET, finalize_onnx, run_onnx, trace_to_onnx
 from .parts import Parts
 from .validate import FP32_TOLERANCE, check, compare
@@ -48,6 +49,12 @@ def _tensor_specs(names, feeds_or_outputs, axes) -> list[TensorSpec]:
     return specs
 
 
+def _metadata(name: str) -> dict:
+    """Key fields mirrored into the graph's ONNX metadata_props, so a lone file still describes itself."""
+    return {"omniguard_edge.graph": name, "omniguard_edge.precision": "fp32",
+            "omniguard_edge.schema_version": SCHEMA_VERSION, "omniguard_edge.opset": OPSET}
+
+
 def _export_graph(name: str, parts: Parts, work: Path, bar, rng) -> tuple[GraphSpec, list[str]]:
     """Trace, release the tower, validate every named case. Returns the spec and files written."""
     gdef = GRAPHS[name]
@@ -62,10 +69,8 @@ def _export_graph(name: str, parts: Parts, work: Path, bar, rng) -> tuple[GraphS
     traced = trace_to_onnx(module, example, inputs, outputs, axes, scratch)
     del module
     parts.release(*TOWER_OF[name])  # low peak memory: the tower is not needed past this point
-    meta = {"omniguard_edge.graph": name, "omniguard_edge.precision": "fp32",
-            "omniguard_edge.schema_version": SCHEMA_VERSION, "omniguard_edge.opset": OPSET}
     dest = work / f"{name}.onnx"
-    data_file = finalize_onnx(traced, dest, meta)
+    data_file = finalize_onnx(traced, dest, _metadata(name))
     shutil.rmtree(scratch, ignore_errors=True)
     bar.set_postfix_str(f"{name}: validating {len(prepared)} cases in onnxruntime")
     results = run_onnx(dest, [feeds for _, feeds, _, _ in prepared])
@@ -113,8 +118,12 @@ def _write_embedding(parts: Parts, work: Path, dtype: str) -> dict:
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path, overwrite: bool = False, embed_dtype: str = "float32",
-                  seed: int = 0, progress: bool = True) -> Path:
+                  seed: int = 0, progress: bool = True, low_memory: bool = False) -> Path:
     """Export `checkpoint` to the bundle folder `out` (fp32 graphs), validating each graph.
+
+    low_memory: export the decoder layer by layer (export/layered.py): each layer is validated against
+    transformers' own layer and streamed to disk, so peak memory is about one layer plus the head
+    instead of the whole fp32 decoder; the whole stitched decoder is not run.
 
     Raises CheckpointError for an unusable checkpoint, ValidationError when a graph disagrees with
     PyTorch, BundleError when `out` exists; in every failure no bundle (and no partial folder) remains.
@@ -135,7 +144,10 @@ def export_bundle(checkpoint: str | Path, out: str | Path, overwrite: bool = Fal
         graphs, roles = {}, {}
         with tqdm(total=len(GRAPHS) + 1, desc="export", unit="step", disable=not progress) as bar:
             for name in GRAPHS:
-                spec, files = _export_graph(name, parts, work, bar, rng)
+                if name == "decoder" and low_memory:
+                    spec, files = export_decoder_layered(parts, work, bar, rng, _metadata(name))
+                else:
+                    spec, files = _export_graph(name, parts, work, bar, rng)
                 graphs[name] = spec
                 roles.update({f: ("graph-data" if f.endswith(".data") else "graph") for f in files})
                 bar.update(1)
@@ -152,7 +164,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, overwrite: bool = Fal
                  for f, r in sorted(roles.items())}
         manifest = Manifest(
             schema_version=SCHEMA_VERSION,
-            source={"checkpoint": ckpt.path.name, "layout": ckpt.layout,
+            source={"checkpoint": ckpt.path.name, "layout": ckpt.layout, "low_memory": low_memory,
                     "model_type": ckpt.raw_config.get("model_type"),
                     "config_sha256": hashlib.sha256((ckpt.path / "config.json").read_bytes()).hexdigest()},
             exporter=_versions(), precision="fp32",

@@ -30,12 +30,13 @@ class Checkpoint:
     prefix: str  # "thinker." or ""
     special: dict = field(default_factory=dict)
 
-    def tensors(self, component: str, only: set[str] | None = None) -> dict:
+    def tensors(self, component: str, only: set[str] | None = None, under: str = "") -> dict:
         """Load the tensors of one component ("visual", "audio_tower", "language_model", "lm_head")
-        with the component prefix stripped; `only` restricts to those stripped names."""
+        with the component prefix stripped; `only` keeps those stripped names, `under` keeps the ones
+        below a sub-prefix (e.g. "layers.3.") and strips it too."""
         from safetensors import safe_open
 
-        want = self.prefix + PREFIXES[component]
+        want = self.prefix + PREFIXES[component] + under
         out = {}
         for shard, names in self.shards.items():
             picked = [n for n in names if n.startswith(want) and (only is None or n[len(want):] in only)]

@@ -21,29 +21,49 @@ class Parts:
         self.merge = ckpt.thinker_config.vision_config.spatial_merge_size
         self._built: dict = {}
 
-    def _build(self, component: str, cls, config):
+    def _build(self, component: str, make, config, under: str = ""):
+        """Instantiate `make(config)` without random init and load its tensors strictly."""
         import torch
         from transformers.initialization import no_init_weights
 
         config._attn_implementation = "sdpa"
         with no_init_weights():
-            module = cls._from_config(config)
-        tensors = self.ckpt.tensors(component)
+            module = make(config)
+        tensors = self.ckpt.tensors(component, under=under)
         result = module.load_state_dict(tensors, strict=False, assign=True)
         if result.missing_keys or result.unexpected_keys:
             raise CheckpointError(
-                f"{self.ckpt.path}: {component} tensors do not match the config "
+                f"{self.ckpt.path}: {component} {under}tensors do not match the config "
                 f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})"
             )
         del tensors
         return module.to(getattr(torch, self.dtype)).eval()
+
+    def decoder_layer(self, index: int):
+        """Decoder layer `index` alone (not kept): the low-memory export holds one layer at a time."""
+        from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniDecoderLayer
+
+        return self._build("language_model", lambda c: Qwen2_5OmniDecoderLayer(c, index),
+                           self.ckpt.thinker_config.text_config, under=f"layers.{index}.")
+
+    def final_norm(self):
+        from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniRMSNorm
+
+        cfg = self.ckpt.thinker_config.text_config
+        return self._build("language_model", lambda c: Qwen2_5OmniRMSNorm(c.hidden_size, eps=c.rms_norm_eps),
+                           cfg, under="norm.")
+
+    def rotary_inv_freq(self):
+        from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniRotaryEmbedding
+
+        return Qwen2_5OmniRotaryEmbedding(self.ckpt.thinker_config.text_config).inv_freq
 
     @property
     def visual(self):
         if "visual" not in self._built:
             from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniVisionEncoder
 
-            self._built["visual"] = self._build("visual", Qwen2_5OmniVisionEncoder, self.ckpt.thinker_config.vision_config)
+            self._built["visual"] = self._build("visual", Qwen2_5OmniVisionEncoder._from_config, self.ckpt.thinker_config.vision_config)
         return self._built["visual"]
 
     @property
@@ -51,7 +71,7 @@ class Parts:
         if "audio_tower" not in self._built:
             from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAudioEncoder
 
-            self._built["audio_tower"] = self._build("audio_tower", Qwen2_5OmniAudioEncoder, self.ckpt.thinker_config.audio_config)
+            self._built["audio_tower"] = self._build("audio_tower", Qwen2_5OmniAudioEncoder._from_config, self.ckpt.thinker_config.audio_config)
         return self._built["audio_tower"]
 
     @property
@@ -60,7 +80,7 @@ class Parts:
             from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniThinkerTextModel
 
             self._built["language_model"] = self._build(
-                "language_model", Qwen2_5OmniThinkerTextModel, self.ckpt.thinker_config.text_config)
+                "language_model", Qwen2_5OmniThinkerTextModel._from_config, self.ckpt.thinker_config.text_config)
         return self._built["language_model"]
 
     @property

@@ -42,7 +42,7 @@ def cmd_export(args) -> int:
         return _need_export_extra(exc)
     start = time.perf_counter()
     path = export_bundle(args.checkpoint, args.out, overwrite=args.overwrite, embed_dtype=args.embed_dtype,
-                         progress=not args.quiet)
+                         progress=not args.quiet, low_memory=args.low_memory)
     elapsed = time.perf_counter() - start
     from .manifest import load_manifest
 
@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="bundle folder to create")
     p.add_argument("--embed-dtype", choices=["float32", "float16"], default="float32",
                    help="storage dtype of embed_tokens.npy (float16 halves it: 1.1 GB instead of 2.2 GB for 7B)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="export and validate the decoder layer by layer (7B on a 24 GiB machine)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export)

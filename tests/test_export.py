@@ -170,3 +170,46 @@ def test_unknown_schema_is_refused(tiny_bundle, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(BundleError, match="schema_version 99"):
         load_manifest(copy)
+
+
+@pytest.fixture(scope="module")
+def tiny_low_memory_bundle(tiny_checkpoint, tmp_path_factory):
+    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("lm") / "b", progress=False, low_memory=True)
+
+
+def test_low_memory_decoder_is_stitched_per_layer_and_validated(tiny_low_memory_bundle, tiny_parts):
+    m = load_manifest(tiny_low_memory_bundle)
+    spec = m.graphs["decoder"]
+    assert spec.data_file == "decoder.onnx.data" and m.source["low_memory"] is True
+    cases = {r["case"] for r in spec.validation}
+    n = tiny_parts.ckpt.thinker_config.text_config.num_hidden_layers
+    assert {f"layer_{i}/{c}" for i in range(n) for c in ("prefill_b1", "decode_b2_leftpad")} <= cases
+    assert [t.name for t in spec.inputs] == GRAPHS["decoder"].interface(tiny_parts)[0]
+
+
+def test_low_memory_decoder_matches_pytorch_end_to_end(tiny_low_memory_bundle, tiny_parts):
+    """The stitched graph answers the whole-decoder named cases exactly as transformers does."""
+    gdef = GRAPHS["decoder"]
+    cases = gdef.cases(tiny_parts, np.random.default_rng(7))
+    _, outputs, _ = gdef.interface(tiny_parts)
+    got = run_onnx(tiny_low_memory_bundle / "decoder.onnx", [case_feeds(c) for c in cases])
+    for case, result in zip(cases, got):
+        ref = case.reference()
+        for name, arr in zip(outputs, result):
+            fig = compare(arr, ref[name], case.meaningful(name))
+            assert fig["max_abs"] <= 1e-4 and fig["cosine"] >= 0.99999, (case.name, name, fig)
+
+
+def test_low_memory_layer_mismatch_is_caught(tiny_checkpoint, tmp_path, monkeypatch):
+    """A layer whose export disagrees with transformers' layer stops the export (here: a broken rotary)."""
+    from omniguard_edge.export.graphs import decoder_modules
+
+    real = decoder_modules.DecoderLayer.forward
+
+    def broken(self, h, cos, sin, bias, past_k, past_v):
+        return real(self, h, cos, -sin, bias, past_k, past_v)
+
+    monkeypatch.setattr(decoder_modules.DecoderLayer, "forward", broken)
+    with pytest.raises(ValidationError, match=r"decoder\.onnx output '(hidden_out|present_key)' on case 'layer_0/"):
+        export_bundle(tiny_checkpoint, tmp_path / "b", progress=False, low_memory=True)
+    assert _leftovers(tmp_path) == []

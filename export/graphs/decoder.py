@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...runtime.positions import RopeIds, rope_index
-from .spec import NEG_BIAS, GraphCase, GraphDef, attention, rotate_half
+from .spec import GraphCase, GraphDef
 
 
 def kv_names(layers: int, kind: str) -> list[str]:
@@ -20,7 +20,7 @@ def kv_names(layers: int, kind: str) -> list[str]:
 
 
 def interface(parts):
-    n = parts.language_model.config.num_hidden_layers
+    n = parts.ckpt.thinker_config.text_config.num_hidden_layers
     inputs = ["inputs_embeds", "attention_mask", "position_ids"] + kv_names(n, "past")
     outputs = ["logits"] + kv_names(n, "present")
     axes = {"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
@@ -31,64 +31,9 @@ def interface(parts):
 
 
 def build(parts):
-    import torch
-    from torch import nn
+    from .decoder_modules import DecoderGraph
 
-    lm, head = parts.language_model, parts.lm_head
-    cfg = lm.config
-    sections = cfg.rope_parameters["mrope_section"]
-    # For each rotary frequency, which of the 3 position rows (t, h, w) drives it.
-    axis_of = torch.tensor([i % 3 for i, s in enumerate(sections) for _ in range(s)], dtype=torch.int64)
-
-    class DecoderGraph(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lm, self.head = lm, head
-            self.register_buffer("inv_freq", lm.rotary_emb.inv_freq.clone(), persistent=False)
-            self.register_buffer("axis_of", axis_of, persistent=False)
-
-        def _rope(self, position_ids):
-            freqs = position_ids.unsqueeze(-1).float() * self.inv_freq  # [3, B, S, head_dim/2]
-            sel = self.axis_of.view(1, 1, 1, -1).expand(1, freqs.shape[1], freqs.shape[2], -1)
-            freqs = torch.gather(freqs, 0, sel)[0]  # [B, S, head_dim/2]
-            emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)  # [B, 1, S, head_dim]
-            return emb.cos(), emb.sin()
-
-        def _bias(self, attention_mask, seq, past_len, dtype):
-            total = attention_mask.shape[1]
-            q_pos = torch.arange(seq, dtype=torch.int64) + past_len
-            causal = torch.arange(total, dtype=torch.int64).unsqueeze(0) <= q_pos.unsqueeze(1)  # [S, T]
-            allowed = causal.unsqueeze(0).unsqueeze(0) & (attention_mask != 0)[:, None, None, :]
-            return torch.where(allowed, torch.zeros((), dtype=dtype), torch.full((), NEG_BIAS, dtype=dtype))
-
-        def _attn(self, mod, x, cos, sin, bias, past_k, past_v):
-            b, s = x.shape[0], x.shape[1]
-            q = mod.q_proj(x).reshape(b, s, -1, mod.head_dim).transpose(1, 2)
-            k = mod.k_proj(x).reshape(b, s, -1, mod.head_dim).transpose(1, 2)
-            v = mod.v_proj(x).reshape(b, s, -1, mod.head_dim).transpose(1, 2)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-            groups = mod.num_key_value_groups
-            kk = k.repeat_interleave(groups, dim=1) if groups > 1 else k
-            vv = v.repeat_interleave(groups, dim=1) if groups > 1 else v
-            out = attention(q, kk, vv, bias, mod.scaling)
-            return mod.o_proj(out.transpose(1, 2).reshape(b, s, -1)), k, v
-
-        def forward(self, inputs_embeds, attention_mask, position_ids, *past):
-            h = inputs_embeds
-            cos, sin = self._rope(position_ids)
-            bias = self._bias(attention_mask, h.shape[1], past[0].shape[2], h.dtype)
-            presents = []
-            for i, layer in enumerate(self.lm.layers):
-                a, k, v = self._attn(layer.self_attn, layer.input_layernorm(h), cos, sin, bias, past[2 * i], past[2 * i + 1])
-                presents += [k, v]
-                h = h + a
-                h = h + layer.mlp(layer.post_attention_layernorm(h))
-            logits = self.head(self.lm.norm(h[:, -1:, :]))[:, 0, :]
-            return (logits, *presents)
-
-    return DecoderGraph().eval()
+    return DecoderGraph(parts.language_model, parts.lm_head).eval()
 
 
 def _empty_past(cfg, batch: int, length: int = 0, rng=None) -> list[np.ndarray]:
