@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runtime.errors import BundleError
+from ..runtime.errors import BundleError, CheckpointError
 from ..runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, FileEntry, GraphSpec, Manifest, TensorSpec, sha256_file
 from .checkpoint import Checkpoint, open_checkpoint
 from .graphs import GRAPHS
@@ -111,6 +111,25 @@ def _geometry(ckpt: Checkpoint) -> tuple[dict, dict, dict, dict]:
     return decoder, vision, audio, preprocess
 
 
+def _write_processor_constants(ckpt: Checkpoint, work: Path) -> list[str]:
+    """mel_filters.npy (the feature extractor's filter bank, so the runtime needs no librosa) and a
+    chat_template.jinja when the checkpoint keeps its template in tokenizer_config.json."""
+    from transformers import WhisperFeatureExtractor
+
+    pre = json.loads((ckpt.path / "preprocessor_config.json").read_text())
+    keys = ("feature_size", "sampling_rate", "hop_length", "chunk_length", "n_fft")
+    fe = WhisperFeatureExtractor(**{k: pre[k] for k in keys if k in pre})
+    np.save(work / "mel_filters.npy", np.asarray(fe.mel_filters, dtype=np.float64))
+    written = ["mel_filters.npy"]
+    if not (ckpt.path / "chat_template.jinja").exists():
+        template = json.loads((ckpt.path / "tokenizer_config.json").read_text()).get("chat_template")
+        if not isinstance(template, str):
+            raise CheckpointError(f"{ckpt.path}: no chat_template.jinja and no chat_template in tokenizer_config.json")
+        (work / "chat_template.jinja").write_text(template)
+        written.append("chat_template.jinja")
+    return written
+
+
 def _write_embedding(parts: Parts, work: Path, dtype: str) -> dict:
     weight = parts.embed_weight().float().numpy().astype(dtype)
     np.save(work / "embed_tokens.npy", weight)
@@ -159,6 +178,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, overwrite: bool = Fal
             if (ckpt.path / fname).exists():
                 shutil.copyfile(ckpt.path / fname, work / fname)
                 roles[fname] = role
+        for fname in _write_processor_constants(ckpt, work):
+            roles[fname] = "template" if fname.endswith(".jinja") else "processor"
         decoder, vision, audio, preprocess = _geometry(ckpt)
         files = {f: FileEntry(sha256=sha256_file(work / f), size=(work / f).stat().st_size, role=r)
                  for f, r in sorted(roles.items())}

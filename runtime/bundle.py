@@ -1,0 +1,92 @@
+"""Open a bundle by its manifest: verified files, onnxruntime sessions, the memory-mapped embedding
+table, the tokenizer and the chat template. No file name is guessed: the manifest names them all."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BundleError
+from .manifest import Manifest, load_manifest
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """How the graphs run."""
+
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)  # onnxruntime execution providers, in preference order
+    intra_op_threads: int = 0  # 0: onnxruntime's default (one per physical core)
+    inter_op_threads: int = 0
+    graphs: tuple[str, ...] = ("vision", "audio", "decoder")  # which graphs to open (skip unused encoders)
+
+    def __post_init__(self):
+        if not self.providers:
+            raise ValueError("SessionOptions.providers must name at least one execution provider")
+        if self.intra_op_threads < 0 or self.inter_op_threads < 0:
+            raise ValueError("SessionOptions thread counts must be >= 0")
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: Manifest
+    sessions: dict = field(default_factory=dict)  # graph name -> onnxruntime.InferenceSession
+    embedding: np.ndarray | None = None  # [vocab, hidden], memory-mapped
+    tokenizer: object = None  # tokenizers.Tokenizer
+    chat_template: str = ""
+    providers: dict = field(default_factory=dict)  # graph name -> providers actually in use
+
+    def file(self, name: str) -> Path:
+        if name not in self.manifest.files:
+            raise BundleError(f"{self.path}: the manifest lists no {name}")
+        return self.path / name
+
+
+def _session(path: Path, opts: SessionOptions, name: str):
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    wanted = [p for p in opts.providers if p in available]
+    missing = [p for p in opts.providers if p not in available]
+    if missing:
+        warnings.warn(f"{name}.onnx: execution provider(s) {missing} are not available in this onnxruntime "
+                      f"build (available: {available}); running on {wanted or ['CPUExecutionProvider']}",
+                      RuntimeWarning, stacklevel=3)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = opts.intra_op_threads
+    so.inter_op_num_threads = opts.inter_op_threads
+    try:
+        sess = ort.InferenceSession(str(path), so, providers=wanted or ["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for unloadable graphs
+        raise BundleError(f"{path}: onnxruntime cannot load it ({exc}); re-export the bundle") from exc
+    used = sess.get_providers()
+    if wanted and wanted[0] not in used:
+        warnings.warn(f"{name}.onnx: asked for {wanted[0]} but onnxruntime runs it on {used}", RuntimeWarning,
+                      stacklevel=3)
+    return sess
+
+
+def open_bundle(path: str | os.PathLike, options: SessionOptions | None = None, verify: str = "auto") -> Bundle:
+    """Load and check a bundle (BundleError on any problem), then open its sessions."""
+    from tokenizers import Tokenizer
+
+    options = options or SessionOptions()
+    path = Path(path)
+    manifest = load_manifest(path, verify=verify)
+    bundle = Bundle(path=path, manifest=manifest)
+    for name in options.graphs:
+        if name not in manifest.graphs:
+            raise BundleError(f"{path}: the bundle has no {name} graph (it has {sorted(manifest.graphs)})")
+        bundle.sessions[name] = _session(path / manifest.graphs[name].file, options, name)
+        bundle.providers[name] = bundle.sessions[name].get_providers()
+    emb = manifest.embedding
+    bundle.embedding = np.load(bundle.file(emb["file"]), mmap_mode="r")
+    if list(bundle.embedding.shape) != list(emb["shape"]):
+        raise BundleError(f"{path}: {emb['file']} has shape {bundle.embedding.shape}, the manifest says {emb['shape']}")
+    bundle.tokenizer = Tokenizer.from_file(str(bundle.file("tokenizer.json")))
+    bundle.chat_template = bundle.file("chat_template.jinja").read_text()
+    return bundle

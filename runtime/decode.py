@@ -1,0 +1,81 @@
+"""Greedy decoding with a KV cache over the decoder graph (after gpt-fast: prefill, one step, loop)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass
+class DecodeState:
+    """What one generation carries between steps."""
+
+    past: list[np.ndarray]  # past_key_0, past_value_0, ... [batch, kv_heads, length, head_dim]
+    mask: np.ndarray  # [batch, length] int64
+    length: int  # tokens in the cache
+    rope_delta: int  # decode position = length + rope_delta (TMRoPE)
+
+
+@dataclass
+class Generation:
+    tokens: list[int] = field(default_factory=list)
+    first_logits: np.ndarray | None = None  # logits that chose the first generated token [vocab]
+    stop_reason: str = "max_new_tokens"  # eos | max_new_tokens | stop_rule
+    timings: dict = field(default_factory=dict)  # prefill, first_token, decode seconds
+
+
+class Decoder:
+    def __init__(self, session, decoder: dict):
+        self.session = session
+        self.layers, self.kv_heads, self.head_dim = decoder["num_layers"], decoder["num_kv_heads"], decoder["head_dim"]
+        self.names = [f"past_{part}_{i}" for i in range(self.layers) for part in ("key", "value")]
+
+    def _run(self, embeds: np.ndarray, positions: np.ndarray, state: DecodeState):
+        feeds = {"inputs_embeds": embeds.astype(np.float32, copy=False), "attention_mask": state.mask,
+                 "position_ids": positions, **dict(zip(self.names, state.past))}
+        logits, *present = self.session.run(None, feeds)
+        return logits, present
+
+    def prefill(self, embeds: np.ndarray, positions: np.ndarray, rope_delta: int):
+        """embeds [1, S, H], positions [3, 1, S] -> (logits [vocab], state)."""
+        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
+        state = DecodeState([empty] * (2 * self.layers), np.ones((1, embeds.shape[1]), np.int64), 0, rope_delta)
+        logits, present = self._run(embeds, positions, state)
+        state.past, state.length = present, embeds.shape[1]
+        return logits[0], state
+
+    def step(self, embed: np.ndarray, state: DecodeState):
+        """embed [1, 1, H] of the last chosen token -> (logits [vocab], state advanced by one)."""
+        pos = np.full((3, 1, 1), state.length + state.rope_delta, np.int64)
+        state.mask = np.ones((1, state.length + 1), np.int64)
+        logits, present = self._run(embed, pos, state)
+        state.past, state.length = present, state.length + 1
+        return logits[0], state
+
+    def generate(self, embeds, positions, rope_delta: int, embed_token: Callable[[int], np.ndarray],
+                 max_new_tokens: int, eos_ids: set[int], stop: Callable[[list[int]], bool] | None = None,
+                 choose: Callable[[int, np.ndarray], int] | None = None) -> Generation:
+        """Greedy loop: `choose(step, logits)` may restrict a position (constrained verdict), `stop(tokens)`
+        may end early (verdict-first)."""
+        out, t0 = Generation(), time.perf_counter()
+        logits, state = self.prefill(embeds, positions, rope_delta)
+        out.timings["prefill"] = time.perf_counter() - t0
+        out.first_logits = logits
+        for i in range(max_new_tokens):
+            token = choose(i, logits) if choose else int(np.argmax(logits))
+            out.tokens.append(token)
+            if i == 0:
+                out.timings["first_token"] = time.perf_counter() - t0
+            if token in eos_ids:
+                out.stop_reason = "eos"
+                break
+            if stop is not None and stop(out.tokens):
+                out.stop_reason = "stop_rule"
+                break
+            if i + 1 < max_new_tokens:
+                logits, state = self.step(embed_token(token)[None, None, :], state)
+        out.timings["decode"] = time.perf_counter() - t0
+        return out

@@ -1,0 +1,145 @@
+"""Images: decode, RGB, smart resize (qwen-omni-utils' fetch_image), then the PIL Qwen2-VL image
+processor's rescale, normalize and patchify, in numpy. Pillow decodes and resizes: its bicubic filter
+is the reference's, so pixel values match it exactly."""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+
+MAX_RATIO = 200  # qwen-omni-utils refuses more extreme aspect ratios
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Pixel budgets. Defaults are the official ones (4..16384 visual tokens per image)."""
+
+    min_pixels: int = 4 * 28 * 28  # after resizing
+    max_pixels: int = 16384 * 28 * 28  # after resizing; lower it to bound vision cost (e.g. 1280*28*28)
+    min_side: int = 8  # smaller sources (1x1, 2x300 ...) are refused: nothing a guard could judge
+    max_source_pixels: int = 100_000_000  # decoded size limit (decompression bombs)
+
+    def __post_init__(self):
+        if not 0 < self.min_pixels <= self.max_pixels:
+            raise ValueError("ImageLimits needs 0 < min_pixels <= max_pixels")
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """Processor constants, read from the bundle's preprocessor_config.json."""
+
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    mean: tuple = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple = (0.26862954, 0.26130258, 0.27577711)
+    rescale_factor: float = 1 / 255
+    processor_min_pixels: int = 3136
+    processor_max_pixels: int = 12845056
+
+    @classmethod
+    def from_preprocess(cls, pre: dict) -> ImageConfig:
+        return cls(patch_size=pre.get("patch_size", 14), merge_size=pre.get("merge_size", 2),
+                   temporal_patch_size=pre.get("temporal_patch_size", 2),
+                   mean=tuple(pre.get("image_mean", cls.mean)), std=tuple(pre.get("image_std", cls.std)),
+                   rescale_factor=pre.get("rescale_factor", 1 / 255),
+                   processor_min_pixels=pre.get("min_pixels", 3136), processor_max_pixels=pre.get("max_pixels", 12845056))
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Sides divisible by `factor`, area within [min_pixels, max_pixels], aspect ratio kept (official rule)."""
+    if max(height, width) / min(height, width) > MAX_RATIO:
+        raise InputError(f"image aspect ratio {max(height, width) / min(height, width):.0f} exceeds {MAX_RATIO}")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = math.floor(height / beta / factor) * factor
+        w_bar = math.floor(width / beta / factor) * factor
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def to_rgb(img):
+    """RGBA over white, everything else PIL's convert('RGB') (as qwen-omni-utils does)."""
+    from PIL import Image
+
+    if img.mode == "RGBA":
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img, mask=img.split()[3])
+        return background
+    return img.convert("RGB")
+
+
+def open_image(source, limits: ImageLimits = ImageLimits()):
+    """A path, bytes, or an RGB uint8 [H, W, 3] array -> RGB PIL image, with size checks."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(source, np.ndarray):
+        if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3:
+            raise InputError(f"image arrays must be RGB uint8 [H, W, 3], got {source.dtype} {source.shape}")
+        img = Image.fromarray(source, "RGB")
+    else:
+        name = "image bytes" if isinstance(source, (bytes, bytearray)) else str(source)
+        try:
+            handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else Path(source)
+            img = Image.open(handle)
+            if img.width * img.height > limits.max_source_pixels:
+                raise InputError(f"{name}: {img.width}x{img.height} exceeds the limit of {limits.max_source_pixels} pixels")
+            img.load()
+        except InputError:
+            raise
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+            raise InputError(f"{name}: cannot decode image ({exc})") from exc
+    if min(img.size) < limits.min_side:
+        raise InputError(f"image of {img.width}x{img.height} is too small: each side needs >= {limits.min_side} px")
+    return to_rgb(img)
+
+
+def patchify(chw: np.ndarray, cfg: ImageConfig, frames: int = 1) -> np.ndarray:
+    """[C, H, W] (or [T, C, H, W]) float32 -> rows [grid_t*grid_h*grid_w, C*T*P*P] in merge-block order."""
+    x = chw[None] if chw.ndim == 3 else chw
+    if x.shape[0] % cfg.temporal_patch_size:  # repeat the last frame to fill the temporal patch
+        x = np.concatenate([x, np.repeat(x[-1:], cfg.temporal_patch_size - x.shape[0] % cfg.temporal_patch_size, 0)])
+    t, c, h, w = x.shape
+    p, m, tp = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    gt, gh, gw = t // tp, h // p, w // p
+    x = x.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
+    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (gt, gh/m, gw/m, m, m, C, tp, p, p)
+    return np.ascontiguousarray(x.reshape(gt * gh * gw, c * tp * p * p), dtype=np.float32)
+
+
+def normalize(rgb_uint8: np.ndarray, cfg: ImageConfig) -> np.ndarray:
+    """[H, W, 3] uint8 -> [3, H, W] float32, rescaled and normalized as the PIL image processor does."""
+    x = rgb_uint8.astype(np.float32) * np.float32(cfg.rescale_factor)
+    x = (x - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
+    return x.transpose(2, 0, 1)
+
+
+def image_pixels(source, cfg: ImageConfig = ImageConfig(), limits: ImageLimits = ImageLimits()):
+    """-> (pixel rows [patches, C*T*P*P] float32, grid (1, h, w) in patches)."""
+    from PIL import Image
+
+    img = open_image(source, limits)
+    h, w = smart_resize(img.height, img.width, cfg.factor, limits.min_pixels, limits.max_pixels)
+    img = img.resize((w, h), Image.Resampling.BICUBIC)  # fetch_image's resize
+    # The processor resizes again to its own budget; a no-op unless its limits are tighter.
+    h2, w2 = smart_resize(h, w, cfg.factor, cfg.processor_min_pixels, cfg.processor_max_pixels)
+    if (h2, w2) != (h, w):
+        img = img.resize((w2, h2), Image.Resampling.BICUBIC)
+    arr = np.asarray(img, dtype=np.uint8)
+    rows = patchify(normalize(arr, cfg), cfg)
+    return rows, (1, arr.shape[0] // cfg.patch_size, arr.shape[1] // cfg.patch_size)

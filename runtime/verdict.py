@@ -1,0 +1,101 @@
+"""The result of a moderation, and parsing of the guard's answer in both output styles.
+
+Plain style (the official instruction): first line `safe` or `unsafe`, second line `S1, S9`, critique after.
+Labelled style (a published third-party parser): `- Safety Assessment: unsafe`, `- Categories: S1, S9`,
+`- Assessment: <critique>`. The verdict comes first in both; anything else is `unknown`, and any error
+is `error`: never `safe` (the guard fails closed).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+
+from .prompt.policy import Policy
+
+VERDICTS = ("safe", "unsafe", "unknown", "error")
+_CODE = re.compile(r"\bS(\d{1,2})\b")
+_LABEL = re.compile(r"^\s*-?\s*(safety assessment|categories|assessment)\s*:\s*(.*)$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Parsed:
+    verdict: str  # safe | unsafe | unknown
+    categories: tuple[str, ...]  # codes, e.g. ("S1", "S9"), in the order written, deduplicated
+    critique: str
+    style: str  # plain | labelled | none
+
+
+def _codes(text: str, policy: Policy) -> tuple[str, ...]:
+    seen = []
+    for m in _CODE.finditer(text):
+        code = f"S{int(m.group(1))}"
+        if policy.name_of(code) is not None and code not in seen:
+            seen.append(code)
+    return tuple(seen)
+
+
+def _word(text: str) -> str:
+    word = text.strip().strip(".:,;!*'\"`").lower()
+    return word if word in ("safe", "unsafe") else ""
+
+
+def parse(text: str, policy: Policy = Policy()) -> Parsed:
+    """Read verdict, category codes and critique from the guard's raw text."""
+    lines = [ln for ln in text.replace("\r\n", "\n").split("\n")]
+    labelled = {}
+    for i, ln in enumerate(lines):
+        m = _LABEL.match(ln)
+        if m:
+            key = m.group(1).lower()
+            value = m.group(2) if key != "assessment" else "\n".join([m.group(2)] + lines[i + 1:])
+            labelled.setdefault(key, value)
+    if "safety assessment" in labelled and _word(labelled["safety assessment"]):
+        verdict = _word(labelled["safety assessment"])
+        cats = _codes(labelled.get("categories", ""), policy) if verdict == "unsafe" else ()
+        return Parsed(verdict, cats, labelled.get("assessment", "").strip(), "labelled")
+    content = [ln for ln in lines if ln.strip()]
+    if content and _word(content[0].split()[0] if content[0].split() else ""):
+        verdict = _word(content[0].split()[0])
+        rest = content[1:]
+        cats = _codes(rest[0], policy) if verdict == "unsafe" and rest else ()
+        critique_lines = rest[1:] if cats else rest
+        return Parsed(verdict, cats, "\n".join(critique_lines).strip(), "plain")
+    return Parsed("unknown", (), text.strip(), "none")
+
+
+@dataclass
+class ModerationResult:
+    """Typed, JSON-serializable outcome of one moderation."""
+
+    verdict: str  # safe | unsafe | unknown (unparseable answer) | error (nothing was judged)
+    categories: list[dict] = field(default_factory=list)  # [{"code": "S1", "name": "Violent Crimes"}]
+    critique: str = ""
+    raw_text: str = ""
+    p_unsafe: float | None = None  # P(unsafe) vs P(safe) at the verdict position, when both are single tokens
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    stop_reason: str = ""
+    timings: dict = field(default_factory=dict)  # seconds per stage
+    error: str | None = None  # "InputError: ..." when verdict == "error"
+    generated_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, not {self.verdict!r}")
+
+    @property
+    def is_safe(self) -> bool:
+        """True only for an explicit `safe`: unknown and error are not safe."""
+        return self.verdict == "safe"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False)
+
+    @classmethod
+    def failed(cls, exc: BaseException, timings: dict | None = None) -> ModerationResult:
+        return cls(verdict="error", error=f"{type(exc).__name__}: {exc}", timings=timings or {})
