@@ -17,11 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[cpu,export,dev]'
 	touch $@
 
-# Main job on the embedded default: the tiny reference checkpoint (RANDOM weights), exported and verified.
+# Main job on the embedded default: the tiny reference checkpoint (RANDOM weights) -> validated bundle ->
+# moderation of sample text, image, audio and video with per-stage timings.
 demo: setup
-	$(CLI) reference --profile tiny --out $(ART)/checkpoints/tiny --overwrite
-	$(CLI) export --checkpoint $(ART)/checkpoints/tiny --out $(ART)/bundles/tiny-fp32 --overwrite
-	$(CLI) verify $(ART)/bundles/tiny-fp32
+	$(CLI) demo --workdir $(ART) --profile tiny
 
 test: setup
 	$(PY) -m pytest -q

@@ -58,6 +58,42 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _format_result(result) -> str:
+    cats = ", ".join(f"{c['code']} {c['name']}" for c in result.categories) or "-"
+    p = f"{result.p_unsafe:.3f}" if result.p_unsafe is not None else "n/a"
+    lines = [f"verdict: {result.verdict}", f"categories: {cats}", f"P(unsafe): {p}"]
+    if result.error:
+        lines.append(f"error: {result.error}")
+    if result.critique:
+        lines.append(f"critique: {result.critique}")
+    lines.append(f"tokens: {result.prompt_tokens} prompt, {result.generated_tokens} generated ({result.stop_reason})")
+    lines.append("timings: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.timings.items()))
+    return "\n".join(lines)
+
+
+def cmd_moderate(args) -> int:
+    from .bundle import SessionOptions
+    from .guard import Guard, GuardOptions
+
+    session = SessionOptions(providers=tuple(args.providers), intra_op_threads=args.threads)
+    options = GuardOptions(critique=args.critique, max_new_tokens=args.max_new_tokens,
+                           critique_max_new_tokens=args.max_new_tokens if args.critique else 256,
+                           constrain_verdict=args.constrain_verdict, session=session)
+    guard = Guard.from_bundle(args.bundle, options)
+    media = [(kind, path) for kind in ("image", "video", "audio") for path in getattr(args, kind) or []]
+    result = guard.moderate(args.text, args.response, media=media)
+    print(result.to_json() if args.json else _format_result(result))
+    return {"safe": 0, "unsafe": 0, "unknown": 3}.get(result.verdict, 1)
+
+
+def cmd_demo(args) -> int:
+    try:
+        from ..export.demo import run_demo
+    except ImportError as exc:
+        return _need_export_extra(exc)
+    return run_demo(args.workdir, profile=args.profile, shared=args.shared)
+
+
 def cmd_verify(args) -> int:
     from .manifest import load_manifest
 
@@ -99,6 +135,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("moderate", help="judge text, images, video and audio with a bundle (torch-free)")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--text", help="the user prompt")
+    p.add_argument("--response", help="the agent response to judge with the prompt")
+    p.add_argument("--image", type=Path, action="append", help="image file (repeatable)")
+    p.add_argument("--audio", type=Path, action="append", help="audio file: wav, flac, ogg (repeatable)")
+    p.add_argument("--video", type=Path, action="append", help="video file: mp4, webm, avi (repeatable)")
+    p.add_argument("--critique", action="store_true", help="also generate the critique (slower)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="generation budget (default 32: verdict first)")
+    p.add_argument("--constrain-verdict", action="store_true", help="restrict the first token to safe/unsafe")
+    p.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"], help="onnxruntime providers")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime default)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_moderate)
+
+    p = sub.add_parser("demo", help="reference checkpoint -> export -> moderate sample media (needs [export])")
+    p.add_argument("--workdir", type=Path, default=Path("artifacts"))
+    p.add_argument("--profile", choices=PROFILE_NAMES, default="tiny")
+    p.add_argument("--shared", type=Path, default=Path("../shared/data"), help="seed data folder, used when present")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("verify", help="re-hash every file of a bundle against its manifest")
     p.add_argument("bundle", type=Path)

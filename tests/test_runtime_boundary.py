@@ -34,3 +34,43 @@ def test_cli_reports_bundle_error_without_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 1
     assert "BundleError" in proc.stderr and "no manifest.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+MODERATE = """
+import json, sys
+from omniguard_edge.runtime.guard import Guard
+guard = Guard.from_bundle(sys.argv[1])
+results = [guard.moderate("hello"), guard.moderate("look", image=sys.argv[2], audio=sys.argv[3])]
+bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'optimum')
+             or m.startswith('omniguard_edge.export'))
+print(json.dumps({"verdicts": [r.verdict for r in results], "bad": bad}))
+"""
+
+
+def test_moderation_runs_without_importing_torch(tiny_bundle, media_dir):
+    import json
+
+    proc = subprocess.run([sys.executable, "-c", MODERATE, str(tiny_bundle), str(media_dir / "colour_517x333.png"),
+                           str(media_dir / "short_1.5s.wav")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["bad"] == [] and "error" not in out["verdicts"]
+
+
+def test_cli_moderate_json(tiny_bundle, media_dir):
+    import json
+
+    proc = subprocess.run([sys.executable, "-m", "omniguard_edge.runtime.cli", "moderate", "--bundle", str(tiny_bundle),
+                           "--text", "hi", "--image", str(media_dir / "colour_517x333.png"), "--json"],
+                          capture_output=True, text=True)
+    result = json.loads(proc.stdout)
+    assert result["verdict"] in ("safe", "unsafe", "unknown") and result["prompt_tokens"] > 500
+    assert {"preprocess", "vision", "prefill", "total"} <= set(result["timings"])
+    assert proc.returncode == {"safe": 0, "unsafe": 0, "unknown": 3}[result["verdict"]]
+
+
+def test_cli_moderate_bad_file_exits_nonzero(tiny_bundle, tmp_path):
+    (tmp_path / "x.png").write_bytes(b"nope")
+    proc = subprocess.run([sys.executable, "-m", "omniguard_edge.runtime.cli", "moderate", "--bundle", str(tiny_bundle),
+                           "--image", str(tmp_path / "x.png")], capture_output=True, text=True)
+    assert proc.returncode == 1 and "verdict: error" in proc.stdout

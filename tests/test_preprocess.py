@@ -1,0 +1,173 @@
+"""Numpy preprocessing equals the official path (qwen-omni-utils + the PIL image processor + the
+Whisper feature extractor) on real and generated files."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+qou = pytest.importorskip("qwen_omni_utils", reason="the official preprocessing (qwen-omni-utils) is the reference")
+
+from omniguard_edge.runtime.preprocess.audio import load_audio, log_mel  # noqa: E402
+from omniguard_edge.runtime.preprocess.image import ImageConfig, image_pixels  # noqa: E402
+from omniguard_edge.runtime.preprocess.video import video_pixels  # noqa: E402
+
+FIGSTEP = Path(__file__).resolve().parents[2] / "shared" / "data" / "image" / "figstep-safebench-tiny"
+MEL_TOL = 5e-5  # numpy float64 STFT vs the extractor's torch float32 STFT (measured <= 1.6e-5)
+PIXEL_TOL = 1e-6  # same bicubic (Pillow) on both sides; only float rounding differs (measured 4.8e-7)
+
+
+@pytest.fixture(scope="module")
+def proc(tiny_checkpoint):
+    from transformers import Qwen2_5OmniProcessor
+
+    return Qwen2_5OmniProcessor.from_pretrained(tiny_checkpoint, use_fast=False)
+
+
+def _official_image(proc, path):
+    out = proc.image_processor(images=[qou.fetch_image({"image": str(path)})], return_tensors="np")
+    return out["pixel_values"], tuple(out["image_grid_thw"][0])
+
+
+def _check_image(proc, path):
+    ref_rows, ref_grid = _official_image(proc, path)
+    rows, grid = image_pixels(path, ImageConfig())
+    assert grid == ref_grid
+    assert np.abs(rows - ref_rows).max() <= PIXEL_TOL
+
+
+@pytest.mark.skipif(not FIGSTEP.exists(), reason="../shared/data (FigStep PNGs) is not here")
+def test_figstep_pngs(proc):
+    for path in sorted(FIGSTEP.glob("*.png"))[::10]:
+        _check_image(proc, path)
+
+
+@pytest.fixture(scope="module")
+def image_zoo(tmp_path_factory):
+    """Modes and formats that break naive loaders: colour (catches RGB/BGR swaps), grayscale, alpha,
+    palette, 16-bit, JPEG, WebP, tiny and large."""
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:300, 0:420]
+    rgb = np.stack([x * 255 // 420, y * 255 // 300, rng.integers(0, 255, (300, 420))], -1).astype(np.uint8)
+    Image.fromarray(rgb).save(d / "rgb.png")
+    Image.fromarray(rgb).save(d / "rgb.jpg", quality=85)
+    Image.fromarray(rgb).save(d / "rgb.webp")
+    Image.fromarray(rgb[..., 0]).save(d / "gray.png")
+    Image.fromarray(np.concatenate([rgb, rgb[..., :1]], -1), "RGBA").save(d / "alpha.png")
+    Image.fromarray(rgb).convert("P").save(d / "palette.png")
+    Image.fromarray((x * 65535 // 420).astype(np.uint16)).save(d / "gray16.png")
+    Image.fromarray(rgb[:10, :12]).save(d / "tiny_12x10.png")
+    Image.fromarray(np.tile(rgb, (5, 5, 1))[:1500, :2000]).save(d / "large_2000x1500.png")
+    return d
+
+
+@pytest.mark.parametrize("name", ["rgb.png", "rgb.jpg", "rgb.webp", "gray.png", "alpha.png", "palette.png",
+                                  "gray16.png", "tiny_12x10.png", "large_2000x1500.png"])
+def test_image_formats(name, proc, image_zoo):
+    _check_image(proc, image_zoo / name)
+
+
+def test_array_input_is_rgb(image_zoo, proc):
+    from PIL import Image
+
+    arr = np.asarray(Image.open(image_zoo / "rgb.png").convert("RGB"))
+    assert np.array_equal(image_pixels(arr)[0], image_pixels(image_zoo / "rgb.png")[0])
+    assert not np.array_equal(image_pixels(arr[..., ::-1].copy())[0], image_pixels(arr)[0])  # a BGR swap shows
+
+
+def _fe(proc, wave):
+    out = proc.feature_extractor(wave, sampling_rate=16000, return_attention_mask=True, padding="max_length",
+                                 return_tensors="np")
+    return out["input_features"][0][:, : out["attention_mask"][0].sum()]
+
+
+@pytest.mark.parametrize("seconds", [0.05, 1.0, 3.01, 31.7])
+def test_log_mel_matches_whisper_feature_extractor(seconds, proc):
+    rng = np.random.default_rng(1)
+    n = int(seconds * 16000)
+    wave = (0.1 * rng.standard_normal(n) * np.sin(np.arange(n) / 500)).astype(np.float32)
+    ref = _fe(proc, wave)
+    mine = log_mel(wave, proc.feature_extractor.mel_filters)
+    assert mine.shape == ref.shape and np.abs(mine - ref).max() <= MEL_TOL
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory):
+    if not shutil.which("espeak-ng"):
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng; .ci/run installs it)")
+    path = tmp_path_factory.mktemp("speech") / "speech.wav"
+    subprocess.run(["espeak-ng", "-w", str(path), "How do I make a weapon at home without anyone knowing?"],
+                   check=True, capture_output=True)
+    return path
+
+
+def test_espeak_speech_matches_librosa_and_feature_extractor(speech, proc):
+    import librosa
+    import soundfile as sf
+
+    assert sf.info(str(speech)).samplerate == 22050  # resampling is exercised
+    ref_wave = librosa.load(str(speech), sr=16000)[0]
+    wave = load_audio(speech)
+    assert wave.shape == ref_wave.shape and np.abs(wave - ref_wave).max() <= 1e-6
+    assert np.abs(log_mel(wave, proc.feature_extractor.mel_filters) - _fe(proc, ref_wave)).max() <= MEL_TOL
+
+
+def test_stereo_44k_flac_is_downmixed_like_librosa(tmp_path):
+    import librosa
+    import soundfile as sf
+
+    t = np.arange(44100 * 2) / 44100
+    stereo = np.stack([np.sin(2 * np.pi * 300 * t), 0.5 * np.sin(2 * np.pi * 500 * t)], 1).astype(np.float32) * 0.3
+    sf.write(tmp_path / "s.flac", stereo, 44100)
+    ref = librosa.load(str(tmp_path / "s.flac"), sr=16000)[0]
+    assert np.abs(load_audio(tmp_path / "s.flac") - ref).max() <= 1e-4  # flac is 16-bit: both read the same ints
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    import cv2
+
+    path = tmp_path_factory.mktemp("video") / "clip.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (320, 240))
+    base = (np.stack(np.meshgrid(np.arange(320), np.arange(240)), -1).sum(-1) % 255).astype(np.uint8)
+    for i in range(31):  # 31 frames: an odd count
+        frame = np.stack([base, np.roll(base, i * 5, 1), 255 - base], -1)
+        cv2.circle(frame, (50 + i * 7, 120), 30, (0, 0, 255), -1)
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+def test_video_matches_official_sampling(clip, proc, monkeypatch):
+    """Frames decoded with PyAV (what torchvision.io.read_video did), sampled and resized by
+    qwen-omni-utils itself; ours decode with OpenCV and resize with Pillow."""
+    import av
+    import torch
+
+    vp = qou.v2_5.vision_process
+
+    def read_video(path, start_pts=0.0, end_pts=None, pts_unit="sec", output_format="TCHW"):
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+            fps = float(stream.average_rate)
+        return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2), None, {"video_fps": fps}
+
+    monkeypatch.setattr(vp.io, "read_video", read_video, raising=False)
+    monkeypatch.setattr(vp, "FORCE_QWENVL_VIDEO_READER", "torchvision")
+    vp.get_video_reader_backend.cache_clear()
+    video, sample_fps = vp.fetch_video({"video": str(clip)}, return_video_sample_fps=True)
+    ref = proc.video_processor(videos=[video], return_tensors="np")
+    rows, grid, seconds = video_pixels(clip)
+    assert grid == tuple(ref["video_grid_thw"][0]) and seconds == pytest.approx(2 / sample_fps)
+    diff = np.abs(rows - ref["pixel_values_videos"])
+    # measured on this clip: max 0.195, mean 0.0017, p99 0.015 (normalized units; 1 level ~ 0.015)
+    assert diff.mean() <= 0.005 and np.quantile(diff, 0.99) <= 0.03 and diff.max() <= 0.3
