@@ -57,15 +57,15 @@ class Decoder:
 
     def generate(self, embeds, positions, rope_delta: int, embed_token: Callable[[int], np.ndarray],
                  max_new_tokens: int, eos_ids: set[int], stop: Callable[[list[int]], bool] | None = None,
-                 choose: Callable[[int, np.ndarray], int] | None = None) -> Generation:
-        """Greedy loop: `choose(step, logits)` may restrict a position (constrained verdict), `stop(tokens)`
-        may end early (verdict-first)."""
+                 choose: Callable[[list[int], np.ndarray], int] | None = None) -> Generation:
+        """Greedy loop: `choose(tokens so far, logits)` may restrict a position (constrained verdict),
+        `stop(tokens)` may end early (verdict-first)."""
         out, t0 = Generation(), time.perf_counter()
         logits, state = self.prefill(embeds, positions, rope_delta)
         out.timings["prefill"] = time.perf_counter() - t0
         out.first_logits = logits
         for i in range(max_new_tokens):
-            token = choose(i, logits) if choose else int(np.argmax(logits))
+            token = choose(out.tokens, logits) if choose else int(np.argmax(logits))
             out.tokens.append(token)
             if i == 0:
                 out.timings["first_token"] = time.perf_counter() - t0

@@ -159,14 +159,36 @@ class Guard:
         return verdict_read
 
     def _chooser(self):
+        """Constrained verdict decoding: `safe`|`unsafe`, then a line end; after `unsafe`, a categories
+        line of S-codes, digits, commas and spaces, then a line end; free text after that."""
         if not (self.options.constrain_verdict and self.verdict_ids):
             return None
-        allowed = self.verdict_ids
+        safe, unsafe = self.verdict_ids
+        newline = self.prompt.encode_plain("\n")
+        line_end = newline + sorted(self.eos_ids) if len(newline) == 1 else sorted(self.eos_ids)
+        codes = self._category_tokens()
 
-        def choose(step: int, logits: np.ndarray) -> int:
-            return allowed[int(np.argmax(logits[allowed]))] if step == 0 else int(np.argmax(logits))
+        def pick(logits: np.ndarray, allowed: list[int]) -> int:
+            return allowed[int(np.argmax(logits[allowed]))]
+
+        def choose(tokens: list[int], logits: np.ndarray) -> int:
+            if not tokens:
+                return pick(logits, [safe, unsafe])
+            if len(tokens) == 1:
+                return pick(logits, line_end)
+            if tokens[0] == unsafe and line_end[0] not in tokens[2:]:
+                return pick(logits, codes + line_end if len(tokens) > 2 else codes)
+            return int(np.argmax(logits))
 
         return choose
+
+    def _category_tokens(self) -> list[int]:
+        """Ordinary tokens that spell only category-line characters (S, digits, comma, space)."""
+        if not hasattr(self, "_codes_cache"):
+            allowed, tok = set("S0123456789, "), self.bundle.tokenizer
+            limit = min(self.bundle.manifest.special_ids.values())
+            self._codes_cache = [i for i in range(limit) if (t := tok.decode([i])) and set(t) <= allowed]
+        return self._codes_cache
 
     def _p_unsafe(self, logits: np.ndarray) -> float | None:
         if self.verdict_ids is None:
