@@ -156,6 +156,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, overwrite: bool = Fal
         raise BundleError(f"{out} already exists: pass --overwrite or choose another --out")
     ckpt = open_checkpoint(checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by an export that was killed (OOM, ^C twice)
+        log.warning("removing %s, left by an interrupted export of %s", stale, out)
+        shutil.rmtree(stale, ignore_errors=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         parts = Parts(ckpt)

@@ -213,3 +213,11 @@ def test_low_memory_layer_mismatch_is_caught(tiny_checkpoint, tmp_path, monkeypa
     with pytest.raises(ValidationError, match=r"decoder\.onnx output '(hidden_out|present_key)' on case 'layer_0/"):
         export_bundle(tiny_checkpoint, tmp_path / "b", progress=False, low_memory=True)
     assert _leftovers(tmp_path) == []
+
+
+def test_partial_folder_of_a_killed_export_is_removed(tiny_checkpoint, tmp_path):
+    stale = tmp_path / ".b.partial-deadbeef"
+    stale.mkdir()
+    (stale / "decoder.onnx.data").write_bytes(b"\0" * 1024)
+    export_bundle(tiny_checkpoint, tmp_path / "b", progress=False)
+    assert _leftovers(tmp_path) == ["b"]
