@@ -25,6 +25,7 @@ class Generation:
     first_logits: np.ndarray | None = None  # logits that chose the first generated token [vocab]
     stop_reason: str = "max_new_tokens"  # eos | max_new_tokens | stop_rule
     timings: dict = field(default_factory=dict)  # prefill, first_token, decode seconds
+    token_times: list[float] = field(default_factory=list)  # seconds from the start of prefill to each token
 
 
 class Decoder:
@@ -57,16 +58,23 @@ class Decoder:
 
     def generate(self, embeds, positions, rope_delta: int, embed_token: Callable[[int], np.ndarray],
                  max_new_tokens: int, eos_ids: set[int], stop: Callable[[list[int]], bool] | None = None,
-                 choose: Callable[[list[int], np.ndarray], int] | None = None) -> Generation:
+                 choose: Callable[[list[int], np.ndarray], int] | None = None,
+                 min_new_tokens: int = 0) -> Generation:
         """Greedy loop: `choose(tokens so far, logits)` may restrict a position (constrained verdict),
-        `stop(tokens)` may end early (verdict-first)."""
+        `stop(tokens)` may end early (verdict-first). Before `min_new_tokens` tokens the EOS ids are
+        masked, as transformers' MinNewTokensLogitsProcessor does (fixed budgets for benchmarks)."""
         out, t0 = Generation(), time.perf_counter()
+        eos_list = sorted(eos_ids)
         logits, state = self.prefill(embeds, positions, rope_delta)
         out.timings["prefill"] = time.perf_counter() - t0
         out.first_logits = logits
         for i in range(max_new_tokens):
+            if i < min_new_tokens and eos_list:
+                logits = logits.copy()
+                logits[eos_list] = -np.inf
             token = choose(out.tokens, logits) if choose else int(np.argmax(logits))
             out.tokens.append(token)
+            out.token_times.append(time.perf_counter() - t0)
             if i == 0:
                 out.timings["first_token"] = time.perf_counter() - t0
             if token in eos_ids:

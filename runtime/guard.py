@@ -34,6 +34,7 @@ class GuardOptions:
     critique: bool = False  # also generate the critique, up to critique_max_new_tokens
     critique_max_new_tokens: int = 256
     constrain_verdict: bool = False  # first token restricted to `safe`/`unsafe` (always parseable)
+    min_new_tokens: int = 0  # EOS masked before this many tokens (benchmarks: fixed answer lengths)
     max_prompt_tokens: int | None = None  # default: the decoder's context minus the token budget
     image_limits: ImageLimits = ImageLimits()
     audio_limits: AudioLimits = AudioLimits()
@@ -249,7 +250,8 @@ class Guard:
         timings["embed"] = time.perf_counter() - t
         emb = self.bundle.embedding
         gen = self.decoder.generate(embeds, positions, int(delta[0, 0]), lambda tok: np.asarray(emb[tok], np.float32),
-                                    budget, self.eos_ids, self._stop_rule(), self._chooser())
+                                    budget, self.eos_ids, self._stop_rule(), self._chooser(),
+                                    min_new_tokens=self.options.min_new_tokens)
         timings.update(gen.timings)
         raw = self.prompt.decode(gen.tokens)
         parsed = parse(raw, self.options.policy)
@@ -259,5 +261,5 @@ class Guard:
             categories=[{"code": c, "name": self.options.policy.name_of(c)} for c in parsed.categories],
             critique=parsed.critique, raw_text=raw, p_unsafe=self._p_unsafe(gen.first_logits),
             prompt_tokens=len(ids), generated_tokens=len(gen.tokens), stop_reason=gen.stop_reason,
-            timings=timings, generated_ids=gen.tokens,
+            timings=timings, generated_ids=gen.tokens, token_times=gen.token_times,
         )

@@ -80,6 +80,7 @@ class ModerationResult:
     timings: dict = field(default_factory=dict)  # seconds per stage
     error: str | None = None  # "InputError: ..." when verdict == "error"
     generated_ids: list[int] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)  # seconds from prefill start to each token
 
     def __post_init__(self):
         if self.verdict not in VERDICTS:

@@ -109,3 +109,20 @@ def test_video(tiny_guard, hf):
     expected = _hf_tokens(hf, _guard_text("What happens here?"), [("video", clip)], fps=sample_fps)
     assert ImageConfig().factor == 28 and frames.shape[1] % 28 == 0 and frames.shape[2] % 28 == 0
     _check(guard.moderate("What happens here?", video=(frames, fps)), expected)
+
+
+def test_min_new_tokens_matches_transformers(tiny_bundle, hf):
+    """Fixed budgets for benchmarks: EOS masked the same way on both sides."""
+    from omniguard_edge.runtime.guard import Guard, GuardOptions
+
+    guard = Guard.from_bundle(tiny_bundle, GuardOptions(critique=True, critique_max_new_tokens=40, min_new_tokens=40))
+    model, proc = hf
+    text = _guard_text("hello")
+    prompt = proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": text}]}],
+                                      add_generation_prompt=True, tokenize=False)
+    inputs = proc(text=[prompt], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    result = guard.moderate("hello")
+    assert result.generated_ids == out[0, inputs["input_ids"].shape[1]:].tolist()
+    assert len(result.generated_ids) == 40 and len(result.token_times) == 40
