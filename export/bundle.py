@@ -189,6 +189,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, overwrite: bool = Fal
         manifest = Manifest(
             schema_version=SCHEMA_VERSION,
             source={"checkpoint": ckpt.path.name, "layout": ckpt.layout, "low_memory": low_memory,
+                    # written by `omniguard-edge reference`: random weights, verdicts carry no meaning
+                    "reference_checkpoint": (ckpt.path / "REFERENCE.md").exists(),
                     "model_type": ckpt.raw_config.get("model_type"),
                     "config_sha256": hashlib.sha256((ckpt.path / "config.json").read_bytes()).hexdigest()},
             exporter=_versions(), precision="fp32",
