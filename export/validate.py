@@ -22,17 +22,23 @@ def compare(onnx_out: np.ndarray, torch_out: np.ndarray, mask: np.ndarray | None
         a, b = a[keep], b[keep]
     a, b = a.ravel(), b.ravel()
     if a.size == 0:
-        return {"max_abs": 0.0, "cosine": 1.0, "rel_l2": 0.0}
+        return {"max_abs": 0.0, "cosine": 1.0, "rel_l2": 0.0, "peak": 0.0}
     diff = a - b
     norm_a, norm_b = np.linalg.norm(a), np.linalg.norm(b)
     cosine = float(a @ b / (norm_a * norm_b)) if norm_a > 0 and norm_b > 0 else float(norm_a == norm_b)
     return {"max_abs": float(np.abs(diff).max()), "cosine": cosine,
-            "rel_l2": float(np.linalg.norm(diff) / max(norm_b, 1e-30))}
+            "rel_l2": float(np.linalg.norm(diff) / max(norm_b, 1e-30)), "peak": float(np.abs(b).max())}
+
+
+def max_abs_bound(tol: Tolerance, figures: dict) -> float:
+    """The max-abs bound for these outputs: scaled by max(1, peak |torch|) when the tolerance says so."""
+    scale = max(1.0, figures.get("peak", 0.0)) if tol.max_abs_scaled_by_peak else 1.0
+    return tol.max_abs * scale
 
 
 def check(graph: str, case: str, output: str, figures: dict, tol: Tolerance) -> None:
     """Raise ValidationError when any figure is outside the tolerance (NaN fails too)."""
-    ok = (figures["max_abs"] <= tol.max_abs and figures["cosine"] >= tol.cosine and figures["rel_l2"] <= tol.rel_l2)
+    bound = max_abs_bound(tol, figures)
+    ok = (figures["max_abs"] <= bound and figures["cosine"] >= tol.cosine and figures["rel_l2"] <= tol.rel_l2)
     if not ok:
-        raise ValidationError(graph, output, case, figures,
-                              {"max_abs": tol.max_abs, "cosine": tol.cosine, "rel_l2": tol.rel_l2})
+        raise ValidationError(graph, output, case, figures, {"max_abs": bound, "cosine": tol.cosine, "rel_l2": tol.rel_l2})

@@ -221,3 +221,17 @@ def test_partial_folder_of_a_killed_export_is_removed(tiny_checkpoint, tmp_path)
     (stale / "decoder.onnx.data").write_bytes(b"\0" * 1024)
     export_bundle(tiny_checkpoint, tmp_path / "b", progress=False)
     assert _leftovers(tmp_path) == ["b"]
+
+
+def test_max_abs_bound_scales_with_output_peak_only_above_one():
+    from omniguard_edge.export.validate import FP32_TOLERANCE, check
+
+    small = {"max_abs": 2e-4, "cosine": 1.0, "rel_l2": 1e-6, "peak": 0.5}
+    with pytest.raises(ValidationError, match="max_abs=0.0002"):
+        check("vision", "c", "features", small, FP32_TOLERANCE)  # outputs within [-1, 1]: 1e-4 absolute
+    large = {"max_abs": 8e-4, "cosine": 1.0, "rel_l2": 2e-5, "peak": 120.0}
+    check("vision", "c", "features", large, FP32_TOLERANCE)  # 1e-4 * 120 = 1.2e-2 allowed
+    with pytest.raises(ValidationError, match="rel_l2"):
+        check("vision", "c", "features", dict(large, rel_l2=2e-4), FP32_TOLERANCE)  # rel-L2 stays strict
+    with pytest.raises(ValidationError):
+        check("vision", "c", "features", dict(large, max_abs=0.02), FP32_TOLERANCE)
