@@ -54,6 +54,18 @@ class _Prepared:
     video_seconds: list = field(default_factory=list)
 
 
+def _as_text(name: str, value) -> str | None:
+    """str as is, UTF-8 bytes decoded; anything else (or invalid UTF-8) is an InputError."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{name} is not valid UTF-8 ({exc})") from exc
+    raise InputError(f"{name} must be str (or UTF-8 bytes), got {type(value).__name__}")
+
+
 def _as_list(value) -> list:
     """One item or a list of items (a tuple is one item: a video given as (frames, fps))."""
     if value is None:
@@ -76,6 +88,7 @@ class Guard:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         verdict_ids = [self.prompt.encode_plain(w) for w in ("safe", "unsafe")]
         self.verdict_ids = [v[0] for v in verdict_ids] if all(len(v) == 1 for v in verdict_ids) else None
+        self._codes_cache: list[int] | None = None  # category-line tokens, built on first constrained use
 
     @classmethod
     def from_bundle(cls, path, options: GuardOptions = GuardOptions(), verify: str = "auto") -> Guard:
@@ -185,7 +198,7 @@ class Guard:
 
     def _category_tokens(self) -> list[int]:
         """Ordinary tokens that spell only category-line characters (S, digits, comma, space)."""
-        if not hasattr(self, "_codes_cache"):
+        if self._codes_cache is None:
             allowed, tok = set("S0123456789, "), self.bundle.tokenizer
             limit = min(self.bundle.manifest.special_ids.values())
             self._codes_cache = [i for i in range(limit) if (t := tok.decode([i])) and set(t) <= allowed]
@@ -213,14 +226,7 @@ class Guard:
             return ModerationResult.failed(exc, timings)
 
     def _moderate(self, text, response, image, audio, video, media, conversation, sample_rate, timings, start):
-        for name, value in (("text", text), ("response", response)):
-            if value is not None and not isinstance(value, str):
-                if isinstance(value, bytes):
-                    try:
-                        value.decode("utf-8")
-                    except UnicodeDecodeError as exc:
-                        raise InputError(f"{name} is not valid UTF-8 ({exc})") from exc
-                raise InputError(f"{name} must be str, got {type(value).__name__}")
+        text, response = _as_text("text", text), _as_text("response", response)
         if media is None:
             media = [("image", x) for x in _as_list(image)] + [("video", x) for x in _as_list(video)] + \
                     [("audio", x) for x in _as_list(audio)]

@@ -101,6 +101,7 @@ def test_moderate_rejects_non_utf8_and_empty(tiny_guard):
     assert bad.verdict == "error" and "not valid UTF-8" in bad.error
     assert tiny_guard.moderate().verdict == "error"
     assert tiny_guard.moderate(123).verdict == "error"
+    assert tiny_guard.moderate("café".encode()).generated_ids == tiny_guard.moderate("café").generated_ids
 
 
 def test_too_long_prompt_is_refused_not_truncated(tiny_bundle):
