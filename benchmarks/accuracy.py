@@ -14,6 +14,7 @@ Packs, label rules and the JSONL format: benchmarks/evalpacks.py and the README.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -49,7 +50,7 @@ def predict_reference(checkpoint: Path, items, args, bar) -> list[dict]:
     import librosa
     import torch
     from qwen_omni_utils import fetch_image
-    from reference_worker import _official_video
+    from reference_worker import official_video
     from transformers import Qwen2_5OmniProcessor, Qwen2_5OmniThinkerForConditionalGeneration
 
     from omniguard_edge.runtime.prompt import Conversation, Policy, render_guard_text
@@ -71,7 +72,7 @@ def predict_reference(checkpoint: Path, items, args, bar) -> list[dict]:
         images = [fetch_image({"image": it.image})] if it.image else None
         videos, kw = None, {}
         if it.video:
-            clip, fps = _official_video(it.video)
+            clip, fps = official_video(it.video)
             videos, kw = [clip], {"fps": fps}
         audios = [librosa.load(it.audio, sr=16000)[0]] if it.audio else None
         content += [{"type": k} for k, v in (("image", images), ("video", videos), ("audio", audios)) if v]
@@ -221,16 +222,11 @@ def main(argv=None) -> int:
     print(f"\n{note}")
     benchlib.write_json(args.json, doc)
     if args.baseline:
-        import json
-
         base = json.loads(args.baseline.read_text())
         cur, higher = gate(doc)
         ref, _ = gate(base)
         problems = benchlib.compare_to_baseline(cur, ref, args.tolerance, higher)
-        if problems:
-            print("\nREGRESSION against " + str(args.baseline) + ":\n  " + "\n  ".join(problems))
-            return 1
-        print(f"\nno regression beyond {args.tolerance:.0%} against {args.baseline}")
+        return benchlib.report_gate(problems, args.baseline, args.tolerance)
     return 0
 
 

@@ -131,6 +131,15 @@ def compare_to_baseline(current: dict[str, float], baseline: dict[str, float], t
     return problems
 
 
+def report_gate(problems: list[str], baseline: Path, tolerance: float) -> int:
+    """Print the gate's outcome; the exit code (1 on any regression)."""
+    if problems:
+        print(f"\nREGRESSION against {baseline}:\n  " + "\n  ".join(problems))
+        return 1
+    print(f"\nno regression beyond {tolerance:.0%} against {baseline}")
+    return 0
+
+
 def plot_stages(path: Path, rows: list[dict], stages: list[str], title: str) -> None:
     """Stacked horizontal bars of per-stage p50 seconds, one bar per scenario and engine."""
     try:

@@ -229,11 +229,7 @@ def main(argv=None) -> int:
     if args.plot:
         benchlib.plot_stages(args.plot, rows, CHART_STAGES, f"time to first token by stage ({doc['system']['cpu']})")
     if args.baseline:
-        problems = check_baseline(doc, args.baseline, args.tolerance)
-        if problems:
-            print("\nREGRESSION against " + str(args.baseline) + ":\n  " + "\n  ".join(problems))
-            return 1
-        print(f"\nno regression beyond {args.tolerance:.0%} against {args.baseline}")
+        return benchlib.report_gate(check_baseline(doc, args.baseline, args.tolerance), args.baseline, args.tolerance)
     return 0
 
 

@@ -32,21 +32,24 @@ class _Stamps:
         pass
 
 
-def _official_video(path: str):
-    """qwen-omni-utils' fetch_video with the frames decoded by PyAV (torchvision >= 0.26 dropped
-    read_video, the backend it falls back to)."""
+def read_video_pyav(path, start_pts=0.0, end_pts=None, pts_unit="sec", output_format="TCHW"):
+    """What torchvision.io.read_video returned (TCHW uint8 frames, no audio, fps), decoded with PyAV:
+    torchvision >= 0.26 dropped it, and qwen-omni-utils falls back to it without decord/torchcodec."""
     import av
     import torch
+
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        fps = float(stream.average_rate)
+    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2), None, {"video_fps": fps}
+
+
+def official_video(path: str):
+    """qwen-omni-utils' fetch_video (frame sampling and resize) on PyAV-decoded frames: (clip, sample fps)."""
     import qwen_omni_utils.v2_5.vision_process as vp
 
-    def read_video(p, start_pts=0.0, end_pts=None, pts_unit="sec", output_format="TCHW"):
-        with av.open(p) as container:
-            stream = container.streams.video[0]
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-            fps = float(stream.average_rate)
-        return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2), None, {"video_fps": fps}
-
-    vp.io.read_video = read_video
+    vp.io.read_video = read_video_pyav
     vp.FORCE_QWENVL_VIDEO_READER = "torchvision"
     vp.get_video_reader_backend.cache_clear()
     return vp.fetch_video({"video": path}, return_video_sample_fps=True)
@@ -76,7 +79,7 @@ def main(checkpoint: str, scenarios_json: str, out_json: str) -> None:
             images = [fetch_image({"image": sc["image"]})] if sc.get("image") else None
             videos, kw = None, {}
             if sc.get("video"):
-                clip, fps = _official_video(sc["video"])
+                clip, fps = official_video(sc["video"])
                 videos, kw = [clip], {"fps": fps}
             audios = [librosa.load(sc["audio"], sr=16000)[0]] if sc.get("audio") else None
             for kind, present in (("image", images), ("video", videos), ("audio", audios)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -149,19 +150,11 @@ def clip(tmp_path_factory):
 def test_video_matches_official_sampling(clip, proc, monkeypatch):
     """Frames decoded with PyAV (what torchvision.io.read_video did), sampled and resized by
     qwen-omni-utils itself; ours decode with OpenCV and resize with Pillow."""
-    import av
-    import torch
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from reference_worker import read_video_pyav
 
     vp = qou.v2_5.vision_process
-
-    def read_video(path, start_pts=0.0, end_pts=None, pts_unit="sec", output_format="TCHW"):
-        with av.open(path) as container:
-            stream = container.streams.video[0]
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-            fps = float(stream.average_rate)
-        return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2), None, {"video_fps": fps}
-
-    monkeypatch.setattr(vp.io, "read_video", read_video, raising=False)
+    monkeypatch.setattr(vp.io, "read_video", read_video_pyav, raising=False)
     monkeypatch.setattr(vp, "FORCE_QWENVL_VIDEO_READER", "torchvision")
     vp.get_video_reader_backend.cache_clear()
     video, sample_fps = vp.fetch_video({"video": str(clip)}, return_video_sample_fps=True)
