@@ -123,9 +123,10 @@ def main(checkpoint: str, scenarios_json: str, out_json: str) -> None:
             span = times[-1] - times[0]
             samples["decode_tok_s"].append((len(times) - 1) / span if span > 0 else float("nan"))
         rows.append({"scenario": sc["name"], "samples": samples, "prompt_tokens": int(inputs["input_ids"].shape[1])})
-    import resource
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from benchlib import peak_rss_mb
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     Path(out_json).write_text(json.dumps({"rows": rows, "peak_rss_mb": peak,
                                           "torch_threads": torch.get_num_threads()}))
 
