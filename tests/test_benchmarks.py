@@ -18,17 +18,27 @@ import benchlib  # noqa: E402
 import latency  # noqa: E402
 
 
+def _bench(script: str, *args) -> subprocess.CompletedProcess:
+    """Run a benchmark script as a user would, in its own process."""
+    return subprocess.run([sys.executable, str(BENCH / script), *map(str, args)], capture_output=True, text=True)
+
+
+def _bench_json(script: str, out_json: Path, *args) -> tuple[str, dict]:
+    """Run a benchmark script that must succeed; its stdout and the JSON it wrote."""
+    proc = _bench(script, *args, "--json", out_json)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout, json.loads(out_json.read_text())
+
+
 @pytest.fixture(scope="module")
 def latency_run(tiny_bundle, tiny_checkpoint, tmp_path_factory):
     pytest.importorskip("qwen_omni_utils", reason="the PyTorch reference side needs the dev extra")
     out = tmp_path_factory.mktemp("latency")
-    cmd = [sys.executable, str(BENCH / "latency.py"), "--bundle", str(tiny_bundle), "--reference", str(tiny_checkpoint),
-           "--scenarios", "text", "image_448", "audio_5s", "video_4s", "--runs", "1", "--warmup", "0",
-           "--new-tokens", "6", "--verdict-tokens", "2", "--probe-seconds", "0.2", "--media-dir", str(out / "media"),
-           "--json", str(out / "lat.json"), "--plot", str(out / "lat.png")]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return out, proc.stdout, json.loads((out / "lat.json").read_text())
+    stdout, doc = _bench_json(
+        "latency.py", out / "lat.json", "--bundle", tiny_bundle, "--reference", tiny_checkpoint,
+        "--scenarios", "text", "image_448", "audio_5s", "video_4s", "--runs", 1, "--warmup", 0, "--new-tokens", 6,
+        "--verdict-tokens", 2, "--probe-seconds", 0.2, "--media-dir", out / "media", "--plot", out / "lat.png")
+    return out, stdout, doc
 
 
 def test_latency_json_matches_schema(latency_run):
@@ -60,11 +70,10 @@ def test_latency_cli_gate_fails_and_passes(latency_run, tiny_bundle, tiny_checkp
     results = {}
     for name, base in (("hard", hard), ("easy", easy)):
         (tmp_path / f"{name}.json").write_text(json.dumps(base))
-        results[name] = subprocess.run(
-            [sys.executable, str(BENCH / "latency.py"), "--bundle", str(tiny_bundle), "--reference", str(tiny_checkpoint),
-             "--scenarios", "text", "--runs", "1", "--warmup", "0", "--new-tokens", "4", "--verdict-tokens", "2",
-             "--probe-seconds", "0.1", "--media-dir", str(out / "media"), "--baseline", str(tmp_path / f"{name}.json"),
-             "--tolerance", "0.2"], capture_output=True, text=True)
+        results[name] = _bench(
+            "latency.py", "--bundle", tiny_bundle, "--reference", tiny_checkpoint, "--scenarios", "text", "--runs", 1,
+            "--warmup", 0, "--new-tokens", 4, "--verdict-tokens", 2, "--probe-seconds", 0.1, "--media-dir", out / "media",
+            "--baseline", tmp_path / f"{name}.json", "--tolerance", 0.2)
     assert results["hard"].returncode == 1 and "REGRESSION" in results["hard"].stdout
     assert "speedup/text/" in results["hard"].stdout
     assert results["easy"].returncode == 0, results["easy"].stdout[-1500:] + results["easy"].stderr[-1500:]
@@ -147,13 +156,11 @@ def user_set(media_dir, tmp_path_factory):
 def accuracy_run(tiny_bundle, tiny_checkpoint, user_set, tmp_path_factory):
     pytest.importorskip("qwen_omni_utils", reason="the PyTorch reference side needs the dev extra")
     out = tmp_path_factory.mktemp("accuracy")
-    packs = [str(user_set)] + (["xstest_prompts", "figstep_images", "benign_images"] if SHARED.exists() else [])
-    cmd = [sys.executable, str(BENCH / "accuracy.py"), "--bundle", str(tiny_bundle), "--reference", str(tiny_checkpoint),
-           "--packs", *packs, "--limit", "3", "--new-tokens", "4", "--data", str(SHARED),
-           "--media-dir", str(out / "media"), "--json", str(out / "acc.json"), "--save-items"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return out, proc.stdout, json.loads((out / "acc.json").read_text())
+    packs = [user_set] + (["xstest_prompts", "figstep_images", "benign_images"] if SHARED.exists() else [])
+    stdout, doc = _bench_json(
+        "accuracy.py", out / "acc.json", "--bundle", tiny_bundle, "--reference", tiny_checkpoint, "--packs", *packs,
+        "--limit", 3, "--new-tokens", 4, "--data", SHARED, "--media-dir", out / "media", "--save-items")
+    return out, stdout, doc
 
 
 def test_accuracy_json_matches_schema(accuracy_run):
