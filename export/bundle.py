@@ -21,7 +21,7 @@ from .graphs.spec import case_feeds
 from .layered import export_decoder_layered
 from .onnx_io import OPSET, finalize_onnx, run_onnx, trace_to_onnx
 from .parts import Parts
-from .validate import FP32_TOLERANCE, check, compare
+from .validate import FP32_TOLERANCE, record
 
 log = logging.getLogger(__name__)
 # Files copied from the checkpoint into the bundle when present (role in the manifest).
@@ -75,11 +75,8 @@ def _export_graph(name: str, parts: Parts, work: Path, bar, rng) -> tuple[GraphS
     bar.set_postfix_str(f"{name}: validating {len(prepared)} cases in onnxruntime")
     results = run_onnx(dest, [feeds for _, feeds, _, _ in prepared])
     report = []
-    for (case, feeds, ref, meaningful), got in zip(prepared, results):
-        for out_name, arr in zip(outputs, got):
-            figures = compare(arr, ref[out_name], meaningful(out_name))
-            report.append({"case": case, "output": out_name, **figures})
-            check(name, case, out_name, figures, FP32_TOLERANCE)
+    for (case, _, ref, meaningful), got in zip(prepared, results):
+        record(name, case, outputs, got, ref, FP32_TOLERANCE, report, meaningful)
     first_feeds, first_out = prepared[0][1], results[0]
     spec = GraphSpec(
         file=dest.name, precision="fp32", opset=OPSET,

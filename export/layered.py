@@ -10,6 +10,7 @@ The stitched graph has the same interface as the whole-graph export (decoder.int
 from __future__ import annotations
 
 import gc
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import numpy as np
 from ..runtime.manifest import GraphSpec, TensorSpec
 from .graphs.decoder import interface
 from .onnx_io import OPSET, run_onnx, trace_to_onnx
-from .validate import FP32_TOLERANCE, check, compare
+from .validate import FP32_TOLERANCE, record
 
 _ALIGN = 4096  # external tensors start on page boundaries (mmap-friendly)
 
@@ -88,26 +89,21 @@ def _stripped_graph(traced: Path, writer: _DataWriter):
     return graph
 
 
-class _Piece:
-    """One traced piece: its ONNX graph (weights streamed out) and the validation figures."""
-
-    def __init__(self, name, module, inputs, outputs, axes, example, cases, work: Path, writer: _DataWriter,
-                 mapping: dict[str, str], report: list):
-        scratch = Path(tempfile.mkdtemp(prefix=f"trace-{name}-", dir=work))
+def _export_piece(name, module, inputs, outputs, axes, example, cases, work: Path, writer: _DataWriter,
+                  mapping: dict[str, str], report: list):
+    """Trace one piece, validate it in onnxruntime, stream its weights out; returns its renamed graph."""
+    scratch = Path(tempfile.mkdtemp(prefix=f"trace-{name}-", dir=work))
+    try:
         traced = trace_to_onnx(module, example, inputs, outputs, axes, scratch)
         refs = [(case, feeds, ref()) for case, feeds, ref in cases]
         del module
         gc.collect()
         results = run_onnx(traced, [feeds for _, feeds, _ in refs])
         for (case, _, ref), got in zip(refs, results):
-            for out_name, arr in zip(outputs, got):
-                figures = compare(arr, ref[out_name])
-                report.append({"case": f"{name}/{case}", "output": out_name, **figures})
-                check("decoder", f"{name}/{case}", out_name, figures, FP32_TOLERANCE)
-        self.graph = _rename(_stripped_graph(traced, writer), mapping, f"{name}/")
-        for p in sorted(scratch.iterdir()):
-            p.unlink()
-        scratch.rmdir()
+            record("decoder", f"{name}/{case}", outputs, got, ref, FP32_TOLERANCE, report)
+        return _rename(_stripped_graph(traced, writer), mapping, f"{name}/")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _layer_cases(layer_module, cfg, index: int, rng, prologue):
@@ -173,8 +169,8 @@ def export_decoder_layered(parts, work: Path, bar, rng, metadata: dict) -> tuple
         pro_names = ["rope_cos", "rope_sin", "attn_bias"]
         pro_axes = {"inputs_embeds": act, "attention_mask": {0: "batch", 1: "total"}, "position_ids": {1: "batch", 2: "seq"},
                     "past_key_0": {0: "batch", 2: "past"}, "rope_cos": rope_axes, "rope_sin": rope_axes, "attn_bias": bias_axes}
-        graphs.append(_Piece("prologue", prologue, list(ex), pro_names, pro_axes, ex, [("example", ex, prologue_ref)],
-                             work, writer, {k: k for k in list(ex) + pro_names}, report).graph)
+        graphs.append(_export_piece("prologue", prologue, list(ex), pro_names, pro_axes, ex, [("example", ex, prologue_ref)],
+                             work, writer, {k: k for k in list(ex) + pro_names}, report))
         layer_in = ["hidden_in", "rope_cos", "rope_sin", "attn_bias", "past_key", "past_value"]
         layer_out = ["hidden_out", "present_key", "present_value"]
         kv_past, kv_total = {0: "batch", 2: "past"}, {0: "batch", 2: "total"}
@@ -189,8 +185,8 @@ def export_decoder_layered(parts, work: Path, bar, rng, metadata: dict) -> tuple
                        "rope_cos": "rope_cos", "rope_sin": "rope_sin", "attn_bias": "attn_bias",
                        "past_key": f"past_key_{i}", "past_value": f"past_value_{i}",
                        "present_key": f"present_key_{i}", "present_value": f"present_value_{i}"}
-            graphs.append(_Piece(f"layer_{i}", DecoderLayer(hf_layer).eval(), layer_in, layer_out, layer_axes,
-                                 cases[1][1], cases, work, writer, mapping, report).graph)
+            graphs.append(_export_piece(f"layer_{i}", DecoderLayer(hf_layer).eval(), layer_in, layer_out, layer_axes,
+                                 cases[1][1], cases, work, writer, mapping, report))
             del hf_layer, cases
         bar.set_postfix_str("decoder: norm and head")
         epilogue = DecoderEpilogue(parts.final_norm(), parts.lm_head).eval()
@@ -200,9 +196,9 @@ def export_decoder_layered(parts, work: Path, bar, rng, metadata: dict) -> tuple
             with torch.no_grad():
                 return {"logits": epilogue(torch.from_numpy(h)).numpy()}
 
-        graphs.append(_Piece("epilogue", epilogue, ["hidden"], ["logits"], {"hidden": act, "logits": {0: "batch"}},
+        graphs.append(_export_piece("epilogue", epilogue, ["hidden"], ["logits"], {"hidden": act, "logits": {0: "batch"}},
                              {"hidden": h}, [("example", {"hidden": h}, epilogue_ref)], work, writer,
-                             {"hidden": f"hidden_{n}", "logits": "logits"}, report).graph)
+                             {"hidden": f"hidden_{n}", "logits": "logits"}, report))
         parts.release("lm_head")
     finally:
         writer.close()

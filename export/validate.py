@@ -42,3 +42,12 @@ def check(graph: str, case: str, output: str, figures: dict, tol: Tolerance) -> 
     ok = (figures["max_abs"] <= bound and figures["cosine"] >= tol.cosine and figures["rel_l2"] <= tol.rel_l2)
     if not ok:
         raise ValidationError(graph, output, case, figures, {"max_abs": bound, "cosine": tol.cosine, "rel_l2": tol.rel_l2})
+
+
+def record(graph: str, case: str, outputs: list[str], got: list, ref: dict, tol: Tolerance, report: list,
+           meaningful=lambda output: None) -> None:
+    """Compare every output of one case, append the figures to `report`, raise on the first miss."""
+    for name, arr in zip(outputs, got):
+        figures = compare(arr, ref[name], meaningful(name))
+        report.append({"case": case, "output": name, **figures})
+        check(graph, case, name, figures, tol)
