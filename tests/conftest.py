@@ -1,10 +1,53 @@
-"""Session fixtures: the tiny reference checkpoint (both layouts) and its exported bundle, built once."""
+"""Session fixtures, split by what they need.
+
+Runtime side (numpy, onnxruntime, tokenizers...; no torch): `tiny_bundle`, `tiny_guard`, `media_dir`.
+`tiny_bundle` is the bundle named by the environment variable OMNIGUARD_TEST_BUNDLE when it is set (a runtime-only
+install tests the runtime where it is deployed: `omniguard-edge reference --profile tiny --out C` and
+`omniguard-edge export --checkpoint C --out B` on a machine with the export extra, then
+`OMNIGUARD_TEST_BUNDLE=B python -m pytest`); otherwise it is exported here from the tiny reference checkpoint.
+
+Export side (torch, transformers): `tiny_checkpoint`, `tiny_thinker_checkpoint`, `tiny_parts`,
+`tiny_thinker_model`. Without the export extra they skip, saying so; this module itself imports nothing of it.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
 import pytest
 
-pytest.importorskip("torch", reason="export-side tests need the [export] extra")
+BUNDLE_ENV = "OMNIGUARD_TEST_BUNDLE"
+EXPORT_EXTRA = "needs the export extra (torch/transformers)"
+_EXPORT_MODULES = ("torch", "transformers", "onnx", "onnxscript")
+
+
+def require_export_extra() -> None:
+    """Skip the calling test or fixture when the export extra is not installed."""
+    missing = [m for m in _EXPORT_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"{EXPORT_EXTRA}: {', '.join(missing)} not installed")
+
+
+def _env_bundle() -> Path | None:
+    value = os.environ.get(BUNDLE_ENV, "").strip()
+    return Path(value).expanduser().resolve() if value else None
+
+
+def pytest_configure(config):
+    """A named bundle that is not a bundle stops the run at once, with one message (not one error per test)."""
+    env = _env_bundle()
+    if env is not None and not (env / "manifest.json").is_file():
+        raise pytest.UsageError(f"{BUNDLE_ENV}={env} is not a bundle: no manifest.json there "
+                                "(export one with `omniguard-edge export`, or unset the variable)")
+
+
+@pytest.fixture(scope="session")
+def export_extra():
+    """Request this in a test that imports torch/transformers itself: it skips without the export extra."""
+    require_export_extra()
 
 
 @pytest.fixture(autouse=True)
@@ -14,23 +57,51 @@ def _private_hash_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
+    require_export_extra()
     from omniguard_edge.export.reference import write_reference
 
-    return write_reference("tiny", tmp_path_factory.mktemp("ckpt") / "tiny-full", progress=False)
+    path = write_reference("tiny", tmp_path_factory.mktemp("ckpt") / "tiny-full", progress=False)
+    env = _env_bundle()
+    if env is not None:
+        # parity tests compare tiny_bundle with this checkpoint: the named bundle must come from the same one
+        from omniguard_edge.runtime.manifest import load_manifest
+
+        made_from = load_manifest(env, verify="none").source.get("config_sha256")
+        if made_from != hashlib.sha256((path / "config.json").read_bytes()).hexdigest():
+            pytest.fail(f"{BUNDLE_ENV}={env} was not exported from the tiny reference checkpoint "
+                        "(`omniguard-edge reference --profile tiny`, default seed): parity tests would compare "
+                        "two different models", pytrace=False)
+    return path
 
 
 @pytest.fixture(scope="session")
 def tiny_thinker_checkpoint(tmp_path_factory):
+    require_export_extra()
     from omniguard_edge.export.reference import write_reference
 
     return write_reference("tiny", tmp_path_factory.mktemp("ckpt") / "tiny-thinker", layout="thinker", progress=False)
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(tiny_checkpoint, tmp_path_factory):
+def tiny_bundle(request, tmp_path_factory):
+    env = _env_bundle()
+    if env is not None:
+        from omniguard_edge.runtime.errors import BundleError
+        from omniguard_edge.runtime.manifest import load_manifest
+
+        try:
+            load_manifest(env, verify="full")
+            problem = None
+        except BundleError as exc:
+            problem = str(exc)
+        if problem:
+            pytest.fail(f"{BUNDLE_ENV}={env} is not a usable bundle: {problem}", pytrace=False)
+        return env
+    require_export_extra()
     from omniguard_edge.export.bundle import export_bundle
 
-    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("bundles") / "tiny-fp32", progress=False)
+    checkpoint = request.getfixturevalue("tiny_checkpoint")
+    return export_bundle(checkpoint, tmp_path_factory.mktemp("bundles") / "tiny-fp32", progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -1,16 +1,28 @@
-"""numpy index helpers equal the transformers functions they replace."""
+"""numpy index helpers equal the transformers functions they replace (those comparisons need the export extra;
+the rest runs on a runtime-only install)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-from transformers import vision_utils  # noqa: E402
-from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as omni  # noqa: E402
+from omniguard_edge.runtime.positions import RopeIds, audio_index, rope_index
+from omniguard_edge.runtime.positions.vision import frame_seqlens, rot_pos_ids, vision_index, window_index
 
-from omniguard_edge.runtime.positions import RopeIds, audio_index, rope_index  # noqa: E402
-from omniguard_edge.runtime.positions.vision import frame_seqlens, rot_pos_ids, vision_index, window_index  # noqa: E402
+
+@pytest.fixture(scope="module")
+def torch(export_extra):
+    import torch
+
+    return torch
+
+
+@pytest.fixture(scope="module")
+def omni(export_extra):
+    from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni
+
+    return modeling_qwen2_5_omni
+
 
 GRIDS = {
     "8x10": [(1, 8, 10)], "20x36": [(1, 20, 36)], "16x16": [(1, 16, 16)],
@@ -19,7 +31,9 @@ GRIDS = {
 
 
 @pytest.mark.parametrize("name", GRIDS)
-def test_vision_indices_match_transformers(name):
+def test_vision_indices_match_transformers(name, torch):
+    from transformers import vision_utils
+
     grid = torch.tensor(GRIDS[name])
     ref_pos = vision_utils.get_vision_position_ids(grid, 2)
     ref_win, ref_cu = vision_utils.get_vision_window_index(grid, spatial_merge_size=2, window_size=112, patch_size=14)
@@ -45,7 +59,7 @@ def test_vision_index_rejects_odd_grid():
 
 
 @pytest.mark.parametrize("frames", [[5], [301], [1234], [3000], [301, 1234], [200, 400, 7]])
-def test_audio_indices_match_transformers(frames):
+def test_audio_indices_match_transformers(frames, torch, omni):
     rng = np.random.default_rng(0)
     clips = [rng.standard_normal((128, n)).astype(np.float32) for n in frames]
     idx = audio_index(clips)
@@ -88,7 +102,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_rope_index_matches_get_rope_index(name, tiny_thinker_model, tiny_parts):
+def test_rope_index_matches_get_rope_index(name, torch, tiny_thinker_model, tiny_parts):
     case, special = CASES[name], tiny_parts.special
     ids = torch.tensor([_prompt(special, np.random.default_rng(1), case["pieces"])])
     mask = torch.ones_like(ids)
@@ -104,7 +118,7 @@ def test_rope_index_matches_get_rope_index(name, tiny_thinker_model, tiny_parts)
     np.testing.assert_array_equal(delta, ref_delta.numpy())
 
 
-def test_rope_index_left_padded_batch(tiny_thinker_model, tiny_parts):
+def test_rope_index_left_padded_batch(torch, tiny_thinker_model, tiny_parts):
     special, rng = tiny_parts.special, np.random.default_rng(2)
     long = _prompt(special, rng, [("text", 5), ("image", 20), ("text", 6)])
     short = _prompt(special, rng, [("text", 3), ("image", 20), ("text", 2)])
@@ -120,8 +134,29 @@ def test_rope_index_left_padded_batch(tiny_thinker_model, tiny_parts):
     np.testing.assert_array_equal(delta, ref_delta.numpy())
 
 
-def test_rope_index_rejects_wrong_placeholder_count(tiny_parts):
-    special = tiny_parts.special
+# placeholder ids of a made-up vocabulary: rope_index reads only the ids it is given
+SYNTHETIC = {"text_vocab": 90, "image": 93, "video": 94, "audio": 95, "vision_bos": 96, "vision_eos": 97,
+             "audio_bos": 98, "audio_eos": 99}
+
+
+def test_rope_index_rejects_wrong_placeholder_count():
+    special = SYNTHETIC
     ids = np.array([_prompt(special, np.random.default_rng(3), [("text", 3), ("image", 19)])])
     with pytest.raises(ValueError, match="needs 20"):
         rope_index(ids, RopeIds(special["image"], special["video"], special["audio"]), image_grid_thw=[(1, 8, 10)])
+
+
+def test_rope_index_known_answers():
+    """Worked by hand (TMRoPE): text counts up on all three rows; a 1x4x6 image (2x3 merged tokens) sits at one
+    time step with its row/column indices; text after the image resumes at the largest position plus one."""
+    s = SYNTHETIC
+    cfg = RopeIds(s["image"], s["video"], s["audio"])
+    ids = [1, 2, 3, s["vision_bos"]] + [s["image"]] * 6 + [s["vision_eos"], 4, 5]
+    pos, delta = rope_index(np.array([ids]), cfg, image_grid_thw=[(1, 4, 6)])
+    assert pos[:, 0].tolist() == [[0, 1, 2, 3, 4, 4, 4, 4, 4, 4, 7, 8, 9],
+                                  [0, 1, 2, 3, 4, 4, 4, 5, 5, 5, 7, 8, 9],
+                                  [0, 1, 2, 3, 4, 5, 6, 4, 5, 6, 7, 8, 9]]
+    assert delta.tolist() == [[10 - len(ids)]]
+    text = np.array([[7, 8, 9, 10, 11]])
+    pos, delta = rope_index(text, cfg)
+    assert pos.tolist() == [[list(range(5))]] * 3 and delta.tolist() == [[0]]
