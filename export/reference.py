@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..runtime.errors import CheckpointError
 from .profiles import PROFILES, Profile
-from .reference_tokenizer import special_ids, train_tokenizer, write_tokenizer_files
+from .reference_tokenizer import special_ids, train_tokenizer, user_token_id, write_tokenizer_files
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +69,53 @@ def saved_name(internal: str) -> str:
     return internal
 
 
-def thinker_config(profile: Profile, ids: dict[str, int], vocab: int) -> dict:
-    """The transformers thinker config of a profile (`Qwen2_5OmniThinkerConfig`)."""
+# The talker's own codec ids (its vocabulary, `talker_config.vocab_size`), as the published configs carry them.
+_TALKER_CODEC_IDS = dict(tts_codec_pad_token_id=8292, tts_codec_start_token_id=8293, tts_codec_end_token_id=8294,
+                         tts_codec_mask_token_id=8296)
+
+
+def token_ids(ids: dict[str, int], user_id: int) -> dict[str, int]:
+    """Every token id field a published Qwen2.5-Omni thinker config carries, each naming the token it names
+    there, in our tokenizer's numbering. `vision_start_token_id` / `vision_end_token_id` / `vision_token_id`
+    are not declared thinker-config fields but `get_rope_index` reads the first (DESIGN section 1), so they
+    are written explicitly. `user_token_id` is the id of the ordinary token "user" (872 in the Qwen2 vocabulary;
+    transformers' default would lie outside a small vocabulary). bos/eos/pad are <|im_start|>/<|im_end|>/
+    <|endoftext|>, as in the published thinker configs."""
+    return dict(
+        audio_token_index=ids["<|AUDIO|>"], image_token_index=ids["<|IMAGE|>"], video_token_index=ids["<|VIDEO|>"],
+        audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"],
+        vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"],
+        vision_token_id=ids["<|vision_pad|>"], user_token_id=user_id,
+        bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+    )
+
+
+def talker_token_ids(ids: dict[str, int], vocab: int) -> dict[str, int]:
+    """The talker config's ids. Those naming thinker tokens equal the thinker's; the three `tts_text_*` ids
+    name embedding rows past the tokenizer's last token (151859-151861 of 152064 in the real vocabulary): here
+    the last three rows of the padded vocabulary (`write_reference` keeps at least three). Codec ids are the
+    talker's own vocabulary and keep their published values."""
+    return dict(
+        audio_token_index=ids["<|AUDIO|>"], image_token_index=ids["<|IMAGE|>"], video_token_index=ids["<|VIDEO|>"],
+        audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"],
+        vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"],
+        tts_text_pad_token_id=vocab - 3, tts_text_start_token_id=vocab - 2, tts_text_end_token_id=vocab - 1,
+        **_TALKER_CODEC_IDS,
+    )
+
+
+def thinker_config(profile: Profile, ids: dict[str, int], vocab: int, user_id: int):
+    """The transformers thinker config of a profile (`Qwen2_5OmniThinkerConfig`). `ids`: special token ids
+    by token string; `user_id`: the tokenizer's id of the ordinary token "user"."""
     from transformers import Qwen2_5OmniThinkerConfig
 
     text = dict(profile.text)
     mrope = text.pop("mrope_section")
     text.update(vocab_size=vocab, max_position_embeddings=32768, rms_norm_eps=1e-6,
                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope},
-                initializer_range=profile.init_std)
+                initializer_range=profile.init_std,
+                # as generation_config.json and the tokenizer say: bos/pad <|endoftext|>, eos <|im_end|>
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
     out_dim = text["hidden_size"]
     cfg = Qwen2_5OmniThinkerConfig(
         text_config=text,
@@ -85,9 +123,8 @@ def thinker_config(profile: Profile, ids: dict[str, int], vocab: int) -> dict:
                            spatial_merge_size=2, temporal_patch_size=2, initializer_range=profile.init_std),
         audio_config=dict(profile.audio, output_dim=out_dim, num_mel_bins=128, n_window=100,
                           max_source_positions=1500, initializer_range=profile.init_std),
-        audio_token_index=ids["<|AUDIO|>"], image_token_index=ids["<|IMAGE|>"], video_token_index=ids["<|VIDEO|>"],
-        audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"],
         initializer_range=profile.init_std, tie_word_embeddings=text["tie_word_embeddings"],
+        **token_ids(ids, user_id),
     )
     return cfg
 
@@ -151,11 +188,10 @@ def _write_weights(out: Path, plan, profile: Profile, seed: int, prefix: str, pr
     return total
 
 
-def _full_config(thinker: dict) -> dict:
+def _full_config(thinker: dict, talker_ids: dict[str, int]) -> dict:
     from transformers import Qwen2_5OmniConfig
 
-    logging.getLogger("transformers").setLevel(logging.ERROR)  # talker defaults warn about token ids
-    full = Qwen2_5OmniConfig(thinker_config=thinker, enable_audio_output=False).to_dict()
+    full = Qwen2_5OmniConfig(thinker_config=thinker, talker_config=talker_ids, enable_audio_output=False).to_dict()
     full["architectures"] = ["Qwen2_5OmniForConditionalGeneration"]
     return full
 
@@ -177,28 +213,34 @@ def write_reference(profile_name: str, out: str | Path, layout: str = "full", se
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tok = train_tokenizer(vocab_size=1000)
-    ids = special_ids(tok)
-    vocab = profile.text["vocab_size"] or -(-tok.get_vocab_size() // 64) * 64
-    cfg = thinker_config(profile, ids, vocab)
-    plan = _tensor_plan(cfg)
-    thinker = cfg.to_dict()
-    thinker["architectures"] = ["Qwen2_5OmniThinkerForConditionalGeneration"]
-    config = _full_config(thinker) if layout == "full" else thinker
-    config["dtype"] = profile.dtype
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    gen = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
-           "pad_token_id": ids["<|endoftext|>"], "do_sample": False, "transformers_version": "5.24.0"}
-    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-    write_tokenizer_files(tok, tmp, CHAT_TEMPLATE)
-    (tmp / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2))
-    (tmp / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PREPROCESSOR, indent=2))
-    with tqdm(total=len(plan), desc=f"reference {profile_name}", unit="tensor", disable=not progress) as bar:
-        total = _write_weights(tmp, plan, profile, seed, "thinker." if layout == "full" else "", bar)
-    (tmp / "REFERENCE.md").write_text(
-        f"omniguard-edge reference checkpoint, profile {profile_name} ({profile.notes}), seed {seed}, "
-        f"layout {layout}.\nRANDOM WEIGHTS: its verdicts mean nothing; it exists to test export and runtime.\n"
-    )
-    tmp.rename(out)
+    try:  # a failure (or Ctrl-C) leaves neither the checkpoint nor its .partial folder
+        tok = train_tokenizer(vocab_size=1000)
+        ids = special_ids(tok)
+        # padded to a multiple of 64 like the real 152064, with >= 3 rows past the tokenizer for the tts_text ids
+        vocab = profile.text["vocab_size"] or -(-(tok.get_vocab_size() + 3) // 64) * 64
+        user_id = user_token_id(tok)
+        cfg = thinker_config(profile, ids, vocab, user_id)
+        plan = _tensor_plan(cfg)
+        thinker = cfg.to_dict()
+        thinker["architectures"] = ["Qwen2_5OmniThinkerForConditionalGeneration"]
+        config = _full_config(thinker, talker_token_ids(ids, vocab)) if layout == "full" else thinker
+        config["dtype"] = profile.dtype
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        gen = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+               "pad_token_id": ids["<|endoftext|>"], "do_sample": False, "transformers_version": "5.24.0"}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        write_tokenizer_files(tok, tmp, CHAT_TEMPLATE)
+        (tmp / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2))
+        (tmp / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PREPROCESSOR, indent=2))
+        with tqdm(total=len(plan), desc=f"reference {profile_name}", unit="tensor", disable=not progress) as bar:
+            total = _write_weights(tmp, plan, profile, seed, "thinker." if layout == "full" else "", bar)
+        (tmp / "REFERENCE.md").write_text(
+            f"omniguard-edge reference checkpoint, profile {profile_name} ({profile.notes}), seed {seed}, "
+            f"layout {layout}.\nRANDOM WEIGHTS: its verdicts mean nothing; it exists to test export and runtime.\n"
+        )
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     log.info("wrote %s (%.1f MB of weights)", out, total / 1e6)
     return out

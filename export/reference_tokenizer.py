@@ -73,6 +73,15 @@ def special_ids(tok) -> dict[str, int]:
     return {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
 
 
+def user_token_id(tok) -> int:
+    """The id of the ordinary token "user" (the config's `user_token_id`: 872 in the Qwen2 vocabulary). The
+    training text spells "user" often enough that it is one token; anything else is a bug here."""
+    ids = tok.encode("user", add_special_tokens=False).ids
+    if len(ids) != 1:
+        raise ValueError(f'the reference tokenizer splits "user" into {ids}: add it to the training text')
+    return ids[0]
+
+
 def write_tokenizer_files(tok, out: Path, chat_template: str) -> None:
     """tokenizer.json, vocab.json, merges.txt, tokenizer_config.json, added_tokens.json,
     special_tokens_map.json and chat_template.jinja, laid out as in a real checkpoint."""

@@ -43,6 +43,88 @@ def test_transformers_loads_with_no_missing_keys(fixture, request):
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
+def _token_id_fields(node, path=""):
+    """(dotted path, value) of every *_token_id / *_token_index key in a config dict, recursively."""
+    for key, value in node.items():
+        here = f"{path}{key}"
+        if key.endswith(("_token_id", "_token_index")):
+            yield here, value
+        if isinstance(value, dict):
+            yield from _token_id_fields(value, here + ".")
+
+
+# What each id of a published Qwen2.5-Omni thinker config names (DESIGN section 1; 872 is "user" in Qwen2's vocabulary)
+THINKER_TOKENS = {
+    "audio_token_index": "<|AUDIO|>", "image_token_index": "<|IMAGE|>", "video_token_index": "<|VIDEO|>",
+    "audio_start_token_id": "<|audio_bos|>", "audio_end_token_id": "<|audio_eos|>",
+    "vision_start_token_id": "<|vision_bos|>", "vision_end_token_id": "<|vision_eos|>",
+    "vision_token_id": "<|vision_pad|>", "bos_token_id": "<|im_start|>", "eos_token_id": "<|im_end|>",
+    "pad_token_id": "<|endoftext|>", "user_token_id": "user",
+    "text_config.bos_token_id": "<|endoftext|>", "text_config.eos_token_id": "<|im_end|>",
+    "text_config.pad_token_id": "<|endoftext|>",
+}
+
+
+@pytest.mark.parametrize("fixture", ["tiny_checkpoint", "tiny_thinker_checkpoint"])
+def test_every_token_id_lies_in_the_vocabulary_and_names_its_token(fixture, request):
+    from tokenizers import Tokenizer
+
+    path = request.getfixturevalue(fixture)
+    cfg = json.loads((path / "config.json").read_text())
+    thinker = cfg["thinker_config"] if fixture == "tiny_checkpoint" else cfg
+    vocab = thinker["text_config"]["vocab_size"]
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    fields = dict(_token_id_fields(thinker))
+    assert set(THINKER_TOKENS) <= set(fields), set(THINKER_TOKENS) - set(fields)
+    for name, value in fields.items():
+        assert type(value) is int and 0 <= value < vocab, (name, value, vocab)
+        if name in THINKER_TOKENS:
+            assert value == tok.token_to_id(THINKER_TOKENS[name]), name
+    assert tok.encode("user", add_special_tokens=False).ids == [fields["user_token_id"]]
+    if fixture == "tiny_checkpoint":  # the talker config (no weights) must agree with the thinker's ids
+        talker = cfg["talker_config"]
+        for name, value in _token_id_fields(talker):
+            if name.startswith("tts_codec_"):  # the talker's own codec vocabulary
+                assert type(value) is int and 0 <= value < talker["vocab_size"], name
+            elif name.startswith("tts_text_"):  # embedding rows past the tokenizer, as 151859-151861 are
+                assert type(value) is int and tok.get_vocab_size() <= value < vocab, name
+            elif name != "pad_token_id":
+                assert value == fields[name], name
+
+
+@pytest.mark.parametrize("fixture", ["tiny_checkpoint", "tiny_thinker_checkpoint"])
+def test_plain_transformers_generates_with_an_image(fixture, request, media_dir):
+    """No config patched by hand: from_pretrained + processor + generate (get_rope_index with an image)."""
+    from PIL import Image
+    from transformers import Qwen2_5OmniProcessor, Qwen2_5OmniThinkerForConditionalGeneration
+
+    path = request.getfixturevalue(fixture)
+    model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(path).eval()
+    proc = Qwen2_5OmniProcessor.from_pretrained(path, use_fast=False)
+    content = [{"type": "text", "text": "Is this ok?"}, {"type": "image"}]
+    prompt = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    image = Image.open(media_dir / "colour_517x333.png").convert("RGB")
+    inputs = proc(text=[prompt], images=[image], return_tensors="pt", padding=True, use_audio_in_video=False)
+    ids = inputs["input_ids"][0].tolist()
+    assert model.config.vision_start_token_id in ids and ids.count(model.config.image_token_id) > 1
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, use_audio_in_video=False)
+    new = out[0, len(ids):].tolist()
+    assert len(new) == 4 and all(0 <= t < model.config.text_config.vocab_size for t in new)
+
+
+def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    from omniguard_edge.export import reference
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(reference, "_write_weights", broken)
+    with pytest.raises(OSError, match="disk full"):
+        write_reference("tiny", tmp_path / "ckpt", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_processor_loads_and_special_tokens_are_single_ids(tiny_checkpoint):
     from transformers import Qwen2_5OmniProcessor
 
