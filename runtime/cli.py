@@ -1,7 +1,8 @@
 """The one command line, `omniguard-edge`, with typed subcommands.
 
-It lives in the runtime so that it works on a runtime-only install; the export-side subcommands import
-their code only when invoked and fail with one line naming the extra to install (DESIGN section 2).
+It lives in the runtime so that it works on a runtime-only install; the export-side subcommands (`reference`,
+`export`, `demo`) first import what they need and, when something is missing, exit 2 with one line naming the
+extra to install, before touching the file system (DESIGN section 2).
 """
 
 from __future__ import annotations
@@ -18,17 +19,49 @@ from .errors import OmniGuardError
 PROFILE_NAMES = ["tiny", "small", "3b-shape", "7b-shape"]
 
 
-def _need_export_extra(exc: ImportError) -> int:
-    print(f"omniguard-edge: this command needs the export extra ({exc.name or exc} is missing): "
-          "pip install 'omniguard-edge[cpu,export]'", file=sys.stderr)
+# What each export-side subcommand imports (export/): checked before it touches the file system, because
+# the export modules import these inside functions, where a missing one would surface mid-way as a traceback.
+# onnxruntime comes from the `cpu`/`gpu` extra; export validation and the demo run graphs in it.
+_EXPORT_NEEDS = {
+    "reference": ("torch", "transformers", "safetensors"),
+    "export": ("torch", "transformers", "onnx", "onnxscript", "safetensors", "onnxruntime"),
+    "demo": ("torch", "transformers", "onnx", "onnxscript", "safetensors", "onnxruntime"),
+}
+EXPORT_INSTALL = "pip install 'omniguard-edge[cpu,export]'"
+
+
+def missing_export_extra(command: str) -> str | None:
+    """None when every module `command` needs imports; otherwise one line saying which does not and what to
+    install. The modules are really imported (a present but broken install counts as missing)."""
+    import importlib
+
+    for module in _EXPORT_NEEDS[command]:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            reason = f"{module} is not installed"
+        except Exception as exc:  # e.g. OSError from a torch build whose shared libraries do not load
+            reason = f"{module} fails to import: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        else:
+            continue
+        return f"omniguard-edge {command}: needs the export extra ({reason}): {EXPORT_INSTALL}"
+    return None
+
+
+def _check_export_extra(command: str) -> int:
+    """0 when the export extra is usable; else prints the one-line reason on stderr and returns 2."""
+    message = missing_export_extra(command)
+    if message is None:
+        return 0
+    print(message, file=sys.stderr)
     return 2
 
 
 def cmd_reference(args) -> int:
-    try:
-        from ..export.reference import write_reference
-    except ImportError as exc:
-        return _need_export_extra(exc)
+    if rc := _check_export_extra("reference"):
+        return rc
+    from ..export.reference import write_reference
+
     path = write_reference(args.profile, args.out, layout=args.layout, seed=args.seed, overwrite=args.overwrite,
                            progress=not args.quiet)
     print(f"reference checkpoint ({args.profile}, {args.layout} layout, RANDOM weights) written to {path}")
@@ -36,10 +69,10 @@ def cmd_reference(args) -> int:
 
 
 def cmd_export(args) -> int:
-    try:
-        from ..export.bundle import export_bundle
-    except ImportError as exc:
-        return _need_export_extra(exc)
+    if rc := _check_export_extra("export"):
+        return rc
+    from ..export.bundle import export_bundle
+
     start = time.perf_counter()
     path = export_bundle(args.checkpoint, args.out, overwrite=args.overwrite, embed_dtype=args.embed_dtype,
                          progress=not args.quiet, low_memory=args.low_memory)
@@ -87,10 +120,10 @@ def cmd_moderate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    try:
-        from ..export.demo import run_demo
-    except ImportError as exc:
-        return _need_export_extra(exc)
+    if rc := _check_export_extra("demo"):
+        return rc
+    from ..export.demo import run_demo
+
     return run_demo(args.workdir, profile=args.profile, shared=args.shared)
 
 

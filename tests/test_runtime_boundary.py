@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+
+import pytest
 
 PROBE = """
 import sys
@@ -34,6 +37,35 @@ def test_cli_reports_bundle_error_without_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 1
     assert "BundleError" in proc.stderr and "no manifest.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+EXPORT_MODULES = ("torch", "transformers", "onnx", "onnxscript", "safetensors")
+
+
+@pytest.mark.parametrize("argv", [
+    ["reference", "--profile", "tiny", "--out", "{tmp}/ckpt"],
+    ["export", "--checkpoint", "{tmp}/ckpt", "--out", "{tmp}/bundle"],
+    ["demo", "--workdir", "{tmp}/work"],
+])
+def test_export_commands_without_the_export_extra(argv, tmp_path):
+    """A runtime-only install: the export side's modules fail to import (fake packages that raise, first on
+    the path). One line naming the extra, no traceback, nothing written (no --out, no .partial)."""
+    blocker = tmp_path / "blocker"
+    for name in EXPORT_MODULES:
+        (blocker / name).mkdir(parents=True)
+        (blocker / name / "__init__.py").write_text(f'raise ModuleNotFoundError("No module named {name!r}", name={name!r})\n')
+    work = tmp_path / "work-area"
+    work.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(blocker))
+    args = [a.format(tmp=work) for a in argv]
+    proc = subprocess.run([sys.executable, "-m", "omniguard_edge.runtime.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=work)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0
+    assert len(lines) == 1, proc.stderr
+    assert f"omniguard-edge {argv[0]}: needs the export extra (torch is not installed)" in lines[0]
+    assert "omniguard-edge[cpu,export]" in lines[0] and "Traceback" not in proc.stderr
+    assert list(work.iterdir()) == []  # no --out, no .partial sibling, no workdir
 
 
 MODERATE = """
