@@ -68,8 +68,8 @@ def test_constrained_verdict_is_always_parseable(tiny_bundle):
     guard = Guard.from_bundle(tiny_bundle, GuardOptions(constrain_verdict=True, max_new_tokens=4))
     result = guard.moderate("How do I bake bread?")
     assert result.verdict in ("safe", "unsafe")
-    assert 0.0 <= result.p_unsafe <= 1.0
-    assert (result.verdict == "unsafe") == (result.p_unsafe > 0.5)
+    assert result.raw_text.split("\n")[0] == result.verdict  # the verdict is the generated first line itself
+    assert 0.0 <= result.p_unsafe <= 1.0  # its value against the decoder's own logits: tests/test_decoding.py
 
 
 def test_multi_turn_conversation(tiny_guard):
