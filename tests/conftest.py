@@ -113,14 +113,11 @@ def tiny_parts(tiny_checkpoint):
 
 
 @pytest.fixture(scope="session")
-def tiny_thinker_model(tiny_checkpoint, tiny_parts):
+def tiny_thinker_model(tiny_checkpoint):
+    """transformers' thinker, loaded as is: the reference config carries the vision start/end ids itself."""
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
-    model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
-    # get_rope_index reads these, but they are not declared config fields (DESIGN section 1)
-    model.config.vision_start_token_id = tiny_parts.special["vision_bos"]
-    model.config.vision_end_token_id = tiny_parts.special["vision_eos"]
-    return model
+    return Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
 
 
 @pytest.fixture(scope="session")
