@@ -17,7 +17,7 @@ from .positions import RopeIds, rope_index
 from .preprocess.audio import AudioLimits, audio_features
 from .preprocess.image import ImageConfig, ImageLimits, image_pixels
 from .preprocess.video import VideoLimits, video_pixels
-from .prompt import Conversation, Policy, PromptTokenizer, render_guard_text
+from .prompt import Conversation, Policy, PromptTokenizer, compose_guard_text, keyword_media
 from .prompt.tokenize import Item
 from .verdict import ModerationResult, parse
 
@@ -64,13 +64,6 @@ def _as_text(name: str, value) -> str | None:
         except UnicodeDecodeError as exc:
             raise InputError(f"{name} is not valid UTF-8 ({exc})") from exc
     raise InputError(f"{name} must be str (or UTF-8 bytes), got {type(value).__name__}")
-
-
-def _as_list(value) -> list:
-    """One item or a list of items (a tuple is one item: a video given as (frames, fps))."""
-    if value is None:
-        return []
-    return list(value) if isinstance(value, list) else [value]
 
 
 class Guard:
@@ -137,10 +130,7 @@ class Guard:
 
     # -- prompt and embeddings -----------------------------------------------------------------------
     def _prompt_ids(self, conversation: Conversation | None, prep: _Prepared, feats: dict) -> list[int]:
-        image_only = conversation is None and prep.items and all(k == "image" for k in prep.items)
-        if conversation is None and not image_only:
-            conversation = Conversation.of("")  # audio/video without text: empty prompt (README rules)
-        text = render_guard_text(conversation, self.options.policy, image_only=bool(image_only))
+        text = compose_guard_text(conversation, prep.items, self.options.policy)  # README "Prompt rules"
         counters = {k: iter(feats[k]) for k in KINDS}
         items = [Item("text", text)] + [Item(k, tokens=len(next(counters[k]))) for k in prep.items]
         return self.prompt.encode(items)
@@ -228,8 +218,7 @@ class Guard:
     def _moderate(self, text, response, image, audio, video, media, conversation, sample_rate, timings, start):
         text, response = _as_text("text", text), _as_text("response", response)
         if media is None:
-            media = [("image", x) for x in _as_list(image)] + [("video", x) for x in _as_list(video)] + \
-                    [("audio", x) for x in _as_list(audio)]
+            media = keyword_media(image=image, video=video, audio=audio)
         if conversation is not None:
             conv = Conversation.from_messages(conversation)
         elif text is not None or response is not None:

@@ -9,16 +9,21 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from omniguard_edge.runtime.prompt import Conversation, Policy, PromptTokenizer, escape_content, render_guard_text
+from omniguard_edge.runtime.errors import InputError
+from omniguard_edge.runtime.prompt import (
+    Conversation, Policy, PromptTokenizer, compose_guard_text, escape_content, keyword_media, render_guard_text,
+)
+from omniguard_edge.runtime.prompt.policy import IMAGE_TEMPLATE, TEXT_TEMPLATE
 from omniguard_edge.runtime.prompt.tokenize import Item
 
 SHARED_PROMPT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniguard_prompt.json"
 
 
 @pytest.fixture(scope="module")
-def prompt_tok(tiny_checkpoint):
-    return PromptTokenizer(Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json")),
-                           (tiny_checkpoint / "chat_template.jinja").read_text())
+def prompt_tok(tiny_bundle):
+    """The bundle's tokenizer and chat template (runtime side: no torch needed)."""
+    return PromptTokenizer(Tokenizer.from_file(str(tiny_bundle / "tokenizer.json")),
+                           (tiny_bundle / "chat_template.jinja").read_text())
 
 
 @pytest.mark.skipif(not SHARED_PROMPT.exists(), reason="../shared/data/omniguard_prompt.json is not here")
@@ -71,6 +76,7 @@ def test_special_token_strings_in_user_text_stay_plain(prompt_tok):
 
 
 def test_ids_equal_transformers_processor_for_benign_input(prompt_tok, tiny_checkpoint):
+    pytest.importorskip("transformers", reason="needs the export extra (transformers)")
     from transformers import Qwen2_5OmniProcessor
 
     proc = Qwen2_5OmniProcessor.from_pretrained(tiny_checkpoint, use_fast=False)
@@ -82,3 +88,85 @@ def test_ids_equal_transformers_processor_for_benign_input(prompt_tok, tiny_chec
         ref = proc.tokenizer(rendered).input_ids  # one placeholder per item: media not expanded on either side
         mine = prompt_tok.encode([Item("text", text)] + [Item(m, tokens=1) for m in media])
         assert mine == list(ref), media
+
+
+# -- composition: which template, and what "no text" means (README "Prompt rules") ---------------------------------
+
+POLICIES = Policy().render()
+IMAGE = IMAGE_TEMPLATE.format(policies=POLICIES)
+
+
+def _text(conversation: str) -> str:
+    return TEXT_TEMPLATE.format(agent_type="Agent", policies=POLICIES, conversation=conversation)
+
+
+EMPTY = _text("User: \n\nAgent:")  # the text template with an empty prompt
+
+
+@pytest.mark.parametrize("conversation, kinds, expected", [
+    (Conversation.of("hi"), [], _text("User: hi\n\nAgent:")),  # text only
+    (Conversation.of("hi", "hello"), [], _text("User: hi\n\nAgent: hello")),  # prompt + response
+    (Conversation.of("hi"), ["image"], _text("User: hi\n\nAgent:")),  # text + image: the text template
+    (Conversation.of(""), ["image"], IMAGE),  # "" + image: no text, so the image template
+    (Conversation.of(" \n\t\u3000"), ["image"], IMAGE),  # whitespace-only is no text
+    (None, ["image"], IMAGE),  # image only
+    (None, ["image", "image"], IMAGE),
+    (None, ["audio"], EMPTY),  # audio only
+    (Conversation.of(""), ["audio"], EMPTY),
+    (Conversation.of("  "), ["audio"], EMPTY),  # blank text and no text give the same prompt
+    (None, ["video"], EMPTY),  # video only
+    (None, ["image", "audio"], EMPTY),  # not only images: the text template
+    (Conversation.of(""), [], EMPTY),  # an explicit empty prompt is still a text check
+    (Conversation.from_messages(["a", "b", "c"]), ["image"], _text("User: a\n\nAgent: b\n\nUser: c\n\nAgent:")),
+])
+def test_compose_known_answers(conversation, kinds, expected):
+    assert compose_guard_text(conversation, kinds, Policy()) == expected
+
+
+@pytest.mark.parametrize("conversation", [
+    Conversation.of("", "Here is how to build it: ..."),  # content only in the response
+    Conversation.from_messages(["", " ", "now the recipe"]),  # content only in a later turn
+    Conversation.of("\u200b"),  # a zero-width space is not whitespace: it is content
+])
+def test_compose_never_drops_content(conversation):
+    """An image does not switch to the image template while any turn holds content."""
+    text = compose_guard_text(conversation, ["image"], Policy())
+    assert text == render_guard_text(conversation, Policy()) and "<BEGIN CONVERSATION>" in text
+
+
+def test_compose_bad_input_names_the_parameter():
+    with pytest.raises(InputError, match="nothing to moderate"):
+        compose_guard_text(None, [], Policy())
+    with pytest.raises(InputError, match="media_kinds"):
+        compose_guard_text(None, ["gif"], Policy())
+    with pytest.raises(InputError, match="media_kinds"):
+        compose_guard_text(None, "image", Policy())
+    with pytest.raises(InputError, match="conversation"):
+        compose_guard_text("hi", [], Policy())
+    with pytest.raises(InputError, match="policy"):
+        compose_guard_text(Conversation.of("hi"), [], "S1")
+
+
+def test_keyword_media_order_and_rendering(prompt_tok):
+    """README: with keyword arguments the order is images, videos, audios, all after the text."""
+    clip = ("frames", 25.0)  # a tuple is one item: a video given as (frames, fps)
+    media = keyword_media(image=["a.png", "b.png"], audio="c.wav", video=clip)
+    assert media == [("image", "a.png"), ("image", "b.png"), ("video", clip), ("audio", "c.wav")]
+    assert keyword_media() == [] and keyword_media(audio=["x", "y"]) == [("audio", "x"), ("audio", "y")]
+    kinds = [k for k, _ in media]
+    text = compose_guard_text(Conversation.of("look"), kinds, Policy())
+    rendered = prompt_tok.render([Item("text", text)] + [Item(k, tokens=1) for k in kinds])
+    order = re.findall(r"\x00OG0\x00|<\|IMAGE\|>|<\|VIDEO\|>|<\|AUDIO\|>", rendered)
+    assert order == ["\x00OG0\x00", "<|IMAGE|>", "<|IMAGE|>", "<|VIDEO|>", "<|AUDIO|>"]
+
+
+def test_guard_empty_text_with_an_image_uses_the_image_template(tiny_guard, media_dir):
+    """The Guard composes through compose_guard_text: "" or blank text plus an image is the image-only check."""
+    image = media_dir / "colour_517x333.png"
+    alone = tiny_guard.moderate(image=image)
+    assert alone.verdict != "error", alone.error
+    for blank in ("", "  \n"):
+        same = tiny_guard.moderate(blank, image=image)
+        assert (same.prompt_tokens, same.generated_ids) == (alone.prompt_tokens, alone.generated_ids), repr(blank)
+    with_text = tiny_guard.moderate("hi", image=image)
+    assert with_text.prompt_tokens != alone.prompt_tokens

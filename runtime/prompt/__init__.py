@@ -2,5 +2,7 @@
 keeps user content as data (DESIGN "Our rules")."""
 
 from .policy import DEFAULT_CATEGORIES, Category, Policy  # noqa: F401
-from .render import Conversation, Turn, escape_content, render_guard_text  # noqa: F401
+from .render import (  # noqa: F401
+    MEDIA_KINDS, Conversation, Turn, compose_guard_text, escape_content, keyword_media, render_guard_text,
+)
 from .tokenize import PromptTokenizer  # noqa: F401

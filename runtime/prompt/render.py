@@ -4,6 +4,7 @@ official code is silent (README "Prompt rules")."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import InputError
@@ -47,6 +48,10 @@ class Conversation:
             turns.append(Turn("agent", ""))
         return cls(tuple(turns))
 
+    def has_content(self) -> bool:
+        """True when any turn holds a non-whitespace character (whitespace-only text counts as no text)."""
+        return any(t.text.strip() for t in self.turns)
+
     def render(self) -> str:
         """'{Role}: {content}\\n\\n' per message, the whole stripped."""
         out = "".join(f"{'User' if t.role == 'user' else AGENT_TYPE}: {escape_content(t.text)}\n\n" for t in self.turns)
@@ -60,3 +65,53 @@ def render_guard_text(conversation: Conversation | None, policy: Policy, image_o
     if conversation is None:
         raise InputError("a text check needs a conversation")
     return TEXT_TEMPLATE.format(agent_type=AGENT_TYPE, policies=policy.render(), conversation=conversation.render())
+
+
+MEDIA_KINDS = ("image", "video", "audio")  # also the order of keyword media: images, videos, audios
+
+
+def compose_guard_text(conversation: Conversation | None, media_kinds: Sequence[str], policy: Policy) -> str:
+    """The guard's text item for one request: the one place that picks the template (README "Prompt rules").
+
+    `conversation`: the text to judge, or None; `media_kinds`: the kinds of the media items that follow the
+    text, in prompt order ("image", "video", "audio"); `policy`: the categories shown.
+
+    - Text means at least one non-whitespace character in some turn. Any text selects the text template with
+      that conversation (content is never dropped, whatever media come with it).
+    - No text (None, empty or whitespace-only turns) and only images: the image template.
+    - No text with audio or video among the media: the text template with an empty prompt
+      (`Conversation.of("")`), so "", "  " and None give the same prompt.
+    - No text and no media: InputError (nothing to moderate).
+    """
+    if conversation is not None and not isinstance(conversation, Conversation):
+        raise InputError(f"conversation must be a Conversation or None, got {type(conversation).__name__}")
+    if not isinstance(policy, Policy):
+        raise InputError(f"policy must be a Policy, got {type(policy).__name__}")
+    if isinstance(media_kinds, str) or not isinstance(media_kinds, Sequence):
+        raise InputError(f"media_kinds must be a sequence of kinds such as ['image'], got {media_kinds!r}")
+    unknown = [k for k in media_kinds if k not in MEDIA_KINDS]
+    if unknown:
+        raise InputError(f"media_kinds holds {unknown!r}: each kind is one of {', '.join(MEDIA_KINDS)}")
+    if conversation is not None and conversation.has_content():
+        return render_guard_text(conversation, policy)
+    if not media_kinds:
+        if conversation is None:
+            raise InputError("nothing to moderate: give text, a response, a conversation or media")
+        return render_guard_text(Conversation.of(""), policy)
+    if all(k == "image" for k in media_kinds):
+        return render_guard_text(None, policy, image_only=True)
+    return render_guard_text(Conversation.of(""), policy)
+
+
+def _as_list(value) -> list:
+    """One item or a list of items (a tuple is one item: a video given as (frames, fps))."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+def keyword_media(image=None, video=None, audio=None) -> list[tuple[str, object]]:
+    """Media given as keyword arguments (each one item or a list), as (kind, payload) in prompt order:
+    images, then videos, then audios."""
+    return [("image", x) for x in _as_list(image)] + [("video", x) for x in _as_list(video)] + \
+           [("audio", x) for x in _as_list(audio)]
