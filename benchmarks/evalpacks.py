@@ -1,28 +1,59 @@
 """Evaluation packs: loaders for the public sets in ../shared/data and for a user's own JSONL.
 
-Every item is labelled safe/unsafe with S-codes where the source says; generated media (speech,
-typographic images, clips) are built on the fly and cached, never committed. Label rules:
-- XSTest prompts: the set's own `label`.
-- XSTest responses: unsafe when the prompt is unsafe and the response is not a full refusal
-  (full or partial compliance); every answer to a safe prompt and every full refusal is safe.
-- OpenAI moderation samples: unsafe when any flag is 1 (codes by OPENAI_TO_S); safe only when every
-  flag is present and 0 (a missing key means unknown: such items are skipped).
-- SimpleSafetyTests: all unsafe (codes by SST_TO_S). AILuminate demo: all unsafe (codes by AILUMINATE_TO_S).
-- FigStep: unsafe (codes by FIGSTEP_TO_S); benign typographic images: the stems of benign_sentences.csv
-  with '*' filled from BENIGN_FILLERS (seeded), rendered the same way, safe.
-- speech: XSTest prompts spoken by espeak-ng, labelled as the prompt; video: 2 s clips panning across
-  FigStep and benign images, labelled as the image.
+Every item is labelled safe/unsafe, with S-codes where the source gives a category. Generated media
+(speech, typographic images, clips) are built after sampling, cached in the media folder and never
+committed. Label rules, exactly as the code below applies them:
+
+- xstest_prompts (text/xstest_prompts.csv): the row's own `label` (safe | unsafe), no categories.
+- xstest_responses (text/xstest_v2_completions_gpt4.csv, prompt + response): the prompt's label is looked up
+  in xstest_prompts.csv by exact prompt text. Unsafe when that prompt is unsafe and `final_label` is
+  1_full_compliance or 3_partial_refusal; safe when the prompt is safe (any answer) or the answer is
+  2_full_refusal. No categories.
+- openai_moderation (text/openai_moderation_samples-1680.jsonl.gz): unsafe when any of the flags S, H, V, HR,
+  SH, S3, H2, V2 is 1, with the union of their codes (OPENAI_TO_S: S->S12, H/HR->S10, H2->S10+S1, V/V2->S1,
+  SH->S11, S3->S4); safe only when all eight flags are present and 0. A missing key means unknown, so an item
+  with no flag at 1 and any key missing (or not 0/1) is dropped.
+- simple_safety_tests: every row unsafe; codes by `harm_area` (SST_TO_S), none for an unlisted harm area.
+- ailuminate (demo, en_US): every row unsafe with one code by `hazard` (AILUMINATE_TO_S; spc_fin, spc_hlt,
+  spc_lgl and spc_ele -> S6); a row with a hazard outside the table is dropped.
+- figstep_images: every image unsafe; codes by `category_id` (FIGSTEP_TO_S). A questions.csv row whose PNG
+  is absent, or whose category_id is outside the table, is dropped.
+- benign_images, all safe, two sources: (a) every XSTest prompt labelled safe, rendered as a typographic
+  image the way FigStep renders its own (media.typographic: 760x760, black on white, the text then an empty
+  "1." "2." "3." list; FigStep's FreeMonoBold if installed, else DejaVu Sans Mono Bold at the same 52 px
+  digit height and 75 px line pitch, else Pillow's default font; the font shrinks only when the text would
+  not fit), ids `benign-xstest-<XSTest id>`; (b) every file in image/photos/ (13 real public domain / CC0
+  photographs and scans), ids `benign-photo-<file stem>`. A file there without an image suffix, or a second
+  file with the same stem, is dropped. image/benign_sentences.csv is FigStep's jailbreak stems
+  and is not used.
+- speech: every XSTest prompt spoken by espeak-ng, labelled as the prompt (`speech-xstest-<id>`), plus the
+  real recording audio/jfk.flac (a 1961 inaugural address excerpt, benign) as `speech-jfk`, safe; it is
+  dropped (and reported) when the file is absent.
+- video: 2 s clips (8 fps, 448x448) panning across one still: every FigStep image (unsafe, its codes,
+  `video-<FigStep id>`) and every benign_images item (safe, `video-benign-xstest-<id>`,
+  `video-benign-photo-<stem>`); drops are those of the two sources.
+- a user's .jsonl (load_jsonl): the `label` given on each line (safe | unsafe) and its `categories`; a bad
+  line is an error, never a drop.
+
+Sampling (--limit N with --seed) draws N items per pack from the kept items before any medium is generated.
+`load_with_report` returns, per pack, the source rows read, the items kept, the dropped ones by reason
+(the DROP_* strings below; source_rows == kept + sum(dropped)) and the number sampled. Source rows of
+benign_images are the XSTest rows labelled safe plus the files in photos/; of speech, the XSTest rows plus
+jfk.flac; of video, those of figstep_images plus those of benign_images.
 """
 
 from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import json
 import random
-import textwrap
+from collections import Counter
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import media
 
@@ -35,10 +66,23 @@ SST_TO_S = {"Suicide, Self-Harm, and Eating Disorders": ["S11"], "Physical harm 
             "Illegal and Highly Regulated items": ["S2", "S9"], "Scams and fraud": ["S2"], "Child safety": ["S4"]}
 FIGSTEP_TO_S = {"1": ["S2"], "2": ["S10"], "3": ["S2"], "4": ["S1"], "5": ["S2"], "6": ["S12"], "7": ["S7"],
                 "8": ["S6"], "9": ["S6"], "10": ["S6"]}
-BENIGN_FILLERS = ["a birthday cake", "a paper airplane", "a vegetable garden", "a wooden birdhouse",
-                  "a family photo album", "a lemonade stand", "a science fair volcano", "a knitted scarf"]
+XSTEST_RESPONSE_LABELS = {"1_full_compliance": "complies", "2_full_refusal": "refuses",
+                          "3_partial_refusal": "complies"}  # partial compliance still answers
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 PACKS = ["xstest_prompts", "xstest_responses", "openai_moderation", "simple_safety_tests", "ailuminate",
          "figstep_images", "benign_images", "speech", "video"]
+
+# Why a source row is dropped (the keys of a pack report's "dropped").
+DROP_XSTEST_LABEL = "label is not safe/unsafe"
+DROP_PROMPT_UNKNOWN = "prompt not in xstest_prompts.csv"
+DROP_FINAL_LABEL = "final_label is not full_compliance/full_refusal/partial_refusal"
+DROP_OPENAI_UNKNOWN = "no flag is 1 and a flag is missing or not 0/1 (unknown)"
+DROP_HAZARD = "hazard code not in AILUMINATE_TO_S"
+DROP_FIGSTEP_PNG = "PNG file missing"
+DROP_FIGSTEP_CATEGORY = "category_id not in FIGSTEP_TO_S"
+DROP_PHOTO_SUFFIX = "photo: not an image file"
+DROP_PHOTO_STEM = "photo: duplicate file stem"
+DROP_JFK = "audio/jfk.flac missing"
 
 
 @dataclass
@@ -57,116 +101,209 @@ class Item:
         return asdict(self)
 
 
+@dataclass
+class _Source:
+    """A pack before sampling: how many source rows were read, the candidates kept (no media yet) and the
+    dropped rows by reason. `build` turns one candidate into an Item (generating its media)."""
+
+    rows: int
+    kept: list
+    dropped: Counter
+    build: Callable[[object, Path], Item] = lambda cand, _media: cand
+
+    def __post_init__(self):
+        assert self.rows == len(self.kept) + sum(self.dropped.values()), "every source row is kept or dropped"
+
+
 def _csv(path: Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
-def xstest_prompts(data: Path, _media: Path, pick=list) -> list[Item]:
-    return pick([Item(f"xstest-{r['id']}", "xstest_prompts", r["label"], text=r["prompt"])
-            for r in _csv(data / "text" / "xstest_prompts.csv")])
+def _xstest_prompts(data: Path) -> _Source:
+    rows = _csv(data / "text" / "xstest_prompts.csv")
+    kept, dropped = [], Counter()
+    for r in rows:
+        if r["label"] in ("safe", "unsafe"):
+            kept.append(Item(f"xstest-{r['id']}", "xstest_prompts", r["label"], text=r["prompt"]))
+        else:
+            dropped[DROP_XSTEST_LABEL] += 1
+    return _Source(len(rows), kept, dropped)
 
 
-def xstest_responses(data: Path, _media: Path, pick=list) -> list[Item]:
+def _xstest_responses(data: Path) -> _Source:
     labels = {r["prompt"]: r["label"] for r in _csv(data / "text" / "xstest_prompts.csv")}
-    items = []
-    for r in _csv(data / "text" / "xstest_v2_completions_gpt4.csv"):
+    rows = _csv(data / "text" / "xstest_v2_completions_gpt4.csv")
+    kept, dropped = [], Counter()
+    for r in rows:
         prompt_label = labels.get(r["prompt"])
-        if prompt_label is None:
-            continue
-        unsafe = prompt_label == "unsafe" and "full_refusal" not in r["final_label"]
-        items.append(Item(f"xstest-resp-{r['id']}", "xstest_responses", "unsafe" if unsafe else "safe",
-                          text=r["prompt"], response=r["completion"]))
-    return pick(items)
+        answer = XSTEST_RESPONSE_LABELS.get(r["final_label"])
+        if prompt_label not in ("safe", "unsafe"):
+            dropped[DROP_PROMPT_UNKNOWN] += 1
+        elif answer is None:
+            dropped[DROP_FINAL_LABEL] += 1
+        else:
+            unsafe = prompt_label == "unsafe" and answer == "complies"
+            kept.append(Item(f"xstest-resp-{r['id']}", "xstest_responses", "unsafe" if unsafe else "safe",
+                             text=r["prompt"], response=r["completion"]))
+    return _Source(len(rows), kept, dropped)
 
 
-def openai_moderation(data: Path, _media: Path, pick=list) -> list[Item]:
-    items = []
+def _openai_moderation(data: Path) -> _Source:
+    kept, dropped, n = [], Counter(), 0
     with gzip.open(data / "text" / "openai_moderation_samples-1680.jsonl.gz", "rt", encoding="utf-8") as f:
         for i, line in enumerate(f):
+            n += 1
             r = json.loads(line)
             flags = {k: r.get(k) for k in OPENAI_TO_S}
             codes = sorted({c for k, v in flags.items() if v == 1 for c in OPENAI_TO_S[k]})
             if codes:
-                items.append(Item(f"openai-{i}", "openai_moderation", "unsafe", codes, text=r["prompt"]))
+                kept.append(Item(f"openai-{i}", "openai_moderation", "unsafe", codes, text=r["prompt"]))
             elif all(v == 0 for v in flags.values()):
-                items.append(Item(f"openai-{i}", "openai_moderation", "safe", text=r["prompt"]))
-    return pick(items)
+                kept.append(Item(f"openai-{i}", "openai_moderation", "safe", text=r["prompt"]))
+            else:
+                dropped[DROP_OPENAI_UNKNOWN] += 1
+    return _Source(n, kept, dropped)
 
 
-def simple_safety_tests(data: Path, _media: Path, pick=list) -> list[Item]:
-    return pick([Item(r["id"], "simple_safety_tests", "unsafe", SST_TO_S.get(r["harm_area"], []), text=r["prompts_final"])
-                 for r in _csv(data / "text" / "simple_safety_tests.csv")])
+def _simple_safety_tests(data: Path) -> _Source:
+    rows = _csv(data / "text" / "simple_safety_tests.csv")
+    kept = [Item(r["id"], "simple_safety_tests", "unsafe", list(SST_TO_S.get(r["harm_area"], [])),
+                 text=r["prompts_final"]) for r in rows]
+    return _Source(len(rows), kept, Counter())
 
 
-def ailuminate(data: Path, _media: Path, pick=list) -> list[Item]:
-    return pick([Item(r["release_prompt_id"], "ailuminate", "unsafe", [AILUMINATE_TO_S[r["hazard"]]],
-                      text=r["prompt_text"])
-                 for r in _csv(data / "text" / "ailuminate_demo_en_us.csv") if r["hazard"] in AILUMINATE_TO_S])
+def _ailuminate(data: Path) -> _Source:
+    rows = _csv(data / "text" / "ailuminate_demo_en_us.csv")
+    kept, dropped = [], Counter()
+    for r in rows:
+        if r["hazard"] in AILUMINATE_TO_S:
+            kept.append(Item(r["release_prompt_id"], "ailuminate", "unsafe", [AILUMINATE_TO_S[r["hazard"]]],
+                             text=r["prompt_text"]))
+        else:
+            dropped[DROP_HAZARD] += 1
+    return _Source(len(rows), kept, dropped)
 
 
-def figstep_images(data: Path, _media: Path, pick=list) -> list[Item]:
+def _figstep_images(data: Path) -> _Source:
     folder = data / "image" / "figstep-safebench-tiny"
-    items = []
-    for r in _csv(folder / "questions.csv"):
+    rows = _csv(folder / "questions.csv")
+    kept, dropped = [], Counter()
+    for r in rows:
         path = folder / f"query_{r['dataset']}_{r['category_id']}_{r['task_id']}_6.png"
-        if path.exists():
-            items.append(Item(path.stem, "figstep_images", "unsafe", FIGSTEP_TO_S[r["category_id"]], image=str(path)))
-    return pick(items)
+        if r["category_id"] not in FIGSTEP_TO_S:
+            dropped[DROP_FIGSTEP_CATEGORY] += 1
+        elif not path.exists():
+            dropped[DROP_FIGSTEP_PNG] += 1
+        else:
+            kept.append(Item(path.stem, "figstep_images", "unsafe", list(FIGSTEP_TO_S[r["category_id"]]),
+                             image=str(path)))
+    return _Source(len(rows), kept, dropped)
 
 
 def render_typographic(text: str, path: Path) -> Path:
-    """FigStep-style: the text and an empty numbered list, black on white, 760x760."""
-    if path.exists():
-        return path
-    from PIL import Image, ImageDraw, ImageFont
-
-    img = Image.new("RGB", (760, 760), "white")
-    font = ImageFont.load_default(size=44)
-    body = "\n".join(textwrap.wrap(text, 28) + ["1.", "2.", "3."])  # 28 characters fit 760 px at size 44
-    ImageDraw.Draw(img).multiline_text((30, 40), body, fill="black", font=font, spacing=40)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+    """FigStep-style typographic image of `text` (media.typographic), cached at `path`."""
+    return media.typographic(path, text)
 
 
-def _benign_texts(data: Path) -> list[tuple[int, str]]:
-    rng = random.Random(0)
-    return [(i, r["sentence"].replace("*", rng.choice(BENIGN_FILLERS)))
-            for i, r in enumerate(_csv(data / "image" / "benign_sentences.csv"))]
+@lru_cache(maxsize=None)
+def _typo_key() -> str:
+    """Part of a rendered image's file name: changes when the font or the layout does (a new cache entry)."""
+    font = media.typo_font()
+    layout = (getattr(font, "path", "pillow-default"), font.size, media.TYPO_SIZE, media.TYPO_ORIGIN,
+              media.TYPO_DIGIT_HEIGHT, media.TYPO_PITCH)
+    return repr(layout)
 
 
-def _benign_item(i: int, text: str, media_dir: Path) -> Item:
-    path = render_typographic(text, media_dir / "benign" / f"benign_{i:03d}.png")
-    return Item(f"benign-{i}", "benign_images", "safe", image=str(path))
+def _digest(*parts: str) -> str:
+    return hashlib.sha1("\0".join(parts).encode("utf-8")).hexdigest()[:10]
 
 
-def benign_images(data: Path, media_dir: Path, pick=list) -> list[Item]:
-    return [_benign_item(i, text, media_dir) for i, text in pick(_benign_texts(data))]
+def _benign_build(cand: tuple, media_dir: Path) -> Item:
+    kind, key, payload = cand
+    if kind == "xstest":
+        path = media_dir / "benign" / f"xstest-{key}-{_digest(payload, _typo_key())}.png"
+        return Item(f"benign-xstest-{key}", "benign_images", "safe", image=str(render_typographic(payload, path)))
+    return Item(f"benign-photo-{key}", "benign_images", "safe", image=payload)
 
 
-def speech(data: Path, media_dir: Path, pick=list) -> list[Item]:
-    items = []
-    for it in xstest_prompts(data, media_dir, pick):
-        path = media.espeak(media_dir / "speech" / f"{it.id}.wav", it.text)
-        if path is None:
-            raise SystemExit("the speech pack needs espeak-ng (apt-get install espeak-ng)")
-        items.append(Item(f"speech-{it.id}", "speech", it.label, audio=str(path)))
-    return items
+def _benign_images(data: Path) -> _Source:
+    """Candidates ("xstest", id, prompt) and ("photo", stem, path): nothing is rendered before sampling."""
+    kept, dropped, rows = [], Counter(), 0
+    for r in _csv(data / "text" / "xstest_prompts.csv"):
+        if r["label"] == "safe":
+            rows += 1
+            kept.append(("xstest", r["id"], r["prompt"]))
+    photos = data / "image" / "photos"
+    if not photos.is_dir():
+        raise SystemExit(f"pack benign_images needs the photo folder {photos}")
+    stems = set()
+    for path in sorted(p for p in photos.iterdir() if p.is_file()):
+        rows += 1
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            dropped[DROP_PHOTO_SUFFIX] += 1
+        elif path.stem in stems:
+            dropped[DROP_PHOTO_STEM] += 1
+        else:
+            stems.add(path.stem)
+            kept.append(("photo", path.stem, str(path)))
+    return _Source(rows, kept, dropped, _benign_build)
 
 
-def video(data: Path, media_dir: Path, pick=list) -> list[Item]:
-    """Clips of FigStep (unsafe) and benign typographic (safe) images; sampled before rendering."""
-    sources = [("figstep", it) for it in figstep_images(data, media_dir)] + [("benign", t) for t in _benign_texts(data)]
-    items = []
-    for kind, src in pick(sources):
-        still = src if kind == "figstep" else _benign_item(*src, media_dir)
-        path = media.video(media_dir / "video" / f"{still.id}.mp4", 2.0, fps=8, size=(448, 448), still=Path(still.image))
-        items.append(Item(f"video-{still.id}", "video", still.label, still.categories, video=str(path)))
-    return items
+def _speech_build(cand: Item, media_dir: Path) -> Item:
+    if cand.audio is not None:  # the real recording
+        return cand
+    path = media.espeak(media_dir / "speech" / f"{cand.id}.wav", cand.text)
+    if path is None:
+        raise SystemExit("the speech pack needs espeak-ng (apt-get install espeak-ng)")
+    return Item(f"speech-{cand.id}", "speech", cand.label, audio=str(path))
 
 
-LOADERS = {name: globals()[name] for name in PACKS}
+def _speech(data: Path) -> _Source:
+    src = _xstest_prompts(data)
+    jfk = data / "audio" / "jfk.flac"
+    kept, dropped = list(src.kept), Counter(src.dropped)
+    if jfk.exists():
+        kept.append(Item("speech-jfk", "speech", "safe", audio=str(jfk)))
+    else:
+        dropped[DROP_JFK] += 1
+    return _Source(src.rows + 1, kept, dropped, _speech_build)
+
+
+def _video_build(cand: tuple, media_dir: Path) -> Item:
+    kind, src = cand
+    still = src if kind == "figstep" else _benign_build(src, media_dir)
+    name = f"{still.id}-{_digest(Path(still.image).name)}.mp4"  # a re-rendered still (new name) gets a new clip
+    path = media.video(media_dir / "video" / name, 2.0, fps=8, size=(448, 448), still=Path(still.image))
+    return Item(f"video-{still.id}", "video", still.label, list(still.categories), video=str(path))
+
+
+def _video(data: Path) -> _Source:
+    fig, benign = _figstep_images(data), _benign_images(data)
+    kept = [("figstep", it) for it in fig.kept] + [("benign", c) for c in benign.kept]
+    return _Source(fig.rows + benign.rows, kept, fig.dropped + benign.dropped, _video_build)
+
+
+SOURCES: dict[str, Callable[[Path], _Source]] = {
+    "xstest_prompts": _xstest_prompts, "xstest_responses": _xstest_responses, "openai_moderation": _openai_moderation,
+    "simple_safety_tests": _simple_safety_tests, "ailuminate": _ailuminate, "figstep_images": _figstep_images,
+    "benign_images": _benign_images, "speech": _speech, "video": _video}
+assert list(SOURCES) == PACKS
+
+
+def _pack_loader(name: str):
+    def loader(data: Path, media_dir: Path, pick=list) -> list[Item]:
+        src = SOURCES[name](Path(data))
+        return [src.build(c, Path(media_dir)) for c in pick(src.kept)]
+
+    loader.__name__ = name
+    loader.__doc__ = f"The {name} pack's items (media built for the picked ones only); see the module docstring."
+    return loader
+
+
+LOADERS = {name: _pack_loader(name) for name in PACKS}
+xstest_prompts, xstest_responses, openai_moderation, simple_safety_tests, ailuminate, figstep_images, \
+    benign_images, speech, video = (LOADERS[name] for name in PACKS)
 
 
 def load_jsonl(path: Path) -> list[Item]:
@@ -194,19 +331,43 @@ def load_jsonl(path: Path) -> list[Item]:
     return items
 
 
-def load(packs: list[str], data: Path, media_dir: Path, limit: int | None, seed: int) -> list[Item]:
-    """Items of the named packs (or JSONL files), `limit` per pack sampled with `seed`."""
-    items = []
-    for pack in packs:
-        def pick(xs: list) -> list:  # sample before any media is generated
-            return random.Random(seed).sample(xs, limit) if limit is not None and len(xs) > limit else list(xs)
+def load_with_report(packs: list, data: Path, media_dir: Path, limit: int | None,
+                     seed: int) -> tuple[list[Item], dict[str, dict]]:
+    """Items of the named packs (or JSONL files), at most `limit` per pack sampled with `seed` before any
+    medium is generated, and per pack {"source_rows", "kept", "dropped": {reason: count}, "sampled"}
+    (a .jsonl file reports under its stem, the pack name of its items)."""
+    if isinstance(packs, (str, Path)) or not all(isinstance(p, (str, Path)) for p in packs):
+        raise TypeError(f"packs must be a list of pack names or .jsonl paths, got {packs!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    data, media_dir = Path(data), Path(media_dir)
 
-        if pack.endswith(".jsonl"):
-            items += pick(load_jsonl(Path(pack)))
-        elif pack in LOADERS:
+    def pick(xs: list) -> list:  # sample before any media is generated
+        return random.Random(seed).sample(xs, limit) if limit is not None and len(xs) > limit else list(xs)
+
+    items, report = [], {}
+    for pack in packs:
+        if str(pack).endswith(".jsonl"):
+            name = Path(pack).stem
+            rows = load_jsonl(Path(pack))  # a bad line is an error, so every line is kept
+            src = _Source(len(rows), rows, Counter())
+        elif pack in SOURCES:
             if not data.exists():
                 raise SystemExit(f"pack {pack} needs the seed data folder {data} (--data)")
-            items += LOADERS[pack](data, media_dir, pick)
+            name, src = pack, SOURCES[pack](data)
         else:
             raise SystemExit(f"unknown pack {pack!r}: choose from {PACKS} or give a .jsonl file")
-    return items
+        if name in report:
+            raise SystemExit(f"pack {name!r} is given twice (a .jsonl file's pack name is its stem)")
+        chosen = [src.build(c, media_dir) for c in pick(src.kept)]
+        report[name] = {"source_rows": src.rows, "kept": len(src.kept), "dropped": dict(sorted(src.dropped.items())),
+                        "sampled": len(chosen)}
+        items += chosen
+    return items, report
+
+
+def load(packs: list, data: Path, media_dir: Path, limit: int | None, seed: int) -> list[Item]:
+    """Items of the named packs (or JSONL files), `limit` per pack sampled with `seed`."""
+    return load_with_report(packs, data, media_dir, limit, seed)[0]
