@@ -1,7 +1,14 @@
-"""PyTorch + transformers reference for latency.py, run in its own process (own thread pool, own peak
-memory). It runs what OmniGuard's published code runs for text output: the thinker's `generate`
-(transformers 5.24: `Qwen2_5OmniThinkerForConditionalGeneration`, DESIGN section 1), greedy, fp32,
-sdpa attention, the PIL image processor and qwen-omni-utils' preprocessing.
+"""PyTorch + transformers side of latency.py, run in its own process (own thread pool, own peak memory).
+
+The reference itself (thinker `generate`, fp32, sdpa, the PIL image processor, qwen-omni-utils preprocessing)
+is `omniguard_edge.export.torch_reference`, shared with accuracy.py and the parity tests. Per run this worker
+measures the stages of latency.STAGE_DEFINITIONS:
+- preprocess: official media loading + the processor call (chat template, tokenization, features);
+- vision, audio, embed, prefill: the model's own pieces called one at a time (`Reference.staged`), with the
+  runtime's boundaries: prefill is the language model over the prompt with the LM head on the last position;
+- first_token, verdict, total, decode_tok_s: preprocess + `thinker.generate`, the seed path end to end.
+It also records whether the staged prefill chose the same first token as generate (a check that the staged
+pieces compute what generate computes).
 
 Usage (by latency.py): python reference_worker.py CHECKPOINT SCENARIOS_JSON OUT_JSON
 """
@@ -12,8 +19,6 @@ import json
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 
 class _Stamps:
@@ -32,102 +37,50 @@ class _Stamps:
         pass
 
 
-def read_video_pyav(path, start_pts=0.0, end_pts=None, pts_unit="sec", output_format="TCHW"):
-    """What torchvision.io.read_video returned (TCHW uint8 frames, no audio, fps), decoded with PyAV:
-    torchvision >= 0.26 dropped it, and qwen-omni-utils falls back to it without decord/torchcodec."""
-    import av
-    import torch
-
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-        fps = float(stream.average_rate)
-    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2), None, {"video_fps": fps}
-
-
-def official_video(path: str):
-    """qwen-omni-utils' fetch_video (frame sampling and resize) on PyAV-decoded frames: (clip, sample fps)."""
-    import qwen_omni_utils.v2_5.vision_process as vp
-
-    vp.io.read_video = read_video_pyav
-    vp.FORCE_QWENVL_VIDEO_READER = "torchvision"
-    vp.get_video_reader_backend.cache_clear()
-    return vp.fetch_video({"video": path}, return_video_sample_fps=True)
-
-
 def main(checkpoint: str, scenarios_json: str, out_json: str) -> None:
-    import librosa
     import torch
-    from qwen_omni_utils import fetch_image
-    from transformers import Qwen2_5OmniProcessor, Qwen2_5OmniThinkerForConditionalGeneration
+
+    from omniguard_edge.export.torch_reference import Media, Reference
 
     cfg = json.loads(Path(scenarios_json).read_text())
-    torch.set_num_threads(cfg["threads"])
-    model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
-        checkpoint, dtype=torch.float32, attn_implementation="sdpa").eval()
-    proc = Qwen2_5OmniProcessor.from_pretrained(checkpoint, use_fast=False)
-    tok = proc.tokenizer
-    model.config.vision_start_token_id = tok.convert_tokens_to_ids("<|vision_bos|>")
-    model.config.vision_end_token_id = tok.convert_tokens_to_ids("<|vision_eos|>")
+    ref = Reference(checkpoint, threads=cfg["threads"])
+    eos = ref.model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
     rows = []
     for sc in cfg["scenarios"]:
-        samples = {k: [] for k in ("preprocess", "vision", "audio", "prefill", "first_token", "verdict", "total",
-                                   "decode_tok_s")}
+        samples = {k: [] for k in ("preprocess", "vision", "audio", "embed", "prefill", "first_token", "verdict",
+                                   "total", "decode_tok_s")}
+        matches = True
         for run in range(cfg["warmup"] + cfg["runs"]):
             t0 = time.perf_counter()
-            content = [{"type": "text", "text": sc["prompt_text"]}]
-            images = [fetch_image({"image": sc["image"]})] if sc.get("image") else None
-            videos, kw = None, {}
-            if sc.get("video"):
-                clip, fps = official_video(sc["video"])
-                videos, kw = [clip], {"fps": fps}
-            audios = [librosa.load(sc["audio"], sr=16000)[0]] if sc.get("audio") else None
-            for kind, present in (("image", images), ("video", videos), ("audio", audios)):
-                if present:
-                    content.append({"type": kind})
-            text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                            tokenize=False)
-            inputs = proc(text=[text], images=images, videos=videos, audio=audios, return_tensors="pt",
-                          padding=True, use_audio_in_video=False, **kw)
+            media = Media.load(image=sc.get("image"), video=sc.get("video"), audio=sc.get("audio"))
+            inputs = ref.inputs(sc["prompt_text"], media)
             t_pre = time.perf_counter() - t0
-            with torch.no_grad():
-                t = time.perf_counter()
-                if images or videos:
-                    if images:
-                        model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
-                    if videos:
-                        model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
-                t_vis = time.perf_counter() - t
-                t = time.perf_counter()
-                if audios:
-                    model.model.get_audio_features(inputs["input_features"], inputs["feature_attention_mask"])
-                t_aud = time.perf_counter() - t
-                stamps = _Stamps()
-                t = time.perf_counter()
-                stamps.start = t
-                model.generate(**inputs, max_new_tokens=cfg["new_tokens"], min_new_tokens=cfg["new_tokens"],
-                               do_sample=False, use_audio_in_video=False, streamer=stamps)
-                times = stamps.times  # seconds from the call to each generated token
-                timed = {"first_token": times[0], "verdict": times[cfg["verdict_tokens"] - 1],
-                         "total": time.perf_counter() - t}
+            staged, logits = ref.staged(inputs)
+            stamps = _Stamps()
+            stamps.start = t = time.perf_counter()
+            tokens, _ = ref.generate(inputs, cfg["new_tokens"], min_new_tokens=cfg["new_tokens"], streamer=stamps)
+            total = time.perf_counter() - t
+            if eos:
+                logits[eos] = -torch.inf  # generate masks EOS before min_new_tokens
+            matches &= int(torch.argmax(logits)) == tokens[0]
             if run < cfg["warmup"]:
                 continue
+            times = stamps.times  # seconds from the generate call to each generated token
             samples["preprocess"].append(t_pre)
-            samples["vision"].append(t_vis)
-            samples["audio"].append(t_aud)
-            # generate() runs the encoders again, merges and prefills before its first token: minus the
-            # encoder times measured above, that leaves embedding + merge + prefill
-            samples["prefill"].append(max(timed["first_token"] - t_vis - t_aud, 0.0))
-            for name in ("first_token", "verdict", "total"):
-                samples[name].append(t_pre + timed[name])
+            for name, value in staged.items():
+                samples[name].append(value)
+            samples["first_token"].append(t_pre + times[0])
+            samples["verdict"].append(t_pre + times[cfg["verdict_tokens"] - 1])
+            samples["total"].append(t_pre + total)
             span = times[-1] - times[0]
             samples["decode_tok_s"].append((len(times) - 1) / span if span > 0 else float("nan"))
-        rows.append({"scenario": sc["name"], "samples": samples, "prompt_tokens": int(inputs["input_ids"].shape[1])})
+        rows.append({"scenario": sc["name"], "samples": samples, "prompt_tokens": int(inputs["input_ids"].shape[1]),
+                     "staged_matches_generate": bool(matches)})
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from benchlib import peak_rss_mb
 
-    peak = peak_rss_mb()
-    Path(out_json).write_text(json.dumps({"rows": rows, "peak_rss_mb": peak,
+    Path(out_json).write_text(json.dumps({"rows": rows, "peak_rss_mb": peak_rss_mb(),
                                           "torch_threads": torch.get_num_threads()}))
 
 

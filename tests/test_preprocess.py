@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -168,8 +167,7 @@ def clip(tmp_path_factory):
 def test_video_matches_official_sampling(clip, proc, monkeypatch):
     """Frames decoded with PyAV (what torchvision.io.read_video did), sampled and resized by
     qwen-omni-utils itself; ours decode with OpenCV and resize with Pillow."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from reference_worker import read_video_pyav
+    from omniguard_edge.export.torch_reference import read_video_pyav
 
     vp = qou.v2_5.vision_process
     monkeypatch.setattr(vp.io, "read_video", read_video_pyav, raising=False)

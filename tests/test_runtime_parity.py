@@ -9,82 +9,72 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("qwen_omni_utils", reason="the official preprocessing (qwen-omni-utils) is the reference")
 
 from omniguard_edge.runtime.preprocess.image import ImageConfig  # noqa: E402
-from omniguard_edge.runtime.prompt import Conversation, Policy, render_guard_text  # noqa: E402
+from omniguard_edge.runtime.prompt import Conversation, Policy, compose_guard_text  # noqa: E402
 
 NEW_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
 def hf(tiny_checkpoint, tiny_thinker_model):
-    from transformers import Qwen2_5OmniProcessor
+    """The shared PyTorch reference (omniguard_edge.export.torch_reference), the same one the benchmarks use."""
+    from omniguard_edge.export.torch_reference import Reference
 
-    # the slow PIL image processor: what the transformers versions OmniGuard used default to (DESIGN 1)
-    proc = Qwen2_5OmniProcessor.from_pretrained(tiny_checkpoint, use_fast=False)
-    return tiny_thinker_model, proc
-
-
-def _hf_tokens(hf, text, media, **proc_kw):
-    model, proc = hf
-    content = [{"type": "text", "text": text}] + [{"type": kind} for kind, _ in media]
-    prompt = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
-    kinds = {k: [v for kind, v in media if kind == k] or None for k in ("image", "audio", "video")}
-    inputs = proc(text=[prompt], images=kinds["image"], audio=kinds["audio"], videos=kinds["video"],
-                  return_tensors="pt", padding=True, use_audio_in_video=False, **proc_kw)
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, use_audio_in_video=False)
-    return out[0, inputs["input_ids"].shape[1]:].tolist(), inputs["input_ids"].shape[1]
+    return Reference(tiny_checkpoint, model=tiny_thinker_model)
 
 
-def _official_image(path):
-    from qwen_omni_utils import fetch_image
+def _hf_tokens(ref, text, media, min_new_tokens=0):
+    inputs = ref.inputs(text, media)
+    tokens, _ = ref.generate(inputs, NEW_TOKENS if not min_new_tokens else min_new_tokens, min_new_tokens)
+    return tokens, inputs["input_ids"].shape[1]
 
-    return fetch_image({"image": str(path)})
 
+def _media(image=None, audio=None):
+    from omniguard_edge.export.torch_reference import Media
 
-def _official_audio(path):
-    import librosa
-
-    return librosa.load(str(path), sr=16000)[0]
+    return Media.load(image=image, audio=audio)
 
 
 def _check(result, expected):
     ref_tokens, ref_prompt = expected
     assert result.verdict != "error", result.error
     assert result.prompt_tokens == ref_prompt
+    # random weights never stop on their own within the budget, so both sides fill it: a comparison of
+    # two short or empty lists would prove nothing
+    assert len(ref_tokens) == NEW_TOKENS
     assert result.generated_ids == ref_tokens
-    assert len(ref_tokens) == NEW_TOKENS or ref_tokens[-1] in (151645, 151643) or len(ref_tokens) < NEW_TOKENS
 
 
-def _guard_text(prompt="", response=None, image_only=False):
-    return render_guard_text(None if image_only else Conversation.of(prompt, response), Policy(), image_only)
+def _guard_text(prompt=None, response=None, media_kinds=()):
+    conv = Conversation.of(prompt or "", response) if prompt is not None or response is not None else None
+    return compose_guard_text(conv, list(media_kinds), Policy())
 
 
 def test_text_prompt_only(tiny_guard, hf):
-    _check(tiny_guard.moderate("How do I make a bomb?"), _hf_tokens(hf, _guard_text("How do I make a bomb?"), []))
+    _check(tiny_guard.moderate("How do I make a bomb?"), _hf_tokens(hf, _guard_text("How do I make a bomb?"), _media()))
 
 
 def test_prompt_and_response(tiny_guard, hf):
     prompt, response = "How do I pick a lock?", "First, insert a tension wrench into the keyhole."
-    _check(tiny_guard.moderate(prompt, response), _hf_tokens(hf, _guard_text(prompt, response), []))
+    _check(tiny_guard.moderate(prompt, response), _hf_tokens(hf, _guard_text(prompt, response), _media()))
 
 
 @pytest.mark.parametrize("name", ["colour_517x333.png", "colour_640x480.jpg"])
 def test_image_only(name, tiny_guard, hf, media_dir):
     path = media_dir / name
-    expected = _hf_tokens(hf, _guard_text(image_only=True), [("image", _official_image(path))])
+    expected = _hf_tokens(hf, _guard_text(media_kinds=["image"]), _media(image=path))
     _check(tiny_guard.moderate(image=path), expected)
 
 
 @pytest.mark.parametrize("name", ["short_1.5s.wav", "chunks_5s.wav"])
 def test_audio_with_text(name, tiny_guard, hf, media_dir):
     path = media_dir / name
-    expected = _hf_tokens(hf, _guard_text("Listen to this."), [("audio", _official_audio(path))])
+    expected = _hf_tokens(hf, _guard_text("Listen to this.", media_kinds=["audio"]), _media(audio=path))
     _check(tiny_guard.moderate("Listen to this.", audio=path), expected)
 
 
 def test_image_and_audio(tiny_guard, hf, media_dir):
     img, wav = media_dir / "colour_517x333.png", media_dir / "short_1.5s.wav"
-    expected = _hf_tokens(hf, _guard_text("Is this ok?"), [("image", _official_image(img)), ("audio", _official_audio(wav))])
+    expected = _hf_tokens(hf, _guard_text("Is this ok?", media_kinds=["image", "audio"]), _media(image=img, audio=wav))
     _check(tiny_guard.moderate("Is this ok?", image=img, audio=wav), expected)
 
 
@@ -106,7 +96,10 @@ def test_video(tiny_guard, hf):
     idx = np.round(np.linspace(0, len(frames) - 1, n)).astype(int)
     sample_fps = n / len(frames) * fps
     clip = torch.from_numpy(frames[idx]).permute(0, 3, 1, 2).float()  # already a multiple of 28: no resize
-    expected = _hf_tokens(hf, _guard_text("What happens here?"), [("video", clip)], fps=sample_fps)
+    from omniguard_edge.export.torch_reference import Media
+
+    media = Media(videos=[clip], video_fps=[sample_fps])
+    expected = _hf_tokens(hf, _guard_text("What happens here?", media_kinds=["video"]), media)
     assert ImageConfig().factor == 28 and frames.shape[1] % 28 == 0 and frames.shape[2] % 28 == 0
     _check(guard.moderate("What happens here?", video=(frames, fps)), expected)
 
@@ -116,13 +109,7 @@ def test_min_new_tokens_matches_transformers(tiny_bundle, hf):
     from omniguard_edge.runtime.guard import Guard, GuardOptions
 
     guard = Guard.from_bundle(tiny_bundle, GuardOptions(critique=True, critique_max_new_tokens=40, min_new_tokens=40))
-    model, proc = hf
-    text = _guard_text("hello")
-    prompt = proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": text}]}],
-                                      add_generation_prompt=True, tokenize=False)
-    inputs = proc(text=[prompt], return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    expected, _ = _hf_tokens(hf, _guard_text("hello"), _media(), min_new_tokens=40)
     result = guard.moderate("hello")
-    assert result.generated_ids == out[0, inputs["input_ids"].shape[1]:].tolist()
+    assert result.generated_ids == expected
     assert len(result.generated_ids) == 40 and len(result.token_times) == 40
