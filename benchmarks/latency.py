@@ -4,17 +4,21 @@
         [--threads N] [--new-tokens 32] [--json out.json] [--plot out.png]
         [--baseline baseline.json --tolerance 0.15]
 
-Stages (seconds; p50/p95 over --runs after --warmup): preprocess, vision, audio, embed (prompt, embedding
-and merge), prefill, first_token (time to the first generated token, from the call), verdict (time to
-the verdict: the first --verdict-tokens tokens), total (the full --new-tokens answer), decode_tok_s.
-Random reference weights never stop on their own, so answers are fixed budgets (EOS masked, as
-transformers' min_new_tokens does, on both sides). The JSON schema is documented in the README.
+Stages are defined identically for both engines (STAGE_DEFINITIONS, written into the JSON and the README);
+seconds, min/p50/p95/max over --runs after --warmup. Random reference weights never stop on their own, so
+answers are fixed budgets (EOS masked, as transformers' min_new_tokens does, on both sides).
+
+The baseline gate (--baseline) compares the runtime's own figures (encoders, prefill, time to first token and
+to verdict, total, decode tok/s) when the baseline comes from the same CPU model, ISA flags and thread count,
+and only runtime/PyTorch ratios when it comes from another machine; never PyTorch's seconds. Stages under --floor seconds on both sides are
+timer noise and are not compared.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -29,6 +33,25 @@ import scenarios as scenario_defs  # noqa: E402
 
 STAGES = ["preprocess", "vision", "audio", "embed", "prefill", "first_token", "verdict", "total"]
 CHART_STAGES = ["preprocess", "vision", "audio", "embed", "prefill"]  # disjoint parts of time to first token
+STAGE_DEFINITIONS = {
+    "preprocess": "from the call to model-ready inputs: media decode, resize, normalisation, patches, log-mel, chat "
+                  "template, tokenization and placeholder expansion (PyTorch: qwen-omni-utils loading + the processor "
+                  "call; runtime: numpy preprocessing + prompt rendering and tokenization)",
+    "vision": "vision encoder forward over every image and video of the request (0 when there is none)",
+    "audio": "audio encoder forward over every clip (0 when there is none)",
+    "embed": "token embedding gather, media features merged at their placeholders, TMRoPE position ids",
+    "prefill": "one decoder forward over the whole prompt with an empty KV cache, LM head on the last position "
+               "only (PyTorch: the model's language_model + lm_head called directly, outside generate)",
+    "first_token": "end to end, from the call to the first generated token (PyTorch: preprocess + thinker.generate "
+                   "up to its first token; generate re-runs the encoders and, as transformers' Qwen2.5-Omni thinker "
+                   "takes no logits_to_keep, applies the LM head to every prompt position: that extra work is part "
+                   "of the PyTorch seed path and is counted, not hidden)",
+    "verdict": "end to end, from the call to the first --verdict-tokens generated tokens (verdict + categories)",
+    "total": "end to end, from the call to the full --new-tokens answer",
+    "decode_tok_s": "generated tokens after the first, per second between the first and the last token",
+}
+GATED = ["vision", "audio", "prefill", "first_token", "verdict", "total"]  # the runtime's own seconds
+RATIO_STAGES = ["preprocess", "vision", "audio", "embed", "prefill", "first_token", "verdict", "total"]
 
 
 def run_runtime(bundle: Path, chosen: dict, args) -> tuple[list[dict], dict]:
@@ -47,19 +70,28 @@ def run_runtime(bundle: Path, chosen: dict, args) -> tuple[list[dict], dict]:
                 raise SystemExit(f"runtime failed on {sc.name}: {r.error}")
             if run < args.warmup:
                 continue
-            t = r.timings
-            before = sum(t.get(k, 0.0) for k in ("preprocess", "vision", "audio", "embed"))
-            for k in ("preprocess", "vision", "audio", "embed", "prefill"):
-                samples[k].append(t.get(k, 0.0))
-            samples["first_token"].append(before + r.token_times[0])
-            samples["verdict"].append(before + r.token_times[min(args.verdict_tokens, len(r.token_times)) - 1])
-            samples["total"].append(t["total"])
-            span = r.token_times[-1] - r.token_times[0]
-            samples["decode_tok_s"].append((len(r.token_times) - 1) / span if span > 0 else float("nan"))
+            for k, v in runtime_stage_samples(r.timings, r.token_times, args.verdict_tokens).items():
+                samples[k].append(v)
         rows.append({"scenario": sc.name, "engine": "runtime", "prompt_tokens": r.prompt_tokens,
                      "stages": {k: benchlib.summarize(v) for k, v in samples.items()}})
     info = {"providers": guard.bundle.providers, "precision": guard.bundle.manifest.precision}
     return rows, info
+
+
+def runtime_stage_samples(timings: dict, token_times: list[float], verdict_tokens: int) -> dict:
+    """One moderation's figures under STAGE_DEFINITIONS, from the Guard's timings (seconds per part) and
+    token times (seconds from the start of prefill to each generated token)."""
+    t = timings
+    out = {"preprocess": t.get("preprocess", 0.0) + t.get("prompt", 0.0)}
+    out.update({k: t.get(k, 0.0) for k in ("vision", "audio", "embed", "prefill")})
+    # everything before prefill, gaps included: the call's total minus the generation loop
+    before = t["total"] - t["decode"]
+    out["first_token"] = before + token_times[0]
+    out["verdict"] = before + token_times[min(verdict_tokens, len(token_times)) - 1]
+    out["total"] = t["total"]
+    span = token_times[-1] - token_times[0]
+    out["decode_tok_s"] = (len(token_times) - 1) / span if span > 0 else float("nan")
+    return out
 
 
 def run_reference(checkpoint: Path, chosen: dict, args, guard_texts: dict) -> tuple[list[dict], dict]:
@@ -77,20 +109,30 @@ def run_reference(checkpoint: Path, chosen: dict, args, guard_texts: dict) -> tu
             raise SystemExit(f"the PyTorch reference failed:\n{proc.stderr[-3000:]}")
         out = json.loads(out_path.read_text())
     rows = [{"scenario": r["scenario"], "engine": "pytorch", "prompt_tokens": r["prompt_tokens"],
+             "staged_prefill_matches_generate": r["staged_matches_generate"],
              "stages": {k: benchlib.summarize(v) for k, v in r["samples"].items()}} for r in out["rows"]]
     return rows, {"peak_rss_mb": out["peak_rss_mb"], "torch_threads": out["torch_threads"],
-                  "config": "fp32, sdpa attention, greedy, PIL image processor, qwen-omni-utils preprocessing"}
+                  "config": "fp32, sdpa attention, greedy thinker.generate, PIL image processor, qwen-omni-utils "
+                            "preprocessing (omniguard_edge.export.torch_reference)"}
 
 
 def guard_prompt_texts(chosen: dict) -> dict:
-    """The exact guard text the runtime sends for each scenario (the reference must send the same)."""
-    from omniguard_edge.runtime.prompt import Conversation, Policy, render_guard_text
+    """The exact guard text the runtime sends for each scenario (the reference must send the same): the
+    runtime's own composition function, so the two cannot disagree."""
+    from omniguard_edge.runtime.prompt import Conversation, Policy, compose_guard_text, keyword_media
 
-    return {s.name: render_guard_text(Conversation.of(s.text or "", s.response), Policy()) for s in chosen.values()}
+    out = {}
+    for s in chosen.values():
+        conv = Conversation.of(s.text or "", s.response) if s.text is not None or s.response is not None else None
+        kinds = [k for k, _ in keyword_media(image=s.image, video=s.video, audio=s.audio)]
+        out[s.name] = compose_guard_text(conv, kinds, Policy())
+    return out
 
 
-def speedups(rows: list[dict]) -> dict:
-    """PyTorch p50 / runtime p50 per scenario and stage (decode: runtime tok/s / PyTorch tok/s)."""
+def speedups(rows: list[dict], floor: float, stat: str = "p50") -> dict:
+    """PyTorch / runtime seconds per scenario and stage (decode: runtime tok/s / PyTorch tok/s), for stages
+    where both engines take at least `floor` seconds (below it a ratio is a ratio of timer noise).
+    `stat="min"` gives the runtime's best case: PyTorch p50 over the runtime's fastest run."""
     by = {(r["scenario"], r["engine"]): r for r in rows}
     out = {}
     for (scenario, engine), row in by.items():
@@ -98,72 +140,102 @@ def speedups(rows: list[dict]) -> dict:
         if engine != "runtime" or ref is None:
             continue
         ratios = {}
-        for stage in ("preprocess", "vision", "audio", "prefill", "first_token", "verdict", "total"):
-            a, b = row["stages"].get(stage, {}).get("p50"), ref["stages"].get(stage, {}).get("p50")
-            if a and b and a > 1e-6 and b > 1e-6:
+        for stage in RATIO_STAGES:
+            a, b = row["stages"].get(stage, {}).get(stat), ref["stages"].get(stage, {}).get("p50")
+            if a is not None and b is not None and a >= floor and b >= floor:
                 ratios[stage] = b / a
-        a, b = row["stages"]["decode_tok_s"]["p50"], ref["stages"]["decode_tok_s"]["p50"]
-        ratios["decode_tok_s"] = a / b if b else None
+        a = row["stages"]["decode_tok_s"]["max" if stat == "min" else stat]
+        b = ref["stages"]["decode_tok_s"]["p50"]
+        ratios["decode_tok_s"] = a / b if b and math.isfinite(a) and math.isfinite(b) else None
         out[scenario] = ratios
     return out
 
 
 def bounds(bundle: Path, rows: list[dict], probe: dict) -> dict:
-    """Decode vs the bandwidth bound (every decoder weight byte read once per token), prefill vs the
-    compute bound (2 FLOPs per weight per prompt token), from the probe's onnxruntime figures."""
+    """Every engine's decode against the bandwidth bound (each decoder weight byte read once per token) and
+    prefill against the compute bound (2 FLOPs per weight per prompt token, the head on one position), from
+    the probe's onnxruntime figures. A fraction above 1 means the probe is not a bound: it is flagged in
+    `exceeded` and printed as a warning."""
     from omniguard_edge.runtime.manifest import load_manifest
 
     m = load_manifest(bundle, verify="none")
     spec = m.graphs["decoder"]
     weight_bytes = sum(m.files[f].size for f in (spec.file, spec.data_file) if f)
-    # prefill runs every weight on every prompt token except the head (last position only);
-    # attention score FLOPs are left out, so the bound is slightly optimistic for long prompts
     head = m.decoder["vocab_size"] * m.decoder["hidden_size"]
+    # attention score FLOPs are left out, which only lowers the bound's time: it stays a bound
     params = weight_bytes / 4 - head if m.precision == "fp32" else None
     bound_tok_s = probe["bandwidth_gb_s"] * 1e9 / weight_bytes
-    out = {"decoder_weight_bytes": weight_bytes, "bandwidth_bound_tok_s": bound_tok_s, "per_scenario": {}}
+    out = {"decoder_weight_bytes": weight_bytes, "bandwidth_bound_tok_s": bound_tok_s, "per_scenario": {},
+           "exceeded": []}
     for r in rows:
-        if r["engine"] != "runtime":
-            continue
-        tok_s = r["stages"]["decode_tok_s"]["p50"]
-        entry = {"decode_fraction_of_bandwidth_bound": tok_s / bound_tok_s}
+        tok_s = r["stages"]["decode_tok_s"]["max"]  # the best run: a bound must hold for every run
+        entry = {"decode_fraction_of_bandwidth_bound": tok_s / bound_tok_s if math.isfinite(tok_s) else None}
         if params:
-            flops = 2 * params * r["prompt_tokens"]
-            entry["prefill_fraction_of_compute_bound"] = flops / (probe["matmul_gflop_s"] * 1e9) / r["stages"]["prefill"]["p50"]
-        out["per_scenario"][r["scenario"]] = entry
+            flops = 2 * params * r["prompt_tokens"] + 2 * head
+            entry["prefill_fraction_of_compute_bound"] = flops / (probe["matmul_gflop_s"] * 1e9) / r["stages"]["prefill"]["min"]
+        for k, v in entry.items():
+            if v is not None and v > 1:
+                out["exceeded"].append(f"{r['scenario']}/{r['engine']}: {k} = {v:.2f}")
+        out["per_scenario"].setdefault(r["scenario"], {})[r["engine"]] = entry
     return out
 
 
-def gate_metrics(doc: dict, same_machine: bool) -> tuple[dict, set]:
-    """Flatten what the baseline gate compares: ratios always, seconds only on the same machine."""
-    metrics, higher = {}, set()
-    for scenario, ratios in doc.get("speedups", {}).items():
-        for stage, value in ratios.items():
-            if value is not None:
-                key = f"speedup/{scenario}/{stage}"
-                metrics[key] = value
-                higher.add(key)
-    if same_machine:
-        for r in doc["rows"]:
-            for stage, s in r["stages"].items():
-                key = f"{r['engine']}/{r['scenario']}/{stage}/p50"
-                metrics[key] = s["p50"]
-                if stage == "decode_tok_s":
-                    higher.add(key)
-    return metrics, higher
+def gate_metrics(doc: dict, base: dict, tolerance: float, floor: float) -> tuple[dict, dict, list[str]]:
+    """(current metrics, baseline values, notes). On the baseline's machine: the runtime's own seconds (stages
+    under `floor` on both sides skipped). From another machine: runtime/PyTorch ratios only. Never PyTorch's
+    seconds."""
+    cur, ref, notes = {}, {}, []
+    if not benchlib.same_machine(doc["system"], base["system"]):
+        b, c = base["system"], doc["system"]
+        notes.append(f"baseline from another machine ({b.get('cpu')}, flags {b.get('cpu_flags')}, {b.get('threads')} "
+                     f"threads; this run: {c.get('cpu')}, flags {c.get('cpu_flags')}, {c.get('threads')} threads): only "
+                     "runtime/PyTorch ratios are compared")
+        for scenario, ratios in doc.get("speedups", {}).items():
+            best = doc.get("speedups_best", {}).get(scenario, {})
+            for stage, value in ratios.items():
+                cur[f"speedup/{scenario}/{stage}"] = benchlib.Metric(value, tolerance, higher_is_better=True,
+                                                                      best=best.get(stage))
+        for scenario, ratios in base.get("speedups", {}).items():
+            for stage, value in ratios.items():
+                ref[f"speedup/{scenario}/{stage}"] = value
+        return cur, ref, notes
+    notes.append("baseline from this machine (same CPU, flags, threads): the runtime's own seconds are compared; "
+                 "runtime/PyTorch ratios are not, so a PyTorch-only change cannot fail or hide anything")
+    base_rows = {r["scenario"]: r["stages"] for r in base["rows"] if r["engine"] == "runtime"}
+    for r in doc["rows"]:
+        if r["engine"] != "runtime" or r["scenario"] not in base_rows:
+            continue
+        old = base_rows[r["scenario"]]
+        for stage in GATED + ["decode_tok_s"]:
+            now, then = r["stages"].get(stage), old.get(stage)
+            if now is None or then is None:
+                continue
+            key = f"runtime/{r['scenario']}/{stage}"
+            if stage == "decode_tok_s":
+                cur[key] = benchlib.Metric(now["p50"], tolerance, higher_is_better=True, best=now["max"])
+            elif max(now["p50"], then["p50"]) < floor:
+                notes.append(f"{key}: {now['p50'] * 1e3:.2f} ms now, {then['p50'] * 1e3:.2f} ms in the baseline, both "
+                             f"under the {floor * 1e3:g} ms floor: not compared")
+                continue
+            else:
+                cur[key] = benchlib.Metric(now["p50"], tolerance, best=now["min"])
+            ref[key] = then["p50"]
+    return cur, ref, notes
 
 
-def check_baseline(doc: dict, baseline_path: Path, tolerance: float) -> list[str]:
+def check_baseline(doc: dict, baseline_path: Path, tolerance: float, floor: float = 0.005) -> benchlib.GateResult:
     base = json.loads(Path(baseline_path).read_text())
+    if base.get("kind") not in (None, "latency"):
+        return benchlib.GateResult(problems=[f"{baseline_path} is a {base.get('kind')} result, not a latency baseline"])
     if base.get("schema_version") != benchlib.SCHEMA_VERSION:
-        return [f"baseline schema_version {base.get('schema_version')} != {benchlib.SCHEMA_VERSION}"]
-    same = (base["system"]["cpu"], base["system"]["threads"]) == (doc["system"]["cpu"], doc["system"]["threads"])
-    cur, higher = gate_metrics(doc, same)
-    ref, _ = gate_metrics(base, same)
-    if not set(cur) & set(ref):
-        return ["nothing to compare: the baseline shares no metric with this run (across machines only "
-                "runtime/PyTorch speed-ups are compared: run with --reference on both)"]
-    return benchlib.compare_to_baseline(cur, ref, tolerance, higher)
+        return benchlib.GateResult(problems=[
+            f"{baseline_path} has schema_version {base.get('schema_version')}, this latency.py writes "
+            f"{benchlib.SCHEMA_VERSION}: the stage definitions changed in between (see STAGE_DEFINITIONS), so its "
+            "figures are not comparable; record a new baseline with this version"])
+    cur, ref, notes = gate_metrics(doc, base, tolerance, floor)
+    result = benchlib.compare_metrics(cur, ref)
+    result.notes[:0] = notes
+    return result
 
 
 def print_report(doc: dict) -> None:
@@ -173,20 +245,37 @@ def print_report(doc: dict) -> None:
         rows.append([r["scenario"], r["engine"], r["prompt_tokens"]] + [s.get(k, {}).get("p50") for k in STAGES]
                     + [s["decode_tok_s"]["p50"]])
     print(benchlib.markdown_table(["scenario", "engine", "prompt tok"] + [f"{k} s" for k in STAGES] + ["decode tok/s"], rows))
+    print("\nstages (p50 seconds), the same definition for both engines:")
+    for k, v in STAGE_DEFINITIONS.items():
+        print(f"  {k}: {v}")
     if doc.get("speedups"):
-        print("\nspeed-up (PyTorch p50 / runtime p50; decode: tok/s ratio)\n")
-        keys = ["vision", "audio", "prefill", "first_token", "verdict", "total", "decode_tok_s"]
+        print(f"\nspeed-up (PyTorch p50 / runtime p50; decode: tok/s ratio; '-': a side under the "
+              f"{doc['gate']['floor_s'] * 1e3:g} ms floor)\n")
+        keys = ["preprocess", "vision", "audio", "embed", "prefill", "first_token", "verdict", "total", "decode_tok_s"]
         print(benchlib.markdown_table(["scenario"] + keys,
                                       [[k] + [v.get(s) for s in keys] for k, v in doc["speedups"].items()]))
+    mismatched = [r["scenario"] for r in doc["rows"] if r.get("staged_prefill_matches_generate") is False]
+    if mismatched:
+        print(f"\nWARNING: PyTorch's staged prefill chose another first token than its generate() in {mismatched}")
     b = doc["bounds"]
-    print(f"\nmachine: {doc['probe']['bandwidth_gb_s']:.1f} GB/s read bandwidth, {doc['probe']['matmul_gflop_s']:.0f} "
-          f"GFLOP/s fp32 matmul; decoder weights {b['decoder_weight_bytes'] / 1e6:.0f} MB -> bandwidth bound "
-          f"{b['bandwidth_bound_tok_s']:.1f} tok/s")
-    for name, e in b["per_scenario"].items():
-        extra = f", prefill {e['prefill_fraction_of_compute_bound']:.0%} of compute bound" if "prefill_fraction_of_compute_bound" in e else ""
-        print(f"  {name}: decode {e['decode_fraction_of_bandwidth_bound']:.0%} of bandwidth bound{extra}")
+    print(f"\nmachine bounds (probe: onnxruntime, constant weights): {doc['probe']['bandwidth_gb_s']:.1f} GB/s read "
+          f"bandwidth, {doc['probe']['matmul_gflop_s']:.0f} GFLOP/s fp32 MatMul; decoder weights "
+          f"{b['decoder_weight_bytes'] / 1e6:.0f} MB -> decode bound {b['bandwidth_bound_tok_s']:.1f} tok/s")
+    for name, engines in b["per_scenario"].items():
+        for engine, e in engines.items():
+            dec = e["decode_fraction_of_bandwidth_bound"]
+            parts = [f"decode {dec:.0%} of the bandwidth bound" if dec is not None else "decode n/a"]
+            if "prefill_fraction_of_compute_bound" in e:
+                parts.append(f"prefill {e['prefill_fraction_of_compute_bound']:.0%} of the compute bound")
+            print(f"  {name} ({engine}): " + ", ".join(parts) + " (best run)")
+    if b["exceeded"]:
+        print("WARNING: measured figures beat the probe, so it is not a bound here: " + "; ".join(b["exceeded"]))
+    else:
+        print("  every measured decode and prefill is within the probe's bounds")
     print(f"\nbudgets: {doc['budgets']['new_tokens']} new tokens per answer, verdict = first "
-          f"{doc['budgets']['verdict_tokens']} tokens (fixed: EOS masked); {doc['runs']} runs after {doc['warmup']} warm-up")
+          f"{doc['budgets']['verdict_tokens']} tokens (fixed: EOS masked); {doc['runs']} runs after {doc['warmup']} warm-up; "
+          f"CPU {doc['system']['cpu']} ({' '.join(doc['system']['cpu_flags']) or 'flags unknown'}), "
+          f"{doc['system']['threads']} threads")
 
 
 def main(argv=None) -> int:
@@ -205,10 +294,16 @@ def main(argv=None) -> int:
     p.add_argument("--plot", type=Path, help="write a PNG chart of the per-stage breakdown")
     p.add_argument("--baseline", type=Path, help="fail when a metric regresses beyond --tolerance")
     p.add_argument("--tolerance", type=float, default=0.15, help="allowed regression, a fraction (0.15 = 15%%)")
+    p.add_argument("--floor", type=float, default=0.005,
+                   help="seconds under which a stage is timer noise: not gated, no ratio (default 0.005)")
     p.add_argument("--probe-seconds", type=float, default=1.0)
     args = p.parse_args(argv)
     if args.runs < 1 or args.warmup < 0 or args.new_tokens < args.verdict_tokens or args.verdict_tokens < 1:
         p.error("need --runs >= 1, --warmup >= 0 and 1 <= --verdict-tokens <= --new-tokens")
+    if not (args.tolerance >= 0 and args.floor >= 0):
+        p.error("--tolerance and --floor must be >= 0")
+    if args.baseline and not args.baseline.is_file():
+        p.error(f"--baseline {args.baseline} is not a file")
     allowed = scenario_defs.build(args.media_dir)
     unknown = set(args.scenarios or []) - set(allowed)
     if unknown:
@@ -226,14 +321,15 @@ def main(argv=None) -> int:
            "budgets": {"new_tokens": args.new_tokens, "verdict_tokens": args.verdict_tokens},
            "bundle": {"path": str(args.bundle), "size_mb": benchlib.dir_size_mb(args.bundle), **runtime_info},
            "runtime_peak_rss_mb": runtime_peak, "reference": ref_info, "rows": rows,
-           "speedups": speedups(rows)}
+           "stage_definitions": STAGE_DEFINITIONS, "gate": {"floor_s": args.floor, "tolerance": args.tolerance},
+           "speedups": speedups(rows, args.floor), "speedups_best": speedups(rows, args.floor, stat="min")}
     doc["bounds"] = bounds(args.bundle, rows, probe)
     print_report(doc)
     benchlib.write_json(args.json, doc)
     if args.plot:
         benchlib.plot_stages(args.plot, rows, CHART_STAGES, f"time to first token by stage ({doc['system']['cpu']})")
     if args.baseline:
-        return benchlib.report_gate(check_baseline(doc, args.baseline, args.tolerance), args.baseline, args.tolerance)
+        return benchlib.report_gate(check_baseline(doc, args.baseline, args.tolerance, args.floor), args.baseline)
     return 0
 
 

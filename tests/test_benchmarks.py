@@ -1,21 +1,26 @@
-"""The benchmark scripts: smoke runs on the tiny profile (valid JSON against the schema), and the
-baseline gate on synthetic baselines. No timing assertions."""
+"""The benchmark scripts: the gates and the arithmetic on synthetic documents with known answers (no timing),
+and smoke runs of both scripts on the tiny profile (marked slow: they run the PyTorch reference too)."""
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+import accuracy  # noqa: E402
 import benchlib  # noqa: E402
 import latency  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _bench(script: str, *args) -> subprocess.CompletedProcess:
@@ -30,6 +35,249 @@ def _bench_json(script: str, out_json: Path, *args) -> tuple[str, dict]:
     return proc.stdout, json.loads(out_json.read_text())
 
 
+# -- latency: stage arithmetic, ratios, gate (synthetic, known answers) ---------------------------------------
+
+def test_runtime_stage_samples_known_answer():
+    timings = {"preprocess": 0.010, "prompt": 0.002, "vision": 0.5, "embed": 0.003, "prefill": 0.2, "decode": 1.2,
+               "total": 1.8}
+    token_times = [0.25, 0.45, 0.65, 0.85, 1.15]  # from the start of prefill
+    s = latency.runtime_stage_samples(timings, token_times, verdict_tokens=3)
+    assert s["preprocess"] == pytest.approx(0.012)  # media + prompt tokenization, as PyTorch's processor call
+    assert (s["vision"], s["audio"], s["embed"], s["prefill"]) == (0.5, 0.0, 0.003, 0.2)
+    before = 1.8 - 1.2  # everything before prefill started
+    assert s["first_token"] == pytest.approx(before + 0.25)
+    assert s["verdict"] == pytest.approx(before + 0.65)
+    assert s["total"] == 1.8
+    assert s["decode_tok_s"] == pytest.approx(4 / 0.9)
+
+
+def _stages(**p50):
+    """Stage summaries with p50 = min = max (one run)."""
+    out = {k: {"n": 1, "min": 1.0, "p50": 1.0, "p95": 1.0, "max": 1.0, "mean": 1.0} for k in latency.STAGES}
+    out["decode_tok_s"] = {"n": 1, "min": 10.0, "p50": 10.0, "p95": 10.0, "max": 10.0, "mean": 10.0}
+    for k, v in p50.items():
+        out[k] = {"n": 1, "min": v, "p50": v, "p95": v, "max": v, "mean": v}
+    return out
+
+
+def _lat_doc(cpu="cpu A", runtime=None, pytorch=None, floor=0.005):
+    rows = [{"scenario": "text", "engine": "runtime", "prompt_tokens": 500, "stages": _stages(**(runtime or {}))},
+            {"scenario": "text", "engine": "pytorch", "prompt_tokens": 500,
+             "stages": _stages(**{**{k: 3.0 for k in latency.STAGES}, "decode_tok_s": 5.0, **(pytorch or {})})}]
+    doc = {"schema_version": benchlib.SCHEMA_VERSION, "kind": "latency",
+           "system": {"cpu": cpu, "cpu_flags": ["avx2"], "threads": 2}, "rows": rows}
+    doc["speedups"] = latency.speedups(rows, floor)
+    doc["speedups_best"] = latency.speedups(rows, floor, stat="min")
+    return doc
+
+
+def _lat_gate(current, baseline, tmp_path, tolerance=0.15, floor=0.005):
+    (tmp_path / "base.json").write_text(json.dumps(baseline))
+    return latency.check_baseline(current, tmp_path / "base.json", tolerance, floor)
+
+
+def test_speedups_known_answer_and_floor():
+    doc = _lat_doc(runtime={"prefill": 0.5, "preprocess": 1e-5, "audio": 0.0}, pytorch={"preprocess": 0.002})
+    r = doc["speedups"]["text"]
+    assert r["prefill"] == pytest.approx(3.0 / 0.5) and r["total"] == pytest.approx(3.0)
+    assert r["decode_tok_s"] == pytest.approx(10.0 / 5.0)
+    assert "preprocess" not in r and "audio" not in r  # a side under the floor: no ratio of noise
+
+
+def test_gate_passes_on_identical_runs(tmp_path):
+    result = _lat_gate(_lat_doc(), _lat_doc(), tmp_path)
+    assert result.problems == [] and result.compared > 0
+
+
+def test_gate_ignores_noise_under_the_floor(tmp_path):
+    # 12 us -> 40 us of text preprocessing is +233 %, and timer noise
+    cur = _lat_doc(runtime={"preprocess": 4e-5, "embed": 4e-3}, pytorch={"vision": 1e-7})
+    base = _lat_doc(runtime={"preprocess": 1.2e-5, "embed": 1e-3}, pytorch={"vision": 3e-7})
+    result = _lat_gate(cur, base, tmp_path)
+    assert result.problems == []
+
+
+def test_gate_passes_pytorch_only_changes(tmp_path):
+    """On the baseline's machine only the runtime's seconds are gated: PyTorch twice as fast (which halves
+    every ratio) or twice as slow changes nothing."""
+    for factor in (0.5, 2.0):
+        other_pytorch = _lat_doc(pytorch={k: 3.0 * factor for k in latency.STAGES})
+        result = _lat_gate(other_pytorch, _lat_doc(), tmp_path)
+        assert result.problems == [] and result.compared > 0
+
+
+def test_gate_fails_on_a_runtime_slowdown(tmp_path):
+    result = _lat_gate(_lat_doc(runtime={"prefill": 1.3}), _lat_doc(), tmp_path)
+    assert [p.split(":")[0] for p in result.problems] == ["runtime/text/prefill"] and "lower is better" in result.problems[0]
+    slow_decode = _lat_doc(runtime={"decode_tok_s": 8.0})
+    assert any("runtime/text/decode_tok_s" in p for p in _lat_gate(slow_decode, _lat_doc(), tmp_path).problems)
+
+
+def test_gate_needs_every_run_slower(tmp_path):
+    """A p50 beyond tolerance whose fastest run still beats the baseline median is one outlier, not a regression."""
+    cur = _lat_doc()
+    cur["rows"][0]["stages"]["total"] = {"n": 3, "min": 0.9, "p50": 1.3, "p95": 1.3, "max": 1.3, "mean": 1.17}
+    assert not any("runtime/text/total" in p for p in _lat_gate(cur, _lat_doc(), tmp_path).problems)
+    cur["rows"][0]["stages"]["total"]["min"] = 1.2
+    assert any("runtime/text/total" in p for p in _lat_gate(cur, _lat_doc(), tmp_path).problems)
+
+
+def test_gate_compares_only_ratios_across_machines(tmp_path):
+    slower_machine = _lat_doc(cpu="cpu B", runtime={k: 2.0 for k in latency.STAGES},
+                              pytorch={k: 6.0 for k in latency.STAGES})
+    result = _lat_gate(slower_machine, _lat_doc(), tmp_path)
+    assert result.problems == [] and any("another machine" in n for n in result.notes)
+    worse_ratio = _lat_doc(cpu="cpu B", runtime={"prefill": 2.0})
+    problems = _lat_gate(worse_ratio, _lat_doc(), tmp_path).problems
+    assert problems and all(p.startswith("speedup/text/") for p in problems)
+
+
+def test_gate_other_flags_are_another_machine(tmp_path):
+    vnni = _lat_doc(runtime={"prefill": 0.5})
+    vnni["system"]["cpu_flags"] = ["avx2", "avx512_vnni"]
+    result = _lat_gate(vnni, _lat_doc(runtime={"prefill": 0.4}), tmp_path)
+    assert any("another machine" in n for n in result.notes)
+    assert not any(p.startswith("runtime/") for p in result.problems)
+
+
+def test_gate_reports_nothing_comparable(tmp_path):
+    base = _lat_doc()
+    base["speedups"] = {}
+    result = _lat_gate(_lat_doc(cpu="other"), base, tmp_path)
+    assert len(result.problems) == 1 and "nothing to compare" in result.problems[0]
+
+
+def test_gate_refuses_an_old_schema(tmp_path):
+    base = _lat_doc()
+    base["schema_version"] = 1
+    result = _lat_gate(_lat_doc(), base, tmp_path)
+    assert len(result.problems) == 1 and "schema_version 1" in result.problems[0] and "new baseline" in result.problems[0]
+
+
+def test_bounds_flags_a_probe_that_is_not_a_bound(tiny_bundle):
+    rows = _lat_doc()["rows"]
+    sane = latency.bounds(tiny_bundle, rows, {"bandwidth_gb_s": 1e6, "matmul_gflop_s": 1e9})
+    assert sane["exceeded"] == []
+    frac = sane["per_scenario"]["text"]["runtime"]["decode_fraction_of_bandwidth_bound"]
+    assert frac == pytest.approx(10.0 / sane["bandwidth_bound_tok_s"])
+    starved = latency.bounds(tiny_bundle, rows, {"bandwidth_gb_s": 1e-9, "matmul_gflop_s": 1e-9})
+    assert any("text/runtime: decode_fraction_of_bandwidth_bound" in e for e in starved["exceeded"])
+    assert any("prefill_fraction_of_compute_bound" in e for e in starved["exceeded"])
+
+
+def test_compare_metrics_none_zero_and_absolute():
+    M = benchlib.Metric
+    assert benchlib.compare_metrics({"a": M(1.0, 0.0)}, {"a": 1.0}).problems == []
+    assert benchlib.compare_metrics({"a": M(1.21, 0.2)}, {"a": 1.0}).problems
+    assert benchlib.compare_metrics({"a": M(0.79, 0.2, higher_is_better=True)}, {"a": 1.0}).problems
+    assert benchlib.compare_metrics({"a": M(5.0, 0.2, higher_is_better=True)}, {"a": 1.0}).problems == []
+    # a zero baseline is compared, not skipped
+    assert benchlib.compare_metrics({"fpr": M(0.5, 0.02, absolute=True)}, {"fpr": 0.0}).problems
+    assert benchlib.compare_metrics({"fpr": M(0.01, 0.02, absolute=True)}, {"fpr": 0.0}).problems == []
+    # defined before, undefined (or NaN) now: a problem; undefined before: a note
+    assert "became undefined" in benchlib.compare_metrics({"p": M(None, 0.02, absolute=True)}, {"p": 0.8}).problems[0]
+    assert benchlib.compare_metrics({"p": M(math.nan, 0.02)}, {"p": 0.8}).problems
+    r = benchlib.compare_metrics({"p": M(0.5, 0.02, absolute=True), "q": M(1.0, 0.1)}, {"p": None, "q": 1.0})
+    assert r.problems == [] and any("undefined in the baseline" in n for n in r.notes)
+    assert "nothing to compare" in benchlib.compare_metrics({"a": M(1.0, 0.1)}, {"b": 1.0}).problems[0]
+
+
+def test_summarize_reports_p99_only_with_enough_runs():
+    s = benchlib.summarize([3.0, 1.0, 2.0])
+    assert (s["min"], s["p50"], s["max"]) == (1.0, 2.0, 3.0) and "p99" not in s
+    assert "p99" in benchlib.summarize([float(i) for i in range(100)])
+
+
+# -- accuracy: decisions, metrics, agreement, gate (synthetic, known answers) ---------------------------------
+
+def _pred(p=None, verdict="unknown", cats=(), error=None):
+    return {"verdict": verdict, "p_unsafe": p, "categories": list(cats), "error": error}
+
+
+def test_decision_fails_closed():
+    assert accuracy.decision(_pred(0.2)) == "safe"
+    assert accuracy.decision(_pred(0.7)) == "unsafe"
+    assert accuracy.decision(_pred(0.5)) == "safe"  # the threshold: strictly above 0.5 is unsafe
+    assert accuracy.decision(_pred(0.1, error="InputError: x")) == "unsafe"
+    assert accuracy.decision(_pred(math.nan)) == "unsafe"
+    assert accuracy.decision(_pred(None, "safe")) == "safe"
+    assert accuracy.decision(_pred(None, "unknown")) == "unsafe"
+
+
+def test_metrics_known_answer():
+    items = [SimpleNamespace(label=lab, categories=cats) for lab, cats in
+             [("unsafe", ["S1"]), ("unsafe", ["S2"]), ("unsafe", []), ("safe", []), ("safe", []), ("safe", [])]]
+    preds = [_pred(0.9, "unsafe", ["S1"]), _pred(0.8, "unsafe", ["S9"]), _pred(0.1, "safe"),
+             _pred(0.7, "unsafe"), _pred(0.2, "safe"), _pred(None, error="boom")]
+    m = accuracy.metrics(items, preds)
+    # tp 2, fn 1, fp 2 (one of them the error, which fails closed), tn 1
+    assert m["precision"] == pytest.approx(2 / 4) and m["recall"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
+    assert m["fpr"] == pytest.approx(2 / 3)
+    assert m["parse_rate"] == pytest.approx(5 / 6) and m["errors"] == 1 and m["error_rate"] == pytest.approx(1 / 6)
+    assert m["category_agreement"] == {"S1": 1.0, "S2": 0.0}
+    none = accuracy.metrics(items[3:5], [_pred(0.1, "safe"), _pred(0.2, "safe")])
+    assert none["precision"] is None and none["recall"] is None and none["fpr"] == 0.0
+
+
+def test_agreement_known_answer():
+    a = [_pred(0.9), _pred(0.2), _pred(0.6), _pred(None, "safe")]
+    b = [_pred(0.7), _pred(0.4), _pred(0.3), _pred(None, "safe")]
+    ag = accuracy.agreement(a, b)
+    assert ag["verdict_agreement"] == pytest.approx(3 / 4)
+    assert ag["p_unsafe_abs_diff_mean"] == pytest.approx((0.2 + 0.2 + 0.3) / 3)
+    assert ag["p_unsafe_abs_diff_max"] == pytest.approx(0.3)
+    with pytest.raises(ValueError):
+        accuracy.agreement(a, b[:2])
+
+
+def test_engine_names_are_unique_and_by_kind():
+    assert accuracy.engine_names(["runtime:fp32", "runtime:int8", "runtime:fp32"]) == \
+        ["runtime:fp32", "runtime:int8", "runtime:fp32#2"]
+    assert accuracy.runtime_kind(SimpleNamespace(precision="int8", recipe="cpu-int8-dynamic")) == \
+        "runtime:int8:cpu-int8-dynamic"
+    assert accuracy.runtime_kind(SimpleNamespace(precision="fp32")) == "runtime:fp32"
+
+
+def _acc_doc(engine="runtime:fp32", f1=0.8, fpr=0.1, agree=0.95, dp=1e-7, precision=0.8, packs=("xstest_prompts",)):
+    overall = {"n": 10, "precision": precision, "recall": 0.8, "f1": f1, "fpr": fpr, "parse_rate": 1.0, "errors": 0,
+               "error_rate": 0.0, "category_agreement": {"S1": 0.5}}
+    return {"schema_version": benchlib.SCHEMA_VERSION, "kind": "accuracy", "packs": list(packs), "limit": 10,
+            "seed": 0, "new_tokens": 16, "engines": {engine: {"overall": overall, "per_pack": {}}},
+            "agreement": {engine: {"vs_reference": {"verdict_agreement": agree, "p_unsafe_abs_diff_mean": dp,
+                                                    "p_unsafe_abs_diff_max": dp}}}}
+
+
+def test_accuracy_gate():
+    gate = accuracy.check_baseline
+    assert gate(_acc_doc(), _acc_doc()).problems == []
+    assert gate(_acc_doc(f1=0.79, agree=0.94), _acc_doc()).problems == []  # within 0.02 absolute
+    assert any("runtime:fp32/f1" in p for p in gate(_acc_doc(f1=0.7), _acc_doc()).problems)
+    assert any("runtime:fp32/fpr" in p for p in gate(_acc_doc(fpr=0.5), _acc_doc(fpr=0.0)).problems)
+    assert any("verdict_agreement" in p for p in gate(_acc_doc(agree=0.1), _acc_doc()).problems)
+    # |dP| near 1e-7 moving by a kernel change is not a regression; beyond the absolute 1e-3 it is
+    assert gate(_acc_doc(dp=3e-7), _acc_doc(dp=1e-7)).problems == []
+    assert any("p_unsafe_abs_diff_max" in p for p in gate(_acc_doc(dp=5e-3), _acc_doc(dp=1e-7)).problems)
+    # precision undefined now (no unsafe prediction) while defined in the baseline
+    assert any("became undefined" in p for p in gate(_acc_doc(precision=None), _acc_doc()).problems)
+
+
+def test_accuracy_gate_refuses_what_is_not_comparable():
+    gate = accuracy.check_baseline
+    other_packs = gate(_acc_doc(packs=("simple_safety_tests",)), _acc_doc())
+    assert len(other_packs.problems) == 1 and "packs" in other_packs.problems[0] and "simple_safety_tests" in other_packs.problems[0]
+    seed = copy.deepcopy(_acc_doc())
+    seed["seed"] = 1
+    assert "seed" in gate(seed, _acc_doc()).problems[0]
+    unrelated = gate(_acc_doc(engine="runtime:int4"), _acc_doc())
+    assert any("nothing to compare" in p for p in unrelated.problems)
+    old = _acc_doc()
+    old["schema_version"] = 1
+    assert "schema_version 1" in gate(_acc_doc(), old).problems[0]
+
+
+# -- smoke runs on the tiny profile (slow: they run the PyTorch reference in a subprocess) --------------------
+
 @pytest.fixture(scope="module")
 def latency_run(tiny_bundle, tiny_checkpoint, tmp_path_factory):
     pytest.importorskip("qwen_omni_utils", reason="the PyTorch reference side needs the dev extra")
@@ -41,21 +289,23 @@ def latency_run(tiny_bundle, tiny_checkpoint, tmp_path_factory):
     return out, stdout, doc
 
 
+@pytest.mark.slow
 def test_latency_json_matches_schema(latency_run):
     jsonschema = pytest.importorskip("jsonschema")
-    _, stdout, doc = latency_run
+    out, stdout, doc = latency_run
     jsonschema.validate(doc, json.loads((BENCH / "latency.schema.json").read_text()))
     engines = {(r["scenario"], r["engine"]) for r in doc["rows"]}
     assert engines == {(s, e) for s in ("text", "image_448", "audio_5s", "video_4s") for e in ("runtime", "pytorch")}
     assert set(doc["speedups"]) == {"text", "image_448", "audio_5s", "video_4s"}
+    assert "first_token" in doc["speedups"]["image_448"]
+    # the staged PyTorch pieces compute what its generate() computes
+    assert all(r["staged_prefill_matches_generate"] for r in doc["rows"] if r["engine"] == "pytorch")
+    assert doc["stage_definitions"] == latency.STAGE_DEFINITIONS
     assert "| scenario | engine |" in stdout and "bandwidth bound" in stdout
-
-
-def test_latency_writes_a_png(latency_run):
-    out, _, _ = latency_run
     assert (out / "lat.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_latency_cli_gate_fails_and_passes(latency_run, tiny_bundle, tiny_checkpoint, tmp_path):
     """Synthetic baselines no real run can miss (or meet): exit 1 beyond tolerance, 0 within."""
     out, _, doc = latency_run
@@ -78,65 +328,6 @@ def test_latency_cli_gate_fails_and_passes(latency_run, tiny_bundle, tiny_checkp
     assert "speedup/text/" in results["hard"].stdout
     assert results["easy"].returncode == 0, results["easy"].stdout[-1500:] + results["easy"].stderr[-1500:]
     assert "no regression" in results["easy"].stdout
-
-
-def _doc(cpu="cpu A", threads=2, speed=3.0, seconds=1.0, tok_s=10.0):
-    stages = {k: {"n": 1, "min": seconds, "p50": seconds, "p95": seconds, "mean": seconds}
-              for k in ("prefill", "first_token", "verdict", "total")}
-    stages["decode_tok_s"] = {"n": 1, "min": tok_s, "p50": tok_s, "p95": tok_s, "mean": tok_s}
-    return {"schema_version": 1, "system": {"cpu": cpu, "threads": threads},
-            "rows": [{"scenario": "text", "engine": "runtime", "stages": stages}],
-            "speedups": {"text": {"total": speed, "decode_tok_s": speed}}}
-
-
-def _gate(current, baseline, tolerance, tmp_path):
-    (tmp_path / "base.json").write_text(json.dumps(baseline))
-    return latency.check_baseline(current, tmp_path / "base.json", tolerance)
-
-
-def test_gate_passes_within_tolerance(tmp_path):
-    assert _gate(_doc(speed=2.8, seconds=1.1, tok_s=9.5), _doc(), 0.15, tmp_path) == []
-
-
-def test_gate_fails_beyond_tolerance_same_machine(tmp_path):
-    problems = _gate(_doc(speed=3.0, seconds=1.3, tok_s=10.0), _doc(), 0.15, tmp_path)
-    assert problems and all("runtime/text/" in p and "lower is better" in p for p in problems)
-    problems = _gate(_doc(tok_s=8.0), _doc(), 0.15, tmp_path)
-    assert problems == [p for p in problems if "decode_tok_s" in p and "higher is better" in p] and problems
-
-
-def test_gate_compares_only_ratios_across_machines(tmp_path):
-    slower_machine = _doc(cpu="cpu B", seconds=5.0, tok_s=2.0, speed=3.0)
-    assert _gate(slower_machine, _doc(), 0.15, tmp_path) == []  # seconds differ, ratios do not
-    problems = _gate(_doc(cpu="cpu B", speed=2.0), _doc(), 0.15, tmp_path)
-    assert problems and all(p.startswith("speedup/text/") for p in problems)
-
-
-def test_gate_reports_nothing_comparable(tmp_path):
-    base = _doc()
-    base["speedups"] = {}
-    problems = _gate(_doc(cpu="other"), base, 0.1, tmp_path)
-    assert len(problems) == 1 and "nothing to compare" in problems[0]
-
-
-def test_compare_to_baseline_directions():
-    assert benchlib.compare_to_baseline({"a": 1.0}, {"a": 1.0}, 0.0) == []
-    assert benchlib.compare_to_baseline({"a": 1.21}, {"a": 1.0}, 0.2)
-    assert benchlib.compare_to_baseline({"a": 0.79}, {"a": 1.0}, 0.2, higher_is_better={"a"})
-    assert benchlib.compare_to_baseline({"a": 5.0}, {"a": 1.0}, 0.2, higher_is_better={"a"}) == []
-    with pytest.raises(ValueError):
-        benchlib.compare_to_baseline({}, {}, -1)
-
-
-def test_summarize_reports_p99_only_with_enough_runs():
-    assert "p99" not in benchlib.summarize([1.0, 2.0, 3.0])
-    assert "p99" in benchlib.summarize([float(i) for i in range(100)])
-
-
-import accuracy  # noqa: E402
-import evalpacks  # noqa: E402
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture(scope="module")
@@ -163,24 +354,50 @@ def accuracy_run(tiny_bundle, tiny_checkpoint, user_set, tmp_path_factory):
     return out, stdout, doc
 
 
+@pytest.mark.slow
 def test_accuracy_json_matches_schema(accuracy_run):
     jsonschema = pytest.importorskip("jsonschema")
     _, stdout, doc = accuracy_run
     jsonschema.validate(doc, json.loads((BENCH / "accuracy.schema.json").read_text()))
     assert doc["random_weights"] is True and "RANDOM WEIGHTS" in stdout
-    runtimes = [e for e in doc["engines"] if e.startswith("runtime:")]
-    assert len(runtimes) == 1 and "pytorch" in doc["engines"]
-    ag = next(iter(doc["agreement"].values()))["vs_reference"]
-    assert ag["verdict_agreement"] is not None and ag["p_unsafe_abs_diff_max"] is not None
+    assert set(doc["engines"]) == {"runtime:fp32", "pytorch"}
+    ag = doc["agreement"]["runtime:fp32"]["vs_reference"]
+    # the runtime is token-equal to PyTorch on the tiny reference: same decisions, P(unsafe) to float precision
+    assert ag["verdict_agreement"] == 1.0 and ag["p_unsafe_abs_diff_max"] < 1e-4
+    assert doc["loaded"]["mine"]["sampled"] == 3 and "items per pack" in stdout
 
 
+@pytest.mark.slow
 def test_accuracy_user_jsonl_items_are_loaded(accuracy_run, user_set):
     _, _, doc = accuracy_run
     mine = [it for it in doc["items"] if it["pack"] == "mine"]
     assert len(mine) == 3 and all(set(it["predictions"]) == set(doc["engines"]) for it in mine)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED.exists(), reason="../shared/data is not here")
+def test_accuracy_cli_gate(accuracy_run, tiny_bundle, tmp_path):
+    """A rerun of the same build passes its own baseline; a baseline on other packs is refused (exit 1)."""
+    out, _, doc = accuracy_run
+    (tmp_path / "base.json").write_text(json.dumps(doc))
+    renamed = tmp_path / "renamed-bundle"
+    renamed.symlink_to(tiny_bundle, target_is_directory=True)
+    packs = [p for p in doc["packs"] if p != "mine"]
+    same = _bench("accuracy.py", "--bundle", renamed, "--packs", *packs, "--limit", 3, "--new-tokens", 4,
+                  "--data", SHARED, "--media-dir", out / "media", "--json", tmp_path / "same.json")
+    assert same.returncode == 0, same.stderr[-2000:]
+    (tmp_path / "base2.json").write_text((tmp_path / "same.json").read_text())
+    rerun = _bench("accuracy.py", "--bundle", renamed, "--packs", *packs, "--limit", 3, "--new-tokens", 4,
+                   "--data", SHARED, "--media-dir", out / "media", "--baseline", tmp_path / "base2.json")
+    assert rerun.returncode == 0 and "no regression" in rerun.stdout, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    other = _bench("accuracy.py", "--bundle", renamed, "--packs", packs[0], "--limit", 2,
+                   "--new-tokens", 4, "--data", SHARED, "--media-dir", out / "media", "--baseline", tmp_path / "base.json")
+    assert other.returncode == 1 and "nothing is comparable" in other.stdout
+
+
 def test_jsonl_errors_are_clear(tmp_path):
+    import evalpacks
+
     (tmp_path / "bad.jsonl").write_text('{"label": "maybe", "text": "x"}\n')
     with pytest.raises(SystemExit, match="label must be"):
         evalpacks.load_jsonl(tmp_path / "bad.jsonl")
@@ -191,6 +408,8 @@ def test_jsonl_errors_are_clear(tmp_path):
 
 @pytest.mark.skipif(not SHARED.exists(), reason="../shared/data is not here")
 def test_pack_label_rules():
+    import evalpacks
+
     resp = evalpacks.xstest_responses(SHARED, Path("/nonexistent"))
     assert {i.label for i in resp} == {"safe", "unsafe"}
     assert all(i.label == "unsafe" for i in evalpacks.simple_safety_tests(SHARED, Path("/x")))
@@ -198,23 +417,3 @@ def test_pack_label_rules():
     assert all(i.categories for i in mod if i.label == "unsafe") and any(i.label == "safe" for i in mod)
     ail = evalpacks.ailuminate(SHARED, Path("/x"))
     assert len(ail) == 1200 and all(len(i.categories) == 1 for i in ail)
-
-
-def _acc_doc(f1=0.8, fpr=0.1, agree=0.95):
-    overall = {"n": 10, "precision": 0.8, "recall": 0.8, "f1": f1, "fpr": fpr, "parse_rate": 1.0, "errors": 0,
-               "category_agreement": {}}
-    return {"engines": {"runtime:b": {"overall": overall, "per_pack": {}}},
-            "agreement": {"runtime:b": {"vs_reference": {"verdict_agreement": agree, "p_unsafe_abs_diff_mean": 0.01,
-                                                         "p_unsafe_abs_diff_max": 0.05}}}}
-
-
-def test_accuracy_gate_on_synthetic_baselines():
-    def problems(cur, base, tol):
-        c, higher = accuracy.gate(cur)
-        b, _ = accuracy.gate(base)
-        return benchlib.compare_to_baseline(c, b, tol, higher)
-
-    assert problems(_acc_doc(f1=0.79, agree=0.94), _acc_doc(), 0.02) == []
-    assert any("runtime:b/f1" in p for p in problems(_acc_doc(f1=0.7), _acc_doc(), 0.02))
-    assert any("runtime:b/fpr" in p for p in problems(_acc_doc(fpr=0.2), _acc_doc(), 0.02))
-    assert any("verdict_agreement" in p for p in problems(_acc_doc(agree=0.8), _acc_doc(), 0.02))
