@@ -232,6 +232,10 @@ def check_baseline(doc: dict, baseline_path: Path, tolerance: float, floor: floa
             f"{baseline_path} has schema_version {base.get('schema_version')}, this latency.py writes "
             f"{benchlib.SCHEMA_VERSION}: the stage definitions changed in between (see STAGE_DEFINITIONS), so its "
             "figures are not comparable; record a new baseline with this version"])
+    if base.get("budgets") != doc.get("budgets"):
+        return benchlib.GateResult(problems=[
+            f"the baseline answered other budgets ({base.get('budgets')}, this run {doc.get('budgets')}): verdict, "
+            "total and decode figures are not comparable; use the same --new-tokens and --verdict-tokens"])
     cur, ref, notes = gate_metrics(doc, base, tolerance, floor)
     result = benchlib.compare_metrics(cur, ref)
     result.notes[:0] = notes

@@ -83,7 +83,7 @@ def run_demo(workdir: Path, profile: str = "tiny", shared: Path = Path("../share
     ]
     print(f"\nRANDOM WEIGHTS: the '{profile}' reference checkpoint is untrained; its verdicts mean nothing.\n"
           "This demo shows the pipeline end to end and its timings; use a real OmniGuard checkpoint for verdicts.\n")
-    stages = ["preprocess", "vision", "audio", "embed", "prefill", "first_token", "decode", "total"]
+    stages = ["preprocess", "vision", "audio", "prompt", "embed", "prefill", "first_token", "decode", "total"]
     print(f"| case | verdict | P(unsafe) | prompt tok | gen tok | " + " | ".join(f"{s} ms" for s in stages) + " |")
     print("|---" * (5 + len(stages)) + "|")
     failed = 0

@@ -233,6 +233,8 @@ class Guard:
         feats = self._encode(prep, timings)
         t = time.perf_counter()
         ids = self._prompt_ids(conv, prep, feats)
+        timings["prompt"] = time.perf_counter() - t
+        t = time.perf_counter()
         budget = self.options.critique_max_new_tokens if self.options.critique else self.options.max_new_tokens
         limit = self.options.max_prompt_tokens or self.bundle.manifest.decoder["max_position_embeddings"] - budget
         if len(ids) > limit:

@@ -147,6 +147,13 @@ def test_gate_reports_nothing_comparable(tmp_path):
     assert len(result.problems) == 1 and "nothing to compare" in result.problems[0]
 
 
+def test_gate_refuses_other_budgets(tmp_path):
+    cur, base = _lat_doc(), _lat_doc()
+    cur["budgets"], base["budgets"] = {"new_tokens": 32, "verdict_tokens": 4}, {"new_tokens": 16, "verdict_tokens": 4}
+    result = _lat_gate(cur, base, tmp_path)
+    assert len(result.problems) == 1 and "budgets" in result.problems[0]
+
+
 def test_gate_refuses_an_old_schema(tmp_path):
     base = _lat_doc()
     base["schema_version"] = 1
@@ -309,23 +316,27 @@ def test_latency_json_matches_schema(latency_run):
 def test_latency_cli_gate_fails_and_passes(latency_run, tiny_bundle, tiny_checkpoint, tmp_path):
     """Synthetic baselines no real run can miss (or meet): exit 1 beyond tolerance, 0 within."""
     out, _, doc = latency_run
-    hard, easy = copy.deepcopy(doc), copy.deepcopy(doc)
-    for ratios in hard["speedups"].values():
-        ratios.update({k: 1e9 for k in ratios})  # no run is a billion times faster than PyTorch
-    for ratios in easy["speedups"].values():
-        ratios.update({k: 1e-9 for k in ratios})
-    for r in easy["rows"]:
-        for name, s in r["stages"].items():
-            s["p50"] = 1e-9 if name == "decode_tok_s" else 1e9
+    hard, easy, other = copy.deepcopy(doc), copy.deepcopy(doc), copy.deepcopy(doc)
+    for base, fast in ((hard, True), (easy, False)):  # same machine: the runtime's own seconds are gated
+        for r in base["rows"]:
+            for name, s in r["stages"].items():
+                tok_s = name == "decode_tok_s"
+                value = (1e9 if tok_s else 1e-9) if fast else (1e-9 if tok_s else 1e9)
+                s.update(p50=value, min=value, max=value)
+    other["system"]["cpu"] = "another CPU"  # another machine: only ratios, and none is a billion
+    for ratios in other["speedups"].values():
+        ratios.update({k: 1e9 for k in ratios})
     results = {}
-    for name, base in (("hard", hard), ("easy", easy)):
+    for name, base in (("hard", hard), ("easy", easy), ("other", other)):
         (tmp_path / f"{name}.json").write_text(json.dumps(base))
         results[name] = _bench(
             "latency.py", "--bundle", tiny_bundle, "--reference", tiny_checkpoint, "--scenarios", "text", "--runs", 1,
-            "--warmup", 0, "--new-tokens", 4, "--verdict-tokens", 2, "--probe-seconds", 0.1, "--media-dir", out / "media",
+            "--warmup", 0, "--new-tokens", 6, "--verdict-tokens", 2, "--probe-seconds", 0.1, "--media-dir", out / "media",
             "--baseline", tmp_path / f"{name}.json", "--tolerance", 0.2)
     assert results["hard"].returncode == 1 and "REGRESSION" in results["hard"].stdout
-    assert "speedup/text/" in results["hard"].stdout
+    assert "runtime/text/prefill" in results["hard"].stdout and "pytorch/" not in results["hard"].stdout
+    assert results["other"].returncode == 1 and "speedup/text/" in results["other"].stdout
+    assert "another machine" in results["other"].stdout and "runtime/text/" not in results["other"].stdout
     assert results["easy"].returncode == 0, results["easy"].stdout[-1500:] + results["easy"].stderr[-1500:]
     assert "no regression" in results["easy"].stdout
 
