@@ -1,10 +1,12 @@
 # The README's two commands: `make demo` and `make test`. Each sets up .venv first if needed.
+# `make test` skips the tests marked slow (benchmark smoke runs); `make test-all` runs everything (CI does);
+# `make test-runtime` runs the suite in a runtime-only venv (no torch) against a freshly exported tiny bundle.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/omniguard-edge
 ART ?= artifacts
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-all test-runtime clean
 
 setup: $(VENV)/.installed
 
@@ -23,7 +25,13 @@ demo: setup
 	$(CLI) demo --workdir $(ART) --profile tiny
 
 test: setup
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: setup
 	$(PY) -m pytest -q
 
+test-runtime: setup
+	.ci/run runtime
+
 clean:
-	rm -rf $(ART)
+	rm -rf $(ART) .venv-runtime
