@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch", reason="needs the export extra (torch/transformers)")
+transformers = pytest.importorskip("transformers", reason="needs the export extra (torch/transformers)")
 
 from omniguard_edge.export.reference import write_reference  # noqa: E402
 from omniguard_edge.runtime.errors import CheckpointError  # noqa: E402
