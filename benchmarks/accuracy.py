@@ -57,7 +57,7 @@ def predict_runtime(bundle: Path, items, args, bar) -> list[dict]:
 
 def predict_reference(checkpoint: Path, items, args, bar) -> list[dict]:
     """The shared PyTorch reference (omniguard_edge.export.torch_reference): thinker.generate on the official
-    preprocessing, P(unsafe) from the first step's scores."""
+    preprocessing, P(unsafe) from the first step's raw logits."""
     from omniguard_edge.export.torch_reference import Media, Reference
     from omniguard_edge.runtime.verdict import parse
 
@@ -66,9 +66,9 @@ def predict_reference(checkpoint: Path, items, args, bar) -> list[dict]:
     for it in items:
         media = Media.load(image=it.image, video=it.video, audio=it.audio)
         inputs = ref.inputs(guard_text(it), media)
-        tokens, first_scores = ref.generate(inputs, args.new_tokens, scores=True)
+        tokens, first_logits = ref.generate(inputs, args.new_tokens, logits=True)
         parsed = parse(ref.tokenizer.decode(tokens, skip_special_tokens=True))
-        out.append({"verdict": parsed.verdict, "p_unsafe": ref.p_unsafe(first_scores),
+        out.append({"verdict": parsed.verdict, "p_unsafe": ref.p_unsafe(first_logits),
                     "categories": list(parsed.categories), "error": None})
         bar.update(1)
     return out
@@ -120,8 +120,9 @@ def agreement(a: list[dict], b: list[dict]) -> dict:
     if len(a) != len(b):
         raise ValueError(f"agreement needs predictions of the same items ({len(a)} vs {len(b)})")
     same = [decision(x) == decision(y) for x, y in zip(a, b)]
-    diffs = [abs(x["p_unsafe"] - y["p_unsafe"]) for x, y in zip(a, b)
-             if x["p_unsafe"] is not None and y["p_unsafe"] is not None]
+    # a non-finite P(unsafe) on one side is the largest possible disagreement, not a skipped item
+    diffs = [abs(x["p_unsafe"] - y["p_unsafe"]) if math.isfinite(x["p_unsafe"]) and math.isfinite(y["p_unsafe"])
+             else 1.0 for x, y in zip(a, b) if x["p_unsafe"] is not None and y["p_unsafe"] is not None]
     return {"verdict_agreement": sum(same) / len(same) if same else None,
             "p_unsafe_abs_diff_mean": sum(diffs) / len(diffs) if diffs else None,
             "p_unsafe_abs_diff_max": max(diffs) if diffs else None}
@@ -134,6 +135,19 @@ def engine_names(kinds: list[str]) -> list[str]:
         seen[kind] = seen.get(kind, 0) + 1
         out.append(kind if seen[kind] == 1 else f"{kind}#{seen[kind]}")
     return out
+
+
+def model_identity(manifest) -> str:
+    """What a runtime engine ran, beyond its precision: the source checkpoint's config hash and the embedding
+    table's dtype (a renamed or copied bundle keeps both)."""
+    return f"config {manifest.source.get('config_sha256', '?')[:16]}, embedding {manifest.embedding.get('dtype')}"
+
+
+def reference_identity(checkpoint: Path) -> str:
+    """The PyTorch engine's model: its checkpoint's config hash (as a bundle's manifest records it)."""
+    import hashlib
+
+    return f"config {hashlib.sha256((Path(checkpoint) / 'config.json').read_bytes()).hexdigest()[:16]}, fp32"
 
 
 def runtime_kind(manifest) -> str:
@@ -178,10 +192,23 @@ def check_baseline(doc: dict, base: dict, rate_tolerance: float = 0.02, p_tolera
             f"the baseline has schema_version {base.get('schema_version')}, this accuracy.py writes "
             f"{benchlib.SCHEMA_VERSION} (engine keys and metrics changed): record a new baseline"])
     differ = [f"{k}: baseline {base.get(k)!r}, this run {doc.get(k)!r}" for k in CONFIG_KEYS if base.get(k) != doc.get(k)]
+    items = {pk: (r or {}).get("items_sha256") for pk, r in base.get("loaded", {}).items()}
+    now = {pk: (r or {}).get("items_sha256") for pk, r in doc.get("loaded", {}).items()}
+    differ += [f"pack {pk}: other items (ids, labels and inputs hash {items[pk]} in the baseline, {now.get(pk)} now)"
+               for pk in sorted(items) if pk in now and items[pk] != now[pk]]
     if differ:
         return benchlib.GateResult(problems=["the baseline was made on other items, so nothing is comparable: "
                                              + "; ".join(differ)])
-    result = benchlib.compare_metrics(gate_metrics(doc, rate_tolerance, p_tolerance), gate_values(base))
+    models = [f"{e}: baseline {base['engines'][e].get('model')}, this run {doc['engines'][e].get('model')}"
+              for e in sorted(set(base["engines"]) & set(doc["engines"]))
+              if base["engines"][e].get("model") != doc["engines"][e].get("model")]
+    if models:
+        return benchlib.GateResult(problems=["an engine of the same name ran another model or embedding dtype, so "
+                                             "it is not comparable: " + "; ".join(models)])
+    # every metric of the baseline must be measured again: a run without --reference or without a bundle
+    # the baseline had cannot pass by leaving those comparisons out
+    result = benchlib.compare_metrics(gate_metrics(doc, rate_tolerance, p_tolerance), gate_values(base),
+                                      require_all=True)
     if not set(doc["engines"]) & set(base["engines"]):
         result.problems.insert(0, f"no engine in common: baseline {sorted(base['engines'])}, this run "
                                   f"{sorted(doc['engines'])}")
@@ -231,7 +258,7 @@ def main(argv=None) -> int:
             random_weights |= bool(m.source.get("reference_checkpoint"))
             if m.precision == "fp32" and fp32 is None:
                 fp32 = name
-            bundles[name] = str(bundle)
+            bundles[name] = {"bundle": str(bundle), "model": model_identity(m)}
             preds[name] = predict_runtime(bundle, items, args, bar)
         if args.reference:
             random_weights |= (args.reference / "REFERENCE.md").exists()
@@ -241,7 +268,8 @@ def main(argv=None) -> int:
     for name, pr in preds.items():
         per_pack = {pk: metrics([i for i in items if i.pack == pk], [x for i, x in zip(items, pr) if i.pack == pk])
                     for pk in packs}
-        engines[name] = {"overall": metrics(items, pr), "per_pack": per_pack, "bundle": bundles.get(name)}
+        engines[name] = {"overall": metrics(items, pr), "per_pack": per_pack,
+                         **bundles.get(name, {"bundle": None, "model": reference_identity(args.reference)})}
     agree = {}
     for name, pr in preds.items():
         if name == "pytorch":

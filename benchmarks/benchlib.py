@@ -147,8 +147,20 @@ def dir_size_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 1e6
 
 
+def finite_or_none(obj):
+    """The document with every NaN or infinity replaced by None: JSON has no NaN, and a reader must see
+    'undefined', not a number."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
 def write_json(path: Path | None, doc: dict) -> None:
-    text = json.dumps(doc, indent=2, sort_keys=True)
+    text = json.dumps(finite_or_none(doc), indent=2, sort_keys=True, allow_nan=False)
     if path is None:
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -206,16 +218,23 @@ def _regressed(cur: Metric, base: float) -> bool:
     return worse
 
 
-def compare_metrics(current: dict[str, Metric], baseline: dict[str, float | None]) -> GateResult:
+def compare_metrics(current: dict[str, Metric], baseline: dict[str, float | None],
+                    require_all: bool = False) -> GateResult:
     """Every metric of the baseline against this run. A metric that was defined in the baseline and is
-    undefined (None) or non-finite now is a problem; one missing on either side is noted, not compared; if
-    no metric is shared at all the gate fails ("nothing to compare") instead of passing vacuously."""
+    undefined (None) or non-finite now is a problem; one missing on either side is noted, not compared (with
+    `require_all`, one the baseline has and this run lacks is a problem); if no metric is shared at all the
+    gate fails ("nothing to compare") instead of passing vacuously."""
     out = GateResult()
     for key in sorted(set(current) | set(baseline)):
+        if key not in current and require_all and baseline[key] is not None:
+            out.problems.append(f"{key}: in the baseline ({baseline[key]:.4g}) but not measured in this run")
+            continue
         if key not in current or key not in baseline:
             out.notes.append(f"{key}: only in the {'baseline' if key in baseline else 'current run'}, not compared")
             continue
         cur, base = current[key], baseline[key]
+        if base is not None and not math.isfinite(base):
+            base = None  # a NaN baseline compares false with everything: it would pass any value
         if base is None and cur.value is None:
             out.notes.append(f"{key}: undefined in both runs")
             continue

@@ -331,6 +331,18 @@ def load_jsonl(path: Path) -> list[Item]:
     return items
 
 
+def items_digest(items: list[Item]) -> str:
+    """sha256 over what the items are: ids, labels, categories, texts and the bytes of every media file (so a
+    pack whose code, source rows, rendering font or generated media changed is told apart from the same
+    pack of the same name)."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(json.dumps([it.id, it.label, it.categories, it.text, it.response], ensure_ascii=False).encode())
+        for path in (it.image, it.audio, it.video):
+            h.update(hashlib.sha256(Path(path).read_bytes()).digest() if path else b"-")
+    return h.hexdigest()
+
+
 def load_with_report(packs: list, data: Path, media_dir: Path, limit: int | None,
                      seed: int) -> tuple[list[Item], dict[str, dict]]:
     """Items of the named packs (or JSONL files), at most `limit` per pack sampled with `seed` before any
@@ -363,7 +375,7 @@ def load_with_report(packs: list, data: Path, media_dir: Path, limit: int | None
             raise SystemExit(f"pack {name!r} is given twice (a .jsonl file's pack name is its stem)")
         chosen = [src.build(c, media_dir) for c in pick(src.kept)]
         report[name] = {"source_rows": src.rows, "kept": len(src.kept), "dropped": dict(sorted(src.dropped.items())),
-                        "sampled": len(chosen)}
+                        "sampled": len(chosen), "items_sha256": items_digest(chosen)}
         items += chosen
     return items, report
 

@@ -47,7 +47,7 @@ STAGE_DEFINITIONS = {
                    "takes no logits_to_keep, applies the LM head to every prompt position: that extra work is part "
                    "of the PyTorch seed path and is counted, not hidden)",
     "verdict": "end to end, from the call to the first --verdict-tokens generated tokens (verdict + categories)",
-    "total": "end to end, from the call to the full --new-tokens answer",
+    "total": "end to end, from the call to the last token of the --new-tokens answer",
     "decode_tok_s": "generated tokens after the first, per second between the first and the last token",
 }
 GATED = ["vision", "audio", "prefill", "first_token", "verdict", "total"]  # the runtime's own seconds
@@ -70,25 +70,33 @@ def run_runtime(bundle: Path, chosen: dict, args) -> tuple[list[dict], dict]:
                 raise SystemExit(f"runtime failed on {sc.name}: {r.error}")
             if run < args.warmup:
                 continue
-            for k, v in runtime_stage_samples(r.timings, r.token_times, args.verdict_tokens).items():
+            try:
+                figures = runtime_stage_samples(r.timings, r.token_times, args.verdict_tokens)
+            except ValueError as exc:
+                raise SystemExit(f"runtime on {sc.name}: {exc}") from exc
+            for k, v in figures.items():
                 samples[k].append(v)
         rows.append({"scenario": sc.name, "engine": "runtime", "prompt_tokens": r.prompt_tokens,
                      "stages": {k: benchlib.summarize(v) for k, v in samples.items()}})
-    info = {"providers": guard.bundle.providers, "precision": guard.bundle.manifest.precision}
+    m = guard.bundle.manifest
+    info = {"providers": guard.bundle.providers, "precision": m.precision,
+            "config_sha256": m.source.get("config_sha256"), "embedding_dtype": m.embedding.get("dtype")}
     return rows, info
 
 
 def runtime_stage_samples(timings: dict, token_times: list[float], verdict_tokens: int) -> dict:
-    """One moderation's figures under STAGE_DEFINITIONS, from the Guard's timings (seconds per part) and
-    token times (seconds from the start of prefill to each generated token)."""
+    """One moderation's figures under STAGE_DEFINITIONS, from the Guard's timings (seconds per part;
+    `generate_start`: from the call to the start of prefill) and token times (seconds from the start of
+    prefill to each generated token)."""
+    if len(token_times) < verdict_tokens:
+        raise ValueError(f"{len(token_times)} tokens generated, fewer than --verdict-tokens {verdict_tokens}")
     t = timings
     out = {"preprocess": t.get("preprocess", 0.0) + t.get("prompt", 0.0)}
     out.update({k: t.get(k, 0.0) for k in ("vision", "audio", "embed", "prefill")})
-    # everything before prefill, gaps included: the call's total minus the generation loop
-    before = t["total"] - t["decode"]
+    before = t["generate_start"]  # everything before prefill, gaps included
     out["first_token"] = before + token_times[0]
-    out["verdict"] = before + token_times[min(verdict_tokens, len(token_times)) - 1]
-    out["total"] = t["total"]
+    out["verdict"] = before + token_times[verdict_tokens - 1]
+    out["total"] = before + token_times[-1]  # to the last token, as PyTorch's (no detokenizing or parsing)
     span = token_times[-1] - token_times[0]
     out["decode_tok_s"] = (len(token_times) - 1) / span if span > 0 else float("nan")
     return out
@@ -142,8 +150,8 @@ def speedups(rows: list[dict], floor: float, stat: str = "p50") -> dict:
         ratios = {}
         for stage in RATIO_STAGES:
             a, b = row["stages"].get(stage, {}).get(stat), ref["stages"].get(stage, {}).get("p50")
-            if a is not None and b is not None and a >= floor and b >= floor:
-                ratios[stage] = b / a
+            # every key is written (other tools read them); None where a side is under the floor
+            ratios[stage] = b / a if a is not None and b is not None and a >= floor and b >= floor else None
         a = row["stages"]["decode_tok_s"]["max" if stat == "min" else stat]
         b = ref["stages"]["decode_tok_s"]["p50"]
         ratios["decode_tok_s"] = a / b if b and math.isfinite(a) and math.isfinite(b) else None
@@ -165,19 +173,37 @@ def bounds(bundle: Path, rows: list[dict], probe: dict) -> dict:
     # attention score FLOPs are left out, which only lowers the bound's time: it stays a bound
     params = weight_bytes / 4 - head if m.precision == "fp32" else None
     bound_tok_s = probe["bandwidth_gb_s"] * 1e9 / weight_bytes
+    cache = _last_level_cache_bytes()
+    in_cache = weight_bytes <= cache
     out = {"decoder_weight_bytes": weight_bytes, "bandwidth_bound_tok_s": bound_tok_s, "per_scenario": {},
-           "exceeded": []}
+           "exceeded": [], "weights_fit_in_cache": in_cache, "last_level_cache_bytes": cache}
     for r in rows:
+        if r["engine"] != "runtime" and m.precision != "fp32":
+            continue  # PyTorch reads fp32 weights: the bundle's bytes bound only an fp32 bundle's peer
         tok_s = r["stages"]["decode_tok_s"]["max"]  # the best run: a bound must hold for every run
         entry = {"decode_fraction_of_bandwidth_bound": tok_s / bound_tok_s if math.isfinite(tok_s) else None}
         if params:
             flops = 2 * params * r["prompt_tokens"] + 2 * head
             entry["prefill_fraction_of_compute_bound"] = flops / (probe["matmul_gflop_s"] * 1e9) / r["stages"]["prefill"]["min"]
         for k, v in entry.items():
+            if in_cache and k.startswith("decode"):
+                continue  # DRAM bandwidth bounds no decode whose weights sit in the cache (the tiny profile)
             if v is not None and v > 1:
                 out["exceeded"].append(f"{r['scenario']}/{r['engine']}: {k} = {v:.2f}")
         out["per_scenario"].setdefault(r["scenario"], {})[r["engine"]] = entry
     return out
+
+
+def _last_level_cache_bytes() -> int:
+    """The largest CPU cache this machine reports (sysfs), or 64 MiB when it says nothing."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = f.read_text().strip()
+            sizes.append(int(text[:-1]) * {"K": 1024, "M": 1024**2}[text[-1]] if text[-1] in "KM" else int(text))
+        except (OSError, ValueError):
+            pass
+    return max(sizes, default=64 * 1024**2)
 
 
 def gate_metrics(doc: dict, base: dict, tolerance: float, floor: float) -> tuple[dict, dict, list[str]]:
@@ -193,11 +219,13 @@ def gate_metrics(doc: dict, base: dict, tolerance: float, floor: float) -> tuple
         for scenario, ratios in doc.get("speedups", {}).items():
             best = doc.get("speedups_best", {}).get(scenario, {})
             for stage, value in ratios.items():
-                cur[f"speedup/{scenario}/{stage}"] = benchlib.Metric(value, tolerance, higher_is_better=True,
-                                                                      best=best.get(stage))
+                if value is not None:  # None: a side under the floor (or no decode): nothing to compare
+                    cur[f"speedup/{scenario}/{stage}"] = benchlib.Metric(value, tolerance, higher_is_better=True,
+                                                                          best=best.get(stage))
         for scenario, ratios in base.get("speedups", {}).items():
             for stage, value in ratios.items():
-                ref[f"speedup/{scenario}/{stage}"] = value
+                if value is not None:
+                    ref[f"speedup/{scenario}/{stage}"] = value
         return cur, ref, notes
     notes.append("baseline from this machine (same CPU, flags, threads): the runtime's own seconds are compared; "
                  "runtime/PyTorch ratios are not, so a PyTorch-only change cannot fail or hide anything")
@@ -212,6 +240,13 @@ def gate_metrics(doc: dict, base: dict, tolerance: float, floor: float) -> tuple
                 continue
             key = f"runtime/{r['scenario']}/{stage}"
             if stage == "decode_tok_s":
+                # the floor applies to the decode span, (tokens - 1) / rate: 31 tiny-model steps take ~6 ms
+                steps = doc["budgets"]["new_tokens"] - 1
+                spans = [steps / v for v in (now["p50"], then["p50"]) if v and math.isfinite(v)]
+                if spans and max(spans) < floor:
+                    notes.append(f"{key}: the decode span is under the {floor * 1e3:g} ms floor in both runs: "
+                                 "not compared")
+                    continue
                 cur[key] = benchlib.Metric(now["p50"], tolerance, higher_is_better=True, best=now["max"])
             elif max(now["p50"], then["p50"]) < floor:
                 notes.append(f"{key}: {now['p50'] * 1e3:.2f} ms now, {then['p50'] * 1e3:.2f} ms in the baseline, both "
@@ -232,6 +267,12 @@ def check_baseline(doc: dict, baseline_path: Path, tolerance: float, floor: floa
             f"{baseline_path} has schema_version {base.get('schema_version')}, this latency.py writes "
             f"{benchlib.SCHEMA_VERSION}: the stage definitions changed in between (see STAGE_DEFINITIONS), so its "
             "figures are not comparable; record a new baseline with this version"])
+    ident = ("config_sha256", "embedding_dtype", "precision", "providers")
+    other = [f"{k}: baseline {base.get('bundle', {}).get(k)}, this run {doc['bundle'].get(k)}" for k in ident
+             if base.get("bundle", {}).get(k) != doc["bundle"].get(k)]
+    if other:
+        return benchlib.GateResult(problems=[
+            "the baseline measured another bundle or engine, so its figures are not comparable: " + "; ".join(other)])
     if base.get("budgets") != doc.get("budgets"):
         return benchlib.GateResult(problems=[
             f"the baseline answered other budgets ({base.get('budgets')}, this run {doc.get('budgets')}): verdict, "
@@ -272,6 +313,9 @@ def print_report(doc: dict) -> None:
             if "prefill_fraction_of_compute_bound" in e:
                 parts.append(f"prefill {e['prefill_fraction_of_compute_bound']:.0%} of the compute bound")
             print(f"  {name} ({engine}): " + ", ".join(parts) + " (best run)")
+    if b["weights_fit_in_cache"]:
+        print(f"  the decoder's weights fit in the {b['last_level_cache_bytes'] / 2**20:.0f} MiB last-level cache: "
+              "the DRAM bandwidth figure does not bound this decode")
     if b["exceeded"]:
         print("WARNING: measured figures beat the probe, so it is not a bound here: " + "; ".join(b["exceeded"]))
     else:
@@ -302,6 +346,10 @@ def main(argv=None) -> int:
                    help="seconds under which a stage is timer noise: not gated, no ratio (default 0.005)")
     p.add_argument("--probe-seconds", type=float, default=1.0)
     args = p.parse_args(argv)
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None:  # checked before minutes of measuring, not after
+        p.error("the machine probe builds its graphs with onnx: pip install 'omniguard-edge[bench]'")
     if args.runs < 1 or args.warmup < 0 or args.new_tokens < args.verdict_tokens or args.verdict_tokens < 1:
         p.error("need --runs >= 1, --warmup >= 0 and 1 <= --verdict-tokens <= --new-tokens")
     if not (args.tolerance >= 0 and args.floor >= 0):

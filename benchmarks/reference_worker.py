@@ -58,21 +58,22 @@ def main(checkpoint: str, scenarios_json: str, out_json: str) -> None:
             t_pre = time.perf_counter() - t0
             staged, logits = ref.staged(inputs)
             stamps = _Stamps()
-            stamps.start = t = time.perf_counter()
+            stamps.start = time.perf_counter()
             tokens, _ = ref.generate(inputs, cfg["new_tokens"], min_new_tokens=cfg["new_tokens"], streamer=stamps)
-            total = time.perf_counter() - t
             if eos:
                 logits[eos] = -torch.inf  # generate masks EOS before min_new_tokens
             matches &= int(torch.argmax(logits)) == tokens[0]
             if run < cfg["warmup"]:
                 continue
             times = stamps.times  # seconds from the generate call to each generated token
+            if len(times) < cfg["verdict_tokens"]:
+                raise SystemExit(f"PyTorch generated {len(times)} tokens on {sc['name']}, fewer than --verdict-tokens")
             samples["preprocess"].append(t_pre)
             for name, value in staged.items():
                 samples[name].append(value)
             samples["first_token"].append(t_pre + times[0])
             samples["verdict"].append(t_pre + times[cfg["verdict_tokens"] - 1])
-            samples["total"].append(t_pre + total)
+            samples["total"].append(t_pre + times[-1])  # to the last token, as the runtime's
             span = times[-1] - times[0]
             samples["decode_tok_s"].append((len(times) - 1) / span if span > 0 else float("nan"))
         rows.append({"scenario": sc["name"], "samples": samples, "prompt_tokens": int(inputs["input_ids"].shape[1]),

@@ -115,24 +115,26 @@ class Reference:
                               audio=media.audios or None, return_tensors="pt", padding=True, use_audio_in_video=False,
                               **kw)
 
-    def generate(self, inputs, max_new_tokens: int, min_new_tokens: int = 0, streamer=None, scores: bool = False):
-        """Greedy `thinker.generate`; returns (new token ids, first-step scores [vocab] or None)."""
+    def generate(self, inputs, max_new_tokens: int, min_new_tokens: int = 0, streamer=None, logits: bool = False):
+        """Greedy `thinker.generate`; returns (new token ids, the first step's raw logits [vocab] or None).
+        Raw logits, not generate's processed scores: a checkpoint's generation_config may carry a repetition
+        penalty or the like, and the runtime reads P(unsafe) from the model's own logits."""
         import torch
 
         with torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                       do_sample=False, use_audio_in_video=False, streamer=streamer,
-                                      output_scores=scores, return_dict_in_generate=True)
+                                      output_logits=logits, return_dict_in_generate=True)
         new = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
-        return new, (out.scores[0][0] if scores else None)
+        return new, (out.logits[0][0] if logits else None)
 
-    def p_unsafe(self, first_scores) -> float | None:
+    def p_unsafe(self, first_logits) -> float | None:
         """Softmax over the `safe`/`unsafe` tokens at the verdict position (as the runtime computes it)."""
         import torch
 
-        if self.verdict_ids is None or first_scores is None:
+        if self.verdict_ids is None or first_logits is None:
             return None
-        return float(torch.softmax(first_scores[self.verdict_ids].double(), 0)[1])
+        return float(torch.softmax(first_logits[self.verdict_ids].double(), 0)[1])
 
     def staged(self, inputs) -> tuple[dict, "object"]:
         """The model's own pieces, called one at a time with the runtime's stage boundaries: vision and audio

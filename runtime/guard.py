@@ -246,6 +246,7 @@ class Guard:
                                       video_second_per_grid=prep.video_seconds or None)
         timings["embed"] = time.perf_counter() - t
         emb = self.bundle.embedding
+        timings["generate_start"] = time.perf_counter() - start
         gen = self.decoder.generate(embeds, positions, int(delta[0, 0]), lambda tok: np.asarray(emb[tok], np.float32),
                                     budget, self.eos_ids, self._stop_rule(), self._chooser(),
                                     min_new_tokens=self.options.min_new_tokens)

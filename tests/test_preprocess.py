@@ -18,7 +18,6 @@ from omniguard_edge.runtime.preprocess.image import ImageConfig, image_pixels  #
 from omniguard_edge.runtime.preprocess.video import video_pixels  # noqa: E402
 
 FIGSTEP = Path(__file__).resolve().parents[2] / "shared" / "data" / "image" / "figstep-safebench-tiny"
-MEL_TOL = 5e-5  # numpy float64 STFT vs the extractor's torch float32 STFT (measured <= 2.8e-5, on jfk.flac)
 EXACT_MEL_TOL = 1e-6  # vs the extractor's own float64 numpy path (measured 1.2e-7)
 PIXEL_TOL = 1e-6  # same bicubic (Pillow) on both sides; only float rounding differs (measured 4.8e-7)
 
@@ -91,10 +90,11 @@ def _fe(proc, wave):
 
 
 def _assert_mel_parity(mine, wave, proc):
-    """Our log-mel against the Whisper extractor two ways: its own float64 numpy path within EXACT_MEL_TOL,
-    and the torch float32 path the official pipeline runs within MEL_TOL, or, where that float32 path itself
-    strays further from its float64 answer (it depends on the CPU's FFT kernels: 6.0e-5 on one bin of an
-    espeak clip on an AVX-512 machine), within that float32 error plus EXACT_MEL_TOL."""
+    """Our log-mel equals the Whisper extractor's own float64 numpy path within EXACT_MEL_TOL. The torch float32
+    path the official pipeline runs is the same function rounded to float32, which strays from the float64
+    answer by an amount that depends on the CPU's FFT kernels (6.0e-5 on one bin of an espeak clip on an
+    AVX-512 machine, <= 2.8e-5 elsewhere): it is checked to be that function (within 1e-4), not used as
+    the yardstick."""
     fe = proc.feature_extractor
     official = _fe(proc, wave)
     padded = np.zeros(max(fe.n_samples, len(wave)), np.float64)
@@ -102,7 +102,7 @@ def _assert_mel_parity(mine, wave, proc):
     exact = fe._np_extract_fbank_features(padded[None], "cpu")[0][:, : official.shape[1]]
     assert mine.shape == official.shape
     assert np.abs(mine - exact).max() <= EXACT_MEL_TOL
-    assert np.abs(mine - official).max() <= max(MEL_TOL, np.abs(exact - official).max() + EXACT_MEL_TOL)
+    assert np.abs(exact - official).max() <= 1e-4  # the extractor's two paths are one function
 
 
 @pytest.mark.parametrize("seconds", [0.05, 1.0, 3.01, 31.7])
