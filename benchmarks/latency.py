@@ -279,6 +279,9 @@ def check_baseline(doc: dict, baseline_path: Path, tolerance: float, floor: floa
             "total and decode figures are not comparable; use the same --new-tokens and --verdict-tokens"])
     cur, ref, notes = gate_metrics(doc, base, tolerance, floor)
     result = benchlib.compare_metrics(cur, ref)
+    if result.compared == 0 and not benchlib.same_machine(doc["system"], base["system"]):
+        result.problems.append("across machines only runtime/PyTorch ratios compare: run latency.py with "
+                               "--reference both for the baseline and now")
     result.notes[:0] = notes
     return result
 
