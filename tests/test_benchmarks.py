@@ -171,7 +171,8 @@ def test_gate_reports_nothing_comparable(tmp_path):
     base = _lat_doc()
     base["speedups"] = {}
     result = _lat_gate(_lat_doc(cpu="other"), base, tmp_path)
-    assert len(result.problems) == 1 and "nothing to compare" in result.problems[0]
+    assert len(result.problems) == 2 and "nothing to compare" in result.problems[0]
+    assert "--reference both" in result.problems[1]
 
 
 def test_gate_refuses_other_budgets(tmp_path):
