@@ -28,4 +28,11 @@ class ValidationError(OmniGuardError):
 
 
 class InputError(OmniGuardError):
-    """An input (media, text, shape) the runtime cannot process."""
+    """An input (media, text, shape, argument) the runtime cannot process. The message names the parameter
+    (`text`, `conversation[2]`, `image[1]`, `media[0] (audio)`, `sample_rate`, ...) and the accepted forms."""
+
+
+class NumericalError(OmniGuardError):
+    """A non-finite number (NaN or infinity) where the verdict is computed: in an encoder's features or in the
+    decoder's logits. Nothing was judged; `Guard.moderate` turns it into `verdict == "error"` (never `safe`,
+    never `unknown`). It names the media item or decoding step it was found in."""
