@@ -9,9 +9,8 @@ signal is included in it).
 
 from __future__ import annotations
 
-import io
+import numbers
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -23,52 +22,146 @@ HOP = 160  # 10 ms: 100 mel frames per second
 RESAMPLER = "soxr_hq"  # librosa.load's default, which the official path uses
 
 
+MIN_RATE, MAX_RATE = 4000, 384000  # accepted sample rates (arrays and files), Hz
+ARRAY_FORMS = "a 1-D float array of samples with sample_rate"
+
+
 @dataclass(frozen=True)
 class AudioLimits:
     """What the runtime accepts (configurable; the model saw at most 300 s clips)."""
 
     max_seconds: float = 300.0  # longer clips are refused: the feature extractor truncates at 300 s
     min_seconds: float = 0.04  # 4 mel frames: anything shorter yields no audio token
+    max_channels: int = 64  # more channels than this is not speech: refused from the header
+
+
+def check_sample_rate(rate, name: str = "sample_rate") -> int:
+    """An int (not bool, str or float) in [4000, 384000] -> int; anything else is an InputError."""
+    if isinstance(rate, (bool, np.bool_)) or not isinstance(rate, numbers.Integral):
+        raise InputError(f"{name} must be an int in [{MIN_RATE}, {MAX_RATE}] Hz (e.g. 16000), "
+                         f"got {type(rate).__name__} {rate!r:.40}")
+    if not MIN_RATE <= int(rate) <= MAX_RATE:
+        raise InputError(f"{name} must be an int in [{MIN_RATE}, {MAX_RATE}] Hz, got {int(rate)}")
+    return int(rate)
+
+
+def _check_seconds(seconds: float, label: str, limits: AudioLimits, claimed: bool = False) -> None:
+    what = "claims" if claimed else "is"
+    if seconds > limits.max_seconds:
+        raise InputError(f"{label} {what} {seconds:.1f} s: longer than the limit of {limits.max_seconds:g} s "
+                         f"(AudioLimits.max_seconds)")
+    if seconds < limits.min_seconds:
+        raise InputError(f"{label} of {seconds * 1000:.0f} ms is too short: at least "
+                         f"{limits.min_seconds * 1000:.0f} ms")
+
+
+def _finite(wave: np.ndarray, label: str, stage: str) -> np.ndarray:
+    if not np.isfinite(wave).all():
+        raise InputError(f"{label}: NaN or infinite samples {stage}; samples must be finite floats in [-1, 1]")
+    return wave
 
 
 def _to_mono(data: np.ndarray) -> np.ndarray:
     return data.mean(axis=1) if data.ndim == 2 else data  # librosa.to_mono: mean over channels
 
 
+def _resampler(rate: int):
+    """A soxr HQ stream rate -> 16 kHz (the same samples as soxr.resample on the whole clip), or None."""
+    if rate == SAMPLE_RATE:
+        return None
+    import soxr
+
+    return soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+
+
 def resample(wave: np.ndarray, rate: int) -> np.ndarray:
     """float32 mono at `rate` Hz -> 16 kHz with soxr's high-quality filter (librosa's default res_type)."""
+    rate = check_sample_rate(rate)
     if rate == SAMPLE_RATE:
         return wave.astype(np.float32, copy=False)
-    if rate <= 0:
-        raise InputError(f"audio sample rate must be positive, got {rate}")
     import soxr
 
     return soxr.resample(wave.astype(np.float32, copy=False), rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
 
 
-def load_audio(source, sample_rate: int | None = None) -> np.ndarray:
-    """A path, bytes, or a float32 mono array (with `sample_rate`) -> float32 mono 16 kHz samples [n]."""
-    if isinstance(source, np.ndarray):
-        if sample_rate is None:
-            raise InputError("an audio array needs its sample_rate")
-        if source.ndim != 1:
-            raise InputError(f"audio arrays must be mono [samples], got shape {source.shape}")
-        if not np.issubdtype(source.dtype, np.floating):
-            raise InputError(f"audio arrays must be float samples in [-1, 1], got dtype {source.dtype}")
-        wave, rate = source, sample_rate
-    else:
-        import soundfile as sf
+def _load_array(source: np.ndarray, sample_rate, limits: AudioLimits) -> np.ndarray:
+    if sample_rate is None:
+        raise InputError(f"sample_rate: an audio array needs its sample_rate (an int in [{MIN_RATE}, {MAX_RATE}] Hz)")
+    rate = check_sample_rate(sample_rate)
+    if source.ndim != 1:
+        raise InputError(f"audio arrays must be mono [samples] (1-D float), got shape {source.shape}")
+    if source.dtype.kind != "f":
+        raise InputError(f"audio arrays must be float samples in [-1, 1] (float16/32/64), got dtype {source.dtype}")
+    _check_seconds(len(source) / rate, "audio", limits)  # before any conversion or resampling
+    wave = _finite(source.astype(np.float32, copy=False), "audio", "(after conversion to float32)")
+    return _finite(resample(wave, rate), "audio", f"after resampling from {rate} Hz")
 
+
+def _load_file(source, limits: AudioLimits, block_seconds: float = 1.0) -> np.ndarray:
+    """Header checks (rate, channels, claimed length), then a block-wise read that stops at the limit."""
+    import soundfile as sf
+
+    from .source import media_source
+
+    src = media_source(source, "audio", ARRAY_FORMS)
+    label = src.label
+    stream = src.open()
+    try:
         try:
-            handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(Path(source))
-            wave, rate = sf.read(handle, dtype="float32", always_2d=False)
-        except (RuntimeError, sf.LibsndfileError, TypeError, ValueError) as exc:
-            name = "audio bytes" if isinstance(source, (bytes, bytearray)) else str(source)
-            raise InputError(f"{name}: cannot decode audio ({exc}); wav, flac and ogg are supported") from exc
-        wave = _to_mono(wave)
-    if not np.all(np.isfinite(wave)):
-        raise InputError("audio contains NaN or infinite samples")
-    return resample(np.asarray(wave, dtype=np.float32), int(rate))
+            snd = sf.SoundFile(stream)
+        except (RuntimeError, sf.LibsndfileError, TypeError, ValueError, OSError, EOFError) as exc:
+            raise InputError(f"{label}: cannot decode audio ({exc}); wav, flac and ogg are supported") from exc
+        with snd:
+            rate, channels, frames = snd.samplerate, snd.channels, snd.frames
+            if not MIN_RATE <= rate <= MAX_RATE:
+                raise InputError(f"{label}: the file's sample rate {rate} Hz is outside [{MIN_RATE}, {MAX_RATE}] Hz")
+            if not 1 <= channels <= limits.max_channels:
+                raise InputError(f"{label}: {channels} channels; 1..{limits.max_channels} are accepted")
+            known = 0 <= frames < 2**62  # libsndfile reports SF_COUNT_MAX when the length is unknown
+            if known and frames / rate > limits.max_seconds:
+                _check_seconds(frames / rate, label, limits, claimed=True)  # refused from the header
+            max_frames = int(limits.max_seconds * rate)
+            block = max(1, min(int(rate * block_seconds), (1 << 22) // channels))
+            resampler = _resampler(rate)
+            out, total = [], 0
+            while True:
+                try:
+                    data = snd.read(block, dtype="float32", always_2d=True)
+                except (RuntimeError, sf.LibsndfileError, ValueError, OSError, EOFError) as exc:
+                    raise InputError(f"{label}: cannot decode audio ({exc}); wav, flac and ogg are supported") from exc
+                n = len(data)
+                total += n
+                if total > max_frames:  # the header lied or gave no length: stop at the limit
+                    raise InputError(f"{label} is longer than the limit of {limits.max_seconds:g} s "
+                                     f"(AudioLimits.max_seconds); decoding stopped there")
+                last = n < block
+                mono = _finite(data.mean(axis=1) if channels > 1 else data[:, 0], label, "in the file")
+                if resampler is not None:
+                    mono = resampler.resample_chunk(np.ascontiguousarray(mono), last=last)
+                out.append(np.asarray(mono, np.float32))
+                if last:
+                    break
+    finally:
+        if src.file is None:
+            stream.close()
+    _check_seconds(total / rate, label, limits)
+    wave = np.concatenate(out) if out else np.zeros(0, np.float32)
+    return _finite(wave, label, f"after resampling from {rate} Hz")
+
+
+def load_audio(source, sample_rate: int | None = None, limits: AudioLimits | None = None) -> np.ndarray:
+    """A path, bytes, a binary file object, or a 1-D float array (with `sample_rate`) -> float32 mono 16 kHz.
+
+    Length is checked before work: an array's len / sample_rate before conversion and resampling, a file's
+    header frames / rate before reading, and the read itself stops at the limit (headers can lie).
+    Every float array is checked finite after each conversion and after resampling.
+    """
+    limits = limits or AudioLimits()
+    if sample_rate is not None:
+        check_sample_rate(sample_rate)  # a file ignores it, but a bad value is still the caller's error
+    if isinstance(source, np.ndarray):
+        return _load_array(source, sample_rate, limits)
+    return _load_file(source, limits)
 
 
 def hann(n: int) -> np.ndarray:
@@ -97,10 +190,7 @@ def log_mel(wave: np.ndarray, mel_filters: np.ndarray) -> np.ndarray:
 def audio_features(source, mel_filters: np.ndarray, sample_rate: int | None = None,
                    limits: AudioLimits = AudioLimits()) -> np.ndarray:
     """Decode + checks + log-mel: the [bins, frames] input of the audio encoder's index helpers."""
-    wave = load_audio(source, sample_rate)
-    seconds = len(wave) / SAMPLE_RATE
-    if seconds < limits.min_seconds:
-        raise InputError(f"audio of {seconds * 1000:.0f} ms is too short: at least {limits.min_seconds * 1000:.0f} ms")
-    if seconds > limits.max_seconds:
-        raise InputError(f"audio of {seconds:.1f} s is longer than the limit of {limits.max_seconds:.0f} s")
-    return log_mel(wave, mel_filters)
+    wave = load_audio(source, sample_rate, limits)
+    _check_seconds(len(wave) / SAMPLE_RATE, "audio", limits)
+    features = log_mel(wave, mel_filters)
+    return _finite(features, "audio", "in the log-mel features")

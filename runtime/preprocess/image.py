@@ -4,10 +4,9 @@ is the reference's, so pixel values match it exactly."""
 
 from __future__ import annotations
 
-import io
 import math
+import struct
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -84,29 +83,62 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # decoders that are tried (no EPS/Ghostscript)
+ARRAY_FORMS = "a uint8 array [H, W, 3] (RGB) or [H, W] (gray)"
+
+
+def check_size(width: int, height: int, label: str, limits: ImageLimits) -> None:
+    """Source size checks, run on the header (files) or the shape (arrays) before any pixel is decoded."""
+    if width * height > limits.max_source_pixels:
+        raise InputError(f"{label}: {width}x{height} exceeds the limit of {limits.max_source_pixels} source pixels "
+                         f"(ImageLimits.max_source_pixels)")
+    if min(width, height) < limits.min_side:
+        raise InputError(f"{label}: {width}x{height} is too small: each side needs >= {limits.min_side} px")
+    if max(width, height) / min(width, height) > MAX_RATIO:
+        raise InputError(f"{label}: aspect ratio {max(width, height) / min(width, height):.0f} exceeds {MAX_RATIO}")
+
+
 def open_image(source, limits: ImageLimits = ImageLimits()):
-    """A path, bytes, or an RGB uint8 [H, W, 3] array -> RGB PIL image, with size checks."""
+    """A path, bytes, a binary file object, or a uint8 [H, W, 3] / [H, W] array -> RGB PIL image.
+
+    Size, minimum side and aspect ratio are checked from the header (Pillow's lazy open) before decoding.
+    """
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
+    from .source import media_source
+
     if isinstance(source, np.ndarray):
-        if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3:
-            raise InputError(f"image arrays must be RGB uint8 [H, W, 3], got {source.dtype} {source.shape}")
-        img = Image.fromarray(source, "RGB")
-    else:
-        name = "image bytes" if isinstance(source, (bytes, bytearray)) else str(source)
-        try:
-            handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else Path(source)
-            img = Image.open(handle)
-            if img.width * img.height > limits.max_source_pixels:
-                raise InputError(f"{name}: {img.width}x{img.height} exceeds the limit of {limits.max_source_pixels} pixels")
+        if source.dtype != np.uint8 or source.ndim not in (2, 3) or (source.ndim == 3 and source.shape[2] != 3):
+            raise InputError(f"image arrays must be {ARRAY_FORMS}, got {source.dtype} {source.shape}")
+        check_size(source.shape[1], source.shape[0], "image array", limits)
+        if source.ndim == 2:
+            return Image.fromarray(np.ascontiguousarray(source), "L").convert("RGB")
+        return Image.fromarray(np.ascontiguousarray(source), "RGB")
+    src = media_source(source, "image", ARRAY_FORMS)
+    stream = src.open()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+            try:
+                Image.init()  # registers every plugin; `formats` then limits which decoders are tried
+                img = Image.open(stream, formats=IMAGE_FORMATS)
+            except Image.DecompressionBombError as exc:
+                raise InputError(f"{src.label}: the header claims more than the limit of {limits.max_source_pixels} "
+                                 f"source pixels ({exc})") from exc
+            check_size(img.width, img.height, src.label, limits)
             img.load()
-        except InputError:
-            raise
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
-            raise InputError(f"{name}: cannot decode image ({exc})") from exc
-    if min(img.size) < limits.min_side:
-        raise InputError(f"image of {img.width}x{img.height} is too small: each side needs >= {limits.min_side} px")
-    return to_rgb(img)
+        return to_rgb(img)
+    except InputError:
+        raise
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, struct.error, IndexError,
+            KeyError, TypeError, ZeroDivisionError, MemoryError) as exc:
+        raise InputError(f"{src.label}: cannot decode image ({type(exc).__name__}: {exc}); png, jpeg, webp, gif, "
+                         f"bmp and tiff are supported") from exc
+    finally:
+        if src.file is None:
+            stream.close()
 
 
 def patchify(chw: np.ndarray, cfg: ImageConfig, frames: int = 1) -> np.ndarray:
@@ -142,4 +174,6 @@ def image_pixels(source, cfg: ImageConfig = ImageConfig(), limits: ImageLimits =
         img = img.resize((w2, h2), Image.Resampling.BICUBIC)
     arr = np.asarray(img, dtype=np.uint8)
     rows = patchify(normalize(arr, cfg), cfg)
+    if not np.isfinite(rows).all():  # only a bundle with a zero std could do this: never feed it to a graph
+        raise InputError("image: preprocessing produced non-finite pixel values (check image_std in the bundle)")
     return rows, (1, arr.shape[0] // cfg.patch_size, arr.shape[1] // cfg.patch_size)
