@@ -22,6 +22,10 @@ class SessionOptions:
     intra_op_threads: int = 0  # 0: onnxruntime's default (one per physical core)
     inter_op_threads: int = 0
     graphs: tuple[str, ...] = ("vision", "audio", "decoder")  # which graphs to open (skip unused encoders)
+    # onnxruntime's CPU memory arena keeps every block it ever grew to: after one 6k-token prompt on `tiny` RSS
+    # stayed at 1.7 GB. Off (the default), freed buffers go back to the system: RSS returned to 95 MB from 84 MB,
+    # the peak was lower (1.35 GB instead of 1.74 GB) and small requests ran no slower (README "Memory").
+    cpu_mem_arena: bool = False
 
     def __post_init__(self):
         if not self.providers:
@@ -59,6 +63,7 @@ def _session(path: Path, opts: SessionOptions, name: str):
     so = ort.SessionOptions()
     so.intra_op_num_threads = opts.intra_op_threads
     so.inter_op_num_threads = opts.inter_op_threads
+    so.enable_cpu_mem_arena = bool(opts.cpu_mem_arena)
     try:
         sess = ort.InferenceSession(str(path), so, providers=wanted or ["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for unloadable graphs
