@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import resource
+import stat
 import sys
 import time
 from pathlib import Path
@@ -17,6 +19,63 @@ from pathlib import Path
 from .errors import OmniGuardError
 
 PROFILE_NAMES = ["tiny", "small", "3b-shape", "7b-shape"]
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNKNOWN = 0, 1, 2, 3  # safe/unsafe, error, usage error, unparsed answer
+MAX_THREADS = 1024
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (no usage block) and exit status 2."""
+
+    def error(self, message):
+        message = " ".join(str(message).split())
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_in(lo: int, hi: int):
+    def parse(value: str) -> int:
+        try:
+            number = int(value, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer (an int in [{lo}, {hi}])") from None
+        if not lo <= number <= hi:
+            raise argparse.ArgumentTypeError(f"{number} is out of range (an int in [{lo}, {hi}])")
+        return number
+
+    return parse
+
+
+def _utf8(value: str) -> str:
+    """Arguments arrive surrogate-escaped when they are not valid UTF-8: text must be real text."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("is not valid UTF-8 text") from None
+    return value
+
+
+def _bundle_dir(value: str) -> Path:
+    path = Path(value)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value!r} is not a directory (a bundle is the folder "
+                                         "`omniguard-edge export` writes)")
+    if not (path / "manifest.json").is_file():
+        raise argparse.ArgumentTypeError(f"{value!r} has no manifest.json: not a bundle")
+    return path
+
+
+def _media_file(value: str) -> Path:
+    """An existing regular file (stat'ed, never opened here: a FIFO must not block)."""
+    if not value:
+        raise argparse.ArgumentTypeError("the empty string is not a file")
+    try:
+        mode = os.stat(value).st_mode
+    except FileNotFoundError:
+        raise argparse.ArgumentTypeError(f"{value!r}: no such file") from None
+    except (OSError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"{value!r}: cannot access ({getattr(exc, 'strerror', None) or exc})") from None
+    if not stat.S_ISREG(mode):
+        raise argparse.ArgumentTypeError(f"{value!r}: not a regular file (a directory, FIFO or device)")
+    return Path(value)
 
 
 # What each export-side subcommand imports (export/): checked before it touches the file system, because
@@ -113,10 +172,11 @@ def cmd_moderate(args) -> int:
                            critique_max_new_tokens=args.max_new_tokens if args.critique else 256,
                            constrain_verdict=args.constrain_verdict, session=session)
     guard = Guard.from_bundle(args.bundle, options)
-    media = [(kind, path) for kind in ("image", "video", "audio") for path in getattr(args, kind) or []]
-    result = guard.moderate(args.text, args.response, media=media)
+    media = {kind: (paths[0] if len(paths) == 1 else paths) for kind in ("image", "video", "audio")
+             if (paths := getattr(args, kind))}  # one file is named `image`, several `image[i]` in errors
+    result = guard.moderate(args.text, args.response, **media)
     print(result.to_json() if args.json else _format_result(result))
-    return {"safe": 0, "unsafe": 0, "unknown": 3}.get(result.verdict, 1)
+    return {"safe": EXIT_OK, "unsafe": EXIT_OK, "unknown": EXIT_UNKNOWN}.get(result.verdict, EXIT_ERROR)
 
 
 def cmd_demo(args) -> int:
@@ -144,7 +204,7 @@ def cmd_inspect(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="omniguard-edge", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="omniguard-edge", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -170,17 +230,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("moderate", help="judge text, images, video and audio with a bundle (torch-free)")
-    p.add_argument("--bundle", type=Path, required=True)
-    p.add_argument("--text", help="the user prompt")
-    p.add_argument("--response", help="the agent response to judge with the prompt")
-    p.add_argument("--image", type=Path, action="append", help="image file (repeatable)")
-    p.add_argument("--audio", type=Path, action="append", help="audio file: wav, flac, ogg (repeatable)")
-    p.add_argument("--video", type=Path, action="append", help="video file: mp4, webm, avi (repeatable)")
+    p.add_argument("--bundle", type=_bundle_dir, required=True, help="bundle folder (with manifest.json)")
+    p.add_argument("--text", type=_utf8, help="the user prompt (UTF-8)")
+    p.add_argument("--response", type=_utf8, help="the agent response to judge with the prompt (UTF-8)")
+    p.add_argument("--image", type=_media_file, action="append", help="image file (repeatable)")
+    p.add_argument("--audio", type=_media_file, action="append", help="audio file: wav, flac, ogg (repeatable)")
+    p.add_argument("--video", type=_media_file, action="append", help="video file: mp4, webm, avi (repeatable)")
     p.add_argument("--critique", action="store_true", help="also generate the critique (slower)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="generation budget (default 32: verdict first)")
+    p.add_argument("--max-new-tokens", type=_int_in(1, 1 << 20), default=32,
+                   help="generation budget, >= 1 (default 32: verdict first)")
     p.add_argument("--constrain-verdict", action="store_true", help="restrict the first token to safe/unsafe")
-    p.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"], help="onnxruntime providers")
-    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime default)")
+    p.add_argument("--providers", nargs="+", type=_utf8, default=["CPUExecutionProvider"],
+                   help="onnxruntime providers")
+    p.add_argument("--threads", type=_int_in(0, MAX_THREADS), default=0,
+                   help=f"intra-op threads, 0..{MAX_THREADS} (0: onnxruntime default)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_moderate)
 
@@ -200,14 +263,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Exit status: 0 safe/unsafe (and other commands' success), 1 error, 2 usage error, 3 unknown verdict.
+    A user error is one line on stderr, never a traceback (`-v` adds the traceback of an unexpected failure)."""
+    for stream in (sys.stdout, sys.stderr):  # a surrogate-escaped file name in a message must not crash printing
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "moderate" and not (args.text is not None or args.response is not None
+                                           or args.image or args.audio or args.video):
+        parser.error("moderate: nothing to moderate: give --text, --response, --image, --audio or --video")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
     except OmniGuardError as exc:
-        print(f"omniguard-edge {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        print(f"omniguard-edge {args.command}: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"omniguard-edge {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a failure that is not the user's: still one line, the traceback on request
+        if args.verbose:
+            logging.exception("unexpected failure")
+        print(f"omniguard-edge {args.command}: unexpected {type(exc).__name__}: {_one_line(exc)} "
+              "(run with -v for the traceback)", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

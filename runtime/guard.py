@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -12,12 +14,12 @@ import numpy as np
 from .bundle import Bundle, SessionOptions, open_bundle
 from .decode import Decoder
 from .encoders import encode_audio, encode_vision
-from .errors import InputError, OmniGuardError
+from .errors import InputError, NumericalError, OmniGuardError
 from .positions import RopeIds, rope_index
 from .preprocess.audio import AudioLimits, audio_features
 from .preprocess.image import ImageConfig, ImageLimits, image_pixels
 from .preprocess.video import VideoLimits, video_pixels
-from .prompt import Conversation, Policy, PromptTokenizer, compose_guard_text, keyword_media
+from .prompt import MEDIA_KINDS, Conversation, Policy, PromptTokenizer, compose_guard_text
 from .prompt.tokenize import Item
 from .verdict import ModerationResult, parse
 
@@ -48,22 +50,192 @@ class GuardOptions:
 
 @dataclass
 class _Prepared:
-    items: list = field(default_factory=list)  # (kind, payload) in prompt order
+    items: list = field(default_factory=list)  # kinds in prompt order
+    labels: list = field(default_factory=list)  # the parameter naming each item: "image", "audio[1]", "media[0] (video)"
     features: dict = field(default_factory=lambda: {k: [] for k in KINDS})
     grids: dict = field(default_factory=lambda: {"image": [], "video": []})
     video_seconds: list = field(default_factory=list)
 
 
-def _as_text(name: str, value) -> str | None:
-    """str as is, UTF-8 bytes decoded; anything else (or invalid UTF-8) is an InputError."""
-    if value is None or isinstance(value, str):
-        return value
+# -- the API boundary: every argument is checked before any file is opened or any graph runs ----------------
+
+MAX_FPS = 240.0  # video arrays: fps in (0, MAX_FPS]
+SAMPLE_RATES = (4000, 384000)  # audio arrays: sample_rate in [4000, 384000] Hz
+_TEXT_FORM = "str (or UTF-8 bytes)"
+_PATH_FORMS = "a path to a file (str or os.PathLike), bytes, or a binary file object (io.BytesIO, open(path, 'rb'))"
+FORMS = {  # accepted forms of one media item, for messages
+    "image": f"{_PATH_FORMS}, or an RGB uint8 numpy array [H, W, 3]",
+    "audio": f"{_PATH_FORMS}, or a mono float numpy array [samples] with sample_rate=",
+    "video": f"{_PATH_FORMS}, or a tuple (frames, fps): frames an RGB uint8 numpy array [T, H, W, 3], "
+             f"fps a number in (0, {MAX_FPS:g}]",
+}
+MEDIA_FORM = ("media must be a list of (kind, item) pairs, kind one of 'image', 'video', 'audio' "
+              "(e.g. media=[('image', 'a.png'), ('audio', 'b.wav')])")
+# Normalisation in the tokenizer (NFC) can shrink text, by at most 3x in UTF-8 (Hangul jamo -> syllable); escaping
+# only adds characters. Text of more bytes than this factor x the longest token x the prompt limit cannot fit.
+_SHRINK = 4
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, complex, np.number, np.bool_))
+
+
+def _type_name(value) -> str:
+    return type(value).__name__
+
+
+def _as_text(name: str, value, optional: bool = True) -> str | None:
+    """str as is, UTF-8 bytes decoded; anything else (or invalid UTF-8, or lone surrogates) is an InputError."""
+    if value is None and optional:
+        return None
     if isinstance(value, (bytes, bytearray)):
         try:
             return bytes(value).decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise InputError(f"{name} is not valid UTF-8 ({exc})") from exc
-    raise InputError(f"{name} must be str (or UTF-8 bytes), got {type(value).__name__}")
+            raise InputError(f"{name} is not valid UTF-8 ({exc}); {name} must be {_TEXT_FORM}") from exc
+    if not isinstance(value, str):
+        raise InputError(f"{name} must be {_TEXT_FORM}, got {_type_name(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # lone surrogates (e.g. from a surrogate-escaped argv)
+        raise InputError(f"{name} is not valid Unicode: a lone surrogate at index {exc.start}; "
+                         f"{name} must be {_TEXT_FORM}") from exc
+    return value
+
+
+def _check_conversation(text, response, conversation) -> Conversation | None:
+    text, response = _as_text("text", text), _as_text("response", response)
+    if conversation is None:
+        if text is None and response is None:
+            return None
+        return Conversation.of(text or "", response)
+    if text is not None or response is not None:
+        given = " and ".join(n for n, v in (("text", text), ("response", response)) if v is not None)
+        raise InputError(f"give either text/response or conversation, not both ({given} and conversation were "
+                         "given): conversation=[prompt, response, ...] holds every turn")
+    if not isinstance(conversation, (list, tuple)):
+        hint = " (a str would be read one turn per character: wrap it in a list)" \
+            if isinstance(conversation, (str, bytes, bytearray)) else ""
+        raise InputError(f"conversation must be a list (or tuple) of turns, each {_TEXT_FORM}; "
+                         f"got {_type_name(conversation)}{hint}")
+    if not conversation:
+        raise InputError(f"conversation must hold at least one turn (a list of {_TEXT_FORM})")
+    return Conversation.from_messages([_as_text(f"conversation[{i}]", t, optional=False)
+                                       for i, t in enumerate(conversation)])
+
+
+def _check_fps(label: str, fps) -> float:
+    if isinstance(fps, (bool, np.bool_)) or not isinstance(fps, (int, float, np.integer, np.floating)):
+        raise InputError(f"{label}: fps must be a number in (0, {MAX_FPS:g}] (frames per second), "
+                         f"got {fps!r} ({_type_name(fps)})")
+    value = float(fps)
+    if not math.isfinite(value) or not 0 < value <= MAX_FPS:
+        raise InputError(f"{label}: fps must be a finite number in (0, {MAX_FPS:g}], got {value!r}")
+    return value
+
+
+def _check_sample_rate(rate) -> int:
+    lo, hi = SAMPLE_RATES
+    if isinstance(rate, (bool, np.bool_)) or not isinstance(rate, (int, np.integer)):
+        raise InputError(f"sample_rate must be an int in [{lo}, {hi}] (Hz), got {rate!r} ({_type_name(rate)})")
+    if not lo <= int(rate) <= hi:
+        raise InputError(f"sample_rate must be an int in [{lo}, {hi}] (Hz), got {int(rate)}")
+    return int(rate)
+
+
+def _check_item(kind: str, label: str, value):
+    """Type-level check of one media item (contents, sizes and files are checked by runtime/preprocess);
+    returns the payload to preprocess (a video tuple with its fps as a float)."""
+    if isinstance(value, (str, os.PathLike, bytes, bytearray, memoryview)):
+        return value
+    if isinstance(value, np.ndarray):
+        if kind == "video":
+            raise InputError(f"{label}: a video array needs its frame rate: pass (frames, fps); "
+                             f"{label} must be {FORMS[kind]}")
+        return value
+    if kind == "video" and isinstance(value, tuple):
+        if len(value) != 2:
+            raise InputError(f"{label}: a video tuple must be exactly (frames, fps), got {len(value)} items")
+        frames, fps = value
+        if not isinstance(frames, np.ndarray):
+            raise InputError(f"{label}: the frames of (frames, fps) must be an RGB uint8 numpy array [T, H, W, 3], "
+                             f"got {_type_name(frames)}")
+        return frames, _check_fps(label, fps)
+    if hasattr(value, "read") and not isinstance(value, type):
+        return value  # a file object: runtime/preprocess checks it is binary, readable and regular
+    hint = f" (give several {kind}s as a list)" if isinstance(value, tuple) else ""
+    raise InputError(f"{label} must be {FORMS[kind]}; got {_type_name(value)}{hint}")
+
+
+def _keyword_items(kind: str, value) -> list[tuple[str, str, object]]:
+    """image=/audio=/video=: one item or a list of items -> (kind, label, item)."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        return [(kind, kind, value)]
+    if value and _is_number(value[0]):
+        arrays = {"image": "an RGB uint8 numpy array [H, W, 3]", "video": "a tuple (frames, fps)",
+                  "audio": "a numpy float array [samples] (np.asarray(samples, np.float32)) with sample_rate="}
+        raise InputError(f"{kind}: got a list of {len(value):,} numbers, which would be {len(value):,} {kind} items; "
+                         f"an {kind} array must be {arrays[kind]}" if kind != "video" else
+                         f"{kind}: got a list of {len(value):,} numbers; a video array must be {arrays[kind]}")
+    return [(kind, f"{kind}[{i}]", x) for i, x in enumerate(value)]
+
+
+def check_arguments(text=None, response=None, image=None, audio=None, video=None, media=None, conversation=None,
+                    sample_rate=None):
+    """Every argument of `Guard.moderate`, checked before any work: -> (conversation or None,
+    [(kind, label, item)] in prompt order, sample_rate). An InputError names the parameter and what it accepts."""
+    conv = _check_conversation(text, response, conversation)
+    keywords = {"image": image, "video": video, "audio": audio}
+    if media is not None:
+        given = [f"{k}=" for k, v in keywords.items() if v is not None]
+        if given:
+            raise InputError(f"give media either as media=[(kind, item), ...] or as image=/audio=/video=, not both "
+                             f"(media= and {', '.join(given)} were given)")
+        if not isinstance(media, (list, tuple)):
+            raise InputError(f"{MEDIA_FORM}; got {_type_name(media)}")
+        items = []
+        for i, pair in enumerate(media):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise InputError(f"media[{i}] must be a (kind, item) pair; {MEDIA_FORM}")
+            kind, value = pair
+            if not isinstance(kind, str) or kind not in KINDS:
+                raise InputError(f"media[{i}]: unknown media kind {kind!r}: use 'image', 'video' or 'audio'")
+            items.append((kind, f"media[{i}] ({kind})", value))
+    else:  # images, then videos, then audios (README "Prompt rules"; MEDIA_KINDS is that order)
+        items = [it for kind in MEDIA_KINDS for it in _keyword_items(kind, keywords[kind])]
+    items = [(kind, label, _check_item(kind, label, value)) for kind, label, value in items]
+    arrays = [label for kind, label, value in items if kind == "audio" and isinstance(value, np.ndarray)]
+    if sample_rate is not None:
+        if not arrays:
+            raise InputError("sample_rate applies only to audio given as a numpy array (audio files carry their own "
+                             "rate): remove sample_rate= or pass the samples as a float array")
+        sample_rate = _check_sample_rate(sample_rate)
+    elif arrays:
+        raise InputError(f"{arrays[0]}: an audio array needs sample_rate= (an int in [{SAMPLE_RATES[0]}, "
+                         f"{SAMPLE_RATES[1]}] Hz)")
+    if conv is None and not items:
+        raise InputError("nothing to moderate: give text, a response, a conversation or media")
+    return conv, items, sample_rate
+
+
+def _labelled(exc: Exception, label: str) -> Exception:
+    """The same exception with its message starting with the item's parameter name."""
+    message = str(exc)
+    if not message.startswith(label):
+        exc.args = (f"{label}: {message}",)
+    return exc
+
+
+def require_finite(array: np.ndarray, what: str, finite: np.ndarray | None = None) -> None:
+    """NumericalError unless every value is finite (`finite`: a precomputed mask of the values that pass)."""
+    finite = np.isfinite(array) if finite is None else finite
+    if not finite.all():
+        bad = finite.size - int(finite.sum())
+        nan = int(np.isnan(array).sum())
+        raise NumericalError(f"{what}: {bad} of {finite.size} values are not finite ({nan} NaN, {bad - nan} "
+                             "infinite); nothing was judged")
 
 
 class Guard:
@@ -82,34 +254,48 @@ class Guard:
         verdict_ids = [self.prompt.encode_plain(w) for w in ("safe", "unsafe")]
         self.verdict_ids = [v[0] for v in verdict_ids] if all(len(v) == 1 for v in verdict_ids) else None
         self._codes_cache: list[int] | None = None  # category-line tokens, built on first constrained use
+        self._token_bytes: int | None = None  # UTF-8 bytes of the longest vocabulary entry, built on first use
 
     @classmethod
     def from_bundle(cls, path, options: GuardOptions = GuardOptions(), verify: str = "auto") -> Guard:
         return cls(open_bundle(path, options.session, verify=verify), options)
 
     # -- preprocessing -------------------------------------------------------------------------------
-    def _prepare_media(self, media: list[tuple[str, object]], sample_rate: int | None) -> _Prepared:
+    def _prepare_media(self, media: list[tuple[str, str, object]], sample_rate: int | None) -> _Prepared:
+        """(kind, label, item) -> pixel rows / log-mels. An error names the item's parameter (its label)."""
         prep, opts = _Prepared(), self.options
-        for kind, payload in media:
-            if kind == "image":
-                rows, grid = image_pixels(payload, self.image_cfg, opts.image_limits)
-                prep.features["image"].append(rows)
-                prep.grids["image"].append(grid)
-            elif kind == "video":
-                rows, grid, seconds = video_pixels(payload, self.image_cfg, opts.video_limits)
-                prep.features["video"].append(rows)
-                prep.grids["video"].append(grid)
-                prep.video_seconds.append(seconds)
-            elif kind == "audio":
-                prep.features["audio"].append(audio_features(payload, self.mel_filters, sample_rate, opts.audio_limits))
-            else:
-                raise InputError(f"unknown media kind {kind!r}: use image, video or audio")
+        for kind, label, payload in media:
+            try:
+                if kind == "image":
+                    rows, grid = image_pixels(payload, self.image_cfg, opts.image_limits)
+                    prep.features["image"].append(rows)
+                    prep.grids["image"].append(grid)
+                elif kind == "video":
+                    rows, grid, seconds = video_pixels(payload, self.image_cfg, opts.video_limits)
+                    prep.features["video"].append(rows)
+                    prep.grids["video"].append(grid)
+                    prep.video_seconds.append(seconds)
+                elif kind == "audio":
+                    prep.features["audio"].append(audio_features(payload, self.mel_filters, sample_rate,
+                                                                 opts.audio_limits))
+                else:
+                    raise InputError(f"unknown media kind {kind!r}: use image, video or audio")
+            except OmniGuardError as exc:
+                raise _labelled(exc, label)
+            except MemoryError:
+                raise
+            except Exception as exc:  # a decoder library's own failure on this item: say which item and what it takes
+                raise InputError(f"{label}: cannot be read ({type(exc).__name__}: {exc}); {label} must be "
+                                 f"{FORMS[kind]}") from exc
             prep.items.append(kind)
+            prep.labels.append(label)
         return prep
 
     def _encode(self, prep: _Prepared, timings: dict) -> dict[str, list[np.ndarray]]:
+        """Encoder features per item; every value must be finite (NumericalError naming the item otherwise)."""
         out = {k: [] for k in KINDS}
         m, sessions = self.bundle.manifest, self.bundle.sessions
+        labels = {k: [lb for kind, lb in zip(prep.items, prep.labels) if kind == k] for k in KINDS}
         visual = [(k, i) for k in ("image", "video") for i in range(len(prep.features[k]))]
         if visual:
             if "vision" not in sessions:
@@ -117,7 +303,8 @@ class Guard:
             t = time.perf_counter()
             feats = encode_vision(sessions["vision"], [prep.features[k][i] for k, i in visual],
                                   [prep.grids[k][i] for k, i in visual], m.vision)
-            for (k, _), f in zip(visual, feats):
+            for (k, i), f in zip(visual, feats):
+                require_finite(f, f"{labels[k][i]}: the vision encoder's features")
                 out[k].append(f)
             timings["vision"] = time.perf_counter() - t
         if prep.features["audio"]:
@@ -125,6 +312,8 @@ class Guard:
                 raise InputError("this Guard was opened without the audio graph (SessionOptions.graphs)")
             t = time.perf_counter()
             out["audio"] = encode_audio(sessions["audio"], prep.features["audio"], m.audio)
+            for label, f in zip(labels["audio"], out["audio"]):
+                require_finite(f, f"{label}: the audio encoder's features")
             timings["audio"] = time.perf_counter() - t
         return out
 
@@ -173,7 +362,10 @@ class Guard:
         codes = self._category_tokens()
 
         def pick(logits: np.ndarray, allowed: list[int]) -> int:
-            return allowed[int(np.argmax(logits[allowed]))]
+            values = logits[allowed]
+            if np.isnan(values).any() or np.isposinf(values).any():  # argmax would pick the first: `safe`
+                raise NumericalError("the decoder's logits for a constrained choice are not finite; nothing was judged")
+            return allowed[int(np.argmax(values))]
 
         def choose(tokens: list[int], logits: np.ndarray) -> int:
             if not tokens:
@@ -185,6 +377,23 @@ class Guard:
             return int(np.argmax(logits))
 
         return choose
+
+    def _checked(self, choose):
+        """Wraps the token choice (constrained or plain argmax) with a finiteness check of the logits it is
+        given: a NaN or infinity anywhere in them is a NumericalError, so it can never pick a verdict (argmax
+        over NaN is index 0, and the constrained choice would read `safe`). The EOS ids masked to -inf while
+        `min_new_tokens` is not reached are the decoder's own doing and pass."""
+        eos, minimum = sorted(self.eos_ids), self.options.min_new_tokens
+
+        def checked(tokens: list[int], logits: np.ndarray) -> int:
+            finite = np.isfinite(logits)
+            if not finite.all():
+                if len(tokens) < minimum and eos:
+                    finite[eos] |= np.isneginf(logits[eos])
+                require_finite(logits, f"the decoder's logits for generated token {len(tokens) + 1}", finite)
+            return choose(tokens, logits) if choose is not None else int(np.argmax(logits))
+
+        return checked
 
     def _category_tokens(self) -> list[int]:
         """Ordinary tokens that spell only category-line characters (S, digits, comma, space)."""
@@ -198,14 +407,46 @@ class Guard:
         if self.verdict_ids is None:
             return None
         pair = logits[self.verdict_ids].astype(np.float64)
+        require_finite(pair, "the decoder's verdict logits")
         pair = np.exp(pair - pair.max())
-        return float(pair[1] / pair.sum())
+        p = float(pair[1] / pair.sum())
+        if not math.isfinite(p):
+            raise NumericalError(f"P(unsafe) is not finite ({p}); nothing was judged")
+        return p
+
+    def _prompt_limit(self) -> tuple[int, int]:
+        """(token budget of the answer, the most prompt tokens allowed)."""
+        budget = self.options.critique_max_new_tokens if self.options.critique else self.options.max_new_tokens
+        return budget, self.options.max_prompt_tokens or self.bundle.manifest.decoder["max_position_embeddings"] - budget
+
+    def _check_text_size(self, conv: Conversation | None, limit: int) -> None:
+        """Refuse text that cannot fit the prompt limit before tokenizing it (a 1 GB string must not be
+        tokenized to learn that): more UTF-8 bytes than _SHRINK x the longest token x the limit."""
+        if conv is None:
+            return
+        size = sum(len(t.text.encode("utf-8")) for t in conv.turns)
+        if size <= _SHRINK * limit:
+            return
+        if self._token_bytes is None:
+            vocab = self.bundle.tokenizer.get_vocab(with_added_tokens=True)
+            self._token_bytes = max(len(k.encode("utf-8")) for k in vocab)
+        most = _SHRINK * self._token_bytes * limit
+        if size > most:
+            raise InputError(f"text/response/conversation: {size:,} bytes of text cannot fit the prompt limit of "
+                             f"{limit} tokens (at most {most:,} bytes could): inputs are refused, not truncated")
 
     def moderate(self, text: str | None = None, response: str | None = None, *, image=None, audio=None,
                  video=None, media: list[tuple[str, object]] | None = None, conversation: list[str] | None = None,
                  sample_rate: int | None = None) -> ModerationResult:
-        """Judge a prompt (and response / conversation) with any media. Never raises for bad input: any
-        error gives `verdict="error"` with the reason (fail closed)."""
+        """Judge a prompt (and response) or a conversation, with any media. Never raises for bad input: every
+        argument is checked first (`check_arguments`), and any error, including a non-finite number in the
+        features or logits (NumericalError), gives `verdict="error"` with the reason (fail closed).
+
+        - `text`, `response`: str or UTF-8 bytes; or `conversation`: a list (or tuple) of such turns
+          (user, agent, user, ...), not both.
+        - media either as `image=`/`audio=`/`video=` (each one item or a list of items) or as
+          `media=[(kind, item), ...]`, not both; items are paths, bytes, binary file objects or arrays
+          (`FORMS`); a video array is a tuple (frames, fps); `sample_rate` goes with audio arrays only."""
         timings, start = {}, time.perf_counter()
         try:
             return self._moderate(text, response, image, audio, video, media, conversation, sample_rate, timings, start)
@@ -216,17 +457,10 @@ class Guard:
             return ModerationResult.failed(exc, timings)
 
     def _moderate(self, text, response, image, audio, video, media, conversation, sample_rate, timings, start):
-        text, response = _as_text("text", text), _as_text("response", response)
-        if media is None:
-            media = keyword_media(image=image, video=video, audio=audio)
-        if conversation is not None:
-            conv = Conversation.from_messages(conversation)
-        elif text is not None or response is not None:
-            conv = Conversation.of(text or "", response)
-        else:
-            conv = None
-        if conv is None and not media:
-            raise InputError("nothing to moderate: give text, a response, a conversation or media")
+        conv, media, sample_rate = check_arguments(text, response, image, audio, video, media, conversation,
+                                                   sample_rate)
+        budget, limit = self._prompt_limit()
+        self._check_text_size(conv, limit)
         t = time.perf_counter()
         prep = self._prepare_media(media, sample_rate)
         timings["preprocess"] = time.perf_counter() - t
@@ -235,8 +469,6 @@ class Guard:
         ids = self._prompt_ids(conv, prep, feats)
         timings["prompt"] = time.perf_counter() - t
         t = time.perf_counter()
-        budget = self.options.critique_max_new_tokens if self.options.critique else self.options.max_new_tokens
-        limit = self.options.max_prompt_tokens or self.bundle.manifest.decoder["max_position_embeddings"] - budget
         if len(ids) > limit:
             raise InputError(f"prompt of {len(ids)} tokens exceeds the limit of {limit}: inputs are refused, "
                              "not truncated (shorten the text or lower media resolution)")
@@ -248,7 +480,7 @@ class Guard:
         emb = self.bundle.embedding
         timings["generate_start"] = time.perf_counter() - start
         gen = self.decoder.generate(embeds, positions, int(delta[0, 0]), lambda tok: np.asarray(emb[tok], np.float32),
-                                    budget, self.eos_ids, self._stop_rule(), self._chooser(),
+                                    budget, self.eos_ids, self._stop_rule(), self._checked(self._chooser()),
                                     min_new_tokens=self.options.min_new_tokens)
         timings.update(gen.timings)
         raw = self.prompt.decode(gen.tokens)

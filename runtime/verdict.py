@@ -9,8 +9,11 @@ is `error`: never `safe` (the guard fails closed).
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
+
+import numpy as np
 
 from .prompt.policy import Policy
 
@@ -65,6 +68,31 @@ def parse(text: str, policy: Policy = Policy()) -> Parsed:
     return Parsed("unknown", (), text.strip(), "none")
 
 
+def _strict(value):
+    """A JSON-safe copy: non-finite floats become None (null), lone surrogates in strings (e.g. a surrogate-
+    escaped file name in an error) become backslash escapes, numpy values plain Python ones."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return str(value)
+    if isinstance(value, dict):
+        return {_strict(k) if isinstance(k, str) else k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _strict(value.tolist())
+    return value
+
+
 @dataclass
 class ModerationResult:
     """Typed, JSON-serializable outcome of one moderation."""
@@ -85,6 +113,9 @@ class ModerationResult:
     def __post_init__(self):
         if self.verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {VERDICTS}, not {self.verdict!r}")
+        if self.p_unsafe is not None and not math.isfinite(self.p_unsafe):  # fail closed: a NaN score judged nothing
+            self.error = f"NumericalError: P(unsafe) is {self.p_unsafe}; nothing was judged"
+            self.verdict, self.p_unsafe, self.categories = "error", None, []
 
     @property
     def is_safe(self) -> bool:
@@ -92,10 +123,12 @@ class ModerationResult:
         return self.verdict == "safe"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain JSON types only: non-finite numbers are None, strings valid UTF-8 (see `_strict`)."""
+        return _strict(asdict(self))
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), ensure_ascii=False)
+        """Strict JSON (RFC 8259: no NaN or Infinity), UTF-8 encodable."""
+        return json.dumps(self.to_dict(), ensure_ascii=False, allow_nan=False)
 
     @classmethod
     def failed(cls, exc: BaseException, timings: dict | None = None) -> ModerationResult:
