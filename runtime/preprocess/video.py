@@ -8,17 +8,21 @@ torchvision's antialiased bicubic on float tensors; we resize with Pillow's bicu
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError
-from .image import ImageConfig, normalize, patchify, smart_resize
+from .image import MAX_RATIO, ImageConfig, normalize, patchify, smart_resize
 
 FRAME_FACTOR = 2  # frames come in pairs (temporal patch)
+
+
+MAX_FPS = 240.0  # frame rates accepted, arrays and containers: (0, 240]
+ARRAY_FORMS = "(frames, fps): an RGB uint8 array [T, H, W, 3] with its frame rate"
 
 
 @dataclass(frozen=True)
@@ -31,11 +35,25 @@ class VideoLimits:
     min_pixels: int = 128 * 28 * 28  # per frame, after resizing
     max_pixels: int = 768 * 28 * 28  # per frame, after resizing
     total_pixels: float = 128000 * 28 * 28 * 0.9  # all frames together
-    max_seconds: float = 600.0  # longer videos are refused
+    max_seconds: float = 600.0  # longer videos are refused (from the metadata, and the decode stops there)
+    min_side: int = 8  # frames smaller than this are refused, as images are
+    max_source_pixels: int = 7680 * 4320  # per decoded frame (8K UHD)
+    max_bytes: int = 4 << 30  # bytes / file objects are copied to a temporary file: at most this much
 
     def __post_init__(self):
         if self.fps <= 0 or self.min_frames < FRAME_FACTOR or self.max_frames < self.min_frames:
             raise ValueError("VideoLimits needs fps > 0 and 2 <= min_frames <= max_frames")
+
+
+def check_fps(fps, name: str = "fps") -> float:
+    """A finite real number in (0, 240] (not a str or bool) -> float; anything else is an InputError."""
+    if isinstance(fps, (bool, np.bool_)) or not isinstance(fps, numbers.Real):
+        raise InputError(f"{name} must be a real number in (0, {MAX_FPS:g}] frames per second, "
+                         f"got {type(fps).__name__} {fps!r:.40}")
+    value = float(fps)
+    if not math.isfinite(value) or not 0 < value <= MAX_FPS:
+        raise InputError(f"{name} must be a finite number in (0, {MAX_FPS:g}] frames per second, got {value!r}")
+    return value
 
 
 def _floor(x: float, f: int) -> int:
@@ -44,6 +62,9 @@ def _floor(x: float, f: int) -> int:
 
 def sample_count(total: int, video_fps: float, limits: VideoLimits) -> int:
     """Number of frames to sample (qwen-omni-utils' smart_nframes with `fps`)."""
+    video_fps = check_fps(video_fps)
+    if total < FRAME_FACTOR:
+        raise InputError(f"video has {total} frames: at least {FRAME_FACTOR} are needed")
     min_frames = math.ceil(limits.min_frames / FRAME_FACTOR) * FRAME_FACTOR
     max_frames = _floor(min(limits.max_frames, total), FRAME_FACTOR)
     n = total / video_fps * limits.fps
@@ -53,63 +74,179 @@ def sample_count(total: int, video_fps: float, limits: VideoLimits) -> int:
     return n
 
 
-def read_frames(source) -> tuple[list[np.ndarray], float]:
-    """All frames as RGB uint8 [H, W, 3] and the container's fps. Accepts a path or bytes."""
+def _check_frame_size(width: int, height: int, label: str, limits: VideoLimits) -> None:
+    if min(width, height) < limits.min_side:
+        raise InputError(f"{label}: frames of {width}x{height} are too small: each side needs >= {limits.min_side} px")
+    if width * height > limits.max_source_pixels:
+        raise InputError(f"{label}: frames of {width}x{height} exceed the limit of {limits.max_source_pixels} pixels "
+                         f"(VideoLimits.max_source_pixels)")
+    if max(width, height) / min(width, height) > MAX_RATIO:
+        raise InputError(f"{label}: aspect ratio {max(width, height) / min(width, height):.0f} exceeds {MAX_RATIO}")
+
+
+def _check_duration(total: int, fps: float, label: str, limits: VideoLimits, claimed: bool = False) -> None:
+    if total / fps > limits.max_seconds:
+        raise InputError(f"{label} {'claims' if claimed else 'is'} {total / fps:.0f} s: longer than the limit of "
+                         f"{limits.max_seconds:g} s (VideoLimits.max_seconds)")
+
+
+def open_capture(path: str):
+    """cv2.VideoCapture on a checked path (one place, so tests can count what is decoded)."""
     import cv2
 
-    tmp = None
-    if isinstance(source, (bytes, bytearray)):
-        fd, tmp = tempfile.mkstemp(suffix=".video")
-        with os.fdopen(fd, "wb") as f:
-            f.write(source)
-        path = tmp
-    else:
-        path = str(Path(source))
-        if not Path(path).is_file():
-            raise InputError(f"{path}: no such video file")
+    # FFmpeg only (no image-sequence backend reading "%d" patterns), on an absolute path (no "proto:" prefix)
+    return cv2.VideoCapture(os.path.abspath(path), cv2.CAP_FFMPEG)
+
+
+class _Resized:
+    """Keeps only the sampled frames, resized as soon as they are decoded (memory: the sampled output)."""
+
+    def __init__(self, total: int, fps: float, width: int, height: int, cfg: ImageConfig, limits: VideoLimits):
+        self.total = total
+        self.n = sample_count(total, fps, limits)
+        self.idx = np.round(np.linspace(0, total - 1, self.n)).astype(int)
+        self.wanted = {}
+        for k, i in enumerate(self.idx):
+            self.wanted.setdefault(int(i), []).append(k)
+        self.size = target_size(height, width, self.n, cfg, limits)
+        self.frames = [None] * self.n
+
+    def offer(self, i: int, rgb: np.ndarray) -> None:
+        for k in self.wanted.get(i, ()):
+            self.frames[k] = _resize(rgb, self.size)
+
+
+def target_size(h: int, w: int, n: int, cfg: ImageConfig, limits: VideoLimits) -> tuple[int, int]:
+    max_pixels = max(min(limits.max_pixels, limits.total_pixels / n * FRAME_FACTOR), int(limits.min_pixels * 1.05))
+    return smart_resize(h, w, cfg.factor, limits.min_pixels, max_pixels)
+
+
+def _resize(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    rh, rw = size
+    return np.asarray(Image.fromarray(rgb).resize((rw, rh), Image.Resampling.BICUBIC))
+
+
+def _decode(path: str, label: str, cfg: ImageConfig, limits: VideoLimits, claimed: int | None):
+    """One streaming pass: count frames (stopping past the duration limit) and keep the sampled ones,
+    resized, for a frame count of `claimed`. -> (frames counted, fps, the _Resized or None)."""
+    import cv2
+
+    cap = open_capture(path)
     try:
-        cap = cv2.VideoCapture(path)
-        fps = cap.get(cv2.CAP_PROP_FPS)
-        frames = []
+        if not cap.isOpened():
+            raise InputError(f"{label}: cannot decode the video (mp4, webm and avi are supported)")
+        raw_fps = cap.get(cv2.CAP_PROP_FPS)
+        try:
+            fps = check_fps(raw_fps, f"{label}: the container's frame rate")
+        except InputError as exc:
+            raise InputError(f"{exc} (the container reports {raw_fps!r})") from exc
+        width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        if width > 0 and height > 0:
+            _check_frame_size(width, height, label, limits)  # from the metadata, before decoding
+        if claimed is None:
+            meta = cap.get(cv2.CAP_PROP_FRAME_COUNT)
+            if math.isfinite(meta) and meta > 0:
+                _check_duration(meta, fps, label, limits, claimed=True)  # refused before decoding
+                claimed = int(meta)
+        max_total = math.floor(limits.max_seconds * fps)
+        keep, count = None, 0
         while True:
             ok, frame = cap.read()
-            if not ok:
+            if not ok or frame is None:
                 break
-            frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+            if count == 0:
+                if frame.ndim != 3 or frame.shape[2] != 3:
+                    raise InputError(f"{label}: decoded frames have shape {frame.shape}, not [H, W, 3]")
+                _check_frame_size(frame.shape[1], frame.shape[0], label, limits)
+                if claimed is not None and claimed >= FRAME_FACTOR:
+                    keep = _Resized(claimed, fps, frame.shape[1], frame.shape[0], cfg, limits)
+            count += 1
+            if count > max_total:  # the metadata lied or had no count: stop at the limit
+                raise InputError(f"{label} is longer than the limit of {limits.max_seconds:g} s "
+                                 f"(VideoLimits.max_seconds); decoding stopped there")
+            if keep is not None and count - 1 in keep.wanted:
+                keep.offer(count - 1, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+        return count, fps, keep
+    finally:
         cap.release()
+
+
+def _read_file(source, cfg: ImageConfig, limits: VideoLimits):
+    """Path, bytes or binary file object -> (resized sampled RGB frames, n, total frames, fps)."""
+    from .source import copy_to, media_source
+
+    src = media_source(source, "video", ARRAY_FORMS)
+    tmp = None
+    try:
+        if src.path is not None:
+            path = src.path
+        else:
+            if src.data is not None and len(src.data) > limits.max_bytes:
+                raise InputError(f"{src.label}: larger than the limit of {limits.max_bytes} bytes (VideoLimits.max_bytes)")
+            fd, tmp = tempfile.mkstemp(suffix=".video")
+            with os.fdopen(fd, "wb") as f:
+                if src.data is not None:
+                    f.write(src.data)
+                else:
+                    copy_to(src.file, f, limits.max_bytes, src.label)
+            path = tmp
+        count, fps, keep = _decode(path, src.label, cfg, limits, None)
+        if count == 0:
+            raise InputError(f"{src.label}: cannot decode any frame (mp4, webm and avi are supported)")
+        if count < FRAME_FACTOR:
+            raise InputError(f"{src.label} has {count} frame: at least {FRAME_FACTOR} are needed")
+        if keep is None or keep.total != count:
+            # the metadata's frame count was wrong or missing: a second pass with the counted one
+            count2, fps, keep = _decode(path, src.label, cfg, limits, count)
+            if keep is None or count2 != count:
+                raise InputError(f"{src.label}: two decodes gave {count} and {count2} frames; cannot sample it")
+        if any(f is None for f in keep.frames):
+            raise InputError(f"{src.label}: the sampled frames could not all be decoded")
+        return keep.frames, keep.n, count, fps
     finally:
         if tmp:
             os.unlink(tmp)
-    if not frames:
-        raise InputError(f"{'video bytes' if tmp else path}: cannot decode any frame (mp4, webm and avi are supported)")
-    if not fps or fps <= 0 or not math.isfinite(fps):
-        raise InputError(f"{'video bytes' if tmp else path}: the container reports no frame rate")
-    return frames, float(fps)
+
+
+def _from_array(source, cfg: ImageConfig, limits: VideoLimits):
+    arr, fps = source
+    if not isinstance(arr, np.ndarray):
+        raise InputError(f"video: {ARRAY_FORMS}; the frames are a {type(arr).__name__}, not a numpy array")
+    fps = check_fps(fps)
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] != 3:
+        raise InputError(f"video arrays must be RGB uint8 [T, H, W, 3], got {arr.dtype} {arr.shape}")
+    total = arr.shape[0]
+    _check_duration(total, fps, "video", limits)
+    if total < FRAME_FACTOR:
+        raise InputError(f"video has {total} frames: at least {FRAME_FACTOR} are needed")
+    _check_frame_size(arr.shape[2], arr.shape[1], "video", limits)
+    n = sample_count(total, fps, limits)
+    idx = np.round(np.linspace(0, total - 1, n)).astype(int)
+    size = target_size(arr.shape[1], arr.shape[2], n, cfg, limits)
+    return [_resize(np.ascontiguousarray(arr[i]), size) for i in idx], n, total, fps
 
 
 def video_pixels(source, cfg: ImageConfig = ImageConfig(), limits: VideoLimits = VideoLimits()):
-    """A path, bytes, or (RGB uint8 [T, H, W, 3] array, fps) -> (rows, grid (t, h, w), seconds per grid)."""
-    from PIL import Image
+    """A path, bytes, a binary file object, or (RGB uint8 [T, H, W, 3] array, fps)
+    -> (rows, grid (t, h, w), seconds per grid).
 
-    if isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], np.ndarray):
-        arr, fps = source
-        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] != 3:
-            raise InputError(f"video arrays must be RGB uint8 [T, H, W, 3], got {arr.dtype} {arr.shape}")
-        frames, fps = list(arr), float(fps)
+    Before decoding: fps, frame size and the claimed duration from the container's metadata; the decode
+    streams, keeps only the sampled frames (resized at once) and stops at the duration limit.
+    """
+    if isinstance(source, tuple):
+        if len(source) != 2:
+            raise InputError(f"video: {ARRAY_FORMS}; got a tuple of {len(source)} items")
+        frames, n, total, fps = _from_array(source, cfg, limits)
     elif isinstance(source, np.ndarray):
-        raise InputError("a video array needs its frame rate: pass (frames, fps)")
+        raise InputError("video: a video array needs its frame rate: pass (frames, fps)")
     else:
-        frames, fps = read_frames(source)
-    total = len(frames)
-    if total / fps > limits.max_seconds:
-        raise InputError(f"video of {total / fps:.0f} s exceeds the limit of {limits.max_seconds:.0f} s")
-    n = sample_count(total, fps, limits)
-    idx = np.round(np.linspace(0, total - 1, n)).astype(int)
-    sample_fps = n / max(total, 1e-6) * fps
-    h, w = frames[0].shape[:2]
-    max_pixels = max(min(limits.max_pixels, limits.total_pixels / n * FRAME_FACTOR), int(limits.min_pixels * 1.05))
-    rh, rw = smart_resize(h, w, cfg.factor, limits.min_pixels, max_pixels)
-    chw = [normalize(np.asarray(Image.fromarray(frames[i]).resize((rw, rh), Image.Resampling.BICUBIC)), cfg) for i in idx]
-    rows = patchify(np.stack(chw), cfg)
+        frames, n, total, fps = _read_file(source, cfg, limits)
+    sample_fps = n / total * fps
+    rows = patchify(np.stack([normalize(f, cfg) for f in frames]), cfg)
+    if not np.isfinite(rows).all():
+        raise InputError("video: preprocessing produced non-finite pixel values (check image_std in the bundle)")
+    rh, rw = frames[0].shape[:2]
     grid = (n // cfg.temporal_patch_size, rh // cfg.patch_size, rw // cfg.patch_size)
     return rows, grid, cfg.temporal_patch_size / sample_fps
