@@ -3,20 +3,21 @@ official code is silent (README "Prompt rules")."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import InputError
+from .normalize import escape_structure
 from .policy import AGENT_TYPE, IMAGE_TEMPLATE, TEXT_TEMPLATE, Policy
-
-# The template's own delimiters. Inside user content each gets a backslash before its "<", so user text
-# can never open or close a block (our one escaping rule; tested in tests/test_prompt.py).
-_DELIMITER = re.compile(r"<(?=\s*(?:BEGIN|END)\s+(?:UNSAFE\s+CONTENT\s+CATEGORIES|CONVERSATION)\s*>)", re.IGNORECASE)
 
 
 def escape_content(text: str) -> str:
-    return _DELIMITER.sub(r"\\<", text)
+    """One turn's content with its structure escaped (our one escaping rule, `normalize.escape_structure`):
+    the template's delimiters and role labels at a line start (the start of the content counts), matched on a
+    normalised view (NFKC, invisible characters removed, confusables folded), get an odd run of backslashes
+    before their `<` / first letter, inserted into the original text. User text can never open or close a
+    block or start a turn (tests/test_prompt.py, tests/test_injection.py)."""
+    return escape_structure(text)
 
 
 @dataclass(frozen=True)
