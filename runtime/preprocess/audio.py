@@ -93,7 +93,8 @@ def _load_array(source: np.ndarray, sample_rate, limits: AudioLimits) -> np.ndar
     if source.dtype.kind != "f":
         raise InputError(f"audio arrays must be float samples in [-1, 1] (float16/32/64), got dtype {source.dtype}")
     _check_seconds(len(source) / rate, "audio", limits)  # before any conversion or resampling
-    wave = _finite(source.astype(np.float32, copy=False), "audio", "(after conversion to float32)")
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is what the check below reports
+        wave = _finite(source.astype(np.float32, copy=False), "audio", "(after conversion to float32)")
     return _finite(resample(wave, rate), "audio", f"after resampling from {rate} Hz")
 
 

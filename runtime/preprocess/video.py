@@ -86,7 +86,7 @@ def _check_frame_size(width: int, height: int, label: str, limits: VideoLimits) 
 
 def _check_duration(total: int, fps: float, label: str, limits: VideoLimits, claimed: bool = False) -> None:
     if total / fps > limits.max_seconds:
-        raise InputError(f"{label} {'claims' if claimed else 'is'} {total / fps:.0f} s: longer than the limit of "
+        raise InputError(f"{label} {'claims' if claimed else 'is'} {total / fps:.1f} s: longer than the limit of "
                          f"{limits.max_seconds:g} s (VideoLimits.max_seconds)")
 
 
@@ -173,6 +173,17 @@ def _decode(path: str, label: str, cfg: ImageConfig, limits: VideoLimits, claime
         cap.release()
 
 
+def container(head: bytes) -> str | None:
+    """The container named by a file's first bytes, if it is one we accept (mp4/mov, webm/mkv, avi)."""
+    if len(head) >= 8 and head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
+        return "mp4"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "webm"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "avi"
+    return None
+
+
 def _read_file(source, cfg: ImageConfig, limits: VideoLimits):
     """Path, bytes or binary file object -> (resized sampled RGB frames, n, total frames, fps)."""
     from .source import copy_to, media_source
@@ -192,6 +203,10 @@ def _read_file(source, cfg: ImageConfig, limits: VideoLimits):
                 else:
                     copy_to(src.file, f, limits.max_bytes, src.label)
             path = tmp
+        with open(path, "rb") as f:  # FFmpeg would also read text (tty), playlists (m3u8: more files) ...
+            head = f.read(12)
+        if container(head) is None:
+            raise InputError(f"{src.label}: cannot decode the video: not an mp4/mov, webm/mkv or avi container")
         count, fps, keep = _decode(path, src.label, cfg, limits, None)
         if count == 0:
             raise InputError(f"{src.label}: cannot decode any frame (mp4, webm and avi are supported)")

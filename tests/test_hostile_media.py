@@ -1,0 +1,474 @@
+"""Hostile media: every case is refused with an InputError that names the parameter, before work or memory
+is spent on it, and nothing blocks (FIFOs), crashes or yields a non-finite feature.
+
+All media are generated here in tmp dirs. "Before work" is checked by counting decoder calls (soundfile
+reads, OpenCV frame reads), never by wall-clock time.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import threading
+import zlib
+
+import numpy as np
+import pytest
+
+from omniguard_edge.runtime.errors import InputError
+from omniguard_edge.runtime.preprocess import audio as audio_mod
+from omniguard_edge.runtime.preprocess import video as video_mod
+from omniguard_edge.runtime.preprocess.audio import AudioLimits, audio_features, load_audio
+from omniguard_edge.runtime.preprocess.image import ImageLimits, image_pixels
+from omniguard_edge.runtime.preprocess.video import VideoLimits, video_pixels
+
+MEL = np.zeros((201, 128))
+
+
+# -- generated media ---------------------------------------------------------------------------------------
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims width x height (crafted by hand: no pixels behind it)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def write_video(path, frames: int, fps: float, size=(32, 32)) -> None:
+    import cv2
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+    assert writer.isOpened()
+    for k in range(frames):
+        writer.write(np.full((size[1], size[0], 3), (k * 7) % 255, np.uint8))
+    writer.release()
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    import soundfile as sf
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("hostile")
+    (d / "dir").mkdir()
+    (d / "empty.bin").write_bytes(b"")
+    (d / "garbage.bin").write_bytes(os.urandom(4096))
+    (d / "text.txt").write_text("just some text, not media\n" * 20)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(d / "ok.png")
+    Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(d / "ok.jpg")
+    for name in ("ok.png", "ok.jpg"):
+        data = (d / name).read_bytes()
+        (d / f"trunc_{name}").write_bytes(data[: len(data) // 2])
+    for w, h in [(100000, 100000), (12000, 9000), (20000, 20000), (5, 5), (8, 2000), (1, 100000), (0, 0)]:
+        (d / f"claims_{w}x{h}.png").write_bytes(png_header(w, h))
+    (d / "image.eps").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\nshowpage\n")
+    (d / "image.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="100" height="100"/>')
+    t = np.arange(16000) / 16000
+    sf.write(d / "ok.wav", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16000)
+    (d / "wav_as.png").write_bytes((d / "ok.wav").read_bytes())
+    (d / "trunc.wav").write_bytes((d / "ok.wav").read_bytes()[:44])
+    sf.write(d / "huge_float.wav", np.full(44100, 3e38, np.float32), 44100, subtype="FLOAT")
+    sf.write(d / "nan.wav", np.full(16000, np.nan, np.float32), 16000, subtype="FLOAT")
+    sf.write(d / "inf.wav", np.full(16000, np.inf, np.float32), 16000, subtype="FLOAT")
+    sf.write(d / "rate_2000.wav", np.zeros(4000, np.int16), 2000, subtype="PCM_16")
+    sf.write(d / "rate_400000.wav", np.zeros(400000, np.int16), 400000, subtype="PCM_16")
+    sf.write(d / "channels_65.wav", np.zeros((1600, 65), np.int16), 16000, subtype="PCM_16")
+    sf.write(d / "hour.flac", np.zeros(16000 * 3600, np.int16), 16000, subtype="PCM_16")  # ~180 kB
+    flac = bytearray((d / "hour.flac").read_bytes())
+    assert flac[:4] == b"fLaC"
+    flac[21] &= 0xF0  # STREAMINFO total samples (36 bits) = 0: "unknown length"
+    flac[22:26] = b"\0\0\0\0"
+    (d / "hour_unknown.flac").write_bytes(bytes(flac))
+    sf.write(d / "click.wav", np.zeros(100, np.float32), 16000)
+    write_video(d / "ok.mp4", 12, 4.0, (64, 48))
+    write_video(d / "long_700s.mp4", 700, 1.0)  # 700 frames of 32x32 at 1 fps: over the 600 s limit
+    write_video(d / "tiny_6x6.mp4", 8, 4.0, (6, 6))  # under the 8 px minimum side, refused from the metadata
+    write_video(d / "one_frame.mp4", 1, 4.0, (64, 48))
+    write_video(d / "fps_1000.mp4", 20, 1000.0, (64, 48))
+    ok = (d / "ok.mp4").read_bytes()
+    (d / "trunc.mp4").write_bytes(ok[: len(ok) // 2])
+    return d
+
+
+# -- the suite -----------------------------------------------------------------------------------------------
+
+def _call(kind, source, **kw):
+    if kind == "image":
+        return image_pixels(source, limits=kw.get("limits", ImageLimits()))
+    if kind == "audio":
+        return audio_features(source, MEL, kw.get("sample_rate"), kw.get("limits", AudioLimits()))
+    return video_pixels(source, limits=kw.get("limits", VideoLimits()))
+
+
+def _source_cases():
+    """Sources that are not media, for every modality."""
+    cases = []
+    for kind in ("image", "audio", "video"):
+        cases += [
+            (kind, lambda d: "", kind), (kind, lambda d: "   ", kind), (kind, lambda d: str(d / "dir"), kind),
+            (kind, lambda d: d / "dir", kind), (kind, lambda d: "/dev/null", kind), (kind, lambda d: "/dev/zero", kind),
+            (kind, lambda d: "http://example.com/x", kind), (kind, lambda d: "https://example.com/x.png", kind),
+            (kind, lambda d: "HTTPS://EXAMPLE.COM/X", kind), (kind, lambda d: "ftp://host/x", kind),
+            (kind, lambda d: "data:image/png;base64,iVBORw0KGgo=", kind), (kind, lambda d: "file:///etc/passwd", kind),
+            (kind, lambda d: "rtsp://cam/stream", kind), (kind, lambda d: str(d / "missing.bin"), kind),
+            (kind, lambda d: str(d / "bad\0name"), kind), (kind, lambda d: d / "empty.bin", kind),
+            (kind, lambda d: d / "garbage.bin", kind), (kind, lambda d: d / "text.txt", kind),
+            (kind, lambda d: b"", kind), (kind, lambda d: bytearray(), kind), (kind, lambda d: os.urandom(300), kind),
+            (kind, lambda d: memoryview(b"not media at all" * 10), kind), (kind, lambda d: io.BytesIO(b""), kind),
+            (kind, lambda d: io.BytesIO(os.urandom(500)), kind), (kind, lambda d: io.StringIO("text"), kind),
+            (kind, lambda d: open(d / "ok.png", "r"), kind), (kind, lambda d: open(d / "scratch.bin", "wb"), kind),
+            (kind, lambda d: _closed(d), kind), (kind, lambda d: open("/dev/zero", "rb"), kind),
+            (kind, lambda d: _pipe_reader(), kind), (kind, lambda d: None, kind), (kind, lambda d: 123, kind),
+            (kind, lambda d: 1.5, kind), (kind, lambda d: [0, 1, 2], kind), (kind, lambda d: {"path": "x"}, kind),
+            (kind, lambda d: True, kind), (kind, lambda d: object(), kind),
+        ]
+    return cases
+
+
+def _closed(d):
+    f = open(d / "ok.png", "rb")
+    f.close()
+    return f
+
+
+def _pipe_reader():
+    r, w = os.pipe()
+    os.write(w, b"\x89PNG\r\n\x1a\n" + b"\0" * 100)
+    os.close(w)
+    return os.fdopen(r, "rb")
+
+
+IMAGE_CASES = [
+    ("image", lambda d: d / "trunc_ok.png", "image"), ("image", lambda d: d / "trunc_ok.jpg", "image"),
+    ("image", lambda d: d / "wav_as.png", "image"), ("image", lambda d: d / "image.eps", "image"),
+    ("image", lambda d: d / "image.svg", "image"),
+] + [("image", (lambda n: lambda d: d / n)(f"claims_{w}x{h}.png"), "image")
+     for w, h in [(100000, 100000), (12000, 9000), (20000, 20000), (5, 5), (8, 2000), (1, 100000), (0, 0)]] + [
+    ("image", lambda d: png_header(100000, 100000), "image"),
+    ("image", lambda d: io.BytesIO(png_header(100000, 100000)), "image"),
+    ("image", lambda d: bytearray(png_header(12000, 9000)), "image"),
+    ("image", lambda d: memoryview(png_header(3, 3000)), "image"),
+    ("image", lambda d: np.zeros((64, 64, 3), np.float32), "image"),
+    ("image", lambda d: np.zeros((64, 64, 3), np.uint16), "image"),
+    ("image", lambda d: np.zeros((64, 64, 4), np.uint8), "image"),
+    ("image", lambda d: np.zeros((64, 64, 1), np.uint8), "image"),
+    ("image", lambda d: np.zeros(64, np.uint8), "image"),
+    ("image", lambda d: np.zeros((2, 64, 64, 3), np.uint8), "image"),
+    ("image", lambda d: np.zeros((0, 0, 3), np.uint8), "image"),
+    ("image", lambda d: np.zeros((1, 1, 3), np.uint8), "image"),
+    ("image", lambda d: np.zeros((7, 100, 3), np.uint8), "image"),
+    ("image", lambda d: np.zeros((5, 5), np.uint8), "image"),
+    ("image", lambda d: np.zeros((8, 2000, 3), np.uint8), "image"),
+    ("image", lambda d: np.full((64, 64, 3), np.nan), "image"),
+    ("image", lambda d: np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (12000, 9000, 3)), "image"),  # 108 M px, no memory
+    ("image", lambda d: np.broadcast_to(np.zeros((1, 1), np.uint8), (20000, 20000)), "image"),
+]
+
+AUDIO_CASES = [
+    ("audio", lambda d: d / "trunc.wav", "audio"), ("audio", lambda d: d / "ok.png", "audio"),
+    ("audio", lambda d: d / "huge_float.wav", "audio"),  # 3e38 at 44.1 kHz: NaN/inf after resampling
+    ("audio", lambda d: d / "nan.wav", "audio"), ("audio", lambda d: d / "inf.wav", "audio"),
+    ("audio", lambda d: d / "rate_2000.wav", "audio"), ("audio", lambda d: d / "rate_400000.wav", "audio"),
+    ("audio", lambda d: d / "channels_65.wav", "audio"), ("audio", lambda d: d / "hour.flac", "audio"),
+    ("audio", lambda d: d / "hour_unknown.flac", "audio"), ("audio", lambda d: d / "click.wav", "audio"),
+    ("audio", lambda d: (d / "hour.flac").read_bytes(), "audio"),
+    ("audio", lambda d: io.BytesIO((d / "huge_float.wav").read_bytes()), "audio"),
+    ("audio", lambda d: open(d / "hour_unknown.flac", "rb"), "audio"),
+    ("audio", lambda d: (d / "trunc.wav").read_bytes(), "audio"),
+]
+# (array, sample_rate, parameter the message must name)
+AUDIO_ARRAYS = [
+    (lambda: np.full(16000, 1e39), 16000, "audio"),  # float64 overflowing float32
+    (lambda: np.full(44100, 3e38, np.float32), 44100, "audio"),  # finite, but not after resampling
+    (lambda: np.full(16000, np.nan, np.float32), 16000, "audio"),
+    (lambda: np.r_[np.zeros(15999, np.float32), np.inf], 16000, "audio"),
+    (lambda: np.full(16000, -np.inf), 16000, "audio"),
+    (lambda: np.zeros(16000, np.int16), 16000, "audio"),
+    (lambda: np.zeros(16000, np.complex64), 16000, "audio"),
+    (lambda: np.zeros(16000, bool), 16000, "audio"),
+    (lambda: np.zeros((16000, 2), np.float32), 16000, "audio"),
+    (lambda: np.zeros((1, 16000), np.float32), 16000, "audio"),
+    (lambda: np.float32(0.5) * np.ones((), np.float32), 16000, "audio"),
+    (lambda: np.zeros(0, np.float32), 16000, "audio"),
+    (lambda: np.zeros(100, np.float32), 16000, "audio"),
+    (lambda: np.broadcast_to(np.float32(0), (16000 * 301,)), 16000, "audio"),
+    (lambda: np.broadcast_to(np.float32(0), (4000 * 325,)), 4000, "audio"),
+    (lambda: np.zeros(300_000, np.float32), 1, "sample_rate"),  # 1.2 MB at 1 Hz: never 19 GB
+    (lambda: np.zeros(16000, np.float32), None, "sample_rate"),
+    (lambda: np.zeros(16000, np.float32), "16000", "sample_rate"),
+    (lambda: np.zeros(16000, np.float32), True, "sample_rate"),
+    (lambda: np.zeros(16000, np.float32), 16000.0, "sample_rate"),
+    (lambda: np.zeros(16000, np.float32), np.float64(16000), "sample_rate"),
+    (lambda: np.zeros(16000, np.float32), float("nan"), "sample_rate"),
+    (lambda: np.zeros(16000, np.float32), 0, "sample_rate"),
+    (lambda: np.zeros(16000, np.float32), -16000, "sample_rate"),
+    (lambda: np.zeros(16000, np.float32), 3999, "sample_rate"),
+    (lambda: np.zeros(16000, np.float32), 384001, "sample_rate"),
+    (lambda: np.zeros(16000, np.float32), 10**12, "sample_rate"),
+    (lambda: np.zeros(16000, np.float32), [16000], "sample_rate"),
+]
+
+VIDEO_FRAMES = lambda: np.zeros((8, 64, 64, 3), np.uint8)  # noqa: E731
+VIDEO_CASES = [
+    ("video", lambda d: d / "trunc.mp4", "video"), ("video", lambda d: d / "ok.png", "video"),
+    ("video", lambda d: d / "ok.wav", "video"), ("video", lambda d: d / "long_700s.mp4", "video"),
+    ("video", lambda d: d / "tiny_6x6.mp4", "video"), ("video", lambda d: d / "one_frame.mp4", "video"),
+    ("video", lambda d: d / "fps_1000.mp4", "video"), ("video", lambda d: (d / "long_700s.mp4").read_bytes(), "video"),
+    ("video", lambda d: io.BytesIO((d / "tiny_6x6.mp4").read_bytes()), "video"),
+    ("video", lambda d: open(d / "long_700s.mp4", "rb"), "video"),
+    ("video", lambda d: (d / "trunc.mp4").read_bytes(), "video"),
+    ("video", lambda d: np.zeros((8, 64, 64, 3), np.uint8), "video"),  # no fps
+    ("video", lambda d: (VIDEO_FRAMES(),), "video"), ("video", lambda d: (VIDEO_FRAMES(), 4.0, 1), "video"),
+    ("video", lambda d: (list(VIDEO_FRAMES()), 4.0), "video"), ("video", lambda d: [VIDEO_FRAMES(), 4.0], "video"),
+    ("video", lambda d: (VIDEO_FRAMES().astype(np.float32), 4.0), "video"),
+    ("video", lambda d: (np.zeros((8, 64, 64), np.uint8), 4.0), "video"),
+    ("video", lambda d: (np.zeros((8, 64, 64, 4), np.uint8), 4.0), "video"),
+    ("video", lambda d: (np.zeros((1, 64, 64, 3), np.uint8), 4.0), "video"),
+    ("video", lambda d: (np.zeros((0, 64, 64, 3), np.uint8), 4.0), "video"),
+    ("video", lambda d: (np.zeros((8, 1, 1, 3), np.uint8), 4.0), "video"),
+    ("video", lambda d: (np.zeros((8, 4, 64, 3), np.uint8), 4.0), "video"),
+    ("video", lambda d: (np.zeros((8, 8, 2000, 3), np.uint8), 4.0), "video"),
+    ("video", lambda d: (np.broadcast_to(np.zeros((1, 1, 1, 3), np.uint8), (1401, 32, 32, 3)), 2.0), "video"),
+    ("video", lambda d: (np.broadcast_to(np.zeros((1, 1, 1, 3), np.uint8), (4, 9000, 9000, 3)), 2.0), "video"),
+] + [("video", (lambda f: lambda d: (VIDEO_FRAMES(), f))(fps), "fps")
+     for fps in (-25, 0, 0.0, float("inf"), float("-inf"), float("nan"), 1e300, 241, "25", True, False, None,
+                 complex(4, 0), [4.0], np.float64("nan"), np.bool_(True))]
+
+ALL = _source_cases() + IMAGE_CASES + AUDIO_CASES + VIDEO_CASES
+
+
+def _id(case):
+    return case[0]
+
+
+@pytest.mark.parametrize("case", ALL, ids=[f"{c[0]}-{i}" for i, c in enumerate(ALL)])
+def test_hostile_source_is_refused(case, hostile):
+    kind, make, param = case
+    source = make(hostile)
+    try:
+        with pytest.raises(InputError) as err:
+            _call(kind, source, sample_rate=16000)
+    finally:
+        if hasattr(source, "close"):
+            source.close()
+    assert param in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("make,rate,param", AUDIO_ARRAYS, ids=[f"audio-array-{i}" for i in range(len(AUDIO_ARRAYS))])
+def test_hostile_audio_array_is_refused(make, rate, param, monkeypatch):
+    calls = []
+    real = audio_mod.resample
+    monkeypatch.setattr(audio_mod, "resample", lambda w, r: calls.append(len(w)) or real(w, r))
+    with pytest.raises(InputError) as err:
+        audio_features(make(), MEL, rate)
+    assert param in str(err.value), str(err.value)
+    assert all(n <= 16000 * 300 for n in calls), "resampled an array over the length limit"
+
+
+@pytest.mark.parametrize("kind", ["image", "audio", "video"])
+def test_fifo_never_blocks(kind, tmp_path):
+    """A FIFO path is refused from os.stat, before open (which would block with no writer)."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    outcome = {}
+
+    def target():
+        try:
+            _call(kind, str(fifo), sample_rate=16000)
+            outcome["result"] = "returned"
+        except Exception as exc:  # noqa: BLE001 - the assertion below says which
+            outcome["result"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    if thread.is_alive():  # unblock the reader so the process can exit, then fail
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        pytest.fail(f"{kind}: a FIFO blocked the call")
+    assert isinstance(outcome["result"], InputError) and kind in str(outcome["result"])
+    assert "FIFO" in str(outcome["result"])
+
+
+def test_url_message_says_what_to_do():
+    with pytest.raises(InputError, match="URLs are not supported: download the file and pass its path or bytes"):
+        image_pixels("https://example.com/cat.png")
+
+
+def test_png_bomb_refused_from_header(hostile, monkeypatch):
+    """A 12000x9000 IHDR (108 M px, under Pillow's own bomb limit) is refused before any pixel is decoded."""
+    from PIL import ImageFile
+
+    loads = []
+    real = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(1) or real(self))
+    with pytest.raises(InputError, match="exceeds the limit of 100000000 source pixels"):
+        image_pixels(hostile / "claims_12000x9000.png")
+    assert loads == []
+
+
+def test_audio_header_claiming_an_hour_is_refused_before_reading(hostile, monkeypatch):
+    import soundfile as sf
+
+    reads = []
+    real = sf.SoundFile.read
+    monkeypatch.setattr(sf.SoundFile, "read", lambda self, *a, **k: reads.append(1) or real(self, *a, **k))
+    with pytest.raises(InputError, match="claims 3600.0 s"):
+        audio_features(hostile / "hour.flac", MEL)
+    assert reads == []
+
+
+def test_audio_of_unknown_length_stops_at_the_limit(hostile, monkeypatch):
+    """FLAC of an hour of silence whose header gives no length: read block by block, refused after at most
+    max_seconds + one block, never decoded whole."""
+    import soundfile as sf
+
+    frames = []
+    real = sf.SoundFile.read
+
+    def counting(self, *a, **k):
+        out = real(self, *a, **k)
+        frames.append(len(out))
+        return out
+
+    monkeypatch.setattr(sf.SoundFile, "read", counting)
+    with pytest.raises(InputError, match="decoding stopped there"):
+        audio_features(hostile / "hour_unknown.flac", MEL, limits=AudioLimits(max_seconds=20))
+    assert 20 * 16000 < sum(frames) <= 21 * 16000
+
+
+def test_wav_header_claiming_more_frames_than_present(hostile, tmp_path):
+    """A data chunk claiming 10^9 frames over 1 s of samples: decoded as the 1 s that is there."""
+    data = bytearray((hostile / "ok.wav").read_bytes())
+    at = data.find(b"data")
+    data[at + 4: at + 8] = struct.pack("<I", 10**9 * 4 % 2**32)
+    wave = load_audio(bytes(data))
+    assert len(wave) == 16000 and np.isfinite(wave).all()
+
+
+def test_float64_overflow_is_caught_after_conversion():
+    with pytest.raises(InputError, match="after conversion to float32"):
+        load_audio(np.full(16000, 1e39), 16000)
+
+
+def test_finite_input_nan_after_resampling_is_caught(hostile):
+    with pytest.raises(InputError, match="NaN or infinite"):
+        audio_features(hostile / "huge_float.wav", MEL)
+
+
+def test_good_sources_in_every_form(hostile):
+    """The accepted forms decode to the same result: path, PathLike, bytes, bytearray, memoryview, BytesIO,
+    an open 'rb' file; image arrays HxWx3 and HxW."""
+    from PIL import Image
+
+    ref_rows, ref_grid = image_pixels(str(hostile / "ok.png"))
+    raw = (hostile / "ok.png").read_bytes()
+    with open(hostile / "ok.png", "rb") as f:
+        forms = [hostile / "ok.png", raw, bytearray(raw), memoryview(raw), io.BytesIO(raw), f,
+                 np.asarray(Image.open(hostile / "ok.png").convert("RGB"))]
+        for form in forms:
+            rows, grid = image_pixels(form)
+            assert grid == ref_grid and np.array_equal(rows, ref_rows), type(form)
+    gray = np.asarray(Image.open(hostile / "ok.png").convert("L"))
+    assert np.array_equal(image_pixels(gray)[0], image_pixels(np.repeat(gray[..., None], 3, -1))[0])
+
+    ref = audio_features(hostile / "ok.wav", MEL)
+    wav = (hostile / "ok.wav").read_bytes()
+    with open(hostile / "ok.wav", "rb") as f:
+        for form in [str(hostile / "ok.wav"), wav, io.BytesIO(wav), f]:
+            assert np.array_equal(audio_features(form, MEL), ref)
+    import soundfile as sf
+
+    samples, rate = sf.read(hostile / "ok.wav", dtype="float32")
+    assert np.array_equal(audio_features(samples, MEL, np.int32(rate)), ref)
+
+    vref = video_pixels(hostile / "ok.mp4")
+    vid = (hostile / "ok.mp4").read_bytes()
+    with open(hostile / "ok.mp4", "rb") as f:
+        for form in [str(hostile / "ok.mp4"), vid, io.BytesIO(vid), f]:
+            rows, grid, seconds = video_pixels(form)
+            assert grid == vref[1] and seconds == vref[2] and np.array_equal(rows, vref[0])
+
+
+def test_streamed_resampling_equals_one_shot(hostile, tmp_path):
+    """Block-wise soxr resampling of a file gives the samples of one soxr call on the whole clip."""
+    import soundfile as sf
+    import soxr
+
+    rng = np.random.default_rng(1)
+    clip = (0.2 * rng.standard_normal((44100 * 3 + 123, 2))).astype(np.float32)
+    sf.write(tmp_path / "s.wav", clip, 44100, subtype="FLOAT")
+    whole = soxr.resample(clip.mean(axis=1), 44100, 16000, quality="HQ")
+    assert np.array_equal(load_audio(tmp_path / "s.wav"), whole.astype(np.float32))
+
+
+class _CountingCapture:
+    """Wraps cv2.VideoCapture: counts frame reads, optionally reports a false frame count."""
+
+    def __init__(self, cap, reads, frame_count=None):
+        self.cap, self.reads, self.frame_count = cap, reads, frame_count
+
+    def get(self, prop):
+        import cv2
+
+        if prop == cv2.CAP_PROP_FRAME_COUNT and self.frame_count is not None:
+            return self.frame_count
+        return self.cap.get(prop)
+
+    def read(self):
+        self.reads.append(1)
+        return self.cap.read()
+
+    def __getattr__(self, name):
+        return getattr(self.cap, name)
+
+
+def _patch_capture(monkeypatch, reads, frame_count=None):
+    real = video_mod.open_capture
+    monkeypatch.setattr(video_mod, "open_capture", lambda p: _CountingCapture(real(p), reads, frame_count))
+
+
+def test_long_video_refused_from_metadata(hostile, monkeypatch):
+    reads = []
+    _patch_capture(monkeypatch, reads)
+    with pytest.raises(InputError, match="claims 700.0 s"):
+        video_pixels(hostile / "long_700s.mp4")
+    assert reads == []
+
+
+@pytest.mark.parametrize("claimed", [0, -1, float("nan")])
+def test_video_without_a_frame_count_stops_at_the_limit(claimed, hostile, monkeypatch):
+    reads = []
+    _patch_capture(monkeypatch, reads, claimed)
+    with pytest.raises(InputError, match="decoding stopped there"):
+        video_pixels(hostile / "long_700s.mp4")
+    assert len(reads) == 601  # 600 s at 1 fps, plus the frame that crossed the limit
+
+
+@pytest.mark.parametrize("claimed", [None, 0, 9, 30])
+def test_wrong_frame_count_still_samples_like_the_truth(claimed, hostile, monkeypatch):
+    """Metadata that lies about the count costs a second pass, never a different result."""
+    truth = video_pixels(hostile / "ok.mp4")
+    reads = []
+    _patch_capture(monkeypatch, reads, claimed)
+    rows, grid, seconds = video_pixels(hostile / "ok.mp4")
+    assert grid == truth[1] and seconds == truth[2] and np.array_equal(rows, truth[0])
+    assert len(reads) == (13 if claimed is None else 26)  # 12 frames + the end-of-stream read, per pass
+
+
+def test_video_array_duration_refused_before_resizing(monkeypatch):
+    resized = []
+    real = video_mod._resize
+    monkeypatch.setattr(video_mod, "_resize", lambda f, s: resized.append(1) or real(f, s))
+    frames = np.broadcast_to(np.zeros((1, 1, 1, 3), np.uint8), (1201, 32, 32, 3))
+    with pytest.raises(InputError, match="is 600.5 s"):
+        video_pixels((frames, 2.0))
+    assert resized == []
+
+
+def test_hostile_suite_size():
+    assert len(ALL) + len(AUDIO_ARRAYS) >= 120
