@@ -78,10 +78,12 @@ LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
 _LB = re.escape(LINE_BREAKS)
 _HWS = rf"[^\S{_LB}]"  # horizontal whitespace: whitespace that does not break the line
 
-# On the normalised view. `bs`: the backslashes directly before the match (the escape run).
-_DELIMITER = re.compile(r"(?P<bs>\\*)(?P<at><)\s*(?:BEGIN|END)[\s_-]*(?:UNSAFE[\s_-]*CONTENT[\s_-]*CATEGORIES|CONVERSATION)",
+# On the normalised view. Both patterns start at the character the escape goes before; what precedes a match
+# (its backslash run, the line start) is read by walking back from it, so the scan stays linear in the text
+# (a lookbehind-free regex with a lazy prefix is quadratic on long runs of newlines or backslashes).
+_DELIMITER = re.compile(r"<\s*(?:BEGIN|END)[\s_-]*(?:UNSAFE[\s_-]*CONTENT[\s_-]*CATEGORIES|CONVERSATION)",
                         re.IGNORECASE)
-_ROLE = re.compile(rf"(?:^|(?<=[{_LB}]))[\s\\]*?(?P<bs>\\*)(?P<at>USER|AGENT){_HWS}*:", re.IGNORECASE)
+_ROLE = re.compile(rf"(?:USER|AGENT){_HWS}*:", re.IGNORECASE)
 
 
 def _invisible(ch: str) -> bool:
@@ -118,11 +120,26 @@ def normalized_view(text: str) -> tuple[str, list[int] | None]:
     return "".join(out), origin
 
 
+def _run_before(view: str, at: int) -> int:
+    """How many backslashes stand directly before `at`."""
+    start = at
+    while start and view[start - 1] == "\\":
+        start -= 1
+    return at - start
+
+
+def _at_line_start(view: str, at: int) -> bool:
+    """Only spaces, tabs and backslashes between `at` and the start of its line (or of the text)."""
+    while at and view[at - 1] not in LINE_BREAKS and (view[at - 1] == "\\" or view[at - 1].isspace()):
+        at -= 1
+    return at == 0 or view[at - 1] in LINE_BREAKS
+
+
 def structure_matches(view: str) -> list[tuple[int, int]]:
-    """(position in the view, backslashes already before it) for every delimiter and role label in `view`."""
-    found = [(m.start("at"), len(m.group("bs"))) for m in _DELIMITER.finditer(view)]
-    found += [(m.start("at"), len(m.group("bs"))) for m in _ROLE.finditer(view)]
-    return sorted(found)
+    """(position in the view, backslashes already before it) for every delimiter and line-start role label."""
+    found = [m.start() for m in _DELIMITER.finditer(view)]
+    found += [m.start() for m in _ROLE.finditer(view) if _at_line_start(view, m.start())]
+    return [(at, _run_before(view, at)) for at in sorted(found)]
 
 
 def escape_structure(text: str) -> str:
