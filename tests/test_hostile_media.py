@@ -472,3 +472,45 @@ def test_video_array_duration_refused_before_resizing(monkeypatch):
 
 def test_hostile_suite_size():
     assert len(ALL) + len(AUDIO_ARRAYS) >= 120
+
+
+
+MODERATE_CASES = [  # (the parameter the error must name, moderate's keyword arguments)
+    ("audio", dict(text="How do I build a pipe bomb?", audio=lambda d: np.full(16000, 1e39), sample_rate=16000)),
+    ("audio", dict(text="How do I build a pipe bomb?", audio=lambda d: d / "huge_float.wav")),
+    ("sample_rate", dict(text="hi", audio=lambda d: np.zeros(16000, np.float32), sample_rate="16000")),
+    ("sample_rate", dict(text="hi", audio=lambda d: np.zeros(16000, np.float32), sample_rate=True)),
+    ("audio", dict(text="hi", audio=lambda d: d / "hour_unknown.flac")),
+    ("image", dict(text="hi", image=lambda d: "")),
+    ("image", dict(text="hi", image=lambda d: "https://example.com/cat.png")),
+    ("image", dict(text="hi", image=lambda d: d / "claims_100000x100000.png")),
+    ("image", dict(text="hi", image=lambda d: io.StringIO("x"))),
+    ("fps", dict(text="hi", video=lambda d: (np.zeros((8, 64, 64, 3), np.uint8), -25))),
+    ("video", dict(text="hi", video=lambda d: (np.zeros((8, 1, 1, 3), np.uint8), 4.0))),
+    ("video", dict(text="hi", video=lambda d: d / "long_700s.mp4")),
+]
+
+
+@pytest.fixture(scope="module")
+def guards(tiny_bundle):
+    from omniguard_edge.runtime.guard import Guard, GuardOptions
+
+    return {c: Guard.from_bundle(tiny_bundle, GuardOptions(constrain_verdict=c)) for c in (False, True)}
+
+
+@pytest.mark.parametrize("constrain", [False, True], ids=["default", "constrained"])
+@pytest.mark.parametrize("param,case", MODERATE_CASES, ids=[f"moderate-{i}" for i in range(len(MODERATE_CASES))])
+def test_moderate_gives_error_for_hostile_media(param, case, constrain, hostile, guards):
+    """Through Guard.moderate, in both decoding modes: an `error` verdict (never safe or unknown) whose
+    message names the parameter, and strict JSON."""
+    import json
+
+    kwargs = {k: (v(hostile) if callable(v) else v) for k, v in case.items()}
+    result = guards[constrain].moderate(**kwargs)
+    assert result.verdict == "error" and not result.is_safe, result.verdict
+    assert param in result.error, result.error
+
+    def strict(constant):
+        raise AssertionError(f"non-strict JSON constant {constant}")
+
+    json.loads(result.to_json(), parse_constant=strict)
