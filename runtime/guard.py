@@ -44,8 +44,21 @@ class GuardOptions:
     session: SessionOptions = SessionOptions()
 
     def __post_init__(self):
-        if self.max_new_tokens < 1 or self.critique_max_new_tokens < 1:
-            raise ValueError("GuardOptions.max_new_tokens and critique_max_new_tokens must be >= 1")
+        def whole(name, lo, optional=False):
+            value = getattr(self, name)
+            if optional and value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+                raise ValueError(f"GuardOptions.{name} must be an int >= {lo}{' or None' if optional else ''}, "
+                                 f"not {value!r}")
+
+        whole("max_new_tokens", 1)
+        whole("critique_max_new_tokens", 1)
+        whole("min_new_tokens", 0)
+        whole("max_prompt_tokens", 1, optional=True)
+        for name in ("critique", "constrain_verdict"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"GuardOptions.{name} must be a bool, not {getattr(self, name)!r}")
 
 
 @dataclass
@@ -417,7 +430,12 @@ class Guard:
     def _prompt_limit(self) -> tuple[int, int]:
         """(token budget of the answer, the most prompt tokens allowed)."""
         budget = self.options.critique_max_new_tokens if self.options.critique else self.options.max_new_tokens
-        return budget, self.options.max_prompt_tokens or self.bundle.manifest.decoder["max_position_embeddings"] - budget
+        context = self.bundle.manifest.decoder["max_position_embeddings"]
+        limit = self.options.max_prompt_tokens or context - budget
+        if limit < 1:
+            raise InputError(f"GuardOptions: a token budget of {budget} leaves no room for a prompt in the "
+                             f"decoder's context of {context} tokens (lower max_new_tokens / critique_max_new_tokens)")
+        return budget, limit
 
     def _check_text_size(self, conv: Conversation | None, limit: int) -> None:
         """Refuse text that cannot fit the prompt limit before tokenizing it (a 1 GB string must not be

@@ -460,3 +460,18 @@ def test_cli_exit_status_of_a_verdict(tiny_bundle):
                           timeout=120)
     out = strict_json(proc.stdout)
     assert out["verdict"] in ("safe", "unsafe") and proc.returncode == 0 and proc.stderr == ""
+
+
+@pytest.mark.parametrize("field,value", [("max_new_tokens", 0), ("max_new_tokens", 1.5), ("max_new_tokens", True),
+                                         ("critique_max_new_tokens", -1), ("min_new_tokens", -1),
+                                         ("max_prompt_tokens", 0), ("max_prompt_tokens", "100"),
+                                         ("constrain_verdict", "yes"), ("critique", 1)])
+def test_guard_options_are_typed(field, value):
+    with pytest.raises(ValueError, match=f"GuardOptions.{field}"):
+        GuardOptions(**{field: value})
+
+
+def test_a_budget_over_the_context_is_an_error_result(bundle):
+    context = bundle.manifest.decoder["max_position_embeddings"]
+    r = Guard(bundle, GuardOptions(max_new_tokens=context)).moderate("hi")
+    assert r.verdict == "error" and "leaves no room for a prompt" in r.error and "max_new_tokens" in r.error
