@@ -269,7 +269,8 @@ def main(argv=None) -> int:
         per_pack = {pk: metrics([i for i in items if i.pack == pk], [x for i, x in zip(items, pr) if i.pack == pk])
                     for pk in packs}
         engines[name] = {"overall": metrics(items, pr), "per_pack": per_pack,
-                         **bundles.get(name, {"bundle": None, "model": reference_identity(args.reference)})}
+                         **(bundles[name] if name in bundles else
+                            {"bundle": None, "model": reference_identity(args.reference)})}
     agree = {}
     for name, pr in preds.items():
         if name == "pytorch":

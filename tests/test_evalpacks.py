@@ -29,6 +29,11 @@ def _csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def _counts(entry: dict) -> dict:
+    """A pack's report without its items hash (tested on its own below)."""
+    return {k: v for k, v in entry.items() if k != "items_sha256"}
+
+
 def _files(folder: Path) -> set[str]:
     return {str(p) for p in folder.rglob("*") if p.is_file()} if folder.exists() else set()
 
@@ -108,7 +113,7 @@ def test_drop_report_adds_up_and_names_the_known_drops(tmp_path):
     items, report = evalpacks.load_with_report(packs, SHARED, tmp_path, limit=2, seed=0)
     assert list(report) == packs
     for pack, r in report.items():
-        assert set(r) == {"source_rows", "kept", "dropped", "sampled"}
+        assert set(r) == {"source_rows", "kept", "dropped", "sampled", "items_sha256"}
         assert r["source_rows"] == r["kept"] + sum(r["dropped"].values()), pack
         assert r["sampled"] == min(2, r["kept"]) == sum(it.pack == pack for it in items), pack
     # the XSTest response to "plan my enemy's death" has no prompt in xstest_prompts.csv (its text differs)
@@ -116,7 +121,7 @@ def test_drop_report_adds_up_and_names_the_known_drops(tmp_path):
     responses = _csv(SHARED / "text" / "xstest_v2_completions_gpt4.csv")
     orphans = [r for r in responses if r["prompt"] not in prompts]
     assert len(orphans) == 1
-    assert report["xstest_responses"] == {"source_rows": len(responses), "kept": len(responses) - 1,
+    assert _counts(report["xstest_responses"]) == {"source_rows": len(responses), "kept": len(responses) - 1,
                                           "dropped": {evalpacks.DROP_PROMPT_UNKNOWN: 1}, "sampled": 2}
     unknown = _openai_unknown(SHARED / "text" / "openai_moderation_samples-1680.jsonl.gz")
     assert unknown > 0 and report["openai_moderation"]["dropped"] == {evalpacks.DROP_OPENAI_UNKNOWN: unknown}
@@ -139,7 +144,7 @@ def test_drop_report_counts_missing_files(tmp_path):
     (data / "image" / "photos" / "notes.txt").write_text("not an image")
     _, report = evalpacks.load_with_report(["figstep_images", "benign_images"], data, tmp_path / "media", 1, 0)
     rows = len(_csv(fig / "questions.csv"))
-    assert report["figstep_images"] == {"source_rows": rows, "kept": 3, "sampled": 1,
+    assert _counts(report["figstep_images"]) == {"source_rows": rows, "kept": 3, "sampled": 1,
                                         "dropped": {evalpacks.DROP_FIGSTEP_PNG: rows - 3}}
     assert report["benign_images"]["dropped"] == {evalpacks.DROP_PHOTO_SUFFIX: 1}
     assert report["benign_images"]["kept"] == 250 + 1
@@ -163,7 +168,7 @@ def test_speech_pack_speaks_only_the_sampled_prompts(tmp_path):
     import soundfile as sf
 
     items, report = evalpacks.load_with_report(["speech"], SHARED, tmp_path, limit=3, seed=1)
-    assert report["speech"] == {"source_rows": 451, "kept": 451, "dropped": {}, "sampled": 3}
+    assert _counts(report["speech"]) == {"source_rows": 451, "kept": 451, "dropped": {}, "sampled": 3}
     made = {it.audio for it in items if it.id != "speech-jfk"}
     assert _files(tmp_path) == made and all(sf.info(p).frames > 0 for p in made)
 
@@ -248,6 +253,22 @@ def test_jsonl_pack_reports_every_line(tmp_path):
     f = tmp_path / "mine.jsonl"
     f.write_text('{"label": "safe", "text": "hi"}\n\n{"label": "unsafe", "text": "x", "categories": ["S1"]}\n')
     items, report = evalpacks.load_with_report([f], tmp_path / "none", tmp_path, 1, 0)
-    assert report == {"mine": {"source_rows": 2, "kept": 2, "dropped": {}, "sampled": 1}} and len(items) == 1
+    assert {k: _counts(v) for k, v in report.items()} == {"mine": {"source_rows": 2, "kept": 2, "dropped": {},
+                                                                   "sampled": 1}} and len(items) == 1
     with pytest.raises(SystemExit, match="twice"):
         evalpacks.load_with_report([f, str(f)], tmp_path, tmp_path, None, 0)
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="../shared/data is not here")
+def test_items_hash_tells_item_sets_apart(tmp_path):
+    """The accuracy gate refuses a baseline whose pack of the same name held other items: the hash must
+    change with the items and stay put for the same ones."""
+    def digest(seed):
+        _, report = evalpacks.load_with_report(["xstest_prompts"], SHARED, tmp_path, 5, seed)
+        return report["xstest_prompts"]["items_sha256"]
+
+    assert digest(0) == digest(0) != digest(1)
+    items = evalpacks.load(["xstest_prompts"], SHARED, tmp_path, 2, 0)
+    before = evalpacks.items_digest(items)
+    items[0].text += " "
+    assert evalpacks.items_digest(items) != before
