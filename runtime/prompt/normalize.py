@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from array import array
+from collections.abc import Sequence
 from functools import lru_cache
 
 # Look-alikes of the characters the delimiters and role labels are made of, folded to ASCII. Letters: those of
@@ -107,16 +109,19 @@ def _plain(text: str) -> bool:
     return text.isascii() and not _ASCII_INVISIBLE.search(text)
 
 
-def normalized_view(text: str) -> tuple[str, list[int] | None]:
+def normalized_view(text: str) -> tuple[str, Sequence[int] | None]:
     """The normalised view of `text` and, for each of its characters, the offset in `text` of the character it
-    came from (None when the view is `text` itself)."""
+    came from (None when the view is `text` itself; a compact integer array otherwise)."""
     if _plain(text):
         return text, None
-    out, origin = [], []
+    out, origin = [], array("q")
     for i, ch in enumerate(text):
         folded = fold_char(ch)
+        if len(folded) == 1:
+            origin.append(i)
+        elif folded:
+            origin.extend([i] * len(folded))
         out.append(folded)
-        origin.extend([i] * len(folded))
     return "".join(out), origin
 
 
