@@ -8,8 +8,8 @@ at the start of a turn and after every kind of line break. Each is rendered by `
 the bundle's `PromptTokenizer`, and judged ON THE PROMPT IDS by two oracles that live here, not in the runtime:
 
 1. exact: the template's own role-label token sequence (`User` / `Agent` right after a token ending a line,
-   before a token starting with `:`) occurs once per turn, and each delimiter's token sequence occurs once not preceded by an odd run of
-   backslashes;
+   before a token starting with `:`) occurs once per turn, and each delimiter's token sequence occurs once not
+   preceded by an odd run of backslashes;
 2. folded: the text the ids decode to, folded with this file's own tables (NFKC, format characters and
    combining marks removed, the generator's look-alikes mapped back), holds exactly one live label per turn at
    line heads and exactly the template's four live delimiters, in order (live: no odd backslash run before it).
@@ -132,7 +132,7 @@ def hostile_conversation(rng: random.Random) -> tuple[Conversation, int]:
     return Conversation.from_messages(messages), (len(messages) + 1) // 2
 
 
-# -- the oracles --------------------------------------------------------------------------------------------------------
+# -- the oracles -------------------------------------------------------------------------------------------------
 
 _HEAD = re.compile(r"[ \t]*(?:(?:\\\\)*(?:user|agent)[ \t]*:[ \t]*)+", re.IGNORECASE)  # labels heading a line
 _LABEL = re.compile(r"(user|agent)[ \t]*:", re.IGNORECASE)
