@@ -218,7 +218,16 @@ def check_arguments(text=None, response=None, image=None, audio=None, video=None
             items.append((kind, f"media[{i}] ({kind})", value))
     else:  # images, then videos, then audios (README "Prompt rules"; MEDIA_KINDS is that order)
         items = [it for kind in MEDIA_KINDS for it in _keyword_items(kind, keywords[kind])]
-    items = [(kind, label, _check_item(kind, label, value)) for kind, label, value in items]
+    checked = []
+    for kind, label, value in items:
+        try:
+            checked.append((kind, label, _check_item(kind, label, value)))
+        except InputError:
+            raise
+        except Exception as exc:  # a caller's object that fails even to be inspected (a raising __getattr__ ...)
+            raise InputError(f"{label} must be {FORMS[kind]}; inspecting the {_type_name(value)} given failed "
+                             f"({type(exc).__name__}: {exc})") from exc
+    items = checked
     arrays = [label for kind, label, value in items if kind == "audio" and isinstance(value, np.ndarray)]
     if sample_rate is not None:
         if not arrays:
@@ -437,11 +446,19 @@ class Guard:
                              f"decoder's context of {context} tokens (lower max_new_tokens / critique_max_new_tokens)")
         return budget, limit
 
-    def _check_text_size(self, conv: Conversation | None, limit: int) -> None:
-        """Refuse text that cannot fit the prompt limit before tokenizing it (a 1 GB string must not be
-        tokenized to learn that): more UTF-8 bytes than _SHRINK x the longest token x the limit."""
+    def _check_sizes(self, conv: Conversation | None, media: list, limit: int) -> None:
+        """Refuse requests that cannot fit the prompt limit before any work (a 1 GB string must not be tokenized,
+        nor 10,000 images decoded, to learn that): every media item takes at least 3 prompt tokens (its start,
+        one placeholder, its end), every turn at least one (its role label), and text no fewer tokens than its
+        UTF-8 bytes / (_SHRINK x the longest token)."""
+        if 3 * len(media) > limit:
+            raise InputError(f"media: {len(media):,} items need at least {3 * len(media):,} prompt tokens, over the "
+                             f"limit of {limit}: inputs are refused, not truncated")
         if conv is None:
             return
+        if len(conv.turns) > limit:
+            raise InputError(f"conversation: {len(conv.turns):,} turns need at least as many prompt tokens, over the "
+                             f"limit of {limit}: inputs are refused, not truncated")
         size = sum(len(t.text.encode("utf-8")) for t in conv.turns)
         if size <= _SHRINK * limit:
             return
@@ -478,7 +495,7 @@ class Guard:
         conv, media, sample_rate = check_arguments(text, response, image, audio, video, media, conversation,
                                                    sample_rate)
         budget, limit = self._prompt_limit()
-        self._check_text_size(conv, limit)
+        self._check_sizes(conv, media, limit)
         t = time.perf_counter()
         prep = self._prepare_media(media, sample_rate)
         timings["preprocess"] = time.perf_counter() - t

@@ -475,3 +475,31 @@ def test_a_budget_over_the_context_is_an_error_result(bundle):
     context = bundle.manifest.decoder["max_position_embeddings"]
     r = Guard(bundle, GuardOptions(max_new_tokens=context)).moderate("hi")
     assert r.verdict == "error" and "leaves no room for a prompt" in r.error and "max_new_tokens" in r.error
+
+
+def test_too_many_turns_or_media_items_are_refused_before_any_work(bundle, files, monkeypatch):
+    guard = Guard(bundle, GuardOptions(max_prompt_tokens=60))
+    opened = []
+    import omniguard_edge.runtime.guard as guard_module
+
+    monkeypatch.setattr(guard_module, "image_pixels", lambda *a, **k: opened.append(a) or (_ for _ in ()).throw(
+        AssertionError("an image was decoded")))
+    r = guard.moderate(image=[files.png] * 21)  # 21 items x 3 tokens > 60
+    assert r.verdict == "error" and "21 items need at least 63 prompt tokens" in r.error and opened == []
+    r = guard.moderate(conversation=[""] * 62)
+    assert r.verdict == "error" and "conversation: 62 turns" in r.error
+    r = guard.moderate(conversation=[""] * 60)  # within the bound: built, then refused by the token count
+    assert r.verdict == "error" and "exceeds the limit of 60" in r.error
+
+
+class Hostile:
+    """An object that raises on any attribute lookup."""
+
+    def __getattr__(self, name):
+        raise RuntimeError("boom")
+
+
+def test_an_object_that_fails_to_be_inspected_is_an_input_error(guards):
+    for guard in guards.values():
+        r = guard.moderate("x", image=Hostile())
+        assert r.verdict == "error" and r.error.startswith("InputError: image must be") and "boom" in r.error
