@@ -164,7 +164,8 @@ IMAGE_CASES = [
     ("image", lambda d: np.zeros((5, 5), np.uint8), "image"),
     ("image", lambda d: np.zeros((8, 2000, 3), np.uint8), "image"),
     ("image", lambda d: np.full((64, 64, 3), np.nan), "image"),
-    ("image", lambda d: np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (12000, 9000, 3)), "image"),  # 108 M px, no memory
+    # 108 M pixels that take no memory: refused from the shape
+    ("image", lambda d: np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (12000, 9000, 3)), "image"),
     ("image", lambda d: np.broadcast_to(np.zeros((1, 1), np.uint8), (20000, 20000)), "image"),
 ]
 
@@ -239,10 +240,6 @@ VIDEO_CASES = [
                  complex(4, 0), [4.0], np.float64("nan"), np.bool_(True))]
 
 ALL = _source_cases() + IMAGE_CASES + AUDIO_CASES + VIDEO_CASES
-
-
-def _id(case):
-    return case[0]
 
 
 @pytest.mark.parametrize("case", ALL, ids=[f"{c[0]}-{i}" for i, c in enumerate(ALL)])

@@ -195,7 +195,8 @@ def _read_file(source, cfg: ImageConfig, limits: VideoLimits):
             path = src.path
         else:
             if src.data is not None and len(src.data) > limits.max_bytes:
-                raise InputError(f"{src.label}: larger than the limit of {limits.max_bytes} bytes (VideoLimits.max_bytes)")
+                raise InputError(f"{src.label}: larger than the limit of {limits.max_bytes} bytes "
+                                 f"(VideoLimits.max_bytes)")
             fd, tmp = tempfile.mkstemp(suffix=".video")
             with os.fdopen(fd, "wb") as f:
                 if src.data is not None:
