@@ -72,7 +72,8 @@ def _media_file(value: str) -> Path:
     except FileNotFoundError:
         raise argparse.ArgumentTypeError(f"{value!r}: no such file") from None
     except (OSError, ValueError) as exc:
-        raise argparse.ArgumentTypeError(f"{value!r}: cannot access ({getattr(exc, 'strerror', None) or exc})") from None
+        reason = getattr(exc, "strerror", None) or exc
+        raise argparse.ArgumentTypeError(f"{value!r}: cannot access ({reason})") from None
     if not stat.S_ISREG(mode):
         raise argparse.ArgumentTypeError(f"{value!r}: not a regular file (a directory, FIFO or device)")
     return Path(value)

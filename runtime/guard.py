@@ -64,7 +64,7 @@ class GuardOptions:
 @dataclass
 class _Prepared:
     items: list = field(default_factory=list)  # kinds in prompt order
-    labels: list = field(default_factory=list)  # the parameter naming each item: "image", "audio[1]", "media[0] (video)"
+    labels: list = field(default_factory=list)  # each item's parameter: "image", "audio[1]", "media[0] (video)"
     features: dict = field(default_factory=lambda: {k: [] for k in KINDS})
     grids: dict = field(default_factory=lambda: {"image": [], "video": []})
     video_seconds: list = field(default_factory=list)

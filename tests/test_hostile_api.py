@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import pytest
 
-from omniguard_edge.runtime.bundle import SessionOptions, open_bundle
+from omniguard_edge.runtime.bundle import open_bundle
 from omniguard_edge.runtime.errors import InputError
 from omniguard_edge.runtime.guard import Guard, GuardOptions, check_arguments
 from omniguard_edge.runtime.verdict import ModerationResult
@@ -245,7 +245,8 @@ def test_valid_forms_are_accepted(guards, files, make):
 def test_text_is_not_dropped_for_a_conversation_nor_media_for_media(guards, files):
     """The cases issue 8 reports as silently dropped fail, and check_arguments keeps every item it accepts."""
     conv, items, rate = check_arguments(media=[("image", files.png), ("audio", files.wav)])
-    assert conv is None and [(k, lb) for k, lb, _ in items] == [("image", "media[0] (image)"), ("audio", "media[1] (audio)")]
+    assert conv is None
+    assert [(k, lb) for k, lb, _ in items] == [("image", "media[0] (image)"), ("audio", "media[1] (audio)")]
     conv, items, rate = check_arguments("p", "r", image=[files.png], video=(files.frames, 2), audio=files.wave,
                                         sample_rate=16000)
     assert [t.text for t in conv.turns] == ["p", "r"] and rate == 16000
