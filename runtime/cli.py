@@ -160,6 +160,7 @@ def _format_result(result) -> str:
     if result.critique:
         lines.append(f"critique: {result.critique}")
     lines.append(f"tokens: {result.prompt_tokens} prompt, {result.generated_tokens} generated ({result.stop_reason})")
+    lines += [f"note: {n}" for n in result.notes]
     lines.append("timings: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.timings.items()))
     return "\n".join(lines)
 

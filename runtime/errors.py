@@ -36,3 +36,8 @@ class NumericalError(OmniGuardError):
     """A non-finite number (NaN or infinity) where the verdict is computed: in an encoder's features or in the
     decoder's logits. Nothing was judged; `Guard.moderate` turns it into `verdict == "error"` (never `safe`,
     never `unknown`). It names the media item or decoding step it was found in."""
+
+
+class MemoryBudgetError(InputError):
+    """A request whose estimated peak working memory exceeds the memory budget (GuardOptions.memory), even at
+    its smallest plan: refused before any graph runs, never an onnxruntime allocation failure."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -14,7 +15,10 @@ import numpy as np
 from .bundle import Bundle, SessionOptions, open_bundle
 from .decode import Decoder
 from .encoders import encode_audio, encode_vision
-from .errors import InputError, NumericalError, OmniGuardError
+from .errors import InputError, MemoryBudgetError, NumericalError, OmniGuardError
+from .memory import (ALLOCATOR_SLACK, Geometry, MemoryBudget, RequestSizes, max_vision_patches, plan_request,
+                     vision_bytes)
+from .positions.audio import audio_output_length
 from .positions import RopeIds, rope_index
 from .preprocess.audio import AudioLimits, audio_features
 from .preprocess.image import ImageConfig, ImageLimits, image_pixels
@@ -42,6 +46,7 @@ class GuardOptions:
     audio_limits: AudioLimits = AudioLimits()
     video_limits: VideoLimits = VideoLimits()
     session: SessionOptions = SessionOptions()
+    memory: MemoryBudget = MemoryBudget()  # working memory per request beyond the bundle (README "Memory")
 
     def __post_init__(self):
         def whole(name, lo, optional=False):
@@ -59,6 +64,8 @@ class GuardOptions:
         for name in ("critique", "constrain_verdict"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"GuardOptions.{name} must be a bool, not {getattr(self, name)!r}")
+        if not isinstance(self.memory, MemoryBudget):
+            raise ValueError(f"GuardOptions.memory must be a MemoryBudget, not {self.memory!r}")
 
 
 @dataclass
@@ -68,6 +75,7 @@ class _Prepared:
     features: dict = field(default_factory=lambda: {k: [] for k in KINDS})
     grids: dict = field(default_factory=lambda: {"image": [], "video": []})
     video_seconds: list = field(default_factory=list)
+    notes: list = field(default_factory=list)  # what was changed to fit the memory budget
 
 
 # -- the API boundary: every argument is checked before any file is opened or any graph runs ----------------
@@ -266,6 +274,7 @@ class Guard:
         m = bundle.manifest
         self.prompt = PromptTokenizer(bundle.tokenizer, bundle.chat_template)
         self.decoder = Decoder(bundle.sessions["decoder"], m.decoder)
+        self.geometry = Geometry.from_manifest(m)
         self.image_cfg = ImageConfig.from_preprocess(m.preprocess)
         self.mel_filters = np.load(bundle.file("mel_filters.npy"))
         self.rope = RopeIds(m.special_ids["image"], m.special_ids["video"], m.special_ids["audio"],
@@ -286,14 +295,18 @@ class Guard:
     def _prepare_media(self, media: list[tuple[str, str, object]], sample_rate: int | None) -> _Prepared:
         """(kind, label, item) -> pixel rows / log-mels. An error names the item's parameter (its label)."""
         prep, opts = _Prepared(), self.options
+        visual = sum(kind in ("image", "video") for kind, _, _ in media)
+        share = max_vision_patches(self.geometry, opts.memory.bytes) // max(1, visual)  # patches per visual item
         for kind, label, payload in media:
             try:
                 if kind == "image":
                     rows, grid = image_pixels(payload, self.image_cfg, opts.image_limits)
+                    if grid[0] * grid[1] * grid[2] > share:
+                        rows, grid = self._fit_image(payload, label, grid, share, prep)
                     prep.features["image"].append(rows)
                     prep.grids["image"].append(grid)
                 elif kind == "video":
-                    rows, grid, seconds = video_pixels(payload, self.image_cfg, opts.video_limits)
+                    rows, grid, seconds = video_pixels(payload, self.image_cfg, self._video_limits(share))
                     prep.features["video"].append(rows)
                     prep.grids["video"].append(grid)
                     prep.video_seconds.append(seconds)
@@ -312,6 +325,43 @@ class Guard:
             prep.items.append(kind)
             prep.labels.append(label)
         return prep
+
+    def _fit_image(self, payload, label: str, grid, share: int, prep: _Prepared):
+        """An image with more patches than its share of the vision budget: downscaled (default) or refused."""
+        opts = self.options
+        if opts.memory.image_policy == "refuse":
+            need = vision_bytes(self.geometry, grid[0] * grid[1] * grid[2]) + ALLOCATOR_SLACK
+            raise MemoryBudgetError(f"{label}: {grid[1] * 14}x{grid[2] * 14} pixels exceeds the memory budget of "
+                                    f"{opts.memory.bytes / 2**30:.2f} GiB by {(need - opts.memory.bytes) / 2**30:.2f} GiB "
+                                    f"(the vision encoder needs an estimated {need / 2**30:.2f} GiB; {share} patches fit); "
+                                    "lower the resolution or use MemoryBudget(image_policy='downscale')")
+        cap = share * self.image_cfg.patch_size**2
+        if cap < opts.image_limits.min_pixels:
+            raise MemoryBudgetError(f"{label}: even the smallest image ({opts.image_limits.min_pixels} pixels) exceeds "
+                                    f"the memory budget of {opts.memory.bytes / 2**30:.2f} GiB")
+        limits = dataclasses.replace(opts.image_limits, max_pixels=cap)
+        rows, new = image_pixels(payload, self.image_cfg, limits)
+        p = self.image_cfg.patch_size
+        prep.notes.append(f"{label}: downscaled from {grid[1] * p}x{grid[2] * p} to {new[1] * p}x{new[2] * p} pixels "
+                          f"to fit the memory budget of {opts.memory.bytes / 2**30:.2f} GiB")
+        return rows, new
+
+    def _video_limits(self, share: int) -> VideoLimits:
+        """The video limits with all frames together capped to the item's share of the vision budget."""
+        lim = self.options.video_limits
+        cap = share * self.image_cfg.patch_size**2 * 2  # two frames per temporal patch
+        if cap >= lim.total_pixels:
+            return lim
+        if cap < lim.min_frames * lim.min_pixels:
+            raise MemoryBudgetError(f"video: even its smallest form ({lim.min_frames} frames of {lim.min_pixels} pixels) "
+                                    f"exceeds the memory budget of {self.options.memory.bytes / 2**30:.2f} GiB")
+        return dataclasses.replace(lim, total_pixels=float(cap))
+
+    def _plan(self, ids: list[int], prep: _Prepared):
+        """The request's memory plan from its sizes, before any graph runs (MemoryBudgetError if it cannot fit)."""
+        grids = tuple(tuple(g) for k in ("image", "video") for g in prep.grids[k])
+        frames = tuple(int(m.shape[1]) for m in prep.features["audio"])
+        return plan_request(self.geometry, RequestSizes(len(ids), grids, frames), self.options.memory)
 
     def _encode(self, prep: _Prepared, timings: dict) -> dict[str, list[np.ndarray]]:
         """Encoder features per item; every value must be finite (NumericalError naming the item otherwise)."""
@@ -340,10 +390,17 @@ class Guard:
         return out
 
     # -- prompt and embeddings -----------------------------------------------------------------------
-    def _prompt_ids(self, conversation: Conversation | None, prep: _Prepared, feats: dict) -> list[int]:
+    def _token_counts(self, prep: _Prepared) -> dict[str, list[int]]:
+        """Placeholder tokens per item, known from preprocessing (before any encoder runs)."""
+        unit = self.bundle.manifest.vision["spatial_merge_size"] ** 2
+        counts = {k: [t * h * w // unit for t, h, w in prep.grids[k]] for k in ("image", "video")}
+        counts["audio"] = [audio_output_length(int(m.shape[1])) for m in prep.features["audio"]]
+        return counts
+
+    def _prompt_ids(self, conversation: Conversation | None, prep: _Prepared) -> list[int]:
         text = compose_guard_text(conversation, prep.items, self.options.policy)  # README "Prompt rules"
-        counters = {k: iter(feats[k]) for k in KINDS}
-        items = [Item("text", text)] + [Item(k, tokens=len(next(counters[k]))) for k in prep.items]
+        counters = {k: iter(v) for k, v in self._token_counts(prep).items()}
+        items = [Item("text", text)] + [Item(k, tokens=next(counters[k])) for k in prep.items]
         return self.prompt.encode(items)
 
     def _embed(self, ids: list[int], feats: dict) -> np.ndarray:
@@ -499,14 +556,15 @@ class Guard:
         t = time.perf_counter()
         prep = self._prepare_media(media, sample_rate)
         timings["preprocess"] = time.perf_counter() - t
-        feats = self._encode(prep, timings)
         t = time.perf_counter()
-        ids = self._prompt_ids(conv, prep, feats)
+        ids = self._prompt_ids(conv, prep)
         timings["prompt"] = time.perf_counter() - t
-        t = time.perf_counter()
         if len(ids) > limit:
             raise InputError(f"prompt of {len(ids)} tokens exceeds the limit of {limit}: inputs are refused, "
                              "not truncated (shorten the text or lower media resolution)")
+        plan = self._plan(ids, prep)  # before any graph runs: fits the memory budget or is refused
+        feats = self._encode(prep, timings)
+        t = time.perf_counter()
         embeds = self._embed(ids, feats)
         positions, delta = rope_index(np.asarray([ids]), self.rope, image_grid_thw=prep.grids["image"] or None,
                                       video_grid_thw=prep.grids["video"] or None,
@@ -516,7 +574,7 @@ class Guard:
         timings["generate_start"] = time.perf_counter() - start
         gen = self.decoder.generate(embeds, positions, int(delta[0, 0]), lambda tok: np.asarray(emb[tok], np.float32),
                                     budget, self.eos_ids, self._stop_rule(), self._checked(self._chooser()),
-                                    min_new_tokens=self.options.min_new_tokens)
+                                    min_new_tokens=self.options.min_new_tokens, prefill_chunk=plan.prefill_chunk)
         timings.update(gen.timings)
         raw = self.prompt.decode(gen.tokens)
         parsed = parse(raw, self.options.policy)
@@ -526,5 +584,5 @@ class Guard:
             categories=[{"code": c, "name": self.options.policy.name_of(c)} for c in parsed.categories],
             critique=parsed.critique, raw_text=raw, p_unsafe=self._p_unsafe(gen.first_logits),
             prompt_tokens=len(ids), generated_tokens=len(gen.tokens), stop_reason=gen.stop_reason,
-            timings=timings, generated_ids=gen.tokens, token_times=gen.token_times,
+            timings=timings, generated_ids=gen.tokens, token_times=gen.token_times, notes=prep.notes,
         )

@@ -18,7 +18,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from .errors import InputError
+from .errors import InputError, MemoryBudgetError  # noqa: F401 (re-exported: callers catch it here too)
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 DEFAULT_BUDGET_BYTES = 4 * GiB
@@ -28,10 +28,6 @@ ALLOCATOR_SLACK = 256 * MiB
 DEFAULT_MAX_CHUNK = 2048  # prompts up to this many tokens are prefilled in one run (as before chunking existed)
 MIN_CHUNK = 16  # smaller chunks only multiply graph runs; a request that needs less is refused
 F32 = 4
-
-
-class MemoryBudgetError(InputError):
-    """A request whose estimated peak working memory exceeds the memory budget, even at its smallest plan."""
 
 
 def _fmt(n: float) -> str:

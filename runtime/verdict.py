@@ -109,6 +109,7 @@ class ModerationResult:
     error: str | None = None  # "InputError: ..." when verdict == "error"
     generated_ids: list[int] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)  # seconds from prefill start to each token
+    notes: list[str] = field(default_factory=list)  # changes made to fit the memory budget (e.g. an image downscaled)
 
     def __post_init__(self):
         if self.verdict not in VERDICTS:
