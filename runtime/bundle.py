@@ -23,15 +23,22 @@ class SessionOptions:
     inter_op_threads: int = 0
     graphs: tuple[str, ...] = ("vision", "audio", "decoder")  # which graphs to open (skip unused encoders)
     # onnxruntime's CPU memory arena keeps every block it ever grew to: after one 6k-token prompt on `tiny` RSS
-    # stayed at 1.7 GB. Off (the default), freed buffers go back to the system: RSS returned to 95 MB from 84 MB,
-    # the peak was lower (1.35 GB instead of 1.74 GB) and small requests ran no slower (README "Memory").
-    cpu_mem_arena: bool = False
+    # stayed at 1.7 GB. Turning it off returns memory but makes every run allocate (and page-fault) its buffers
+    # afresh: the tiny image path ran ~3x slower (vision 250 -> 800 ms). So the arena stays on, and a request
+    # whose planned working memory exceeds `arena_shrink_above` bytes runs with onnxruntime's arena shrinkage,
+    # which hands the arena's free blocks back at the end of each of its runs (README "Memory").
+    cpu_mem_arena: bool = True
+    arena_shrink_above: int | None = 256 * 2**20  # None: never shrink
 
     def __post_init__(self):
         if not self.providers:
             raise ValueError("SessionOptions.providers must name at least one execution provider")
         if self.intra_op_threads < 0 or self.inter_op_threads < 0:
             raise ValueError("SessionOptions thread counts must be >= 0")
+        if self.arena_shrink_above is not None and (isinstance(self.arena_shrink_above, bool)
+                                                    or not isinstance(self.arena_shrink_above, int)
+                                                    or self.arena_shrink_above < 0):
+            raise ValueError("SessionOptions.arena_shrink_above must be a number of bytes >= 0 or None")
 
 
 @dataclass
@@ -95,3 +102,12 @@ def open_bundle(path: str | os.PathLike, options: SessionOptions | None = None, 
     bundle.tokenizer = Tokenizer.from_file(str(bundle.file("tokenizer.json")))
     bundle.chat_template = bundle.file("chat_template.jinja").read_text()
     return bundle
+
+
+def shrink_run_options():
+    """onnxruntime RunOptions that return the CPU arena's free blocks to the system at the end of a run."""
+    import onnxruntime as ort
+
+    ro = ort.RunOptions()
+    ro.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return ro

@@ -50,13 +50,14 @@ class Decoder:
         """`prefill_chunk`: default chunk size of the prefill in tokens (None: the whole prompt in one run)."""
         self.session = session
         self.prefill_chunk = _check_chunk(prefill_chunk)
+        self.run_options = None  # onnxruntime RunOptions for this generation's runs (generate sets them)
         self.layers, self.kv_heads, self.head_dim = decoder["num_layers"], decoder["num_kv_heads"], decoder["head_dim"]
         self.names = [f"past_{part}_{i}" for i in range(self.layers) for part in ("key", "value")]
 
     def _run(self, embeds: np.ndarray, positions: np.ndarray, state: DecodeState):
         feeds = {"inputs_embeds": embeds.astype(np.float32, copy=False), "attention_mask": state.mask,
                  "position_ids": positions, **dict(zip(self.names, state.past))}
-        logits, *present = self.session.run(None, feeds)
+        logits, *present = self.session.run(None, feeds, self.run_options)
         return logits, present
 
     def prefill(self, embeds: np.ndarray, positions: np.ndarray, rope_delta: int, chunk: int | None = None):
@@ -90,11 +91,13 @@ class Decoder:
     def generate(self, embeds, positions, rope_delta: int, embed_token: Callable[[int], np.ndarray],
                  max_new_tokens: int, eos_ids: set[int], stop: Callable[[list[int]], bool] | None = None,
                  choose: Callable[[list[int], np.ndarray], int] | None = None,
-                 min_new_tokens: int = 0, prefill_chunk: int | None = None) -> Generation:
+                 min_new_tokens: int = 0, prefill_chunk: int | None = None, run_options=None) -> Generation:
         """Greedy loop: `choose(tokens so far, logits)` may restrict a position (constrained verdict),
         `stop(tokens)` may end early (verdict-first). Before `min_new_tokens` tokens the EOS ids are
         masked, as transformers' MinNewTokensLogitsProcessor does (fixed budgets for benchmarks).
-        `prefill_chunk` overrides the decoder's default chunk size for this prompt (see `prefill`)."""
+        `prefill_chunk` overrides the decoder's default chunk size for this prompt (see `prefill`);
+        `run_options` (onnxruntime RunOptions, e.g. arena shrinkage for a large request) apply to its runs."""
+        self.run_options = run_options
         out, t0 = Generation(), time.perf_counter()
         eos_list = sorted(eos_ids)
         logits, state = self.prefill(embeds, positions, rope_delta, prefill_chunk)

@@ -7,21 +7,22 @@ import numpy as np
 from .positions import audio_index, vision_index
 
 
-def encode_vision(session, rows: list[np.ndarray], grids: list[tuple[int, int, int]], vision: dict) -> list[np.ndarray]:
+def encode_vision(session, rows: list[np.ndarray], grids: list[tuple[int, int, int]], vision: dict,
+                  run_options=None) -> list[np.ndarray]:
     """Pixel rows of each image/video (in order) -> features [tokens_i, hidden] per item."""
     idx = vision_index(grids, vision["spatial_merge_size"], vision["window_size"], vision["patch_size"])
     feeds = {"pixel_values": np.concatenate(rows, axis=0).astype(np.float32), "rot_pos": idx.rot_pos,
              "window_index": idx.window_index, "reverse_index": idx.reverse_index,
              "win_seg": idx.win_seg, "full_seg": idx.full_seg}
-    (features,) = session.run(None, feeds)
+    (features,) = session.run(None, feeds, run_options)
     unit = vision["spatial_merge_size"] ** 2
     splits = np.cumsum([t * h * w // unit for t, h, w in grids])[:-1]
     return np.split(features, splits)
 
 
-def encode_audio(session, mels: list[np.ndarray], audio: dict) -> list[np.ndarray]:
+def encode_audio(session, mels: list[np.ndarray], audio: dict, run_options=None) -> list[np.ndarray]:
     """Log-mel [bins, frames] per clip -> features [tokens_i, hidden] per clip."""
     idx = audio_index(mels, audio["n_window"])
     (features,) = session.run(None, {"padded_feature": idx.padded_feature, "chunk_lengths": idx.chunk_lengths,
-                                     "pool_index": idx.pool_index})
+                                     "pool_index": idx.pool_index}, run_options)
     return np.split(features, np.cumsum(idx.tokens_per_clip)[:-1])

@@ -357,13 +357,25 @@ class Guard:
                                     f"exceeds the memory budget of {self.options.memory.bytes / 2**30:.2f} GiB")
         return dataclasses.replace(lim, total_pixels=float(cap))
 
+    def _run_options(self, plan):
+        """Arena shrinkage for a request whose planned working memory is large (SessionOptions.arena_shrink_above):
+        its buffers go back to the system when its runs end, while small requests keep the arena warm."""
+        session = self.options.session
+        if not session.cpu_mem_arena or session.arena_shrink_above is None:
+            return None
+        if plan.estimate.peak - plan.estimate.slack <= session.arena_shrink_above:
+            return None
+        from .bundle import shrink_run_options
+
+        return shrink_run_options()
+
     def _plan(self, ids: list[int], prep: _Prepared):
         """The request's memory plan from its sizes, before any graph runs (MemoryBudgetError if it cannot fit)."""
         grids = tuple(tuple(g) for k in ("image", "video") for g in prep.grids[k])
         frames = tuple(int(m.shape[1]) for m in prep.features["audio"])
         return plan_request(self.geometry, RequestSizes(len(ids), grids, frames), self.options.memory)
 
-    def _encode(self, prep: _Prepared, timings: dict) -> dict[str, list[np.ndarray]]:
+    def _encode(self, prep: _Prepared, timings: dict, run_options=None) -> dict[str, list[np.ndarray]]:
         """Encoder features per item; every value must be finite (NumericalError naming the item otherwise)."""
         out = {k: [] for k in KINDS}
         m, sessions = self.bundle.manifest, self.bundle.sessions
@@ -374,7 +386,7 @@ class Guard:
                 raise InputError("this Guard was opened without the vision graph (SessionOptions.graphs)")
             t = time.perf_counter()
             feats = encode_vision(sessions["vision"], [prep.features[k][i] for k, i in visual],
-                                  [prep.grids[k][i] for k, i in visual], m.vision)
+                                  [prep.grids[k][i] for k, i in visual], m.vision, run_options)
             for (k, i), f in zip(visual, feats):
                 require_finite(f, f"{labels[k][i]}: the vision encoder's features")
                 out[k].append(f)
@@ -383,7 +395,7 @@ class Guard:
             if "audio" not in sessions:
                 raise InputError("this Guard was opened without the audio graph (SessionOptions.graphs)")
             t = time.perf_counter()
-            out["audio"] = encode_audio(sessions["audio"], prep.features["audio"], m.audio)
+            out["audio"] = encode_audio(sessions["audio"], prep.features["audio"], m.audio, run_options)
             for label, f in zip(labels["audio"], out["audio"]):
                 require_finite(f, f"{label}: the audio encoder's features")
             timings["audio"] = time.perf_counter() - t
@@ -563,7 +575,8 @@ class Guard:
             raise InputError(f"prompt of {len(ids)} tokens exceeds the limit of {limit}: inputs are refused, "
                              "not truncated (shorten the text or lower media resolution)")
         plan = self._plan(ids, prep)  # before any graph runs: fits the memory budget or is refused
-        feats = self._encode(prep, timings)
+        run_options = self._run_options(plan)
+        feats = self._encode(prep, timings, run_options)
         t = time.perf_counter()
         embeds = self._embed(ids, feats)
         positions, delta = rope_index(np.asarray([ids]), self.rope, image_grid_thw=prep.grids["image"] or None,
@@ -574,7 +587,8 @@ class Guard:
         timings["generate_start"] = time.perf_counter() - start
         gen = self.decoder.generate(embeds, positions, int(delta[0, 0]), lambda tok: np.asarray(emb[tok], np.float32),
                                     budget, self.eos_ids, self._stop_rule(), self._checked(self._chooser()),
-                                    min_new_tokens=self.options.min_new_tokens, prefill_chunk=plan.prefill_chunk)
+                                    min_new_tokens=self.options.min_new_tokens, prefill_chunk=plan.prefill_chunk,
+                                    run_options=run_options)
         timings.update(gen.timings)
         raw = self.prompt.decode(gen.tokens)
         parsed = parse(raw, self.options.policy)

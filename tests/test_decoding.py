@@ -52,7 +52,7 @@ class ScriptedSession:
     def __init__(self, rows: list[np.ndarray]):
         self.rows, self.feeds = rows, []
 
-    def run(self, _names, feeds):
+    def run(self, _names, feeds, _run_options=None):
         if len(self.feeds) >= len(self.rows):
             raise AssertionError(f"decoder called {len(self.feeds) + 1} times, script has {len(self.rows)} steps")
         self.feeds.append(feeds)
@@ -176,8 +176,8 @@ def test_p_unsafe_is_the_verdict_softmax_of_the_real_first_step(guard, v):
     real, outputs = g.decoder.session, []
 
     class Spy:
-        def run(self, names, feeds):
-            out = real.run(names, feeds)
+        def run(self, names, feeds, run_options=None):
+            out = real.run(names, feeds, run_options)
             outputs.append((feeds, out[0][0].astype(np.float64)))
             return out
 

@@ -284,7 +284,7 @@ class Scripted:
     def __init__(self, rows):
         self.rows, self.calls = rows, 0
 
-    def run(self, _names, feeds):
+    def run(self, _names, feeds, _run_options=None):
         logits = self.rows[min(self.calls, len(self.rows) - 1)]
         self.calls += 1
         seq = feeds["inputs_embeds"].shape[1]
@@ -360,8 +360,8 @@ class Spoil:
     def __init__(self, real, value):
         self.real, self.value = real, value
 
-    def run(self, names, feeds):
-        out = self.real.run(names, feeds)
+    def run(self, names, feeds, run_options=None):
+        out = self.real.run(names, feeds, run_options)
         out[0] = out[0].copy()
         out[0][-1, 0] = self.value
         return out
