@@ -22,12 +22,14 @@ class SessionOptions:
     intra_op_threads: int = 0  # 0: onnxruntime's default (one per physical core)
     inter_op_threads: int = 0
     graphs: tuple[str, ...] = ("vision", "audio", "decoder")  # which graphs to open (skip unused encoders)
-    # onnxruntime's CPU memory arena keeps every block it ever grew to: after one 6k-token prompt on `tiny` RSS
-    # stayed at 1.7 GB. Turning it off returns memory but makes every run allocate (and page-fault) its buffers
-    # afresh: the tiny image path ran ~3x slower (vision 250 -> 800 ms). So the arena stays on, and a request
-    # whose planned working memory exceeds `arena_shrink_above` bytes runs with onnxruntime's arena shrinkage,
-    # which hands the arena's free blocks back at the end of each of its runs (README "Memory").
-    cpu_mem_arena: bool = True
+    # onnxruntime's CPU memory arena keeps every block it ever grew to (after one 6k-token prompt on `tiny`, RSS
+    # stayed at 1.7 GB) and grows in powers of two, past what the memory plan counts: under a 6 GiB address-space
+    # cap a downscaled 3584x3584 image failed to allocate with it on. Off (the default), freed buffers go back to
+    # the system. The cost, measured: none on `small` (text 4.8-5.3 s, 448x448 image 14.6-15.8 s total, either
+    # way, 2 A/B rounds); on `tiny` the image path ran 1.4-3x slower (its compute is so small that page faults
+    # show). With the arena on, a request whose planned working memory exceeds `arena_shrink_above` bytes runs
+    # with arena shrinkage, which hands the free blocks back at the end of its runs (README "Memory").
+    cpu_mem_arena: bool = False
     arena_shrink_above: int | None = 256 * 2**20  # None: never shrink
 
     def __post_init__(self):
