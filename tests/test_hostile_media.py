@@ -291,6 +291,39 @@ def test_fifo_never_blocks(kind, tmp_path):
     assert "FIFO" in str(outcome["result"])
 
 
+@pytest.mark.parametrize("kind", ["image", "audio", "video"])
+def test_path_swapped_for_a_fifo_after_the_stat_is_refused(kind, tmp_path, monkeypatch):
+    """The stat sees a regular file; by the time of the open it is a FIFO: the non-blocking open and fstat
+    refuse it (a plain open() would block with no writer)."""
+    from omniguard_edge.runtime.preprocess import source as source_mod
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    real = source_mod.check_path
+    monkeypatch.setattr(source_mod, "check_path", lambda value, param: real(tmp_path / "fifo_check.bin", param)
+                        and str(fifo))
+    (tmp_path / "fifo_check.bin").write_bytes(b"regular")
+    outcome = {}
+
+    def target():
+        try:
+            _call(kind, str(fifo), sample_rate=16000)
+            outcome["result"] = "returned"
+        except Exception as exc:  # noqa: BLE001 - the assertion below says which
+            outcome["result"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    if thread.is_alive():  # unblock the reader so the process can exit, then fail
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        thread.join(timeout=10)
+        pytest.fail(f"{kind}: a FIFO swapped in after the stat blocked the open")
+    assert isinstance(outcome["result"], InputError), outcome["result"]
+    assert "not a regular file" in str(outcome["result"]) and kind in str(outcome["result"])
+
+
 def test_url_message_says_what_to_do():
     with pytest.raises(InputError, match="URLs are not supported: download the file and pass its path or bytes"):
         image_pixels("https://example.com/cat.png")

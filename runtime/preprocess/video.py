@@ -204,7 +204,9 @@ def _read_file(source, cfg: ImageConfig, limits: VideoLimits):
                 else:
                     copy_to(src.file, f, limits.max_bytes, src.label)
             path = tmp
-        with open(path, "rb") as f:  # FFmpeg would also read text (tty), playlists (m3u8: more files) ...
+        # FFmpeg would also read text (tty), playlists (m3u8: more files) ...: check the container first, on a
+        # descriptor opened non-blocking and fstat'ed (a path swapped for a FIFO after the stat is still refused)
+        with (src.open() if tmp is None else open(path, "rb")) as f:
             head = f.read(12)
         if container(head) is None:
             raise InputError(f"{src.label}: cannot decode the video: not an mp4/mov, webm/mkv or avi container")
