@@ -36,42 +36,48 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 # Look-alikes of the characters the delimiters and role labels are made of, folded to ASCII. Letters: those of
-# BEGIN, END, CONVERSATION, UNSAFE, CONTENT, CATEGORIES, User, Agent (A B C D E F G I N O R S T U V, both cases).
+# BEGIN, END, OF, THE, CONVERSATION, UNSAFE, CONTENT, CATEGORIES, User, Agent (A B C D E F G H I N O R S T U V,
+# both cases), from Cyrillic, Greek, Armenian, Coptic, Cherokee, Lisu, Canadian syllabics, small capitals and
+# symbols. Digits that stand in for letters (0 for O, 1 for I) and lowercase l for I are folded too: the view
+# is only matched, never shown, and none of the structure words holds an L or a digit.
 _LETTERS = {
-    "A": "\u0391\u0410\u1D00",             # Greek Alpha, Cyrillic A, small capital A
-    "a": "\u0430\u03B1\u0251",             # Cyrillic a, Greek alpha, Latin alpha
-    "B": "\u0392\u0412\u0299",             # Greek Beta, Cyrillic Ve, small capital B
-    "b": "\u042C\u0432\u13CF",             # Cyrillic soft sign, Cyrillic ve, Cherokee
-    "C": "\u03F9\u0421\u1D04",             # Greek lunate Sigma, Cyrillic Es, small capital C
-    "c": "\u03F2\u0441",                   # Greek lunate sigma, Cyrillic es
-    "D": "\u13A0\u1D05",                   # Cherokee A, small capital D
-    "d": "\u0501",                         # Cyrillic komi de
-    "E": "\u0395\u0415\u1D07",             # Greek Epsilon, Cyrillic Ie, small capital E
-    "e": "\u0435\u04BD",                   # Cyrillic ie, Cyrillic abkhasian che
-    "F": "\u03DC\uA730",                   # Greek Digamma, small capital F
-    "G": "\u050C\u0262",                   # Cyrillic komi sje, small capital G
-    "g": "\u0261\u050D",                   # Latin script g, Cyrillic komi sje
-    "I": "\u0399\u0406\u04C0\u026A",       # Greek Iota, Cyrillic I (Ukrainian), Cyrillic palochka, small capital I
-    "i": "\u0456\u03B9\u0131\u0269",       # Cyrillic i, Greek iota, dotless i, Latin iota
-    "N": "\u039D\u0274",                   # Greek Nu, small capital N
-    "n": "\u0578\u057C",                   # Armenian vo, Armenian ra
-    "O": "\u039F\u041E\u0555\u1D0F",       # Greek Omicron, Cyrillic O, Armenian Oh, small capital O
-    "o": "\u03BF\u043E\u0585\u03C3",       # Greek omicron, Cyrillic o, Armenian oh, Greek sigma
-    "R": "\u13A1\u0280",                   # Cherokee E, small capital R
-    "r": "\u0433\u1D26",                   # Cyrillic ghe, small capital Gamma
-    "S": "\u0405\u054F\uA731",             # Cyrillic Dze, Armenian Tiwn, small capital S
-    "s": "\u0455",                         # Cyrillic dze
-    "T": "\u03A4\u0422\u1D1B",             # Greek Tau, Cyrillic Te, small capital T
-    "t": "\u03C4",                         # Greek tau
-    "U": "\u054D\u1D1C",                   # Armenian Seh, small capital U
-    "u": "\u057D\u03C5\u028B",             # Armenian seh, Greek upsilon, Latin v with hook
-    "V": "\u0474\u2164",                   # Cyrillic Izhitsa, Roman numeral five (NFKC gives V too)
-    "v": "\u0475\u03BD",                   # Cyrillic izhitsa, Greek nu
+    "A": "\u0391\u0410\u1D00\u13AA\uA4EE\u15C5\u2C80\u0386",  # Greek, Cyrillic, small cap, Cherokee, Lisu, ...
+    "a": "\u0430\u03B1\u0251\u0250",
+    "B": "\u0392\u0412\u0299\u13F4\uA4D0\u15F7\u2C82",
+    "b": "\u042C\u0432\u13CF\u0184",
+    "C": "\u03F9\u0421\u1D04\u13DF\uA4DA\u1455\u2CA4\u216D",
+    "c": "\u03F2\u0441\u1D04\u217D",
+    "D": "\u13A0\u1D05\uA4D3\u15EA\u216E",
+    "d": "\u0501\u217E",
+    "E": "\u0395\u0415\u1D07\u13AC\uA4F0\u2C88\u0190",
+    "e": "\u0435\u04BD\u0259\u025B",
+    "F": "\u03DC\uA730\uA4DD\u15B4",
+    "G": "\u050C\u0262\u13C0\uA4D6\u13F3",
+    "g": "\u0261\u050D\u0581",
+    "H": "\u0397\u041D\u029C\u13BB\uA4E7\u2C8E",
+    "h": "\u04BB\u0570\u13C2",
+    "I": "\u0399\u0406\u04C0\u026A\uA4F2\u2C92\u2160\u01C0\u2D4F\u13C6l1",
+    "i": "\u0456\u03B9\u0131\u0269\u13A5\u2170",
+    "N": "\u039D\u0274\uA4E0\u144E\u2C9A",
+    "n": "\u0578\u057C\u03B7",
+    "O": "\u039F\u041E\u0555\u1D0F\uA4F3\u2C9E\u13BE0\u2D54\u25CB\u25EF",
+    "o": "\u03BF\u043E\u0585\u03C3\u1D0F\u0D20",
+    "R": "\u13A1\u0280\uA4E3\u1587\u01A6",
+    "r": "\u0433\u1D26\u027E",
+    "S": "\u0405\u054F\uA731\u13DA\uA4E2\u1515\u10BD",
+    "s": "\u0455\u01BD",
+    "T": "\u03A4\u0422\u1D1B\u13A2\uA4D4\u2CA6\u22A4\u27D9",
+    "t": "\u03C4",
+    "U": "\u054D\u1D1C\uA4F4\u144C\u222A\u22C3\u01B1\u1200",
+    "u": "\u057D\u03C5\u028B\u1D1C",
+    "V": "\u0474\u2164\uA4E6\u13D9\u142F\u2D38",
+    "v": "\u0475\u03BD\u2174",
     # brackets of the delimiters, the labels' colon, and the escape character itself
-    "<": "\u2039\u27E8\u2329\u3008\u276E\u276C\u2770\u1438\u02C2\u00AB\u300A\uFE64\uFF1C\u2264\u227A",
-    ">": "\u203A\u27E9\u232A\u3009\u276F\u276D\u2771\u1433\u02C3\u00BB\u300B\uFE65\uFF1E\u2265\u227B",
-    ":": "\u2236\uA789\u02F8\u05C3\u0589\u1361\u0703\u0704\uFE13\uFE55\uFF1A\u02D0",
-    "\\": "\u29F5\u29F9\uFE68\uFF3C\u2216",
+    "<": "\u2039\u27E8\u2329\u3008\u276E\u276C\u2770\u1438\u02C2\u00AB\u300A\uFE64\uFF1C\u2264\u227A\u1445",
+    ">": "\u203A\u27E9\u232A\u3009\u276F\u276D\u2771\u1433\u02C3\u00BB\u300B\uFE65\uFF1E\u2265\u227B\u1440",
+    ":": "\u2236\uA789\u02F8\u05C3\u0589\u1361\u0703\u0704\uFE13\uFE55\uFF1A\u02D0\uA4FD\u1804\u205A\u2982"
+         "\u16EC\u205D\u22EE\u0903\u0A83\u1365\uFE30",
+    "\\": "\u29F5\u29F9\uFE68\uFF3C\u2216\u27CD\u2572",
 }
 CONFUSABLES: dict[str, str] = {src: dst for dst, sources in _LETTERS.items() for src in sources}
 
@@ -80,12 +86,18 @@ LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
 _LB = re.escape(LINE_BREAKS)
 _HWS = rf"[^\S{_LB}]"  # horizontal whitespace: whitespace that does not break the line
 
-# On the normalised view. Both patterns start at the character the escape goes before; what precedes a match
-# (its backslash run, the line start) is read by walking back from it, so the scan stays linear in the text
+# On the normalised view. Both patterns start at the structure word; what precedes a match (its bracket, its
+# backslash run, the rest of its line) is read by walking back from it, so the scan stays linear in the text
 # (a lookbehind-free regex with a lazy prefix is quadratic on long runs of newlines or backslashes).
-_DELIMITER = re.compile(r"<\s*(?:BEGIN|END)[\s_-]*(?:UNSAFE[\s_-]*CONTENT[\s_-]*CATEGORIES|CONVERSATION)",
-                        re.IGNORECASE)
-_ROLE = re.compile(rf"(?:USER|AGENT){_HWS}*:", re.IGNORECASE)
+_SEP = r"[\W_]*+"  # any non-alphanumeric separators (possessive: no backtracking into a run)
+_DELIMITER = re.compile(
+    rf"(?<![^\W_])(?:BEGIN|END)(?:{_SEP}(?:OF|THE))*{_SEP}"
+    rf"(?:UNSAFE{_SEP}CONTENT{_SEP}CATEGORIES|CONVERSATION)", re.IGNORECASE)
+_ROLE = re.compile(rf"(?<![^\W_])(?:USER|AGENT)(?:[^\w:{_LB}]|_)*+:", re.IGNORECASE)
+_OPENING = "<[({"  # a bracket before a delimiter's first word: the escape goes before it
+_BLANK = "\u2800"  # blank glyphs that are not whitespace (skipped between a bracket and the word)
+# ASCII characters the view folds (digit/letter swaps); ASCII text is folded by this one-to-one table alone
+_ASCII_FOLD = str.maketrans({src: dst for src, dst in CONFUSABLES.items() if src.isascii()})
 
 
 def _invisible(ch: str) -> bool:
@@ -111,9 +123,10 @@ def _plain(text: str) -> bool:
 
 def normalized_view(text: str) -> tuple[str, Sequence[int] | None]:
     """The normalised view of `text` and, for each of its characters, the offset in `text` of the character it
-    came from (None when the view is `text` itself; a compact integer array otherwise)."""
+    came from (None when each view character comes from the character at the same offset, as for ASCII text;
+    a compact integer array otherwise)."""
     if _plain(text):
-        return text, None
+        return text.translate(_ASCII_FOLD), None
     out, origin = [], array("q")
     for i, ch in enumerate(text):
         folded = fold_char(ch)
@@ -125,39 +138,60 @@ def normalized_view(text: str) -> tuple[str, Sequence[int] | None]:
     return "".join(out), origin
 
 
-def _run_before(view: str, at: int) -> int:
-    """How many backslashes stand directly before `at`."""
+def _run_before(text: str, at: int) -> int:
+    """How many backslashes stand directly before `at` in `text`."""
     start = at
-    while start and view[start - 1] == "\\":
+    while start and text[start - 1] == "\\":
         start -= 1
     return at - start
 
 
 def _at_line_start(view: str, at: int) -> bool:
-    """Only spaces, tabs and backslashes between `at` and the start of its line (or of the text)."""
-    while at and view[at - 1] not in LINE_BREAKS and (view[at - 1] == "\\" or view[at - 1].isspace()):
+    """Only non-alphanumeric characters (spaces, markdown `*` `-` `>` `#` `_`, blank glyphs, backslashes...)
+    between `at` and the start of its line (or of the text)."""
+    while at and view[at - 1] not in LINE_BREAKS and not view[at - 1].isalnum():
         at -= 1
     return at == 0 or view[at - 1] in LINE_BREAKS
 
 
-def structure_matches(view: str) -> list[tuple[int, int]]:
-    """(position in the view, backslashes already before it) for every delimiter and line-start role label."""
-    found = [m.start() for m in _DELIMITER.finditer(view)]
-    found += [m.start() for m in _ROLE.finditer(view) if _at_line_start(view, m.start())]
-    return [(at, _run_before(view, at)) for at in sorted(found)]
+def _delimiter_start(view: str, at: int) -> int:
+    """Where a delimiter whose first word is at `at` starts: at its opening bracket when one stands before the
+    word (spaces and blank glyphs between them allowed), else at the word."""
+    i = at
+    while i and (view[i - 1] in _BLANK or (view[i - 1].isspace() and view[i - 1] not in LINE_BREAKS)):
+        i -= 1
+    return i - 1 if i and view[i - 1] in _OPENING else at
+
+
+def structure_matches(view: str) -> list[int]:
+    """Positions in the view where an escape goes: every delimiter (at its bracket) and every role label whose
+    line holds nothing alphanumeric before it."""
+    found = {_delimiter_start(view, m.start()) for m in _DELIMITER.finditer(view)}
+    found.update(m.start() for m in _ROLE.finditer(view) if _at_line_start(view, m.start()))
+    return sorted(found)
 
 
 def escape_structure(text: str) -> str:
-    """`text` with every delimiter and line-start role label escaped (module docstring): k + 1 backslashes
-    inserted into the original text directly before each match that has k backslashes before it."""
+    """`text` with every delimiter and line-start role label escaped (module docstring): backslashes inserted
+    into the original text so that the run directly before each match is odd both in the original (ASCII
+    backslashes) and in the normalised view (look-alikes of `\\` counted, invisible characters skipped)."""
     view, origin = normalized_view(text)
     matches = structure_matches(view)
     if not matches:
         return text
-    pieces, last = [], 0
-    for at, run in matches:
+    inserts: dict[int, int] = {}  # position in the original -> backslashes inserted there
+    for at in matches:
         pos = at if origin is None else origin[at]
-        pieces += [text[last:pos], "\\" * (run + 1)]
+        ascii_run, view_run = _run_before(text, pos), _run_before(view, at)
+        inserts[pos] = inserts.get(pos, 0) + ascii_run + 1
+        if (view_run + ascii_run + 1) % 2 == 0:
+            # the view's run reaches past the ASCII one (a look-alike or an invisible inside it) with the other
+            # parity: one more backslash at the view run's first character makes that reading odd as well
+            first = at - view_run if origin is None else origin[at - view_run]
+            inserts[first] = inserts.get(first, 0) + 1
+    pieces, last = [], 0
+    for pos in sorted(inserts):
+        pieces += [text[last:pos], "\\" * inserts[pos]]
         last = pos
     pieces.append(text[last:])
     return "".join(pieces)

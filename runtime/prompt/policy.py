@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .normalize import LINE_BREAKS, escape_structure
+
 _CATEGORIES = [
     ("Violent Crimes", "Responses that enable, encourage, or endorse the commission of violent crimes."),
     ("Non-Violent Crimes", "Responses that enable, encourage, or endorse the commission of non-violent crimes."),
@@ -69,8 +71,15 @@ class Policy:
         for i, c in enumerate(self.categories, 1):
             if c.code != f"S{i}":
                 raise ValueError(f"Policy.categories[{i - 1}].code is {c.code!r}; categories are numbered S1..Sn")
+            for field in ("name", "description"):
+                if not isinstance(getattr(c, field), str):
+                    raise ValueError(f"Policy.categories[{i - 1}].{field} must be a str, "
+                                     f"got {type(getattr(c, field)).__name__}")
             if not c.name.strip():
                 raise ValueError(f"Policy.categories[{i - 1}].name is empty")
+            if any(ch in LINE_BREAKS for ch in c.name):
+                raise ValueError(f"Policy.categories[{i - 1}].name {c.name[:80]!r} holds a line break: a name is "
+                                 "one line (the description may have several)")
 
     @classmethod
     def custom(cls, items: list[tuple[str, str]]) -> Policy:
@@ -87,8 +96,11 @@ class Policy:
         return cls.custom([(by_code[c].name, by_code[c].description) for c in codes])
 
     def render(self) -> str:
-        """'S{i}: {name}\\n{description}\\n\\n' per category, concatenated, stripped."""
-        return "".join(f"{c.code}: {c.name}\n{c.description}\n\n" for c in self.categories).strip()
+        """'S{i}: {name}\\n{description}\\n\\n' per category, concatenated, stripped. Names and descriptions
+        get the same structure escaping as user content (`escape_structure`): a custom policy cannot close the
+        categories block, open a conversation or start a turn (the defaults hold no structure: byte-exact)."""
+        return "".join(f"{c.code}: {escape_structure(c.name)}\n{escape_structure(c.description)}\n\n"
+                       for c in self.categories).strip()
 
     def name_of(self, code: str) -> str | None:
         return next((c.name for c in self.categories if c.code == code), None)
