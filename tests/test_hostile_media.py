@@ -385,8 +385,9 @@ def test_float64_overflow_is_caught_after_conversion():
         load_audio(np.full(16000, 1e39), 16000)
 
 
-def test_finite_input_nan_after_resampling_is_caught(hostile):
-    with pytest.raises(InputError, match="NaN or infinite"):
+def test_huge_float_file_is_refused_before_resampling(hostile):
+    """3e38 in a float WAV would overflow to inf in the resampler; the range check refuses it first."""
+    with pytest.raises(InputError, match=r"float samples must be in \[-1, 1\]"):
         audio_features(hostile / "huge_float.wav", MEL)
 
 
@@ -544,3 +545,108 @@ def test_moderate_gives_error_for_hostile_media(param, case, constrain, hostile,
         raise AssertionError(f"non-strict JSON constant {constant}")
 
     json.loads(result.to_json(), parse_constant=strict)
+
+
+# -- content the guard would never see (review H2, L2) ------------------------------------------------------
+
+def _frames(n=3, size=(64, 48)):
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    return [Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "PNG", "WEBP", "TIFF"])
+def test_multi_frame_images_are_refused(fmt, tmp_path):
+    """Animated GIF/APNG/WebP and multi-page TIFF: only frame 0 would be judged; refused, pointing to video."""
+    first, *rest = _frames()
+    path = tmp_path / f"anim.{fmt.lower()}"
+    first.save(path, format=fmt, save_all=True, append_images=rest, duration=100, loop=0)
+    with pytest.raises(InputError, match=r"^image .*more than one frame.*as a video"):
+        image_pixels(path)
+    for source in (path.read_bytes(), io.BytesIO(path.read_bytes())):
+        with pytest.raises(InputError, match="more than one frame"):
+            image_pixels(source)
+    first.save(tmp_path / f"still.{fmt.lower()}", format=fmt)  # one frame of the same format still works
+    assert image_pixels(tmp_path / f"still.{fmt.lower()}")[1] == (1, 4, 4)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_high_bit_gray_images_keep_their_content(mode, tmp_path):
+    """16-bit, 32-bit int and float gray: rescaled to 8 bits by their range, not clipped to white/black."""
+    from PIL import Image
+
+    ramp = np.tile(np.linspace(0, 1, 112, dtype=np.float64), (84, 1))
+    scale = {"I;16": 65535, "I": 1 << 20, "F": 1.0}[mode]
+    data = (ramp * scale).astype({"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode])
+    img = Image.fromarray(data, mode) if mode != "I;16" else Image.fromarray(data)
+    assert img.mode == mode
+    path = tmp_path / ("g.png" if mode == "I;16" else "g.tiff")
+    img.save(path)
+    rows, grid = image_pixels(path)
+    expected, grid8 = image_pixels(np.rint(ramp * 255).astype(np.uint8))  # the same ramp as an 8-bit image
+    assert grid == grid8
+    assert np.abs(rows - expected).max() <= 0.02  # 8-bit rounding of one grey level at most
+    assert rows.std() > 0.5  # a full ramp, not one clipped colour
+
+
+def test_eight_bit_modes_are_still_convert_rgb(tmp_path):
+    """Parity: 8-bit modes go through convert('RGB') exactly as before."""
+    from PIL import Image
+
+    from omniguard_edge.runtime.preprocess.image import to_rgb
+
+    rng = np.random.default_rng(2)
+    for img in (Image.fromarray(rng.integers(0, 255, (30, 40), dtype=np.uint8)),
+                Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).convert("P"),
+                Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).convert("CMYK")):
+        assert np.array_equal(np.asarray(to_rgb(img)), np.asarray(img.convert("RGB")))
+
+
+def test_float_image_with_nan_is_refused(tmp_path):
+    from PIL import Image
+
+    data = np.ones((40, 40), np.float32)
+    data[3, 3] = np.nan
+    Image.fromarray(data, "F").save(tmp_path / "nan.tiff")
+    with pytest.raises(InputError, match="^image .*NaN"):
+        image_pixels(tmp_path / "nan.tiff")
+
+
+def test_stereo_channels_that_cancel_are_refused(tmp_path):
+    """One channel inverted: the mono mix is silence; refused instead of judged as silence."""
+    import soundfile as sf
+
+    t = np.arange(16000) / 16000
+    speech = 0.5 * np.sin(2 * np.pi * 300 * t) * np.sin(2 * np.pi * 3 * t)
+    sf.write(tmp_path / "cancel.wav", np.stack([speech, -speech], 1), 16000, subtype="PCM_16")
+    sf.write(tmp_path / "near.wav", np.stack([speech, -0.95 * speech], 1), 16000, subtype="PCM_16")
+    sf.write(tmp_path / "ok.wav", np.stack([speech, 0.3 * speech], 1), 16000, subtype="PCM_16")
+    sf.write(tmp_path / "one.wav", np.stack([speech, 0 * speech], 1), 16000, subtype="PCM_16")
+    for name in ("cancel.wav", "near.wav"):
+        with pytest.raises(InputError, match=r"^audio .*channels cancel each other in the mono mix"):
+            load_audio(tmp_path / name)
+    for name in ("ok.wav", "one.wav"):  # a quiet or silent second channel is fine
+        assert np.abs(load_audio(tmp_path / name)).max() > 0.2
+
+
+@pytest.mark.parametrize("peak", [32767.0, 1e30, 1.01, -2.0])
+def test_audio_arrays_outside_unit_range_are_refused(peak):
+    wave = np.zeros(16000, np.float32)
+    wave[100] = peak
+    with pytest.raises(InputError, match=r"^audio: .*float samples must be in \[-1, 1\]"):
+        load_audio(wave, 16000)
+
+
+def test_audio_rounding_overshoot_is_accepted():
+    wave = np.zeros(16000, np.float32)
+    wave[100], wave[200] = 1.0009, -1.0009
+    assert len(load_audio(wave, 16000)) == 16000
+
+
+def test_float_wav_outside_unit_range_is_refused(tmp_path):
+    import soundfile as sf
+
+    sf.write(tmp_path / "loud.wav", np.full(16000, 32767.0, np.float32), 16000, subtype="FLOAT")
+    with pytest.raises(InputError, match=r"float samples must be in \[-1, 1\]"):
+        load_audio(tmp_path / "loud.wav")

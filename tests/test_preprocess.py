@@ -70,9 +70,18 @@ def image_zoo(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["rgb.png", "rgb.jpg", "rgb.webp", "gray.png", "alpha.png", "palette.png",
-                                  "gray16.png", "tiny_12x10.png", "large_2000x1500.png"])
+                                  "tiny_12x10.png", "large_2000x1500.png"])
 def test_image_formats(name, proc, image_zoo):
     _check_image(proc, image_zoo / name)
+
+
+def test_gray16_is_rescaled_where_the_official_path_clips(proc, image_zoo):
+    """A deliberate difference: convert('RGB') clips a 16-bit ramp to white above 255 (what the official path
+    judges); the runtime rescales it by its range, so the ramp stays a ramp."""
+    ref_rows, ref_grid = _official_image(proc, image_zoo / "gray16.png")
+    rows, grid = image_pixels(image_zoo / "gray16.png", ImageConfig())
+    assert grid == ref_grid
+    assert ref_rows.std() < 0.5 * rows.std()  # the official input is nearly all one colour
 
 
 def test_array_input_is_rgb(image_zoo, proc):

@@ -9,6 +9,7 @@ signal is included in it).
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -61,6 +62,19 @@ def _finite(wave: np.ndarray, label: str, stage: str) -> np.ndarray:
     return wave
 
 
+RANGE_SLACK = 1e-3  # float samples may overshoot [-1, 1] by this much (rounding), no more
+CANCEL_RATIO = 0.1  # a mono mix whose RMS is under this share of the loudest channel's: the channels cancel
+
+
+def _in_range(wave: np.ndarray, label: str) -> np.ndarray:
+    """Float samples must lie in [-1, 1] (a little rounding allowed): amplitudes like 32767 are int PCM passed
+    as floats, and are refused instead of being judged as something else."""
+    if wave.size and float(np.abs(wave).max()) > 1.0 + RANGE_SLACK:
+        raise InputError(f"{label}: samples reach {float(np.abs(wave).max()):.4g}; the float samples must be in "
+                         f"[-1, 1] (scale int PCM by 1/32768, or pass the file)")
+    return wave
+
+
 def _to_mono(data: np.ndarray) -> np.ndarray:
     return data.mean(axis=1) if data.ndim == 2 else data  # librosa.to_mono: mean over channels
 
@@ -95,6 +109,7 @@ def _load_array(source: np.ndarray, sample_rate, limits: AudioLimits) -> np.ndar
     _check_seconds(len(source) / rate, "audio", limits)  # before any conversion or resampling
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is what the check below reports
         wave = _finite(source.astype(np.float32, copy=False), "audio", "(after conversion to float32)")
+    _in_range(wave, "audio")
     return _finite(resample(wave, rate), "audio", f"after resampling from {rate} Hz")
 
 
@@ -124,7 +139,9 @@ def _load_file(source, limits: AudioLimits, block_seconds: float = 1.0) -> np.nd
             max_frames = int(limits.max_seconds * rate)
             block = max(1, min(int(rate * block_seconds), (1 << 22) // channels))
             resampler = _resampler(rate)
+            float_file = snd.subtype in ("FLOAT", "DOUBLE")  # int PCM decodes within [-1, 1) by construction
             out, total = [], 0
+            mono_energy, channel_energy = 0.0, np.zeros(channels)
             while True:
                 try:
                     data = snd.read(block, dtype="float32", always_2d=True)
@@ -136,7 +153,12 @@ def _load_file(source, limits: AudioLimits, block_seconds: float = 1.0) -> np.nd
                     raise InputError(f"{label} is longer than the limit of {limits.max_seconds:g} s "
                                      f"(AudioLimits.max_seconds); decoding stopped there")
                 last = n < block
+                if float_file:
+                    _in_range(_finite(data, label, "in the file"), label)
                 mono = _finite(data.mean(axis=1) if channels > 1 else data[:, 0], label, "in the file")
+                if channels > 1:
+                    mono_energy += float(np.dot(mono.astype(np.float64), mono))
+                    channel_energy += np.einsum("ij,ij->j", data, data, dtype=np.float64)
                 if resampler is not None:
                     mono = resampler.resample_chunk(np.ascontiguousarray(mono), last=last)
                 out.append(np.asarray(mono, np.float32))
@@ -146,6 +168,11 @@ def _load_file(source, limits: AudioLimits, block_seconds: float = 1.0) -> np.nd
         if src.file is None:
             stream.close()
     _check_seconds(total / rate, label, limits)
+    if channels > 1 and mono_energy < CANCEL_RATIO ** 2 * channel_energy.max():  # RMS ratio < CANCEL_RATIO
+        raise InputError(f"{label}: the {channels} channels cancel each other in the mono mix (its RMS is "
+                         f"{math.sqrt(mono_energy / max(channel_energy.max(), 1e-300)):.3f} of the loudest "
+                         f"channel's): the guard would hear near-silence; pass one channel (a mono file or a 1-D "
+                         f"array)")
     wave = np.concatenate(out) if out else np.zeros(0, np.float32)
     return _finite(wave, label, f"after resampling from {rate} Hz")
 

@@ -72,10 +72,37 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
-def to_rgb(img):
-    """RGBA over white, everything else PIL's convert('RGB') (as qwen-omni-utils does)."""
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # 16/32-bit integer and float gray
+
+
+def _high_bit_to_l(img, label: str = "image"):
+    """A 16/32-bit integer or float gray image -> 8-bit 'L', rescaled by its real range (min..max).
+
+    convert('RGB') would clip these (16-bit PNG -> all white above 255, float in [0, 1] -> all black): content
+    the guard never sees. A constant image becomes black."""
     from PIL import Image
 
+    x = np.array(img, dtype=np.float32)  # a writable copy
+    if not np.isfinite(x).all():
+        raise InputError(f"{label}: the float image has NaN or infinite pixels")
+    lo, hi = float(x.min()), float(x.max())
+    if hi > lo:
+        x -= lo
+        x *= np.float32(255.0 / (hi - lo))
+        np.rint(x, out=x)
+        out = x.astype(np.uint8)
+    else:
+        out = np.zeros(x.shape, np.uint8)
+    return Image.fromarray(out, "L")
+
+
+def to_rgb(img, label: str = "image"):
+    """RGBA over white; 16/32-bit integer and float gray rescaled to 8 bits by their range (not clipped);
+    everything else PIL's convert('RGB') (as qwen-omni-utils does)."""
+    from PIL import Image
+
+    if img.mode in HIGH_BIT_MODES:
+        return _high_bit_to_l(img, label).convert("RGB")
     if img.mode == "RGBA":
         background = Image.new("RGB", img.size, (255, 255, 255))
         background.paste(img, mask=img.split()[3])
@@ -128,8 +155,15 @@ def open_image(source, limits: ImageLimits = ImageLimits()):
                 raise InputError(f"{src.label}: the header claims more than the limit of {limits.max_source_pixels} "
                                  f"source pixels ({exc})") from exc
             check_size(img.width, img.height, src.label, limits)
+            animated = getattr(img, "is_animated", None)  # cheap (GIF: looks for a 2nd frame, not all of them)
+            if animated is None:
+                animated = getattr(img, "n_frames", 1) > 1
+            if animated:
+                raise InputError(f"{src.label}: has more than one frame (animated GIF/PNG/WebP or multi-page TIFF); "
+                                 f"only the first would be judged: pass the frames as a video ((frames, fps) "
+                                 f"array) or each frame as its own image")
             img.load()
-        return to_rgb(img)
+        return to_rgb(img, src.label)
     except InputError:
         raise
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, struct.error, IndexError,
