@@ -55,10 +55,16 @@ def _utf8(value: str) -> str:
 
 def _bundle_dir(value: str) -> Path:
     path = Path(value)
-    if not path.is_dir():
+    try:  # a name too long, a permission denied, a NUL byte: one line, exit 2, never a traceback
+        is_dir = path.is_dir()
+        has_manifest = is_dir and (path / "manifest.json").is_file()
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise argparse.ArgumentTypeError(f"{value!r}: cannot access ({reason})") from None
+    if not is_dir:
         raise argparse.ArgumentTypeError(f"{value!r} is not a directory (a bundle is the folder "
                                          "`omniguard-edge export` writes)")
-    if not (path / "manifest.json").is_file():
+    if not has_manifest:
         raise argparse.ArgumentTypeError(f"{value!r} has no manifest.json: not a bundle")
     return path
 

@@ -41,3 +41,29 @@ class NumericalError(OmniGuardError):
 class MemoryBudgetError(InputError):
     """A request whose estimated peak working memory exceeds the memory budget (GuardOptions.memory), even at
     its smallest plan: refused before any graph runs, never an onnxruntime allocation failure."""
+
+
+def describe(exc: BaseException) -> str:
+    """`"TypeName: message"` for any exception, never raising: a caller's exception whose __str__ (or whose
+    type's name) fails to format is described as such, so reporting an error cannot itself escape."""
+    try:
+        name = type(exc).__name__
+        name = name if isinstance(name, str) else "Exception"
+    except Exception:
+        name = "Exception"
+    return f"{name}: {message_of(exc)}"
+
+
+def message_of(value) -> str:
+    """str(value), or a placeholder when that raises or returns something other than a str."""
+    try:
+        text = str(value)
+        if isinstance(text, str):
+            return str.__str__(text)  # a str subclass's own methods are not trusted further
+    except Exception:
+        pass
+    try:
+        kind = type(value).__name__
+    except Exception:
+        kind = "object"
+    return f"<{kind} whose message cannot be shown: its __str__ failed>"

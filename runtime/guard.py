@@ -15,7 +15,7 @@ import numpy as np
 from .bundle import Bundle, SessionOptions, open_bundle
 from .decode import Decoder
 from .encoders import encode_audio, encode_vision
-from .errors import InputError, MemoryBudgetError, NumericalError, OmniGuardError
+from .errors import InputError, MemoryBudgetError, NumericalError, OmniGuardError, describe, message_of
 from .memory import (ALLOCATOR_SLACK, Geometry, MemoryBudget, RequestSizes, max_vision_patches, plan_request,
                      vision_bytes)
 from .positions.audio import audio_output_length
@@ -41,7 +41,7 @@ class GuardOptions:
     critique_max_new_tokens: int = 256
     constrain_verdict: bool = False  # first token restricted to `safe`/`unsafe` (always parseable)
     min_new_tokens: int = 0  # EOS masked before this many tokens (benchmarks: fixed answer lengths)
-    max_prompt_tokens: int | None = None  # default: the decoder's context minus the token budget
+    max_prompt_tokens: int | None = None  # default (and the most allowed): the decoder's context minus the token budget
     image_limits: ImageLimits = ImageLimits()
     audio_limits: AudioLimits = AudioLimits()
     video_limits: VideoLimits = VideoLimits()
@@ -116,6 +116,7 @@ def _as_text(name: str, value, optional: bool = True) -> str | None:
             raise InputError(f"{name} is not valid UTF-8 ({exc}); {name} must be {_TEXT_FORM}") from exc
     if not isinstance(value, str):
         raise InputError(f"{name} must be {_TEXT_FORM}, got {_type_name(value)}")
+    value = str.__str__(value)  # a plain str: a subclass's overridden methods are never called
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:  # lone surrogates (e.g. from a surrogate-escaped argv)
@@ -139,10 +140,20 @@ def _check_conversation(text, response, conversation) -> Conversation | None:
             if isinstance(conversation, (str, bytes, bytearray)) else ""
         raise InputError(f"conversation must be a list (or tuple) of turns, each {_TEXT_FORM}; "
                          f"got {_type_name(conversation)}{hint}")
+    conversation = _listed("conversation", conversation, f"a list (or tuple) of turns, each {_TEXT_FORM}")
     if not conversation:
         raise InputError(f"conversation must hold at least one turn (a list of {_TEXT_FORM})")
     return Conversation.from_messages([_as_text(f"conversation[{i}]", t, optional=False)
                                        for i, t in enumerate(conversation)])
+
+
+def _listed(name: str, value, form: str) -> list:
+    """A caller's list or tuple (or subclass) as a plain list; one whose iteration fails is an InputError."""
+    try:
+        return list(tuple.__iter__(value) if isinstance(value, tuple) else list.__iter__(value))
+    except Exception as exc:
+        raise InputError(f"{name} must be {form}; reading the {_type_name(value)} given failed ({describe(exc)})") \
+            from exc
 
 
 def _check_fps(label: str, fps) -> float:
@@ -194,6 +205,7 @@ def _keyword_items(kind: str, value) -> list[tuple[str, str, object]]:
         return []
     if not isinstance(value, list):
         return [(kind, kind, value)]
+    value = _listed(kind, value, f"one item or a list of items, each {FORMS[kind]}")
     if value and _is_number(value[0]):
         arrays = {"image": "an RGB uint8 numpy array [H, W, 3]", "video": "a tuple (frames, fps)",
                   "audio": "a numpy float array [samples] (np.asarray(samples, np.float32)) with sample_rate="}
@@ -216,6 +228,7 @@ def check_arguments(text=None, response=None, image=None, audio=None, video=None
                              f"(media= and {', '.join(given)} were given)")
         if not isinstance(media, (list, tuple)):
             raise InputError(f"{MEDIA_FORM}; got {_type_name(media)}")
+        media = _listed("media", media, "a list of (kind, item) pairs")
         items = []
         for i, pair in enumerate(media):
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
@@ -234,7 +247,7 @@ def check_arguments(text=None, response=None, image=None, audio=None, video=None
             raise
         except Exception as exc:  # a caller's object that fails even to be inspected (a raising __getattr__ ...)
             raise InputError(f"{label} must be {FORMS[kind]}; inspecting the {_type_name(value)} given failed "
-                             f"({type(exc).__name__}: {exc})") from exc
+                             f"({describe(exc)})") from exc
     items = checked
     arrays = [label for kind, label, value in items if kind == "audio" and isinstance(value, np.ndarray)]
     if sample_rate is not None:
@@ -252,7 +265,7 @@ def check_arguments(text=None, response=None, image=None, audio=None, video=None
 
 def _labelled(exc: Exception, label: str) -> Exception:
     """The same exception with its message starting with the item's parameter name."""
-    message = str(exc)
+    message = message_of(exc)
     if not message.startswith(label):
         exc.args = (f"{label}: {message}",)
     return exc
@@ -292,9 +305,16 @@ class Guard:
         return cls(open_bundle(path, options.session, verify=verify), options)
 
     # -- preprocessing -------------------------------------------------------------------------------
-    def _prepare_media(self, media: list[tuple[str, str, object]], sample_rate: int | None) -> _Prepared:
-        """(kind, label, item) -> pixel rows / log-mels. An error names the item's parameter (its label)."""
+    def _prepare_media(self, media: list[tuple[str, str, object]], sample_rate: int | None,
+                       limit: int | None = None) -> _Prepared:
+        """(kind, label, item) -> pixel rows / log-mels. An error names the item's parameter (its label).
+        With `limit`: the prompt tokens of the items preprocessed so far (their placeholders, start and end
+        tokens), plus 3 for each item still to come, are counted after every item, and the request is refused
+        as soon as that exceeds the limit, before the next item is decoded (150 long audio clips must not all
+        be decoded to learn that they cannot fit)."""
         prep, opts = _Prepared(), self.options
+        unit = self.bundle.manifest.vision["spatial_merge_size"] ** 2
+        tokens = 0  # prompt tokens of the items preprocessed so far
         visual = sum(kind in ("image", "video") for kind, _, _ in media)
         share = max_vision_patches(self.geometry, opts.memory.bytes) // max(1, visual)  # patches per visual item
         for kind, label, payload in media:
@@ -320,10 +340,22 @@ class Guard:
             except MemoryError:
                 raise
             except Exception as exc:  # a decoder library's own failure on this item: say which item and what it takes
-                raise InputError(f"{label}: cannot be read ({type(exc).__name__}: {exc}); {label} must be "
+                raise InputError(f"{label}: cannot be read ({describe(exc)}); {label} must be "
                                  f"{FORMS[kind]}") from exc
             prep.items.append(kind)
             prep.labels.append(label)
+            if limit is not None:
+                if kind == "audio":
+                    tokens += 2 + audio_output_length(int(prep.features["audio"][-1].shape[1]))
+                else:
+                    t, h, w = prep.grids[kind][-1]
+                    tokens += 2 + int(t) * int(h) * int(w) // unit
+                later = 3 * (len(media) - len(prep.items))
+                if tokens + later > limit:
+                    raise InputError(f"{label}: the media up to this item take {tokens:,} prompt tokens"
+                                     f"{f' (and the {later // 3} items after it at least {later})' if later else ''}"
+                                     f", over the limit of {limit}: inputs are refused, not truncated "
+                                     "(fewer or shorter items, or a lower resolution)")
         return prep
 
     def _fit_image(self, payload, label: str, grid, share: int, prep: _Prepared):
@@ -509,7 +541,9 @@ class Guard:
         """(token budget of the answer, the most prompt tokens allowed)."""
         budget = self.options.critique_max_new_tokens if self.options.critique else self.options.max_new_tokens
         context = self.bundle.manifest.decoder["max_position_embeddings"]
-        limit = self.options.max_prompt_tokens or context - budget
+        # max_prompt_tokens may lower the limit, never raise it past the context: positions beyond it are
+        # outside what the decoder was trained on, so a prompt there is refused, not judged
+        limit = min(self.options.max_prompt_tokens or context, context - budget)
         if limit < 1:
             raise InputError(f"GuardOptions: a token budget of {budget} leaves no room for a prompt in the "
                              f"decoder's context of {context} tokens (lower max_new_tokens / critique_max_new_tokens)")
@@ -557,7 +591,10 @@ class Guard:
         except OmniGuardError as exc:
             return ModerationResult.failed(exc, timings)
         except Exception as exc:  # the fail-closed boundary: an unexpected failure must not read as "safe"
-            log.exception("moderation failed")
+            try:
+                log.exception("moderation failed")
+            except Exception:  # noqa: S110 (a caller's exception that cannot even be logged is still an error)
+                pass
             return ModerationResult.failed(exc, timings)
 
     def _moderate(self, text, response, image, audio, video, media, conversation, sample_rate, timings, start):
@@ -566,7 +603,7 @@ class Guard:
         budget, limit = self._prompt_limit()
         self._check_sizes(conv, media, limit)
         t = time.perf_counter()
-        prep = self._prepare_media(media, sample_rate)
+        prep = self._prepare_media(media, sample_rate, limit)
         timings["preprocess"] = time.perf_counter() - t
         t = time.perf_counter()
         ids = self._prompt_ids(conv, prep)

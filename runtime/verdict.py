@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .errors import describe
 from .prompt.policy import Policy
 
 VERDICTS = ("safe", "unsafe", "unknown", "error")
@@ -133,4 +134,5 @@ class ModerationResult:
 
     @classmethod
     def failed(cls, exc: BaseException, timings: dict | None = None) -> ModerationResult:
-        return cls(verdict="error", error=f"{type(exc).__name__}: {exc}", timings=timings or {})
+        """`verdict == "error"` for `exc`; formatting never raises (a caller's exception may fail to print)."""
+        return cls(verdict="error", error=describe(exc), timings=dict(timings) if timings else {})

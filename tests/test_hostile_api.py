@@ -407,6 +407,8 @@ CLI_CASES = [  # (id, argv after `moderate` with {B} the bundle and {D} a scratc
     ("bundle-without-manifest", ["--bundle", "{D}", "--text", "hi"], 2, "--bundle"),
     ("bundle-missing", ["--bundle", "{D}/nope", "--text", "hi"], 2, "--bundle"),
     ("bundle-absent", ["--text", "hi"], 2, "--bundle"),
+    ("bundle-name-too-long", ["--bundle", "a" * 300, "--text", "hi"], 2, "--bundle"),
+    ("bundle-not-searchable", ["--bundle", "{D}/locked/bundle", "--text", "hi"], 2, "--bundle"),
     ("text-not-utf8", ["--bundle", "{B}", "--text", b"\xff\xfe bomb"], 2, "--text"),
     ("response-not-utf8", ["--bundle", "{B}", "--text", "hi", "--response", b"\xc3\x28"], 2, "--response"),
     ("image-missing", ["--bundle", "{B}", "--image", "{D}/missing.png"], 2, "--image"),
@@ -427,6 +429,8 @@ def scratch(tmp_path_factory):
     (d / "file.txt").write_text("not a bundle")
     (d / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
     os.mkfifo(d / "fifo")
+    (d / "locked" / "bundle").mkdir(parents=True)
+    (d / "locked").chmod(0)  # stat inside it: permission denied (unless run as root)
     return d
 
 
@@ -504,3 +508,78 @@ def test_an_object_that_fails_to_be_inspected_is_an_input_error(guards):
     for guard in guards.values():
         r = guard.moderate("x", image=Hostile())
         assert r.verdict == "error" and r.error.startswith("InputError: image must be") and "boom" in r.error
+
+
+class Unprintable(Exception):
+    """An exception whose message cannot be formatted."""
+
+    def __str__(self):
+        raise RuntimeError("no message for you")
+
+
+class HostileUnprintable:
+    def __getattr__(self, name):
+        raise Unprintable()
+
+
+class BadEncode(str):
+    def encode(self, *args, **kwargs):
+        raise Unprintable()
+
+
+class BadIter(list):
+    def __iter__(self):
+        raise Unprintable()
+
+
+class BadLen(list):
+    def __len__(self):
+        raise Unprintable()
+
+
+@pytest.mark.parametrize("kwargs", [
+    pytest.param({"text": "x", "image": HostileUnprintable()}, id="getattr-raises-unprintable"),
+    pytest.param({"text": BadEncode("hi")}, id="str-subclass-encode-raises"),
+    pytest.param({"conversation": BadIter(["hi", "there"])}, id="list-subclass-iter-raises"),
+    pytest.param({"text": "x", "image": BadIter(["a.png"])}, id="image-list-iter-raises"),
+    pytest.param({"text": "x", "media": BadLen([("image", HostileUnprintable())])}, id="media-list-len-raises"),
+])
+def test_no_exception_escapes_moderate(guards, kwargs):
+    for guard in guards.values():
+        r = guard.moderate(**kwargs)  # must not raise
+        assert r.verdict in ("error", "safe", "unsafe", "unknown")
+        strict_json(r.to_json())
+        if r.verdict != "error":  # a subclass whose override is bypassed is read as the plain value it holds
+            assert "image" not in kwargs and "media" not in kwargs
+
+
+def test_failed_result_of_an_unprintable_exception():
+    r = ModerationResult.failed(Unprintable())
+    assert r.verdict == "error" and r.error.startswith("Unprintable: <Unprintable whose message cannot be shown")
+
+
+def test_max_prompt_tokens_above_the_context_is_capped(bundle):
+    context = bundle.manifest.decoder["max_position_embeddings"]
+    guard = Guard(bundle, GuardOptions(max_prompt_tokens=10**9, max_new_tokens=8))
+    assert guard._prompt_limit() == (8, context - 8)
+    r = guard.moderate("hello " * context)  # more tokens than the context holds: refused, never judged
+    assert r.verdict == "error" and f"limit of {context - 8}" in r.error
+    assert Guard(bundle, GuardOptions(max_prompt_tokens=40))._prompt_limit()[1] == 40  # lowering still works
+
+
+def test_many_long_audio_items_stop_once_they_exceed_the_prompt_limit(bundle, monkeypatch):
+    """150 clips of 299 s (each within the per-item limits): refused after the first few are preprocessed."""
+    import omniguard_edge.runtime.guard as guard_module
+
+    calls = []
+    real = guard_module.audio_features
+    monkeypatch.setattr(guard_module, "audio_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    clip = np.zeros(299 * 16000, np.float32)
+    context = bundle.manifest.decoder["max_position_embeddings"]
+    per_clip = 2 + guard_module.audio_output_length(29900)
+    limit = max(per_clip + 3 * 149, context // 2)  # room for at least the first clip
+    guard = Guard(bundle, GuardOptions(max_prompt_tokens=limit))
+    r = guard.moderate("x", audio=[clip] * 150, sample_rate=16000)
+    assert r.verdict == "error" and r.error.startswith("InputError: audio[") and f"limit of {limit}" in r.error
+    expected = next(n for n in range(1, 151) if n * per_clip + 3 * (150 - n) > limit)
+    assert len(calls) == expected < 150 and f"audio[{expected - 1}]:" in r.error
