@@ -650,3 +650,28 @@ def test_float_wav_outside_unit_range_is_refused(tmp_path):
     sf.write(tmp_path / "loud.wav", np.full(16000, 32767.0, np.float32), 16000, subtype="FLOAT")
     with pytest.raises(InputError, match=r"float samples must be in \[-1, 1\]"):
         load_audio(tmp_path / "loud.wav")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_lowered_max_pixels_decodes_once_at_reduced_size(fmt, tmp_path, monkeypatch):
+    """Review M1: with a lower max_pixels the target comes from the header and the image is converted at a
+    reduced size, not at 4000x3000; the defaults still convert at full size (parity)."""
+    from PIL import Image
+
+    from omniguard_edge.runtime.preprocess import image as image_mod
+    from omniguard_edge.runtime.preprocess.image import smart_resize
+
+    y, x = np.mgrid[0:3000, 0:4000]
+    Image.fromarray(np.stack([x % 251, y % 241, (x + y) % 239], -1).astype(np.uint8)).save(
+        tmp_path / "big", format=fmt)
+    seen = []
+    real = image_mod.to_rgb
+    monkeypatch.setattr(image_mod, "to_rgb", lambda img, *a: seen.append(img.size) or real(img, *a))
+    limits = ImageLimits(max_pixels=256 * 28 * 28)
+    rows, grid = image_pixels(tmp_path / "big", limits=limits)
+    h, w = smart_resize(3000, 4000, 28, limits.min_pixels, limits.max_pixels)
+    assert grid == (1, h // 14, w // 14) and rows.shape[0] == grid[1] * grid[2]
+    assert seen[-1][0] * seen[-1][1] <= 4000 * 3000 // 4, seen
+    assert seen[-1][0] >= 2 * w and seen[-1][1] >= 2 * h  # still at least twice the target per side
+    image_pixels(tmp_path / "big")
+    assert seen[-1] == (4000, 3000)

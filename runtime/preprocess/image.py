@@ -125,10 +125,29 @@ def check_size(width: int, height: int, label: str, limits: ImageLimits) -> None
         raise InputError(f"{label}: aspect ratio {max(width, height) / min(width, height):.0f} exceeds {MAX_RATIO}")
 
 
-def open_image(source, limits: ImageLimits = ImageLimits()):
+def _shrink(img, target: tuple[int, int]):
+    """Decode at reduced size for a target far below the source (JPEG: draft, i.e. DCT scaling; others: an
+    integer box reduce right after decoding), keeping at least twice the target per side for the bicubic
+    resize that follows. Only used when the caller lowered max_pixels (parity holds for the defaults)."""
+    h, w = target
+    if img.format == "JPEG" and img.mode in ("RGB", "L"):
+        img.draft(img.mode, (2 * w, 2 * h))  # decodes at 1/2, 1/4 or 1/8 scale, never below the request
+    img.load()
+    factor = min(img.width // (2 * w), img.height // (2 * h))
+    if factor >= 2:
+        try:
+            img = img.reduce(factor)
+        except ValueError:  # modes without reduce (P, I;16 ...): converted at full size as before
+            pass
+    return img
+
+
+def open_image(source, limits: ImageLimits = ImageLimits(), target=None):
     """A path, bytes, a binary file object, or a uint8 [H, W, 3] / [H, W] array -> RGB PIL image.
 
     Size, minimum side and aspect ratio are checked from the header (Pillow's lazy open) before decoding.
+    `target(height, width) -> (h, w)`, when given, is the size the caller will resize to, computed from the
+    header: the image is then decoded once at a reduced size (see _shrink) before it is converted.
     """
     import warnings
 
@@ -162,6 +181,8 @@ def open_image(source, limits: ImageLimits = ImageLimits()):
                 raise InputError(f"{src.label}: has more than one frame (animated GIF/PNG/WebP or multi-page TIFF); "
                                  f"only the first would be judged: pass the frames as a video ((frames, fps) "
                                  f"array) or each frame as its own image")
+            if target is not None:
+                img = _shrink(img, target(img.height, img.width))
             img.load()
         return to_rgb(img, src.label)
     except InputError:
@@ -199,8 +220,16 @@ def image_pixels(source, cfg: ImageConfig = ImageConfig(), limits: ImageLimits =
     """-> (pixel rows [patches, C*T*P*P] float32, grid (1, h, w) in patches)."""
     from PIL import Image
 
-    img = open_image(source, limits)
-    h, w = smart_resize(img.height, img.width, cfg.factor, limits.min_pixels, limits.max_pixels)
+    header = {}
+
+    def target(height, width):  # the resize target, from the header's size
+        header["size"] = smart_resize(height, width, cfg.factor, limits.min_pixels, limits.max_pixels)
+        return header["size"]
+
+    lowered = limits.max_pixels < ImageLimits.max_pixels  # below the official default: parity is not at stake
+    img = open_image(source, limits, target if lowered and not isinstance(source, np.ndarray) else None)
+    h, w = header.get("size") or smart_resize(img.height, img.width, cfg.factor, limits.min_pixels,
+                                               limits.max_pixels)
     img = img.resize((w, h), Image.Resampling.BICUBIC)  # fetch_image's resize
     # The processor resizes again to its own budget; a no-op unless its limits are tighter.
     h2, w2 = smart_resize(h, w, cfg.factor, cfg.processor_min_pixels, cfg.processor_max_pixels)
