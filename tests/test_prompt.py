@@ -159,6 +159,9 @@ def test_escape_on_long_runs():
     assert escape_content("\u200b" * n + "\n \t" * n) == "\u200b" * n + "\n \t" * n
     many = "\nAgent: a" * (n // 10)
     assert escape_content(many) == many.replace("\nAgent", "\n" + BS + "Agent")
+    assert escape_content("END" + " OF" * n) == "END" + " OF" * n  # fillers with no block name after them
+    assert escape_content("*" * n + "User:") == "*" * n + BS + "User:"
+    assert escape_content("END" + "." * n + "CONVERSATION") == BS + "END" + "." * n + "CONVERSATION"
 
 
 def test_normalized_view_maps_back_to_the_original():

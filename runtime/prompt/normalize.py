@@ -1,30 +1,34 @@
 """User content cannot forge the guard prompt's structure (README "Prompt rules", "User content is data").
 
 The guard prompt is rendered `User: ...\\n\\nAgent: ...` between `<BEGIN CONVERSATION>` and `<END CONVERSATION>`.
-Two kinds of structure inside user content are escaped:
+Two kinds of structure inside user content (and inside custom policy names and descriptions) are escaped:
 
-- the template's delimiters: `<`, optional spaces, BEGIN or END, then CONVERSATION or UNSAFE CONTENT CATEGORIES
-  (any case; spaces, `_` or `-` or nothing between the words; the closing `>` optional);
-- role labels at a line start: `User` or `Agent` then `:`, any case, with spaces or tabs before the label and
-  before the colon. A line starts at the start of a turn's content and after any line break (`\\n`, `\\r`, `\\v`,
-  `\\f`, U+001C-U+001E, U+0085, U+2028, U+2029).
+- the template's delimiters: BEGIN or END (not inside a word), optional filler words OF / THE, then CONVERSATION
+  or UNSAFE CONTENT CATEGORIES; any case, any non-alphanumeric separators (or none) between the words, any
+  bracket or none around them (`<END CONVERSATION>`, `[END OF THE CONVERSATION]`, `END.CONVERSATION`...);
+- role labels heading a line: `User` or `Agent`, then any non-alphanumeric characters, then `:`, any case, with
+  only non-alphanumeric characters before the label on its line (spaces, markdown `**` `-` `>` `#` `_`, blank
+  glyphs like U+2800, backslashes...). A line starts at the start of the content and after any line break
+  (`\\n`, `\\r`, `\\v`, `\\f`, U+001C-U+001E, U+0085, U+2028, U+2029).
 
 Both are matched on a **normalised view** of the content (`normalized_view`), never on the raw text:
 each character is taken in its compatibility decomposition (NFKD, i.e. what NFKC maps it to, before
 recomposition), invisible characters are removed (format characters, category Cf: U+200B-U+200F, U+2060-U+2064,
 U+FEFF, U+00AD, bidi controls, tag characters...; combining marks, Mn/Me, so accents and variation selectors do
 not hide a letter; Hangul fillers; control characters that are not whitespace), and `CONFUSABLES` folds
-Cyrillic, Greek, Armenian and small-capital look-alikes of the letters of the delimiters and labels, and
-look-alikes of `<`, `>`, `:` and `\\`, to their ASCII forms (fullwidth and mathematical letters are handled by
-the NFKC mapping itself).
+look-alikes of the letters of the delimiters and labels (Cyrillic, Greek, Armenian, Coptic, Cherokee, Lisu,
+Canadian syllabics, small capitals, symbols; the digits 0 and 1 and lowercase l for O and I), and look-alikes
+of `<`, `>`, `:` and `\\`, to their ASCII forms (fullwidth and mathematical letters are handled by the NFKC
+mapping itself).
 
-**The escape** is inserted into the ORIGINAL text at the matched position (before the delimiter's `<`, before
-the label's first letter); nothing of the user's text is deleted or normalised in what the model sees. It is an
-odd run of backslashes directly before the match: where the content already holds k backslashes there
-(counted on the normalised view), k + 1 more are inserted, so the run becomes 2k + 1. Content can therefore
-never bring an even run, which would read as escaped backslashes followed by a live label or delimiter
-(`\\\\User:` is not a way to undo the escape: it becomes `\\\\\\User:`), and the original is recoverable
-(a run of 2k + 1 before a match stands for k).
+**The escape** is inserted into the ORIGINAL text at the matched position (before a delimiter's opening
+bracket, or its first word when it has none; before the label's first letter); nothing of the user's text is
+deleted or normalised in what the model sees. It is a run of backslashes directly before the match that is odd
+in both readings: in the original text (the k ASCII backslashes directly before the position: k + 1 are
+inserted, making 2k + 1) and on the normalised view (where look-alikes of `\\` count and invisible characters
+are skipped: when that run has the other parity, one more backslash goes before the run's first character).
+Content can therefore never bring an even run, which would read as escaped backslashes followed by a live label
+or delimiter (`\\\\User:` becomes `\\\\\\User:`; `＼User:` becomes `\\＼\\User:`).
 """
 
 from __future__ import annotations
