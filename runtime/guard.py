@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -95,6 +96,25 @@ MEDIA_FORM = ("media must be a list of (kind, item) pairs, kind one of 'image', 
 # Normalisation in the tokenizer (NFC) can shrink text, by at most 3x in UTF-8 (Hangul jamo -> syllable); escaping
 # only adds characters. Text of more bytes than this factor x the longest token x the prompt limit cannot fit.
 _SHRINK = 4
+# Text longer than the byte bound allows is counted in slices of about _SLICE characters, cut only where the
+# tokenizer's pre-tokenizer always splits (before a space followed by a letter, before a digit), so the slices'
+# token counts add up to the text's; counting stops as soon as the total passes the prompt limit.
+_SLICE = 1 << 14
+_CUT = re.compile(r"(?: (?=[^\W\d_])|(?=\d))")
+
+
+def text_slices(text: str, size: int | None = None):
+    """`text` in consecutive slices of about `size` (default _SLICE) characters, cut only at pre-token boundaries
+    (`_CUT`); an unbroken run longer than that is one slice."""
+    size = size or _SLICE
+    pos = 0
+    while pos < len(text):
+        end = pos + size
+        if end < len(text):
+            cut = _CUT.search(text, end)
+            end = cut.start() if cut is not None else len(text)
+        yield text[pos:end]
+        pos = end
 
 
 def _is_number(value) -> bool:
@@ -401,11 +421,12 @@ class Guard:
 
         return shrink_run_options()
 
-    def _plan(self, ids: list[int], prep: _Prepared):
-        """The request's memory plan from its sizes, before any graph runs (MemoryBudgetError if it cannot fit)."""
+    def _plan(self, ids: list[int], prep: _Prepared, budget: int = 0):
+        """The request's memory plan from its sizes and the answer's token budget, before any graph runs
+        (MemoryBudgetError if it cannot fit)."""
         grids = tuple(tuple(g) for k in ("image", "video") for g in prep.grids[k])
         frames = tuple(int(m.shape[1]) for m in prep.features["audio"])
-        return plan_request(self.geometry, RequestSizes(len(ids), grids, frames), self.options.memory)
+        return plan_request(self.geometry, RequestSizes(len(ids), grids, frames, budget), self.options.memory)
 
     def _encode(self, prep: _Prepared, timings: dict, run_options=None) -> dict[str, list[np.ndarray]]:
         """Encoder features per item; every value must be finite (NumericalError naming the item otherwise)."""
@@ -572,6 +593,14 @@ class Guard:
         if size > most:
             raise InputError(f"text/response/conversation: {size:,} bytes of text cannot fit the prompt limit of "
                              f"{limit} tokens (at most {most:,} bytes could): inputs are refused, not truncated")
+        count = 0
+        for i, turn in enumerate(conv.turns):
+            for piece in text_slices(turn.text):
+                count += len(self.prompt.encode_plain(piece))
+                if count > limit:
+                    raise InputError(f"text/response/conversation: the text takes more than {limit} prompt tokens "
+                                     f"(counted {count:,} within its first {i + 1} turn(s)), over the limit of {limit}: "
+                                     "inputs are refused, not truncated")
 
     def moderate(self, text: str | None = None, response: str | None = None, *, image=None, audio=None,
                  video=None, media: list[tuple[str, object]] | None = None, conversation: list[str] | None = None,
@@ -611,7 +640,7 @@ class Guard:
         if len(ids) > limit:
             raise InputError(f"prompt of {len(ids)} tokens exceeds the limit of {limit}: inputs are refused, "
                              "not truncated (shorten the text or lower media resolution)")
-        plan = self._plan(ids, prep)  # before any graph runs: fits the memory budget or is refused
+        plan = self._plan(ids, prep, budget)  # before any graph runs: fits the memory budget or is refused
         run_options = self._run_options(plan)
         feats = self._encode(prep, timings, run_options)
         t = time.perf_counter()

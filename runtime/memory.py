@@ -119,11 +119,13 @@ class Geometry:
 @dataclass(frozen=True)
 class RequestSizes:
     """A request's sizes: prompt tokens (media placeholders included), the vision grids (t, h, w) in patches
-    of every image and video (they run in one vision call), and the mel frames of each audio clip."""
+    of every image and video (they run in one vision call), the mel frames of each audio clip, and the token
+    budget of the answer (`new_tokens`: the KV cache grows by one token per generated token)."""
 
     prompt_tokens: int
     vision_grids: tuple = ()
     audio_frames: tuple = ()
+    new_tokens: int = 0
 
     @property
     def vision_patches(self) -> int:
@@ -149,6 +151,14 @@ def decoder_bytes(g: Geometry, tokens: int, chunk: int | None = None) -> int:
     act = c * (4 * g.hidden + 3 * g.ffn + 3 * g.heads * g.head_dim) * F32
     embeds = t * g.hidden * F32
     return scores + mask + repeated + kv + act + embeds + 2 * g.vocab * F32
+
+
+def generation_bytes(g: Geometry, prompt: int, new_tokens: int) -> int:
+    """Peak of the last step of generating `new_tokens` tokens after a prompt of `prompt`: a one-token run
+    over a cache of prompt + new_tokens - 1 tokens, past and present side by side (0 when nothing is generated)."""
+    if new_tokens <= 0:
+        return 0
+    return decoder_bytes(g, prompt + new_tokens, 1)
 
 
 def _vision_coeffs(g: Geometry) -> tuple[int, int]:
@@ -212,8 +222,9 @@ class Estimate:
 
 
 def estimate(g: Geometry, sizes: RequestSizes, chunk: int | None = None) -> Estimate:
-    return Estimate(vision_bytes(g, sizes.vision_patches), audio_bytes(g, sizes.audio_frames),
-                    decoder_bytes(g, sizes.prompt_tokens, chunk))
+    decoder = max(decoder_bytes(g, sizes.prompt_tokens, chunk),
+                  generation_bytes(g, sizes.prompt_tokens, int(sizes.new_tokens)))
+    return Estimate(vision_bytes(g, sizes.vision_patches), audio_bytes(g, sizes.audio_frames), decoder)
 
 
 @dataclass(frozen=True)
@@ -244,9 +255,9 @@ def plan_request(source, sizes: RequestSizes, budget: MemoryBudget | int = Memor
     limit = budget.bytes if isinstance(budget, MemoryBudget) else int(budget)
     max_chunk = budget.max_chunk if isinstance(budget, MemoryBudget) else DEFAULT_MAX_CHUNK
     patches_cap = max_vision_patches(g, limit)
-    s = int(sizes.prompt_tokens)
-    if s < 0:
-        raise InputError(f"prompt_tokens must be >= 0, not {s}")
+    s, n = int(sizes.prompt_tokens), int(sizes.new_tokens)
+    if s < 0 or n < 0:
+        raise InputError(f"prompt_tokens and new_tokens must be >= 0, not {s} and {n}")
     vision, audio = vision_bytes(g, sizes.vision_patches), audio_bytes(g, sizes.audio_frames)
     for stage, need in (("the vision encoder", vision), ("the audio encoder", audio)):
         if need + ALLOCATOR_SLACK > limit:
@@ -255,14 +266,22 @@ def plan_request(source, sizes: RequestSizes, budget: MemoryBudget | int = Memor
             raise MemoryBudgetError(
                 f"request exceeds the memory budget of {_fmt(limit)} by {_fmt(need + ALLOCATOR_SLACK - limit)}: "
                 f"{stage} needs an estimated {_fmt(need + ALLOCATOR_SLACK)}{extra}")
+    generation = generation_bytes(g, s, n)  # the last generated token's run: the KV cache at its largest
+    if generation + ALLOCATOR_SLACK > limit:
+        raise MemoryBudgetError(
+            f"request exceeds the memory budget of {_fmt(limit)} by {_fmt(generation + ALLOCATOR_SLACK - limit)}: a "
+            f"prompt of {s} tokens and an answer budget of {n} tokens need an estimated "
+            f"{_fmt(generation + ALLOCATOR_SLACK)} at the last generated token (KV cache {_fmt(kv_bytes(g, s + n))}); "
+            "lower max_new_tokens / critique_max_new_tokens, shorten the input or raise the budget")
     candidates = ([None] if s <= max_chunk else []) + [c for c in _chunks(max_chunk) if c < s]
     best = None
     for chunk in candidates:
-        est = Estimate(vision, audio, decoder_bytes(g, s, chunk))
+        est = Estimate(vision, audio, max(decoder_bytes(g, s, chunk), generation))
         if est.peak <= limit:
             return Plan(chunk, est, limit, patches_cap)
         best = est
-    need = best.peak if best is not None else Estimate(vision, audio, decoder_bytes(g, s, MIN_CHUNK)).peak
+    need = best.peak if best is not None else Estimate(vision, audio, max(decoder_bytes(g, s, MIN_CHUNK),
+                                                                          generation)).peak
     raise MemoryBudgetError(
         f"request exceeds the memory budget of {_fmt(limit)} by {_fmt(need - limit)}: a prompt of {s} tokens needs "
         f"an estimated {_fmt(need)} even prefilled in chunks of {MIN_CHUNK} tokens (KV cache "

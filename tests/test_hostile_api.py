@@ -272,7 +272,9 @@ def test_text_too_large_for_the_context_is_refused_before_tokenizing(bundle):
     assert r.verdict == "error" and "cannot fit the prompt limit of 50 tokens" in r.error and calls == []
     r = guard.moderate(conversation=["a" * (most // 2), "b" * (most // 2 + 2)])
     assert r.verdict == "error" and "conversation" in r.error and calls == []
-    r = guard.moderate("a" * most)  # within the byte bound: tokenized, then refused by the token count
+    r = guard.moderate("a" * most)  # within the byte bound: counted (one unbroken slice), refused before the prompt
+    assert r.verdict == "error" and "takes more than 50 prompt tokens" in r.error and calls == []
+    r = guard.moderate("a" * 150)  # within 4 bytes a token: tokenized, then refused by the token count
     assert r.verdict == "error" and "exceeds the limit of 50" in r.error and len(calls) == 1
 
 
@@ -583,3 +585,45 @@ def test_many_long_audio_items_stop_once_they_exceed_the_prompt_limit(bundle, mo
     assert r.verdict == "error" and r.error.startswith("InputError: audio[") and f"limit of {limit}" in r.error
     expected = next(n for n in range(1, 151) if n * per_clip + 3 * (150 - n) > limit)
     assert len(calls) == expected < 150 and f"audio[{expected - 1}]:" in r.error
+
+
+def test_the_memory_plan_covers_the_answer_budget(bundle, monkeypatch):
+    import omniguard_edge.runtime.guard as guard_module
+
+    seen = []
+    real = guard_module.plan_request
+    monkeypatch.setattr(guard_module, "plan_request", lambda g, sizes, budget: seen.append(sizes) or real(g, sizes,
+                                                                                                           budget))
+    Guard(bundle, GuardOptions(max_new_tokens=5)).moderate("hi")
+    Guard(bundle, GuardOptions(critique=True, critique_max_new_tokens=7, max_new_tokens=5)).moderate("hi")
+    assert [s.new_tokens for s in seen] == [5, 7]
+
+
+def test_long_text_is_counted_in_slices_and_stops_at_the_limit(bundle, monkeypatch):
+    """'a ' * 1,100,000 (2.2 MB, within the byte bound) is refused after counting a few bounded slices."""
+    import omniguard_edge.runtime.guard as guard_module
+
+    guard = Guard(bundle)
+    limit = guard._prompt_limit()[1]
+    slices = []
+    real = guard.prompt.encode_plain
+    guard.prompt.encode_plain = lambda text: slices.append(len(text)) or real(text)
+    r = guard.moderate("a " * 1_100_000)
+    assert r.verdict == "error" and f"takes more than {limit} prompt tokens" in r.error
+    assert 0 < len(slices) and max(slices) <= guard_module._SLICE + 1 and sum(slices) < 4 * limit
+
+
+def test_slice_counts_add_up_to_the_whole_texts(bundle):
+    """The cut points are pre-token boundaries: the slices' counts equal the whole text's, so the early refusal
+    never refuses a text that fits."""
+    from omniguard_edge.runtime.guard import text_slices
+
+    guard = Guard(bundle)
+    rng = np.random.default_rng(8)
+    words = ["hello", " world", "  spaced", "café", "e\u0301t\u00e9", "12345", "a1b2", "don't", "!!", " ?", "\n\n",
+             "\t", "日本語", "  ", "Ünïcödé", "x²", "<|im_start|>", "User:", " 3.14", "\r\n", "ﬁne", " \u0301x"]
+    for _ in range(40):
+        text = "".join(rng.choice(words, 80))
+        pieces = list(text_slices(text, 5))
+        assert "".join(pieces) == text and len(pieces) > 3
+        assert sum(len(guard.prompt.encode_plain(p)) for p in pieces) == len(guard.prompt.encode_plain(text)), text

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from omniguard_edge.runtime.decode import Decoder
-from omniguard_edge.runtime.memory import (
+from omniguard_edge.runtime.memory import (generation_bytes, kv_bytes, 
     ALLOCATOR_SLACK,
     Geometry,
     MemoryBudget,
@@ -145,6 +145,24 @@ def test_plan_chooses_one_shot_then_chunks_then_refuses():
         plan_request(SEVEN_B, RequestSizes(32736), budget)
     with pytest.raises(MemoryBudgetError, match=r"vision encoder.*patches"):
         plan_request(SEVEN_B, RequestSizes(600, ((1, 256, 256),)), budget)
+
+
+def test_generation_is_planned_to_its_last_token():
+    # last of 4 tokens after a 10-token prompt: a one-token run over 14: scores 2*2*1*14*4 = 224, mask 14*6 = 84,
+    # K/V repeated 2*2*14*4*4 = 896, past+present KV 32*(28-1) = 864, activations 104*4 = 416, embeddings
+    # 14*8*4 = 448, logits 80
+    assert generation_bytes(SMALL, 10, 4) == 224 + 84 + 896 + 864 + 416 + 448 + 80 == 3012
+    assert generation_bytes(SMALL, 10, 0) == 0
+    assert estimate(SMALL, RequestSizes(10, new_tokens=4)).decoder == decoder_bytes(SMALL, 10)  # prefill larger
+    assert estimate(SMALL, RequestSizes(10, new_tokens=40)).decoder == generation_bytes(SMALL, 10, 40)
+    # 7B, a 700-token prompt and a 32,000-token critique budget: the cache alone outgrows 4 GiB at the end
+    budget = MemoryBudget(4 << 30)
+    assert plan_request(SEVEN_B, RequestSizes(700, new_tokens=256), budget).prefill_chunk is None
+    assert kv_bytes(SEVEN_B, 32700) > 3 << 30
+    with pytest.raises(MemoryBudgetError, match=r"answer budget of 32000 tokens.*critique_max_new_tokens"):
+        plan_request(SEVEN_B, RequestSizes(700, new_tokens=32000), budget)
+    plan = plan_request(SEVEN_B, RequestSizes(700, new_tokens=32000), MemoryBudget(16 << 30))
+    assert plan.estimate.decoder >= kv_bytes(SEVEN_B, 2 * 32700 - 1)
 
 
 def test_memory_budget_and_sizes_are_checked():
