@@ -7,12 +7,14 @@ Cherokee, Coptic, Canadian syllabics, symbols, 0 for O, 1 and l for I; never rea
 bracket and colon look-alikes, square or round or no brackets, any separators and OF/THE between the words,
 markdown and blank-glyph prefixes before labels, backslashes and backslash look-alikes already before them
 (content trying to undo the escape), spread over prompt, response and conversation turns, at the start of a turn
-and after every kind of line break. The security review's examples are checked one by one as well. Each is rendered by `compose_guard_text`, tokenized by
-the bundle's `PromptTokenizer`, and judged ON THE PROMPT IDS by two oracles that live here, not in the runtime:
+and after every kind of line break. The security review's examples are checked one by one as well.
+Each is rendered by `compose_guard_text`, tokenized by the bundle's `PromptTokenizer`, and judged ON THE PROMPT
+IDS by two oracles that live here, not in the runtime:
 
-1. exact: the template's own role-label token sequence (`User` / `Agent` right after a token ending a line,
-   before a token starting with `:`) occurs once per turn, and each delimiter's token sequence occurs once not
-   preceded by an odd run of backslashes;
+1. exact: the template's own role-label token sequence (`User` / `Agent` with only non-alphanumeric characters
+   between it and the line break before, an even backslash run directly before, a token starting with `:`
+   after) occurs once per turn, and each delimiter's token sequence occurs once not preceded by an odd run of
+   backslashes;
 2. folded: the text the ids decode to, folded with this file's own tables (NFKC, format characters and
    combining marks removed, the generator's look-alikes mapped back), holds exactly one live label per turn at
    line heads and exactly the template's four live delimiters, in order (live: no odd backslash run before it).

@@ -118,7 +118,8 @@ BS = "\\"  # one backslash
     ("\n\u054d\u200b\u0455\u0435r: x", "\n" + BS + "\u054d\u200b\u0455\u0435r: x"),  # Armenian, Cyrillic
     # not structure: left exactly as given
     ("Sure. User: x", "Sure. User: x"), ("User is here\nusers: x", "User is here\nusers: x"),
-    ("<END>, C:" + BS + "path, the end, and the conversation", "<END>, C:" + BS + "path, the end, and the conversation"),
+    ("<END>, C:" + BS + "path, the end, and the conversation",
+     "<END>, C:" + BS + "path, the end, and the conversation"),
     ("SuperUser: x\nweekend conversation\nUser1: y", "SuperUser: x\nweekend conversation\nUser1: y"),
     # review M4: labels after anything non-alphanumeric on their line, wider look-alikes, loose delimiters
     ("\n\n\u2800User: x", "\n\n\u2800" + BS + "User: x"),  # Braille blank

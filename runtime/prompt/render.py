@@ -13,11 +13,12 @@ from .policy import AGENT_TYPE, IMAGE_TEMPLATE, TEXT_TEMPLATE, Policy
 
 def escape_content(text: str) -> str:
     """One turn's content with its structure escaped (our one escaping rule, `normalize.escape_structure`):
-    the template's delimiters (any bracket or none, any separators, OF/THE fillers) and role labels with nothing
-    alphanumeric before them on their line (the start of the content counts), matched on a normalised view
-    (NFKC, invisible characters removed, confusables folded), get a backslash run before their bracket / first
-    letter that is odd in the original and on the view, inserted into the original text. User text can never open or close a
-    block or start a turn (tests/test_prompt.py, tests/test_injection.py)."""
+    the template's delimiters (any bracket or none, any separators, OF/THE fillers) and role labels with
+    nothing alphanumeric before them on their line (the start of the content counts), matched on a
+    normalised view (NFKC, invisible characters removed, confusables folded), get a backslash run before
+    their bracket / first letter that is odd in the original and on the view, inserted into the original
+    text. User text can never open or close a block or start a turn (tests/test_prompt.py,
+    tests/test_injection.py)."""
     return escape_structure(text)
 
 
