@@ -599,8 +599,8 @@ class Guard:
                 count += len(self.prompt.encode_plain(piece))
                 if count > limit:
                     raise InputError(f"text/response/conversation: the text takes more than {limit} prompt tokens "
-                                     f"(counted {count:,} within its first {i + 1} turn(s)), over the limit of {limit}: "
-                                     "inputs are refused, not truncated")
+                                     f"(counted {count:,} within its first {i + 1} turn(s)), over the limit of "
+                                     f"{limit}: inputs are refused, not truncated")
 
     def moderate(self, text: str | None = None, response: str | None = None, *, image=None, audio=None,
                  video=None, media: list[tuple[str, object]] | None = None, conversation: list[str] | None = None,

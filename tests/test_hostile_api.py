@@ -621,7 +621,8 @@ def test_slice_counts_add_up_to_the_whole_texts(bundle):
     guard = Guard(bundle)
     rng = np.random.default_rng(8)
     words = ["hello", " world", "  spaced", "café", "e\u0301t\u00e9", "12345", "a1b2", "don't", "!!", " ?", "\n\n",
-             "\t", "日本語", "  ", "Ünïcödé", "x²", "<|im_start|>", "User:", " 3.14", "\r\n", "ﬁne", " \u0301x"]
+             "\t", "日本語", "  ", "Ünïcödé", "x²", "<|im_start|>", "User:", " 3.14", "\r\n", "ﬁne",
+             " \u0301x"]
     for _ in range(40):
         text = "".join(rng.choice(words, 80))
         pieces = list(text_slices(text, 5))
