@@ -22,7 +22,7 @@ from .memory import (ALLOCATOR_SLACK, Geometry, MemoryBudget, RequestSizes, max_
 from .positions.audio import audio_output_length
 from .positions import RopeIds, rope_index
 from .preprocess.audio import AudioLimits, audio_features
-from .preprocess.image import ImageConfig, ImageLimits, image_pixels
+from .preprocess.image import ImageConfig, ImageLimits, image_pixels, smart_resize
 from .preprocess.video import VideoLimits, video_pixels
 from .prompt import MEDIA_KINDS, Conversation, Policy, PromptTokenizer, compose_guard_text
 from .prompt.tokenize import Item
@@ -340,9 +340,7 @@ class Guard:
         for kind, label, payload in media:
             try:
                 if kind == "image":
-                    rows, grid = image_pixels(payload, self.image_cfg, opts.image_limits)
-                    if grid[0] * grid[1] * grid[2] > share:
-                        rows, grid = self._fit_image(payload, label, grid, share, prep)
+                    rows, grid = self._image_within_budget(payload, label, share, prep)
                     prep.features["image"].append(rows)
                     prep.grids["image"].append(grid)
                 elif kind == "video":
@@ -378,25 +376,32 @@ class Guard:
                                      "(fewer or shorter items, or a lower resolution)")
         return prep
 
-    def _fit_image(self, payload, label: str, grid, share: int, prep: _Prepared):
-        """An image with more patches than its share of the vision budget: downscaled (default) or refused."""
-        opts = self.options
-        if opts.memory.image_policy == "refuse":
-            need = vision_bytes(self.geometry, grid[0] * grid[1] * grid[2]) + ALLOCATOR_SLACK
-            raise MemoryBudgetError(f"{label}: {grid[1] * 14}x{grid[2] * 14} pixels exceeds the memory budget of "
-                                    f"{opts.memory.bytes / 2**30:.2f} GiB by {(need - opts.memory.bytes) / 2**30:.2f} GiB "
-                                    f"(the vision encoder needs an estimated {need / 2**30:.2f} GiB; {share} patches fit); "
-                                    "lower the resolution or use MemoryBudget(image_policy='downscale')")
-        cap = share * self.image_cfg.patch_size**2
-        if cap < opts.image_limits.min_pixels:
-            raise MemoryBudgetError(f"{label}: even the smallest image ({opts.image_limits.min_pixels} pixels) exceeds "
+    def _image_within_budget(self, payload, label: str, share: int, prep: _Prepared):
+        """Pixel rows of an image, decoded once: at the default limits when its share of the vision budget
+        (`share` patches) allows them, else at the budget's pixel cap (decoded at reduced size, never at full
+        size first). An image that the cap made smaller is noted (downscale policy) or refused (refuse policy)."""
+        opts, cfg = self.options, self.image_cfg
+        default, p = opts.image_limits, cfg.patch_size
+        cap = share * p**2
+        if cap >= default.max_pixels:
+            return image_pixels(payload, cfg, default)
+        if cap < default.min_pixels:
+            raise MemoryBudgetError(f"{label}: even the smallest image ({default.min_pixels} pixels) exceeds "
                                     f"the memory budget of {opts.memory.bytes / 2**30:.2f} GiB")
-        limits = dataclasses.replace(opts.image_limits, max_pixels=cap)
-        rows, new = image_pixels(payload, self.image_cfg, limits)
-        p = self.image_cfg.patch_size
-        prep.notes.append(f"{label}: downscaled from {grid[1] * p}x{grid[2] * p} to {new[1] * p}x{new[2] * p} pixels "
+        info: dict = {}
+        rows, grid = image_pixels(payload, cfg, dataclasses.replace(default, max_pixels=cap), info)
+        full = smart_resize(*info["source_size"], cfg.factor, default.min_pixels, default.max_pixels)
+        if full == (grid[1] * p, grid[2] * p):
+            return rows, grid  # the cap changed nothing
+        if opts.memory.image_policy == "refuse":
+            need = vision_bytes(self.geometry, (full[0] // p) * (full[1] // p)) + ALLOCATOR_SLACK
+            raise MemoryBudgetError(f"{label}: {full[1]}x{full[0]} pixels exceeds the memory budget of "
+                                    f"{opts.memory.bytes / 2**30:.2f} GiB by {(need - opts.memory.bytes) / 2**30:.2f} GiB "
+                                    f"(the vision encoder needs an estimated {need / 2**30:.2f} GiB; {share} patches "
+                                    "fit); lower the resolution or use MemoryBudget(image_policy='downscale')")
+        prep.notes.append(f"{label}: downscaled from {full[1]}x{full[0]} to {grid[2] * p}x{grid[1] * p} pixels "
                           f"to fit the memory budget of {opts.memory.bytes / 2**30:.2f} GiB")
-        return rows, new
+        return rows, grid
 
     def _video_limits(self, share: int) -> VideoLimits:
         """The video limits with all frames together capped to the item's share of the vision budget."""

@@ -279,3 +279,40 @@ def test_rss_returns_after_a_6k_token_request(tiny_bundle):
     assert r["verdict"] != "error" and r["tokens"] > 6000, r  # the request really ran
     assert r["peak"] - r["before"] > 300 << 20, r  # and used far more than the margin below
     assert r["after"] - r["before"] < 300 << 20, r
+
+
+def test_an_image_over_its_vision_share_is_decoded_once_at_the_cap(tiny_bundle, monkeypatch, tmp_path):
+    """A large image (2000x1500: 1988x1512 by the official resize rule) under a small budget is preprocessed
+    once, at the budget's pixel cap (never at full size first), and the result says it was downscaled; under image_policy='refuse' it is refused, also after one
+    reduced decode."""
+    from PIL import Image
+
+    import omniguard_edge.runtime.guard as guard_mod
+    from omniguard_edge.runtime.guard import Guard, GuardOptions
+    from omniguard_edge.runtime.memory import MemoryBudget
+
+    path = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (1500, 2000, 3), dtype=np.uint8)).save(path)
+    calls = []
+    real = guard_mod.image_pixels
+
+    def counting(source, cfg, limits, *rest):
+        calls.append(limits.max_pixels)
+        return real(source, cfg, limits, *rest)
+
+    monkeypatch.setattr(guard_mod, "image_pixels", counting)
+    budget = 400 << 20
+    g = Guard.from_bundle(tiny_bundle, GuardOptions(memory=MemoryBudget(bytes=budget), constrain_verdict=True))
+    r = g.moderate("what is this?", image=path)
+    assert r.verdict in ("safe", "unsafe"), r.error
+    assert len(calls) == 1 and calls[0] < g.options.image_limits.max_pixels
+    assert any(n.startswith("image: downscaled from 1988x1512 to ") for n in r.notes), r.notes
+    calls.clear()
+    g = Guard.from_bundle(tiny_bundle, GuardOptions(memory=MemoryBudget(bytes=budget, image_policy="refuse")))
+    r = g.moderate("what is this?", image=path)
+    assert r.verdict == "error" and "exceeds the memory budget" in r.error and len(calls) == 1
+    calls.clear()
+    small = tmp_path / "small.png"
+    Image.fromarray(np.zeros((200, 300, 3), np.uint8)).save(small)
+    r = g.moderate("what is this?", image=small)  # under the cap: judged, no note, one call
+    assert r.verdict != "error" and r.notes == [] and len(calls) == 1

@@ -216,18 +216,23 @@ def normalize(rgb_uint8: np.ndarray, cfg: ImageConfig) -> np.ndarray:
     return x.transpose(2, 0, 1)
 
 
-def image_pixels(source, cfg: ImageConfig = ImageConfig(), limits: ImageLimits = ImageLimits()):
-    """-> (pixel rows [patches, C*T*P*P] float32, grid (1, h, w) in patches)."""
+def image_pixels(source, cfg: ImageConfig = ImageConfig(), limits: ImageLimits = ImageLimits(),
+                 info: dict | None = None):
+    """-> (pixel rows [patches, C*T*P*P] float32, grid (1, h, w) in patches). `info`, when given, receives
+    "source_size": the source's (height, width) as its header states it (before any reduced decode)."""
     from PIL import Image
 
     header = {}
 
     def target(height, width):  # the resize target, from the header's size
+        header["source"] = (height, width)
         header["size"] = smart_resize(height, width, cfg.factor, limits.min_pixels, limits.max_pixels)
         return header["size"]
 
     lowered = limits.max_pixels < ImageLimits.max_pixels  # below the official default: parity is not at stake
     img = open_image(source, limits, target if lowered and not isinstance(source, np.ndarray) else None)
+    if info is not None:
+        info["source_size"] = header.get("source", (img.height, img.width))
     h, w = header.get("size") or smart_resize(img.height, img.width, cfg.factor, limits.min_pixels,
                                                limits.max_pixels)
     img = img.resize((w, h), Image.Resampling.BICUBIC)  # fetch_image's resize
