@@ -283,8 +283,8 @@ def test_rss_returns_after_a_6k_token_request(tiny_bundle):
 
 def test_an_image_over_its_vision_share_is_decoded_once_at_the_cap(tiny_bundle, monkeypatch, tmp_path):
     """A large image (2000x1500: 1988x1512 by the official resize rule) under a small budget is preprocessed
-    once, at the budget's pixel cap (never at full size first), and the result says it was downscaled; under image_policy='refuse' it is refused, also after one
-    reduced decode."""
+    once, at the budget's pixel cap (never at full size first), and the result says it was downscaled; under
+    image_policy='refuse' it is refused, also after one reduced decode."""
     from PIL import Image
 
     import omniguard_edge.runtime.guard as guard_mod
