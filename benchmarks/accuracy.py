@@ -65,22 +65,13 @@ def predict_reference(checkpoint: Path, items, args, bar) -> list[dict]:
     out = []
     for it in items:
         media = Media.load(image=it.image, video=it.video, audio=it.audio)
-        inputs = ref.inputs(guard_text(it), media)
+        inputs = ref.inputs(benchlib.guard_text(it.text, it.response, it.image, it.video, it.audio), media)
         tokens, first_logits = ref.generate(inputs, args.new_tokens, logits=True)
         parsed = parse(ref.tokenizer.decode(tokens, skip_special_tokens=True))
         out.append({"verdict": parsed.verdict, "p_unsafe": ref.p_unsafe(first_logits),
                     "categories": list(parsed.categories), "error": None})
         bar.update(1)
     return out
-
-
-def guard_text(it) -> str:
-    """The guard's text for an item, composed by the runtime's own function (as the Guard composes it)."""
-    from omniguard_edge.runtime.prompt import Conversation, Policy, compose_guard_text, keyword_media
-
-    conv = Conversation.of(it.text or "", it.response) if it.text is not None or it.response is not None else None
-    kinds = [k for k, _ in keyword_media(image=it.image, video=it.video, audio=it.audio)]
-    return compose_guard_text(conv, kinds, Policy())
 
 
 def decision(pred: dict) -> str:

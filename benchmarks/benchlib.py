@@ -86,6 +86,15 @@ def same_machine(a: dict, b: dict) -> bool:
     return all(a.get(k) == b.get(k) for k in ("cpu", "cpu_flags", "threads"))
 
 
+def guard_text(text=None, response=None, image=None, video=None, audio=None) -> str:
+    """The guard's text for a request given as the Guard's keyword arguments, composed by the runtime's own
+    functions, so the PyTorch reference of both benchmarks is sent exactly what the Guard renders."""
+    from omniguard_edge.runtime.prompt import Conversation, Policy, compose_guard_text, keyword_media
+
+    kinds = [k for k, _ in keyword_media(image=image, video=video, audio=audio)]
+    return compose_guard_text(Conversation.of_optional(text, response), kinds, Policy())
+
+
 def _ort_matmul(a_shape: tuple, weight: np.ndarray, threads: int):
     """A one-MatMul onnxruntime session whose right operand is a constant initializer, as every weight of a
     bundle's graphs is: onnxruntime may pre-pack it once at load, as it does for the decoder's weights, so the

@@ -125,16 +125,8 @@ def run_reference(checkpoint: Path, chosen: dict, args, guard_texts: dict) -> tu
 
 
 def guard_prompt_texts(chosen: dict) -> dict:
-    """The exact guard text the runtime sends for each scenario (the reference must send the same): the
-    runtime's own composition function, so the two cannot disagree."""
-    from omniguard_edge.runtime.prompt import Conversation, Policy, compose_guard_text, keyword_media
-
-    out = {}
-    for s in chosen.values():
-        conv = Conversation.of(s.text or "", s.response) if s.text is not None or s.response is not None else None
-        kinds = [k for k, _ in keyword_media(image=s.image, video=s.video, audio=s.audio)]
-        out[s.name] = compose_guard_text(conv, kinds, Policy())
-    return out
+    """The exact guard text the runtime sends for each scenario (the reference must send the same)."""
+    return {s.name: benchlib.guard_text(s.text, s.response, s.image, s.video, s.audio) for s in chosen.values()}
 
 
 def speedups(rows: list[dict], floor: float, stat: str = "p50") -> dict:

@@ -21,9 +21,9 @@ from .memory import (ALLOCATOR_SLACK, Geometry, MemoryBudget, RequestSizes, max_
                      vision_bytes)
 from .positions.audio import audio_output_length
 from .positions import RopeIds, rope_index
-from .preprocess.audio import AudioLimits, audio_features
+from .preprocess.audio import MAX_RATE, MIN_RATE, AudioLimits, audio_features, check_sample_rate
 from .preprocess.image import ImageConfig, ImageLimits, image_pixels, smart_resize
-from .preprocess.video import VideoLimits, video_pixels
+from .preprocess.video import MAX_FPS, VideoLimits, check_fps, video_pixels
 from .prompt import MEDIA_KINDS, Conversation, Policy, PromptTokenizer, compose_guard_text
 from .prompt.tokenize import Item
 from .verdict import ModerationResult, parse
@@ -73,6 +73,7 @@ class GuardOptions:
 class _Prepared:
     items: list = field(default_factory=list)  # kinds in prompt order
     labels: list = field(default_factory=list)  # each item's parameter: "image", "audio[1]", "media[0] (video)"
+    tokens: list = field(default_factory=list)  # each item's placeholder tokens, known before any encoder runs
     features: dict = field(default_factory=lambda: {k: [] for k in KINDS})
     grids: dict = field(default_factory=lambda: {"image": [], "video": []})
     video_seconds: list = field(default_factory=list)
@@ -81,8 +82,6 @@ class _Prepared:
 
 # -- the API boundary: every argument is checked before any file is opened or any graph runs ----------------
 
-MAX_FPS = 240.0  # video arrays: fps in (0, MAX_FPS]
-SAMPLE_RATES = (4000, 384000)  # audio arrays: sample_rate in [4000, 384000] Hz
 _TEXT_FORM = "str (or UTF-8 bytes)"
 _PATH_FORMS = "a path to a file (str or os.PathLike), bytes, or a binary file object (io.BytesIO, open(path, 'rb'))"
 FORMS = {  # accepted forms of one media item, for messages
@@ -148,9 +147,7 @@ def _as_text(name: str, value, optional: bool = True) -> str | None:
 def _check_conversation(text, response, conversation) -> Conversation | None:
     text, response = _as_text("text", text), _as_text("response", response)
     if conversation is None:
-        if text is None and response is None:
-            return None
-        return Conversation.of(text or "", response)
+        return Conversation.of_optional(text, response)
     if text is not None or response is not None:
         given = " and ".join(n for n, v in (("text", text), ("response", response)) if v is not None)
         raise InputError(f"give either text/response or conversation, not both ({given} and conversation were "
@@ -176,25 +173,6 @@ def _listed(name: str, value, form: str) -> list:
             from exc
 
 
-def _check_fps(label: str, fps) -> float:
-    if isinstance(fps, (bool, np.bool_)) or not isinstance(fps, (int, float, np.integer, np.floating)):
-        raise InputError(f"{label}: fps must be a number in (0, {MAX_FPS:g}] (frames per second), "
-                         f"got {fps!r} ({_type_name(fps)})")
-    value = float(fps)
-    if not math.isfinite(value) or not 0 < value <= MAX_FPS:
-        raise InputError(f"{label}: fps must be a finite number in (0, {MAX_FPS:g}], got {value!r}")
-    return value
-
-
-def _check_sample_rate(rate) -> int:
-    lo, hi = SAMPLE_RATES
-    if isinstance(rate, (bool, np.bool_)) or not isinstance(rate, (int, np.integer)):
-        raise InputError(f"sample_rate must be an int in [{lo}, {hi}] (Hz), got {rate!r} ({_type_name(rate)})")
-    if not lo <= int(rate) <= hi:
-        raise InputError(f"sample_rate must be an int in [{lo}, {hi}] (Hz), got {int(rate)}")
-    return int(rate)
-
-
 def _check_item(kind: str, label: str, value):
     """Type-level check of one media item (contents, sizes and files are checked by runtime/preprocess);
     returns the payload to preprocess (a video tuple with its fps as a float)."""
@@ -212,7 +190,7 @@ def _check_item(kind: str, label: str, value):
         if not isinstance(frames, np.ndarray):
             raise InputError(f"{label}: the frames of (frames, fps) must be an RGB uint8 numpy array [T, H, W, 3], "
                              f"got {_type_name(frames)}")
-        return frames, _check_fps(label, fps)
+        return frames, check_fps(fps, f"{label}: fps")
     if hasattr(value, "read") and not isinstance(value, type):
         return value  # a file object: runtime/preprocess checks it is binary, readable and regular
     hint = f" (give several {kind}s as a list)" if isinstance(value, tuple) else ""
@@ -274,10 +252,10 @@ def check_arguments(text=None, response=None, image=None, audio=None, video=None
         if not arrays:
             raise InputError("sample_rate applies only to audio given as a numpy array (audio files carry their own "
                              "rate): remove sample_rate= or pass the samples as a float array")
-        sample_rate = _check_sample_rate(sample_rate)
+        sample_rate = check_sample_rate(sample_rate)
     elif arrays:
-        raise InputError(f"{arrays[0]}: an audio array needs sample_rate= (an int in [{SAMPLE_RATES[0]}, "
-                         f"{SAMPLE_RATES[1]}] Hz)")
+        raise InputError(f"{arrays[0]}: an audio array needs sample_rate= (an int in [{MIN_RATE}, "
+                         f"{MAX_RATE}] Hz)")
     if conv is None and not items:
         raise InputError("nothing to moderate: give text, a response, a conversation or media")
     return conv, items, sample_rate
@@ -362,12 +340,13 @@ class Guard:
                                  f"{FORMS[kind]}") from exc
             prep.items.append(kind)
             prep.labels.append(label)
+            if kind == "audio":
+                prep.tokens.append(audio_output_length(int(prep.features["audio"][-1].shape[1])))
+            else:
+                t, h, w = prep.grids[kind][-1]
+                prep.tokens.append(int(t) * int(h) * int(w) // unit)
             if limit is not None:
-                if kind == "audio":
-                    tokens += 2 + audio_output_length(int(prep.features["audio"][-1].shape[1]))
-                else:
-                    t, h, w = prep.grids[kind][-1]
-                    tokens += 2 + int(t) * int(h) * int(w) // unit
+                tokens += 2 + prep.tokens[-1]
                 later = 3 * (len(media) - len(prep.items))
                 if tokens + later > limit:
                     raise InputError(f"{label}: the media up to this item take {tokens:,} prompt tokens"
@@ -460,17 +439,9 @@ class Guard:
         return out
 
     # -- prompt and embeddings -----------------------------------------------------------------------
-    def _token_counts(self, prep: _Prepared) -> dict[str, list[int]]:
-        """Placeholder tokens per item, known from preprocessing (before any encoder runs)."""
-        unit = self.bundle.manifest.vision["spatial_merge_size"] ** 2
-        counts = {k: [t * h * w // unit for t, h, w in prep.grids[k]] for k in ("image", "video")}
-        counts["audio"] = [audio_output_length(int(m.shape[1])) for m in prep.features["audio"]]
-        return counts
-
     def _prompt_ids(self, conversation: Conversation | None, prep: _Prepared) -> list[int]:
         text = compose_guard_text(conversation, prep.items, self.options.policy)  # README "Prompt rules"
-        counters = {k: iter(v) for k, v in self._token_counts(prep).items()}
-        items = [Item("text", text)] + [Item(k, tokens=next(counters[k])) for k in prep.items]
+        items = [Item("text", text)] + [Item(k, tokens=n) for k, n in zip(prep.items, prep.tokens)]
         return self.prompt.encode(items)
 
     def _embed(self, ids: list[int], feats: dict) -> np.ndarray:

@@ -266,29 +266,37 @@ def test_hostile_audio_array_is_refused(make, rate, param, monkeypatch):
     assert all(n <= 16000 * 300 for n in calls), "resampled an array over the length limit"
 
 
-@pytest.mark.parametrize("kind", ["image", "audio", "video"])
-def test_fifo_never_blocks(kind, tmp_path):
-    """A FIFO path is refused from os.stat, before open (which would block with no writer)."""
-    fifo = tmp_path / "pipe"
-    os.mkfifo(fifo)
+def _outcome_on_fifo(kind: str, fifo, what: str):
+    """Call the kind's preprocessing on `fifo` in a thread; its exception (or "returned"). A call still blocked
+    after 30 s fails the test (the FIFO is opened for writing once so the reader and the process can end)."""
     outcome = {}
 
     def target():
         try:
             _call(kind, str(fifo), sample_rate=16000)
             outcome["result"] = "returned"
-        except Exception as exc:  # noqa: BLE001 - the assertion below says which
+        except Exception as exc:  # noqa: BLE001 - the caller's assertions say which
             outcome["result"] = exc
 
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     thread.join(timeout=30)
-    if thread.is_alive():  # unblock the reader so the process can exit, then fail
+    if thread.is_alive():
         fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
         os.close(fd)
-        pytest.fail(f"{kind}: a FIFO blocked the call")
-    assert isinstance(outcome["result"], InputError) and kind in str(outcome["result"])
-    assert "FIFO" in str(outcome["result"])
+        thread.join(timeout=10)
+        pytest.fail(f"{kind}: {what}")
+    return outcome["result"]
+
+
+@pytest.mark.parametrize("kind", ["image", "audio", "video"])
+def test_fifo_never_blocks(kind, tmp_path):
+    """A FIFO path is refused from os.stat, before open (which would block with no writer)."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    result = _outcome_on_fifo(kind, fifo, "a FIFO blocked the call")
+    assert isinstance(result, InputError) and kind in str(result)
+    assert "FIFO" in str(result)
 
 
 @pytest.mark.parametrize("kind", ["image", "audio", "video"])
@@ -303,25 +311,9 @@ def test_path_swapped_for_a_fifo_after_the_stat_is_refused(kind, tmp_path, monke
     monkeypatch.setattr(source_mod, "check_path", lambda value, param: real(tmp_path / "fifo_check.bin", param)
                         and str(fifo))
     (tmp_path / "fifo_check.bin").write_bytes(b"regular")
-    outcome = {}
-
-    def target():
-        try:
-            _call(kind, str(fifo), sample_rate=16000)
-            outcome["result"] = "returned"
-        except Exception as exc:  # noqa: BLE001 - the assertion below says which
-            outcome["result"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(timeout=30)
-    if thread.is_alive():  # unblock the reader so the process can exit, then fail
-        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-        os.close(fd)
-        thread.join(timeout=10)
-        pytest.fail(f"{kind}: a FIFO swapped in after the stat blocked the open")
-    assert isinstance(outcome["result"], InputError), outcome["result"]
-    assert "not a regular file" in str(outcome["result"]) and kind in str(outcome["result"])
+    result = _outcome_on_fifo(kind, fifo, "a FIFO swapped in after the stat blocked the open")
+    assert isinstance(result, InputError), result
+    assert "not a regular file" in str(result) and kind in str(result)
 
 
 def test_url_message_says_what_to_do():

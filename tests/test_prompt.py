@@ -275,3 +275,9 @@ def test_guard_empty_text_with_an_image_uses_the_image_template(tiny_guard, medi
         assert (same.prompt_tokens, same.generated_ids) == (alone.prompt_tokens, alone.generated_ids), repr(blank)
     with_text = tiny_guard.moderate("hi", image=image)
     assert with_text.prompt_tokens != alone.prompt_tokens
+
+
+def test_conversation_of_optional():
+    assert Conversation.of_optional() is None  # media-only
+    assert Conversation.of_optional("", None) == Conversation.of("")
+    assert Conversation.of_optional(None, "Sure.") == Conversation.of("", "Sure.")

@@ -45,7 +45,7 @@ def _check(result, expected):
 
 
 def _guard_text(prompt=None, response=None, media_kinds=()):
-    conv = Conversation.of(prompt or "", response) if prompt is not None or response is not None else None
+    conv = Conversation.of_optional(prompt, response)
     return compose_guard_text(conv, list(media_kinds), Policy())
 
 

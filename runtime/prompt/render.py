@@ -42,6 +42,11 @@ class Conversation:
         return cls(tuple(turns))
 
     @classmethod
+    def of_optional(cls, prompt: str | None = None, response: str | None = None) -> Conversation | None:
+        """`of(prompt or "", response)`, or None when neither is given (a media-only check)."""
+        return None if prompt is None and response is None else cls.of(prompt or "", response)
+
+    @classmethod
     def from_messages(cls, messages: list[str]) -> Conversation:
         """Multi-turn: messages alternate user, agent, user, ..."""
         if not messages:
