@@ -31,6 +31,11 @@ class SessionOptions:
     # with arena shrinkage, which hands the free blocks back at the end of its runs (README "Memory").
     cpu_mem_arena: bool = False
     arena_shrink_above: int | None = 256 * 2**20  # None: never shrink
+    # Graphs whose intra-op threads keep spinning (busy-waiting) after a run, for the next one. The decoder runs
+    # step after step, so its threads stay hot. An encoder runs once per request and another graph follows, so
+    # its threads stop spinning when its run returns (onnxruntime's session.force_spinning_stop; they still
+    # spin between the operators of a run). README "Threads" has the measurements.
+    spin_after_run: tuple[str, ...] = ("decoder",)
 
     def __post_init__(self):
         if not self.providers:
@@ -41,6 +46,8 @@ class SessionOptions:
                                                     or not isinstance(self.arena_shrink_above, int)
                                                     or self.arena_shrink_above < 0):
             raise ValueError("SessionOptions.arena_shrink_above must be a number of bytes >= 0 or None")
+        if isinstance(self.spin_after_run, str) or not all(isinstance(g, str) for g in self.spin_after_run):
+            raise ValueError("SessionOptions.spin_after_run must be a tuple of graph names, e.g. ('decoder',)")
 
 
 @dataclass
@@ -73,6 +80,8 @@ def _session(path: Path, opts: SessionOptions, name: str):
     so.intra_op_num_threads = opts.intra_op_threads
     so.inter_op_num_threads = opts.inter_op_threads
     so.enable_cpu_mem_arena = bool(opts.cpu_mem_arena)
+    if name not in opts.spin_after_run:
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     try:
         sess = ort.InferenceSession(str(path), so, providers=wanted or ["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for unloadable graphs

@@ -157,7 +157,7 @@ def _load_file(source, limits: AudioLimits, block_seconds: float = 1.0) -> np.nd
                     _in_range(_finite(data, label, "in the file"), label)
                 mono = _finite(data.mean(axis=1) if channels > 1 else data[:, 0], label, "in the file")
                 if channels > 1:
-                    mono_energy += float(np.dot(mono.astype(np.float64), mono))
+                    mono_energy += float(np.einsum("i,i->", mono, mono, dtype=np.float64))  # no BLAS: see log_mel
                     channel_energy += np.einsum("ij,ij->j", data, data, dtype=np.float64)
                 if resampler is not None:
                     mono = resampler.resample_chunk(np.ascontiguousarray(mono), last=last)
@@ -209,7 +209,11 @@ def log_mel(wave: np.ndarray, mel_filters: np.ndarray) -> np.ndarray:
     padded = np.pad(padded, (N_FFT // 2, 0), mode="reflect")  # centred frames: reflect the start only
     idx = np.arange(seen)[:, None] * HOP + np.arange(N_FFT)[None, :]
     spec = np.abs(np.fft.rfft(padded[idx] * hann(N_FFT), n=N_FFT, axis=-1)) ** 2  # [seen, n_fft/2+1]
-    mel = np.maximum(spec @ mel_filters.astype(np.float64), 1e-10)
+    # Not `spec @ filters`: that is a BLAS GEMM, and numpy's OpenBLAS workers busy-wait after it (well over
+    # 50 ms of a core) while the audio encoder and the decoder need every core. Measured on `tiny`, 2 cores,
+    # audio_5s: time to first token p50 65-88 ms after the GEMM, 25-29 ms after this einsum, which runs on the
+    # calling thread (2.8 ms for 5 s of audio, 16 ms for 30 s; the GEMM took 0.6 and 2.7 ms). README "Threads".
+    mel = np.maximum(np.einsum("fk,km->fm", spec, mel_filters.astype(np.float64), optimize=False), 1e-10)
     logs = np.log10(mel).T  # [bins, seen]
     logs = np.maximum(logs, logs.max() - 8.0)
     return ((logs[:, :frames] + 4.0) / 4.0).astype(np.float32)
