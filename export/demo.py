@@ -67,7 +67,8 @@ def run_demo(workdir: Path, profile: str = "tiny", shared: Path = Path("../share
     workdir = Path(workdir)
     media = workdir / "media"
     media.mkdir(parents=True, exist_ok=True)
-    ckpt = write_reference(profile, workdir / "checkpoints" / profile, overwrite=True)
+    ckpt = write_reference(profile, workdir / "checkpoints" / profile, overwrite=True,
+                           tokenizer_dir=shared / "tokenizer" / "qwen2")
     bundle = export_bundle(ckpt, workdir / "bundles" / f"{profile}-fp32", overwrite=True)
     prompt, image = _prompt(shared), _image(shared, media)
     audio = speech(prompt, media / "speech.wav")
@@ -84,7 +85,7 @@ def run_demo(workdir: Path, profile: str = "tiny", shared: Path = Path("../share
     print(f"\nRANDOM WEIGHTS: the '{profile}' reference checkpoint is untrained; its verdicts mean nothing.\n"
           "This demo shows the pipeline end to end and its timings; use a real OmniGuard checkpoint for verdicts.\n")
     stages = ["preprocess", "vision", "audio", "prompt", "embed", "prefill", "first_token", "decode", "total"]
-    print(f"| case | verdict | P(unsafe) | prompt tok | gen tok | " + " | ".join(f"{s} ms" for s in stages) + " |")
+    print("| case | verdict | P(unsafe) | prompt tok | gen tok | " + " | ".join(f"{s} ms" for s in stages) + " |")
     print("|---" * (5 + len(stages)) + "|")
     failed = 0
     for name, kwargs in cases:

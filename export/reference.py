@@ -16,7 +16,8 @@ from pathlib import Path
 
 from ..runtime.errors import CheckpointError
 from .profiles import PROFILES, Profile
-from .reference_tokenizer import special_ids, train_tokenizer, user_token_id, write_tokenizer_files
+from .reference_tokenizer import (DEFAULT_QWEN2_DIR, qwen2_tokenizer, special_ids, train_tokenizer, user_token_id,
+                                  write_tokenizer_files)
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +197,21 @@ def _full_config(thinker: dict, talker_ids: dict[str, int]) -> dict:
     return full
 
 
+def reference_tokenizer(profile_name: str, tokenizer_dir: str | Path | None = None):
+    """(tokenizer, folder its vocab.json/merges.txt come from or None). `tiny`: a small BPE trained here;
+    every other profile: the real Qwen2 BPE (`qwen2_tokenizer`), from `tokenizer_dir` or
+    ../shared/data/tokenizer/qwen2."""
+    if profile_name == "tiny":
+        return train_tokenizer(vocab_size=1000), None
+    folder = Path(tokenizer_dir) if tokenizer_dir is not None else DEFAULT_QWEN2_DIR
+    return qwen2_tokenizer(folder), folder
+
+
 def write_reference(profile_name: str, out: str | Path, layout: str = "full", seed: int = 0,
-                    overwrite: bool = False, progress: bool = True) -> Path:
-    """Write the reference checkpoint `profile_name` to `out`; returns the directory."""
+                    overwrite: bool = False, progress: bool = True, tokenizer_dir: str | Path | None = None) -> Path:
+    """Write the reference checkpoint `profile_name` to `out`; returns the directory. `tokenizer_dir`: where
+    the real Qwen2 vocab.json and merges.txt are (profiles other than `tiny`; default
+    ../shared/data/tokenizer/qwen2)."""
     from tqdm import tqdm
 
     if profile_name not in PROFILES:
@@ -206,6 +219,7 @@ def write_reference(profile_name: str, out: str | Path, layout: str = "full", se
     if layout not in ("full", "thinker"):
         raise CheckpointError(f"layout must be 'full' or 'thinker', not {layout!r}")
     profile, out = PROFILES[profile_name], Path(out)
+    tok, tokenizer_source = reference_tokenizer(profile_name, tokenizer_dir)  # a missing file fails before any write
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise CheckpointError(f"{out} exists and is not empty: pass --overwrite or choose another --out")
@@ -214,7 +228,6 @@ def write_reference(profile_name: str, out: str | Path, layout: str = "full", se
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:  # a failure (or Ctrl-C) leaves neither the checkpoint nor its .partial folder
-        tok = train_tokenizer(vocab_size=1000)
         ids = special_ids(tok)
         # padded to a multiple of 64 like the real 152064, with >= 3 rows past the tokenizer for the tts_text ids
         vocab = profile.text["vocab_size"] or -(-(tok.get_vocab_size() + 3) // 64) * 64
@@ -229,7 +242,7 @@ def write_reference(profile_name: str, out: str | Path, layout: str = "full", se
         gen = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
                "pad_token_id": ids["<|endoftext|>"], "do_sample": False, "transformers_version": "5.24.0"}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        write_tokenizer_files(tok, tmp, CHAT_TEMPLATE)
+        write_tokenizer_files(tok, tmp, CHAT_TEMPLATE, source_dir=tokenizer_source)
         (tmp / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2))
         (tmp / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PREPROCESSOR, indent=2))
         with tqdm(total=len(plan), desc=f"reference {profile_name}", unit="tensor", disable=not progress) as bar:

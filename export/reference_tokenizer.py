@@ -1,14 +1,20 @@
-"""A Qwen2-style byte-level BPE tokenizer with the Omni special tokens, trained locally.
+"""The reference checkpoints' tokenizers: Qwen2's byte-level BPE with the Omni special tokens.
 
-Real checkpoints bring their own tokenizer; the reference checkpoint needs one that transformers'
+Real checkpoints bring their own tokenizer; a reference checkpoint needs one that transformers'
 Qwen2Tokenizer and Qwen2_5OmniProcessor load exactly as they load the real one: same pre-tokenizer
 regex, NFC normalizer, byte-level alphabet (any text encodes), and the Omni special tokens in the real
 order after the ordinary vocabulary.
+
+- `tiny`: a small BPE trained locally (`train_tokenizer`), so the tests need no data files.
+- `small`, `3b-shape`, `7b-shape`: the real Qwen2 vocabulary and merges (`qwen2_tokenizer`, from
+  ../shared/data/tokenizer/qwen2 or `--tokenizer-dir`): 151,643 ordinary tokens, then the Omni special
+  tokens at their real ids from 151643 on, so token counts and ids are those of a real OmniGuard checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 # The real order (offsets from <|endoftext|>, which is 151643 in real checkpoints).
@@ -69,6 +75,59 @@ def train_tokenizer(vocab_size: int):
     return tok
 
 
+QWEN2_ORDINARY = 151_643  # ordinary tokens of the Qwen2 BPE (ids 0..151642)
+QWEN2_MERGES = 151_387
+DEFAULT_QWEN2_DIR = Path("../shared/data/tokenizer/qwen2")
+# Known answers of the real Qwen2 BPE (../shared/data/README.md, DESIGN section 1): files that give other ids
+# are not that vocabulary, whatever their names say.
+QWEN2_KNOWN = {"safe": [18675], "unsafe": [38157], "user": [872], "Hello world": [9707, 1879], "\n": [198]}
+
+
+def qwen2_tokenizer(tokenizer_dir: str | Path | None = None):
+    """The real Qwen2 byte-level BPE from `vocab.json` and `merges.txt` in `tokenizer_dir` (default
+    ../shared/data/tokenizer/qwen2), with NFC, the Qwen2 pre-tokenizer and the Omni special tokens appended
+    at 151643..151656. Raises CheckpointError naming what to pass when the files are missing or are not
+    that vocabulary."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    from ..runtime.errors import CheckpointError
+
+    folder = Path(tokenizer_dir) if tokenizer_dir is not None else DEFAULT_QWEN2_DIR
+    vocab, merges = folder / "vocab.json", folder / "merges.txt"
+    missing = [p.name for p in (vocab, merges) if not p.is_file()]
+    if missing:
+        raise CheckpointError(
+            f"the small, 3b-shape and 7b-shape reference profiles use the real Qwen2 tokenizer, and {folder} has no "
+            f"{' or '.join(missing)}: pass --tokenizer-dir DIR (a folder with Qwen2's vocab.json and merges.txt, "
+            "e.g. ../shared/data/tokenizer/qwen2 or a Qwen2 / Qwen2.5 checkpoint)")
+    try:
+        table = json.loads(vocab.read_text(encoding="utf-8"))
+        merge_lines = [line for line in merges.read_text(encoding="utf-8").splitlines()
+                       if line and not line.startswith("#version")]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{folder}: cannot read the Qwen2 tokenizer files ({exc})") from exc
+    if (len(table) != QWEN2_ORDINARY or sorted(table.values()) != list(range(QWEN2_ORDINARY))
+            or len(merge_lines) != QWEN2_MERGES):
+        raise CheckpointError(f"{folder}: {len(table):,} tokens and {len(merge_lines):,} merges, not Qwen2's "
+                              f"{QWEN2_ORDINARY:,} tokens (ids 0..{QWEN2_ORDINARY - 1}) and {QWEN2_MERGES:,} merges")
+    tok = Tokenizer(models.BPE(vocab=table, merges=[tuple(m.split(" ")) for m in merge_lines], unk_token=None,
+                               byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    wrong = {text: ids for text, want in QWEN2_KNOWN.items()
+             if (ids := tok.encode(text, add_special_tokens=False).ids) != want}
+    ids = special_ids(tok)
+    if wrong or ids["<|endoftext|>"] != QWEN2_ORDINARY:
+        raise CheckpointError(f"{folder}: not the Qwen2 vocabulary (encodes {wrong}, expected "
+                              f"{ {k: QWEN2_KNOWN[k] for k in wrong} }; <|endoftext|> at {ids['<|endoftext|>']})")
+    return tok
+
+
 def special_ids(tok) -> dict[str, int]:
     return {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
 
@@ -82,16 +141,21 @@ def user_token_id(tok) -> int:
     return ids[0]
 
 
-def write_tokenizer_files(tok, out: Path, chat_template: str) -> None:
+def write_tokenizer_files(tok, out: Path, chat_template: str, source_dir: Path | None = None) -> None:
     """tokenizer.json, vocab.json, merges.txt, tokenizer_config.json, added_tokens.json,
-    special_tokens_map.json and chat_template.jinja, laid out as in a real checkpoint."""
+    special_tokens_map.json and chat_template.jinja, laid out as in a real checkpoint. `source_dir`: copy
+    vocab.json and merges.txt from there unchanged (the real Qwen2 files) instead of writing them from `tok`."""
     tok.save(str(out / "tokenizer.json"))
-    data = json.loads((out / "tokenizer.json").read_text())
-    vocab = data["model"]["vocab"]
-    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    merges = data["model"]["merges"]
-    lines = [" ".join(m) if isinstance(m, list) else m for m in merges]
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n")
+    if source_dir is not None:
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copyfile(Path(source_dir) / name, out / name)
+    else:
+        data = json.loads((out / "tokenizer.json").read_text())
+        vocab = data["model"]["vocab"]
+        (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+        merges = data["model"]["merges"]
+        lines = [" ".join(m) if isinstance(m, list) else m for m in merges]
+        (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n")
     ids = special_ids(tok)
     added = {
         str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,

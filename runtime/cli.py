@@ -129,7 +129,7 @@ def cmd_reference(args) -> int:
     from ..export.reference import write_reference
 
     path = write_reference(args.profile, args.out, layout=args.layout, seed=args.seed, overwrite=args.overwrite,
-                           progress=not args.quiet)
+                           progress=not args.quiet, tokenizer_dir=args.tokenizer_dir)
     print(f"reference checkpoint ({args.profile}, {args.layout} layout, RANDOM weights) written to {path}")
     return 0
 
@@ -224,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--tokenizer-dir", type=Path,
+                   help="folder with the real Qwen2 vocab.json and merges.txt, for every profile but tiny "
+                        "(default ../shared/data/tokenizer/qwen2)")
     p.set_defaults(func=cmd_reference)
 
     p = sub.add_parser("export", help="export a checkpoint to a validated ONNX bundle (needs [export])")
