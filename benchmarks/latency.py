@@ -240,9 +240,9 @@ def gate_metrics(doc: dict, base: dict, tolerance: float, floor: float) -> tuple
             if now is None or then is None:
                 continue
             key = f"runtime/{r['scenario']}/{stage}"
-            if then["p50"] is not None and max(now["p50"] or 0.0, then["p50"]) < floor:
-                notes.append(f"{key}: {(now['p50'] or 0.0) * 1e3:.2f} ms now, {then['p50'] * 1e3:.2f} ms in the "
-                             f"baseline, both under the {floor * 1e3:g} ms floor: not compared")
+            if now["p50"] is not None and then["p50"] is not None and max(now["p50"], then["p50"]) < floor:
+                notes.append(f"{key}: {now['p50'] * 1e3:.2f} ms now, {then['p50'] * 1e3:.2f} ms in the baseline, "
+                             f"both under the {floor * 1e3:g} ms floor: not compared")
                 continue
             cur[key] = benchlib.Metric(now["p50"], tolerance, best=now["min"], floor=floor)
             ref[key], ref_best[key] = then["p50"], then["min"]
@@ -276,6 +276,11 @@ def check_baseline(doc: dict, baseline_path: Path, tolerance: float, floor: floa
     if other:
         return benchlib.GateResult(problems=[
             "the baseline measured another bundle or engine, so its figures are not comparable: " + "; ".join(other)])
+    if base.get("warmup") != doc.get("warmup"):
+        return benchlib.GateResult(problems=[
+            f"the baseline ran {base.get('warmup')} warm-up call(s) per scenario, this run {doc.get('warmup')}: a "
+            "process's first calls are slower (README \"Threads\"), so the figures are not comparable; use the same "
+            "--warmup (default 3) or record a new baseline"])
     if base.get("budgets") != doc.get("budgets"):
         return benchlib.GateResult(problems=[
             f"the baseline answered other budgets ({base.get('budgets')}, this run {doc.get('budgets')}): verdict, "
@@ -285,6 +290,9 @@ def check_baseline(doc: dict, baseline_path: Path, tolerance: float, floor: floa
     if result.compared == 0 and not benchlib.same_machine(doc["system"], base["system"]):
         result.problems.append("across machines only runtime/PyTorch ratios compare: run latency.py with "
                                "--reference both for the baseline and now")
+    if base.get("runs") != doc.get("runs"):
+        notes.append(f"the baseline has {base.get('runs')} runs per scenario, this run {doc.get('runs')}: the best of "
+                     "more runs is lower, so best-run comparisons lean towards the run with more")
     result.notes[:0] = notes
     return result
 
@@ -296,13 +304,20 @@ def confirm(first: benchlib.GateResult, second: benchlib.GateResult, scenarios: 
     out = benchlib.GateResult(notes=list(first.notes), compared=first.compared)
     out.problems = [p for p in first.problems if p not in {first.regressed[k] for k in redone}]
     out.regressed = {k: v for k, v in first.regressed.items() if k not in redone}
+    # anything else the second measurement got wrong in a re-measured scenario (a metric that became undefined)
+    remeasured = [p for p in second.problems if p not in second.regressed.values()
+                  and p.split(":")[0].split("/")[0] == "runtime" and p.split(":")[0].split("/")[1] in scenarios]
     for key in redone:
         if key in second.regressed:
             out.regressed[key] = f"{first.regressed[key]}; confirmed: {second.regressed[key].split(': ', 1)[1]}"
             out.problems.append(out.regressed[key])
+        elif any(p.split(":")[0] == key for p in remeasured):
+            out.regressed[key] = first.regressed[key]
+            out.problems.append(out.regressed[key])
         else:
-            out.notes.append(f"{first.regressed[key]}; not confirmed: the second measurement of {key.split('/')[1]} "
-                             "is within the tolerance, so the first was machine noise")
+            out.notes.append(f"{first.regressed[key]}; not confirmed: in the second measurement of {key.split('/')[1]} "
+                             "it is within the tolerance (or the floor), so the first was machine noise")
+    out.problems += [f"{p} (in the confirmation pass)" for p in remeasured]
     return out
 
 
@@ -380,8 +395,11 @@ def main(argv=None) -> int:
         p.error("need --runs >= 1, --warmup >= 0 and 1 <= --verdict-tokens <= --new-tokens")
     if not (args.tolerance >= 0 and args.floor >= 0):
         p.error("--tolerance and --floor must be >= 0")
-    if args.baseline and not args.baseline.is_file():
-        p.error(f"--baseline {args.baseline} is not a file")
+    if args.baseline:  # read before minutes of measuring, not after
+        try:
+            json.loads(args.baseline.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            p.error(f"--baseline {args.baseline}: not a readable JSON file ({exc})")
     allowed = scenario_defs.build(args.media_dir)
     unknown = set(args.scenarios or []) - set(allowed)
     if unknown:
@@ -403,10 +421,10 @@ def main(argv=None) -> int:
            "speedups": speedups(rows, args.floor), "speedups_best": speedups(rows, args.floor, stat="min")}
     doc["bounds"] = bounds(args.bundle, rows, probe)
     print_report(doc)
+    benchlib.write_json(args.json, doc)  # first, so that nothing after it can lose the measurement
     if args.plot:
         benchlib.plot_stages(args.plot, rows, CHART_STAGES, f"time to first token by stage ({doc['system']['cpu']})")
     if not args.baseline:
-        benchlib.write_json(args.json, doc)
         return 0
     result = check_baseline(doc, args.baseline, args.tolerance, args.floor)
     again = sorted({k.split("/")[1] for k in result.regressed if k.split("/")[0] == "runtime"})

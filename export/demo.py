@@ -68,7 +68,7 @@ def run_demo(workdir: Path, profile: str = "tiny", shared: Path = Path("../share
     media = workdir / "media"
     media.mkdir(parents=True, exist_ok=True)
     ckpt = write_reference(profile, workdir / "checkpoints" / profile, overwrite=True,
-                           tokenizer_dir=shared / "tokenizer" / "qwen2")
+                           tokenizer_dir=None if profile == "tiny" else shared / "tokenizer" / "qwen2")
     bundle = export_bundle(ckpt, workdir / "bundles" / f"{profile}-fp32", overwrite=True)
     prompt, image = _prompt(shared), _image(shared, media)
     audio = speech(prompt, media / "speech.wav")

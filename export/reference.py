@@ -202,6 +202,9 @@ def reference_tokenizer(profile_name: str, tokenizer_dir: str | Path | None = No
     every other profile: the real Qwen2 BPE (`qwen2_tokenizer`), from `tokenizer_dir` or
     ../shared/data/tokenizer/qwen2."""
     if profile_name == "tiny":
+        if tokenizer_dir is not None:
+            raise CheckpointError("the tiny profile trains its own small tokenizer; --tokenizer-dir is for small, "
+                                  "3b-shape and 7b-shape")
         return train_tokenizer(vocab_size=1000), None
     folder = Path(tokenizer_dir) if tokenizer_dir is not None else DEFAULT_QWEN2_DIR
     return qwen2_tokenizer(folder), folder

@@ -103,15 +103,22 @@ def qwen2_tokenizer(tokenizer_dir: str | Path | None = None):
     try:
         table = json.loads(vocab.read_text(encoding="utf-8"))
         merge_lines = [line for line in merges.read_text(encoding="utf-8").splitlines()
-                       if line and not line.startswith("#version")]
+                       if line.strip() and not line.startswith("#version")]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{folder}: cannot read the Qwen2 tokenizer files ({exc})") from exc
+    if not isinstance(table, dict) or not all(isinstance(v, int) for v in table.values()):
+        raise CheckpointError(f"{folder}/vocab.json is not a token -> id table")
+    # some checkpoints list their added tokens (ids from 151643 on) in vocab.json too: they are added below
+    table = {t: i for t, i in table.items() if i < QWEN2_ORDINARY}
+    pairs = [tuple(line.split()) for line in merge_lines]
+    if any(len(pair) != 2 for pair in pairs):
+        bad = next(line for line, pair in zip(merge_lines, pairs) if len(pair) != 2)
+        raise CheckpointError(f"{folder}/merges.txt: {bad!r} is not a merge (two tokens separated by a space)")
     if (len(table) != QWEN2_ORDINARY or sorted(table.values()) != list(range(QWEN2_ORDINARY))
             or len(merge_lines) != QWEN2_MERGES):
         raise CheckpointError(f"{folder}: {len(table):,} tokens and {len(merge_lines):,} merges, not Qwen2's "
                               f"{QWEN2_ORDINARY:,} tokens (ids 0..{QWEN2_ORDINARY - 1}) and {QWEN2_MERGES:,} merges")
-    tok = Tokenizer(models.BPE(vocab=table, merges=[tuple(m.split(" ")) for m in merge_lines], unk_token=None,
-                               byte_fallback=False))
+    tok = Tokenizer(models.BPE(vocab=table, merges=pairs, unk_token=None, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE), behavior="isolated", invert=False),

@@ -27,7 +27,9 @@ class SessionOptions:
     # cap a downscaled 3584x3584 image failed to allocate with it on. Off (the default), freed buffers go back to
     # the system. The cost, measured: none on `small` (text 4.8-5.3 s, 448x448 image 14.6-15.8 s total, either
     # way, 2 A/B rounds); on `tiny` the image path ran 1.4-3x slower (its compute is so small that page faults
-    # show). With the arena on, a request whose planned working memory exceeds `arena_shrink_above` bytes runs
+    # show). Measured later: on `small` a 1280x720 image's vision encoder took 173.7 s with it off and 79.1 s with it
+    # on (39.7 vs 3.0 million page faults, README "Latency"): large-image deployments should turn it on until the
+    # default is chosen by measurement. With the arena on, a request whose planned working memory exceeds `arena_shrink_above` bytes runs
     # with arena shrinkage, which hands the free blocks back at the end of its runs (README "Memory").
     cpu_mem_arena: bool = False
     arena_shrink_above: int | None = 256 * 2**20  # None: never shrink
@@ -46,8 +48,10 @@ class SessionOptions:
                                                     or not isinstance(self.arena_shrink_above, int)
                                                     or self.arena_shrink_above < 0):
             raise ValueError("SessionOptions.arena_shrink_above must be a number of bytes >= 0 or None")
-        if isinstance(self.spin_after_run, str) or not all(isinstance(g, str) for g in self.spin_after_run):
-            raise ValueError("SessionOptions.spin_after_run must be a tuple of graph names, e.g. ('decoder',)")
+        if (isinstance(self.spin_after_run, str) or not all(isinstance(g, str) for g in self.spin_after_run)
+                or not set(self.spin_after_run) <= {"vision", "audio", "decoder"}):
+            raise ValueError("SessionOptions.spin_after_run must be a tuple of graph names among 'vision', 'audio', "
+                             f"'decoder', e.g. ('decoder',), not {self.spin_after_run!r}")
 
 
 @dataclass

@@ -170,6 +170,35 @@ def test_gate_needs_the_best_run_slower_too(tmp_path):
     assert "runtime/text/decode_span_s" in _lat_gate(cur, base, tmp_path).regressed
 
 
+def test_gate_without_the_baselines_best_needs_the_best_run_past_its_median(tmp_path):
+    """A baseline without best runs (no min recorded): the best run must be worse than the baseline's median."""
+    cur = benchlib.Metric(1.3, 0.15, best=0.95)
+    assert benchlib.compare_metrics({"t": cur}, {"t": 1.0}).problems == []
+    assert benchlib.compare_metrics({"t": benchlib.Metric(1.3, 0.15, best=1.05)}, {"t": 1.0}).problems
+
+
+def test_gate_refuses_other_warmup_and_notes_other_runs(tmp_path):
+    cur, base = _lat_doc(), _lat_doc()
+    cur["warmup"], base["warmup"] = 3, 1
+    problems = _lat_gate(cur, base, tmp_path).problems
+    assert len(problems) == 1 and "warm-up" in problems[0]
+    base["warmup"], cur["runs"], base["runs"] = 3, 5, 2
+    result = _lat_gate(cur, base, tmp_path)
+    assert result.problems == [] and any("2 runs per scenario" in n for n in result.notes)
+
+
+def test_confirmation_keeps_what_became_undefined():
+    first = benchlib.GateResult(compared=1)
+    first.regressed["runtime/text/decode_span_s"] = "runtime/text/decode_span_s: 2 vs baseline 1 (+100%)"
+    first.problems.append(first.regressed["runtime/text/decode_span_s"])
+    second = benchlib.GateResult(compared=1, problems=[
+        "runtime/text/decode_span_s: None now, 1 in the baseline (the metric became undefined)"])
+    out = latency.confirm(first, second, ["text"])
+    assert "runtime/text/decode_span_s" in out.regressed
+    assert any("became undefined" in p and "confirmation pass" in p for p in out.problems)
+    assert not any("not confirmed" in n for n in out.notes)
+
+
 def test_confirmation_keeps_only_what_reproduces():
     first = benchlib.GateResult(compared=5, notes=["n"])
     for key in ("runtime/text/prefill", "runtime/text/total", "runtime/audio_5s/prefill"):

@@ -102,13 +102,25 @@ def test_small_profile_carries_the_real_tokenizer(small_tokenizer_checkpoint):
     assert gen["eos_token_id"] == [151645, 151643] and gen["pad_token_id"] == 151643
 
 
-@pytest.mark.parametrize("fast", [False, True])
-def test_runtime_prompt_ids_equal_the_processor(small_tokenizer_checkpoint, fast):
-    from tokenizers import Tokenizer
+@pytest.fixture(scope="module")
+def processor_from_the_files(small_tokenizer_checkpoint, tmp_path_factory):
+    """transformers' processor on the checkpoint WITHOUT our tokenizer.json: its tokenizer is then built from
+    the real vocab.json and merges.txt (and tokenizer_config.json's added tokens), independently of ours."""
+    import shutil
+
     from transformers import Qwen2_5OmniProcessor
 
-    ck = small_tokenizer_checkpoint
-    proc = Qwen2_5OmniProcessor.from_pretrained(ck, use_fast=fast)
+    folder = tmp_path_factory.mktemp("files-only")
+    for f in small_tokenizer_checkpoint.iterdir():
+        if f.name != "tokenizer.json" and f.is_file():
+            shutil.copyfile(f, folder / f.name)
+    return Qwen2_5OmniProcessor.from_pretrained(folder)
+
+
+def test_runtime_prompt_ids_equal_the_processor(small_tokenizer_checkpoint, processor_from_the_files):
+    from tokenizers import Tokenizer
+
+    ck, proc = small_tokenizer_checkpoint, processor_from_the_files
     ours = PromptTokenizer(Tokenizer.from_file(str(ck / "tokenizer.json")), (ck / "chat_template.jinja").read_text())
     for conversation, kinds in CASES:
         text = compose_guard_text(conversation, kinds, Policy())
@@ -118,4 +130,28 @@ def test_runtime_prompt_ids_equal_the_processor(small_tokenizer_checkpoint, fast
         ref = list(proc.tokenizer(rendered).input_ids)  # one placeholder per item on both sides
         mine = ours.encode(([Item("text", text)] if text else []) + [Item(m, tokens=1) for m in kinds])
         assert mine == ref, (conversation, kinds)
-        assert proc.tokenizer("safe").input_ids == [18675] and proc.tokenizer("unsafe").input_ids == [38157]
+    assert proc.tokenizer("safe").input_ids == [18675] and proc.tokenizer("unsafe").input_ids == [38157]
+    assert {t: proc.tokenizer.convert_tokens_to_ids(t) for t in REAL_IDS} == REAL_IDS
+
+
+def test_tiny_takes_no_tokenizer_dir(tmp_path):
+    pytest.importorskip("transformers", reason="needs the export extra (torch/transformers)")
+    from omniguard_edge.export.reference import write_reference
+
+    with pytest.raises(CheckpointError, match="tiny profile trains its own"):
+        write_reference("tiny", tmp_path / "t", tokenizer_dir=tmp_path)
+    assert not (tmp_path / "t").exists()
+
+
+@needs_qwen2
+def test_checkpoint_style_files_are_accepted(tmp_path):
+    """A real checkpoint's vocab.json may list the added tokens too, and its merges.txt may lack the header."""
+    table = json.loads((QWEN2 / "vocab.json").read_text(encoding="utf-8"))
+    table.update({t: 151643 + i for i, t in enumerate(SPECIAL_TOKENS)})
+    (tmp_path / "vocab.json").write_text(json.dumps(table, ensure_ascii=False), encoding="utf-8")
+    lines = (QWEN2 / "merges.txt").read_text(encoding="utf-8").splitlines()
+    (tmp_path / "merges.txt").write_text("\n".join(lines[1:]) + "\n", encoding="utf-8")
+    assert special_ids(qwen2_tokenizer(tmp_path))["<|VIDEO|>"] == 151656
+    (tmp_path / "merges.txt").write_text("\n".join(lines[1:] + ["a b c"]) + "\n", encoding="utf-8")
+    with pytest.raises(CheckpointError, match="is not a merge"):
+        qwen2_tokenizer(tmp_path)

@@ -56,7 +56,7 @@ def test_only_the_decoder_spins_after_a_run(tiny_bundle):
     assert stops(open_bundle(tiny_bundle, SessionOptions(spin_after_run=("vision", "audio", "decoder")))) == {}
 
 
-@pytest.mark.parametrize("bad", ["decoder", ("decoder", 1)])
+@pytest.mark.parametrize("bad", ["decoder", ("decoder", 1), ("decoders",)])
 def test_spin_after_run_checked(bad):
     with pytest.raises(ValueError, match="spin_after_run"):
         SessionOptions(spin_after_run=bad)
