@@ -28,8 +28,8 @@ class SessionOptions:
     # the system. The cost, measured: none on `small` (text 4.8-5.3 s, 448x448 image 14.6-15.8 s total, either
     # way, 2 A/B rounds); on `tiny` the image path ran 1.4-3x slower (its compute is so small that page faults
     # show). Measured later: on `small` a 1280x720 image's vision encoder took 173.7 s with it off and 79.1 s with it
-    # on (39.7 vs 3.0 million page faults, README "Latency"): large-image deployments should turn it on until the
-    # default is chosen by measurement. With the arena on, a request whose planned working memory exceeds `arena_shrink_above` bytes runs
+    # on (39.7 vs 3.0 million page faults): the vision graph now uses its own exact-size arena by default
+    # (exact_arena_graphs below). With the arena on, a request whose planned working memory exceeds `arena_shrink_above` bytes runs
     # with arena shrinkage, which hands the free blocks back at the end of its runs (README "Memory").
     cpu_mem_arena: bool = False
     arena_shrink_above: int | None = 256 * 2**20  # None: never shrink
@@ -38,6 +38,13 @@ class SessionOptions:
     # its threads stop spinning when its run returns (onnxruntime's session.force_spinning_stop; they still
     # spin between the operators of a run). README "Threads" has the measurements.
     spin_after_run: tuple[str, ...] = ("decoder",)
+    # Graphs (when cpu_mem_arena is off) whose buffers come from a CPU arena that allocates exactly what is asked
+    # (onnxruntime's environment allocator, kSameAsRequested, shared by those sessions) and hands its free memory
+    # back after every run. The vision encoder allocates and frees a patches x patches score buffer in every block
+    # (about 2.6 GB at 6,400 patches); from the system each one is fresh pages. Measured on `small`, one 1280x720
+    # image: vision 173.7 s with no arena (39.7 million page faults), 79.1 s with the session arena, 64.7 s with
+    # this one (README "Memory").
+    exact_arena_graphs: tuple[str, ...] = ("vision",)
 
     def __post_init__(self):
         if not self.providers:
@@ -48,10 +55,12 @@ class SessionOptions:
                                                     or not isinstance(self.arena_shrink_above, int)
                                                     or self.arena_shrink_above < 0):
             raise ValueError("SessionOptions.arena_shrink_above must be a number of bytes >= 0 or None")
-        if (isinstance(self.spin_after_run, str) or not all(isinstance(g, str) for g in self.spin_after_run)
-                or not set(self.spin_after_run) <= {"vision", "audio", "decoder"}):
-            raise ValueError("SessionOptions.spin_after_run must be a tuple of graph names among 'vision', 'audio', "
-                             f"'decoder', e.g. ('decoder',), not {self.spin_after_run!r}")
+        for name in ("spin_after_run", "exact_arena_graphs"):
+            value = getattr(self, name)
+            if (isinstance(value, str) or not all(isinstance(g, str) for g in value)
+                    or not set(value) <= {"vision", "audio", "decoder"}):
+                raise ValueError(f"SessionOptions.{name} must be a tuple of graph names among 'vision', 'audio', "
+                                 f"'decoder', e.g. ('decoder',), not {value!r}")
 
 
 @dataclass
@@ -70,6 +79,26 @@ class Bundle:
         return self.path / name
 
 
+_exact_arena_state: list = []  # [] not tried yet, [True] registered, [False] could not be
+
+
+def _exact_arena() -> bool:
+    """Register onnxruntime's environment CPU arena that allocates exactly what is requested (once per process).
+    False (with a warning) when this onnxruntime cannot: those graphs then run without an arena."""
+    import onnxruntime as ort
+
+    if not _exact_arena_state:
+        try:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))  # 1: kSameAsRequested
+            _exact_arena_state.append(True)
+        except Exception as exc:  # an older build, or an allocator the embedding application registered itself
+            warnings.warn(f"cannot register onnxruntime's exact-size CPU arena ({exc}): SessionOptions."
+                          "exact_arena_graphs run without an arena", RuntimeWarning, stacklevel=4)
+            _exact_arena_state.append(False)
+    return _exact_arena_state[0]
+
+
 def _session(path: Path, opts: SessionOptions, name: str):
     import onnxruntime as ort
 
@@ -84,6 +113,9 @@ def _session(path: Path, opts: SessionOptions, name: str):
     so.intra_op_num_threads = opts.intra_op_threads
     so.inter_op_num_threads = opts.inter_op_threads
     so.enable_cpu_mem_arena = bool(opts.cpu_mem_arena)
+    if not opts.cpu_mem_arena and name in opts.exact_arena_graphs and _exact_arena():
+        so.enable_cpu_mem_arena = True
+        so.add_session_config_entry("session.use_env_allocators", "1")
     if name not in opts.spin_after_run:
         so.add_session_config_entry("session.force_spinning_stop", "1")
     try:

@@ -422,8 +422,13 @@ class Guard:
             if "vision" not in sessions:
                 raise InputError("this Guard was opened without the vision graph (SessionOptions.graphs)")
             t = time.perf_counter()
+            session, vision_options = self.options.session, run_options
+            if vision_options is None and not session.cpu_mem_arena and "vision" in session.exact_arena_graphs:
+                from .bundle import shrink_run_options
+
+                vision_options = shrink_run_options()  # the exact-size arena gives its memory back after the run
             feats = encode_vision(sessions["vision"], [prep.features[k][i] for k, i in visual],
-                                  [prep.grids[k][i] for k, i in visual], m.vision, run_options)
+                                  [prep.grids[k][i] for k, i in visual], m.vision, vision_options)
             for (k, i), f in zip(visual, feats):
                 require_finite(f, f"{labels[k][i]}: the vision encoder's features")
                 out[k].append(f)
