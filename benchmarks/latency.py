@@ -261,13 +261,13 @@ def _decode_span(rate: dict | None, steps: int) -> dict | None:
     return {"p50": span(rate.get("p50")), "min": span(rate.get("max"))}
 
 
-def check_baseline(doc: dict, baseline_path: Path, tolerance: float, floor: float = 0.005) -> benchlib.GateResult:
-    base = json.loads(Path(baseline_path).read_text())
+def check_baseline(doc: dict, base: dict, tolerance: float, floor: float = 0.005) -> benchlib.GateResult:
+    """This run (`doc`) against a baseline run's JSON (`base`), as accuracy.check_baseline does for accuracy."""
     if base.get("kind") not in (None, "latency"):
-        return benchlib.GateResult(problems=[f"{baseline_path} is a {base.get('kind')} result, not a latency baseline"])
+        return benchlib.GateResult(problems=[f"the baseline is a {base.get('kind')} result, not a latency baseline"])
     if base.get("schema_version") != benchlib.SCHEMA_VERSION:
         return benchlib.GateResult(problems=[
-            f"{baseline_path} has schema_version {base.get('schema_version')}, this latency.py writes "
+            f"the baseline has schema_version {base.get('schema_version')}, this latency.py writes "
             f"{benchlib.SCHEMA_VERSION}: the stage definitions changed in between (see STAGE_DEFINITIONS), so its "
             "figures are not comparable; record a new baseline with this version"])
     ident = ("config_sha256", "embedding_dtype", "precision", "providers")
@@ -297,16 +297,22 @@ def check_baseline(doc: dict, baseline_path: Path, tolerance: float, floor: floa
     return result
 
 
+def _runtime_scenario(key: str) -> str | None:
+    """The scenario of a gate key `runtime/<scenario>/<stage>` (a problem line starts with its key), else None."""
+    parts = key.split(":")[0].split("/")
+    return parts[1] if parts[0] == "runtime" and len(parts) > 1 else None
+
+
 def confirm(first: benchlib.GateResult, second: benchlib.GateResult, scenarios: list[str]) -> benchlib.GateResult:
     """The gate's outcome after a confirmation pass: a runtime regression of a re-measured scenario stands only
     if the second measurement shows it too (a real slowdown does not go away; a window of machine noise does)."""
-    redone = [k for k in first.regressed if k.split("/")[0] == "runtime" and k.split("/")[1] in scenarios]
+    redone = [k for k in first.regressed if _runtime_scenario(k) in scenarios]
     out = benchlib.GateResult(notes=list(first.notes), compared=first.compared)
     out.problems = [p for p in first.problems if p not in {first.regressed[k] for k in redone}]
     out.regressed = {k: v for k, v in first.regressed.items() if k not in redone}
     # anything else the second measurement got wrong in a re-measured scenario (a metric that became undefined)
-    remeasured = [p for p in second.problems if p not in second.regressed.values()
-                  and p.split(":")[0].split("/")[0] == "runtime" and p.split(":")[0].split("/")[1] in scenarios]
+    remeasured = [p for p in second.problems
+                  if p not in second.regressed.values() and _runtime_scenario(p) in scenarios]
     for key in redone:
         if key in second.regressed:
             out.regressed[key] = f"{first.regressed[key]}; confirmed: {second.regressed[key].split(': ', 1)[1]}"
@@ -315,7 +321,7 @@ def confirm(first: benchlib.GateResult, second: benchlib.GateResult, scenarios: 
             out.regressed[key] = first.regressed[key]
             out.problems.append(out.regressed[key])
         else:
-            out.notes.append(f"{first.regressed[key]}; not confirmed: in the second measurement of {key.split('/')[1]} "
+            out.notes.append(f"{first.regressed[key]}; not confirmed: in the second measurement of {_runtime_scenario(key)} "
                              "it is within the tolerance (or the floor), so the first was machine noise")
     out.problems += [f"{p} (in the confirmation pass)" for p in remeasured]
     return out
@@ -395,9 +401,10 @@ def main(argv=None) -> int:
         p.error("need --runs >= 1, --warmup >= 0 and 1 <= --verdict-tokens <= --new-tokens")
     if not (args.tolerance >= 0 and args.floor >= 0):
         p.error("--tolerance and --floor must be >= 0")
+    base = None
     if args.baseline:  # read before minutes of measuring, not after
         try:
-            json.loads(args.baseline.read_text())
+            base = json.loads(args.baseline.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             p.error(f"--baseline {args.baseline}: not a readable JSON file ({exc})")
     allowed = scenario_defs.build(args.media_dir)
@@ -424,10 +431,10 @@ def main(argv=None) -> int:
     benchlib.write_json(args.json, doc)  # first, so that nothing after it can lose the measurement
     if args.plot:
         benchlib.plot_stages(args.plot, rows, CHART_STAGES, f"time to first token by stage ({doc['system']['cpu']})")
-    if not args.baseline:
+    if base is None:
         return 0
-    result = check_baseline(doc, args.baseline, args.tolerance, args.floor)
-    again = sorted({k.split("/")[1] for k in result.regressed if k.split("/")[0] == "runtime"})
+    result = check_baseline(doc, base, args.tolerance, args.floor)
+    again = sorted({s for k in result.regressed if (s := _runtime_scenario(k))})
     if again:
         # Timings on a shared machine drift for tens of seconds at a time (measured on 2 cores: the tiny text
         # prefill's best run at 10.7-11.8 ms for three consecutive runs, then 6.8-7.9 ms for thirteen). A
@@ -435,7 +442,7 @@ def main(argv=None) -> int:
         print(f"\nre-measuring {', '.join(again)} to confirm {len(result.regressed)} regression(s)")
         rows2, _ = run_runtime(args.bundle, {k: chosen[k] for k in again}, args)
         doc2 = dict(doc, rows=[r for r in rows if not (r["engine"] == "runtime" and r["scenario"] in again)] + rows2)
-        result = confirm(result, check_baseline(doc2, args.baseline, args.tolerance, args.floor), again)
+        result = confirm(result, check_baseline(doc2, base, args.tolerance, args.floor), again)
         doc["gate"]["confirmation"] = {"scenarios": again, "rows": rows2, "confirmed": sorted(result.regressed)}
     doc["gate"].update(regressions=result.problems, notes=result.notes)
     benchlib.write_json(args.json, doc)

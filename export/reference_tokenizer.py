@@ -55,17 +55,26 @@ the conversation asks for instructions that could cause harm to people; the answ
 """
 
 
-def train_tokenizer(vocab_size: int):
-    """Train the byte-level BPE and append the special tokens. Returns a `tokenizers.Tokenizer`."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+def _qwen2_tokenizer_around(bpe):
+    """A `tokenizers.Tokenizer` with Qwen2's pipeline around a BPE model: NFC, the Qwen2 pre-tokenizer regex
+    then byte-level mapping, byte-level decoding."""
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 
-    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
+    tok = Tokenizer(bpe)
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def train_tokenizer(vocab_size: int):
+    """Train the byte-level BPE and append the special tokens. Returns a `tokenizers.Tokenizer`."""
+    from tokenizers import models, pre_tokenizers, trainers
+
+    tok = _qwen2_tokenizer_around(models.BPE(unk_token=None, byte_fallback=False))
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=1, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[],
@@ -83,16 +92,15 @@ DEFAULT_QWEN2_DIR = Path("../shared/data/tokenizer/qwen2")
 QWEN2_KNOWN = {"safe": [18675], "unsafe": [38157], "user": [872], "Hello world": [9707, 1879], "\n": [198]}
 
 
-def qwen2_tokenizer(tokenizer_dir: str | Path | None = None):
-    """The real Qwen2 byte-level BPE from `vocab.json` and `merges.txt` in `tokenizer_dir` (default
-    ../shared/data/tokenizer/qwen2), with NFC, the Qwen2 pre-tokenizer and the Omni special tokens appended
-    at 151643..151656. Raises CheckpointError naming what to pass when the files are missing or are not
-    that vocabulary."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+def qwen2_tokenizer(tokenizer_dir: str | Path):
+    """The real Qwen2 byte-level BPE from `vocab.json` and `merges.txt` in `tokenizer_dir`, with NFC, the
+    Qwen2 pre-tokenizer and the Omni special tokens appended at 151643..151656. Raises CheckpointError naming
+    what to pass when the files are missing or are not that vocabulary."""
+    from tokenizers import models
 
     from ..runtime.errors import CheckpointError
 
-    folder = Path(tokenizer_dir) if tokenizer_dir is not None else DEFAULT_QWEN2_DIR
+    folder = Path(tokenizer_dir)
     vocab, merges = folder / "vocab.json", folder / "merges.txt"
     missing = [p.name for p in (vocab, merges) if not p.is_file()]
     if missing:
@@ -118,13 +126,7 @@ def qwen2_tokenizer(tokenizer_dir: str | Path | None = None):
             or len(merge_lines) != QWEN2_MERGES):
         raise CheckpointError(f"{folder}: {len(table):,} tokens and {len(merge_lines):,} merges, not Qwen2's "
                               f"{QWEN2_ORDINARY:,} tokens (ids 0..{QWEN2_ORDINARY - 1}) and {QWEN2_MERGES:,} merges")
-    tok = Tokenizer(models.BPE(vocab=table, merges=pairs, unk_token=None, byte_fallback=False))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
+    tok = _qwen2_tokenizer_around(models.BPE(vocab=table, merges=pairs, unk_token=None, byte_fallback=False))
     tok.add_special_tokens(SPECIAL_TOKENS)
     wrong = {text: ids for text, want in QWEN2_KNOWN.items()
              if (ids := tok.encode(text, add_special_tokens=False).ids) != want}

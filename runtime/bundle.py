@@ -3,6 +3,7 @@ table, the tokenizer and the chat template. No file name is guessed: the manifes
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -79,24 +80,20 @@ class Bundle:
         return self.path / name
 
 
-_exact_arena_state: list = []  # [] not tried yet, [True] registered, [False] could not be
-
-
+@functools.cache
 def _exact_arena() -> bool:
     """Register onnxruntime's environment CPU arena that allocates exactly what is requested (once per process).
     False (with a warning) when this onnxruntime cannot: those graphs then run without an arena."""
     import onnxruntime as ort
 
-    if not _exact_arena_state:
-        try:
-            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))  # 1: kSameAsRequested
-            _exact_arena_state.append(True)
-        except Exception as exc:  # an older build, or an allocator the embedding application registered itself
-            warnings.warn(f"cannot register onnxruntime's exact-size CPU arena ({exc}): SessionOptions."
-                          "exact_arena_graphs run without an arena", RuntimeWarning, stacklevel=4)
-            _exact_arena_state.append(False)
-    return _exact_arena_state[0]
+    try:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))  # 1: kSameAsRequested
+        return True
+    except Exception as exc:  # an older build, or an allocator the embedding application registered itself
+        warnings.warn(f"cannot register onnxruntime's exact-size CPU arena ({exc}): SessionOptions."
+                      "exact_arena_graphs run without an arena", RuntimeWarning, stacklevel=4)
+        return False
 
 
 def _session(path: Path, opts: SessionOptions, name: str):

@@ -75,9 +75,8 @@ def _lat_doc(cpu="cpu A", runtime=None, pytorch=None, floor=0.005):
     return doc
 
 
-def _lat_gate(current, baseline, tmp_path, tolerance=0.15, floor=0.005):
-    (tmp_path / "base.json").write_text(json.dumps(baseline))
-    return latency.check_baseline(current, tmp_path / "base.json", tolerance, floor)
+def _lat_gate(current, baseline, tolerance=0.15, floor=0.005):
+    return latency.check_baseline(current, json.loads(json.dumps(baseline)), tolerance, floor)
 
 
 def test_speedups_known_answer_and_floor():
@@ -88,65 +87,65 @@ def test_speedups_known_answer_and_floor():
     assert r["preprocess"] is None and r["audio"] is None  # a side under the floor: no ratio of noise
 
 
-def test_gate_passes_on_identical_runs(tmp_path):
-    result = _lat_gate(_lat_doc(), _lat_doc(), tmp_path)
+def test_gate_passes_on_identical_runs():
+    result = _lat_gate(_lat_doc(), _lat_doc())
     assert result.problems == [] and result.compared > 0
 
 
-def test_gate_ignores_noise_under_the_floor(tmp_path):
+def test_gate_ignores_noise_under_the_floor():
     # 12 us -> 40 us of text preprocessing is +233 %, and timer noise
     cur = _lat_doc(runtime={"preprocess": 4e-5, "embed": 4e-3}, pytorch={"vision": 1e-7})
     base = _lat_doc(runtime={"preprocess": 1.2e-5, "embed": 1e-3}, pytorch={"vision": 3e-7})
-    result = _lat_gate(cur, base, tmp_path)
+    result = _lat_gate(cur, base)
     assert result.problems == []
 
 
-def test_gate_floor_applies_to_gated_stages(tmp_path):
+def test_gate_floor_applies_to_gated_stages():
     """The runtime's audio encoder from 1 ms to 4 ms is noise under the 5 ms floor; to 40 ms it is a regression."""
     base = _lat_doc(runtime={"audio": 0.001})
-    assert _lat_gate(_lat_doc(runtime={"audio": 0.004}), base, tmp_path).problems == []
-    problems = _lat_gate(_lat_doc(runtime={"audio": 0.040}), base, tmp_path).problems
+    assert _lat_gate(_lat_doc(runtime={"audio": 0.004}), base).problems == []
+    problems = _lat_gate(_lat_doc(runtime={"audio": 0.040}), base).problems
     assert [p.split(":")[0] for p in problems] == ["runtime/text/audio"]
     # over the floor now, under it before: the difference itself must exceed the floor (2 -> 6 ms is noise)
-    assert _lat_gate(_lat_doc(runtime={"audio": 0.006}), _lat_doc(runtime={"audio": 0.002}), tmp_path).problems == []
+    assert _lat_gate(_lat_doc(runtime={"audio": 0.006}), _lat_doc(runtime={"audio": 0.002})).problems == []
     # 10 -> 14 ms is +40 % but 4 ms; 10 -> 16 ms is 6 ms, past the floor
     ten = _lat_doc(runtime={"prefill": 0.010})
-    assert _lat_gate(_lat_doc(runtime={"prefill": 0.014}), ten, tmp_path).problems == []
-    assert "runtime/text/prefill" in _lat_gate(_lat_doc(runtime={"prefill": 0.016}), ten, tmp_path).regressed
+    assert _lat_gate(_lat_doc(runtime={"prefill": 0.014}), ten).problems == []
+    assert "runtime/text/prefill" in _lat_gate(_lat_doc(runtime={"prefill": 0.016}), ten).regressed
     # decode: the floor applies to the span of the 31 steps after the first token (31 / 10,000 tok/s = 3 ms)
     fast = _lat_doc(runtime={"decode_tok_s": 10_000.0})
-    assert _lat_gate(_lat_doc(runtime={"decode_tok_s": 7_000.0}), fast, tmp_path).problems == []
+    assert _lat_gate(_lat_doc(runtime={"decode_tok_s": 7_000.0}), fast).problems == []
     slow = _lat_doc(runtime={"decode_tok_s": 100.0})
-    assert _lat_gate(_lat_doc(runtime={"decode_tok_s": 70.0}), slow, tmp_path).problems
+    assert _lat_gate(_lat_doc(runtime={"decode_tok_s": 70.0}), slow).problems
 
 
-def test_gate_refuses_another_bundle(tmp_path):
+def test_gate_refuses_another_bundle():
     other_model = _lat_doc()
     other_model["bundle"]["config_sha256"] = "def"
-    problems = _lat_gate(other_model, _lat_doc(), tmp_path).problems
+    problems = _lat_gate(other_model, _lat_doc()).problems
     assert len(problems) == 1 and "another bundle" in problems[0] and "config_sha256" in problems[0]
     gpu = _lat_doc()
     gpu["bundle"]["providers"] = {"decoder": ["CUDAExecutionProvider"]}
-    assert "providers" in _lat_gate(gpu, _lat_doc(), tmp_path).problems[0]
+    assert "providers" in _lat_gate(gpu, _lat_doc()).problems[0]
 
 
-def test_gate_passes_pytorch_only_changes(tmp_path):
+def test_gate_passes_pytorch_only_changes():
     """On the baseline's machine only the runtime's seconds are gated: PyTorch twice as fast (which halves
     every ratio) or twice as slow changes nothing."""
     for factor in (0.5, 2.0):
         other_pytorch = _lat_doc(pytorch={k: 3.0 * factor for k in latency.STAGES})
-        result = _lat_gate(other_pytorch, _lat_doc(), tmp_path)
+        result = _lat_gate(other_pytorch, _lat_doc())
         assert result.problems == [] and result.compared > 0
 
 
-def test_gate_fails_on_a_runtime_slowdown(tmp_path):
-    result = _lat_gate(_lat_doc(runtime={"prefill": 1.3}), _lat_doc(), tmp_path)
+def test_gate_fails_on_a_runtime_slowdown():
+    result = _lat_gate(_lat_doc(runtime={"prefill": 1.3}), _lat_doc())
     assert [p.split(":")[0] for p in result.problems] == ["runtime/text/prefill"] and "lower is better" in result.problems[0]
     slow_decode = _lat_doc(runtime={"decode_tok_s": 8.0})
-    assert any("runtime/text/decode_span_s" in p for p in _lat_gate(slow_decode, _lat_doc(), tmp_path).problems)
+    assert any("runtime/text/decode_span_s" in p for p in _lat_gate(slow_decode, _lat_doc()).problems)
 
 
-def test_gate_needs_the_best_run_slower_too(tmp_path):
+def test_gate_needs_the_best_run_slower_too():
     """A median beyond tolerance whose best run is within tolerance of the baseline's best run is noise on some
     runs, not a regression; every run slower (the best too) is one. The baseline's best is what counts."""
     def total(mn, p50):
@@ -155,7 +154,7 @@ def test_gate_needs_the_best_run_slower_too(tmp_path):
     def gate(cur_total, base_total):
         cur, base = _lat_doc(), _lat_doc()
         cur["rows"][0]["stages"]["total"], base["rows"][0]["stages"]["total"] = cur_total, base_total
-        return _lat_gate(cur, base, tmp_path)
+        return _lat_gate(cur, base)
 
     noisy = gate(total(1.1, 1.3), total(1.0, 1.0))
     assert not noisy.problems and any("runtime/text/total" in n and "disturbed" in n for n in noisy.notes)
@@ -165,25 +164,25 @@ def test_gate_needs_the_best_run_slower_too(tmp_path):
     # decode is gated as the span its rate implies; the highest rate is the best run
     cur, base = _lat_doc(), _lat_doc()
     cur["rows"][0]["stages"]["decode_tok_s"] = {"n": 3, "min": 5.0, "p50": 6.0, "p95": 9.5, "max": 9.5, "mean": 7.0}
-    assert not _lat_gate(cur, base, tmp_path).problems
+    assert not _lat_gate(cur, base).problems
     cur["rows"][0]["stages"]["decode_tok_s"]["max"] = 8.0
-    assert "runtime/text/decode_span_s" in _lat_gate(cur, base, tmp_path).regressed
+    assert "runtime/text/decode_span_s" in _lat_gate(cur, base).regressed
 
 
-def test_gate_without_the_baselines_best_needs_the_best_run_past_its_median(tmp_path):
+def test_gate_without_the_baselines_best_needs_the_best_run_past_its_median():
     """A baseline without best runs (no min recorded): the best run must be worse than the baseline's median."""
     cur = benchlib.Metric(1.3, 0.15, best=0.95)
     assert benchlib.compare_metrics({"t": cur}, {"t": 1.0}).problems == []
     assert benchlib.compare_metrics({"t": benchlib.Metric(1.3, 0.15, best=1.05)}, {"t": 1.0}).problems
 
 
-def test_gate_refuses_other_warmup_and_notes_other_runs(tmp_path):
+def test_gate_refuses_other_warmup_and_notes_other_runs():
     cur, base = _lat_doc(), _lat_doc()
     cur["warmup"], base["warmup"] = 3, 1
-    problems = _lat_gate(cur, base, tmp_path).problems
+    problems = _lat_gate(cur, base).problems
     assert len(problems) == 1 and "warm-up" in problems[0]
     base["warmup"], cur["runs"], base["runs"] = 3, 5, 2
-    result = _lat_gate(cur, base, tmp_path)
+    result = _lat_gate(cur, base)
     assert result.problems == [] and any("2 runs per scenario" in n for n in result.notes)
 
 
@@ -215,43 +214,43 @@ def test_confirmation_keeps_only_what_reproduces():
     assert any(n.startswith("runtime/text/total") and "not confirmed" in n for n in out.notes)
 
 
-def test_gate_compares_only_ratios_across_machines(tmp_path):
+def test_gate_compares_only_ratios_across_machines():
     slower_machine = _lat_doc(cpu="cpu B", runtime={k: 2.0 for k in latency.STAGES},
                               pytorch={k: 6.0 for k in latency.STAGES})
-    result = _lat_gate(slower_machine, _lat_doc(), tmp_path)
+    result = _lat_gate(slower_machine, _lat_doc())
     assert result.problems == [] and any("another machine" in n for n in result.notes)
     worse_ratio = _lat_doc(cpu="cpu B", runtime={"prefill": 2.0})
-    problems = _lat_gate(worse_ratio, _lat_doc(), tmp_path).problems
+    problems = _lat_gate(worse_ratio, _lat_doc()).problems
     assert problems and all(p.startswith("speedup/text/") for p in problems)
 
 
-def test_gate_other_flags_are_another_machine(tmp_path):
+def test_gate_other_flags_are_another_machine():
     vnni = _lat_doc(runtime={"prefill": 0.5})
     vnni["system"]["cpu_flags"] = ["avx2", "avx512_vnni"]
-    result = _lat_gate(vnni, _lat_doc(runtime={"prefill": 0.4}), tmp_path)
+    result = _lat_gate(vnni, _lat_doc(runtime={"prefill": 0.4}))
     assert any("another machine" in n for n in result.notes)
     assert not any(p.startswith("runtime/") for p in result.problems)
 
 
-def test_gate_reports_nothing_comparable(tmp_path):
+def test_gate_reports_nothing_comparable():
     base = _lat_doc()
     base["speedups"] = {}
-    result = _lat_gate(_lat_doc(cpu="other"), base, tmp_path)
+    result = _lat_gate(_lat_doc(cpu="other"), base)
     assert len(result.problems) == 2 and "nothing to compare" in result.problems[0]
     assert "--reference both" in result.problems[1]
 
 
-def test_gate_refuses_other_budgets(tmp_path):
+def test_gate_refuses_other_budgets():
     cur, base = _lat_doc(), _lat_doc()
     cur["budgets"], base["budgets"] = {"new_tokens": 32, "verdict_tokens": 4}, {"new_tokens": 16, "verdict_tokens": 4}
-    result = _lat_gate(cur, base, tmp_path)
+    result = _lat_gate(cur, base)
     assert len(result.problems) == 1 and "budgets" in result.problems[0]
 
 
-def test_gate_refuses_an_old_schema(tmp_path):
+def test_gate_refuses_an_old_schema():
     base = _lat_doc()
     base["schema_version"] = 1
-    result = _lat_gate(_lat_doc(), base, tmp_path)
+    result = _lat_gate(_lat_doc(), base)
     assert len(result.problems) == 1 and "schema_version 1" in result.problems[0] and "new baseline" in result.problems[0]
 
 
