@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import OmniGuardError
+from .errors import OmniGuardError, describe
 
 PROFILE_NAMES = ["tiny", "small", "3b-shape", "7b-shape"]
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNKNOWN = 0, 1, 2, 3  # safe/unsafe, error, usage error, unparsed answer
@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (no usage block) and exit status 2."""
 
     def error(self, message):
-        message = " ".join(str(message).split())
+        message = _one_line(message)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except OmniGuardError as exc:
-        print(f"omniguard-edge {args.command}: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        print(f"omniguard-edge {args.command}: {_one_line(describe(exc))}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"omniguard-edge {args.command}: interrupted", file=sys.stderr)
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a failure that is not the user's: still one line, the traceback on request
         if args.verbose:
             logging.exception("unexpected failure")
-        print(f"omniguard-edge {args.command}: unexpected {type(exc).__name__}: {_one_line(exc)} "
+        print(f"omniguard-edge {args.command}: unexpected {_one_line(describe(exc))} "
               "(run with -v for the traceback)", file=sys.stderr)
         return EXIT_ERROR
 

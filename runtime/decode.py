@@ -25,6 +25,7 @@ class DecodeState:
     length: int  # tokens in the cache
     rope_delta: int  # decode position = length + rope_delta (TMRoPE)
     prefill_runs: int = 1  # graph runs the prefill took (chunked prefill: more than one)
+    run_options: object = None  # onnxruntime RunOptions for this generation's runs (e.g. arena shrinkage)
 
 
 @dataclass
@@ -50,23 +51,25 @@ class Decoder:
         """`prefill_chunk`: default chunk size of the prefill in tokens (None: the whole prompt in one run)."""
         self.session = session
         self.prefill_chunk = _check_chunk(prefill_chunk)
-        self.run_options = None  # onnxruntime RunOptions for this generation's runs (generate sets them)
         self.layers, self.kv_heads, self.head_dim = decoder["num_layers"], decoder["num_kv_heads"], decoder["head_dim"]
         self.names = [f"past_{part}_{i}" for i in range(self.layers) for part in ("key", "value")]
 
     def _run(self, embeds: np.ndarray, positions: np.ndarray, state: DecodeState):
         feeds = {"inputs_embeds": embeds.astype(np.float32, copy=False), "attention_mask": state.mask,
                  "position_ids": positions, **dict(zip(self.names, state.past))}
-        logits, *present = self.session.run(None, feeds, self.run_options)
+        logits, *present = self.session.run(None, feeds, state.run_options)
         return logits, present
 
-    def prefill(self, embeds: np.ndarray, positions: np.ndarray, rope_delta: int, chunk: int | None = None):
+    def prefill(self, embeds: np.ndarray, positions: np.ndarray, rope_delta: int, chunk: int | None = None,
+                run_options=None):
         """embeds [1, S, H], positions [3, 1, S] -> (logits [vocab], state). `chunk` (default: the
-        decoder's `prefill_chunk`) splits the prompt into graph runs of at most that many tokens."""
+        decoder's `prefill_chunk`) splits the prompt into graph runs of at most that many tokens;
+        `run_options` apply to these runs and to the `step`s that continue from the returned state."""
         chunk = _check_chunk(chunk) or self.prefill_chunk
         total = embeds.shape[1]
         empty = np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
-        state = DecodeState([empty] * (2 * self.layers), np.ones((1, total), np.int64), 0, rope_delta)
+        state = DecodeState([empty] * (2 * self.layers), np.ones((1, total), np.int64), 0, rope_delta,
+                            run_options=run_options)
         if chunk is None or total <= chunk:
             logits, present = self._run(embeds, positions, state)
             state.past, state.length = present, total
@@ -97,10 +100,9 @@ class Decoder:
         masked, as transformers' MinNewTokensLogitsProcessor does (fixed budgets for benchmarks).
         `prefill_chunk` overrides the decoder's default chunk size for this prompt (see `prefill`);
         `run_options` (onnxruntime RunOptions, e.g. arena shrinkage for a large request) apply to its runs."""
-        self.run_options = run_options
         out, t0 = Generation(), time.perf_counter()
         eos_list = sorted(eos_ids)
-        logits, state = self.prefill(embeds, positions, rope_delta, prefill_chunk)
+        logits, state = self.prefill(embeds, positions, rope_delta, prefill_chunk, run_options)
         out.timings["prefill"] = time.perf_counter() - t0
         out.prefill_chunks = state.prefill_runs
         out.first_logits = logits
