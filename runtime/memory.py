@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import InputError, MemoryBudgetError  # noqa: F401 (re-exported: callers catch it here too)
 
@@ -233,13 +233,6 @@ class Plan:
 
     prefill_chunk: int | None  # None: the prompt is prefilled in one run
     estimate: Estimate  # at that chunk size
-    budget: int
-    max_vision_patches: int  # the most patches one vision call may have (all images and videos together)
-    notes: tuple[str, ...] = field(default=())
-
-    def max_image_pixels(self, g: Geometry, items: int = 1) -> int:
-        """Pixel cap per image (after resizing) when `items` images share the vision budget equally."""
-        return (self.max_vision_patches // max(1, items)) * g.patch_size**2
 
 
 def _geometry(source) -> Geometry:
@@ -254,14 +247,14 @@ def plan_request(source, sizes: RequestSizes, budget: MemoryBudget | int = Memor
     g = _geometry(source)
     limit = budget.bytes if isinstance(budget, MemoryBudget) else int(budget)
     max_chunk = budget.max_chunk if isinstance(budget, MemoryBudget) else DEFAULT_MAX_CHUNK
-    patches_cap = max_vision_patches(g, limit)
     s, n = int(sizes.prompt_tokens), int(sizes.new_tokens)
     if s < 0 or n < 0:
         raise InputError(f"prompt_tokens and new_tokens must be >= 0, not {s} and {n}")
     vision, audio = vision_bytes(g, sizes.vision_patches), audio_bytes(g, sizes.audio_frames)
     for stage, need in (("the vision encoder", vision), ("the audio encoder", audio)):
         if need + ALLOCATOR_SLACK > limit:
-            extra = (f" (at most {patches_cap} patches, about {patches_cap * g.patch_size**2} pixels per image "
+            cap = max_vision_patches(g, limit)
+            extra = (f" (at most {cap} patches, about {cap * g.patch_size**2} pixels per image "
                      "for a single image: lower the resolution)" if stage == "the vision encoder" else "")
             raise MemoryBudgetError(
                 f"request exceeds the memory budget of {_fmt(limit)} by {_fmt(need + ALLOCATOR_SLACK - limit)}: "
@@ -276,12 +269,11 @@ def plan_request(source, sizes: RequestSizes, budget: MemoryBudget | int = Memor
     candidates = ([None] if s <= max_chunk else []) + [c for c in _chunks(max_chunk) if c < s]
     best = None
     for chunk in candidates:
-        est = Estimate(vision, audio, max(decoder_bytes(g, s, chunk), generation))
+        est = estimate(g, sizes, chunk)
         if est.peak <= limit:
-            return Plan(chunk, est, limit, patches_cap)
+            return Plan(chunk, est)
         best = est
-    need = best.peak if best is not None else Estimate(vision, audio, max(decoder_bytes(g, s, MIN_CHUNK),
-                                                                          generation)).peak
+    need = (best if best is not None else estimate(g, sizes, MIN_CHUNK)).peak
     raise MemoryBudgetError(
         f"request exceeds the memory budget of {_fmt(limit)} by {_fmt(need - limit)}: a prompt of {s} tokens needs "
         f"an estimated {_fmt(need)} even prefilled in chunks of {MIN_CHUNK} tokens (KV cache "
