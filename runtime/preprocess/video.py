@@ -240,10 +240,10 @@ def _from_array(source, cfg: ImageConfig, limits: VideoLimits):
     if total < FRAME_FACTOR:
         raise InputError(f"video has {total} frames: at least {FRAME_FACTOR} are needed")
     _check_frame_size(arr.shape[2], arr.shape[1], "video", limits)
-    n = sample_count(total, fps, limits)
-    idx = np.round(np.linspace(0, total - 1, n)).astype(int)
-    size = target_size(arr.shape[1], arr.shape[2], n, cfg, limits)
-    return [_resize(np.ascontiguousarray(arr[i]), size) for i in idx], n, total, fps
+    keep = _Resized(total, fps, arr.shape[2], arr.shape[1], cfg, limits)  # the sampling the decoder path uses
+    for i in keep.wanted:
+        keep.offer(i, np.ascontiguousarray(arr[i]))
+    return keep.frames, keep.n, total, fps
 
 
 def video_pixels(source, cfg: ImageConfig = ImageConfig(), limits: VideoLimits = VideoLimits()):
