@@ -44,7 +44,8 @@ def predict_runtime(bundle: Path, items, args, bar) -> list[dict]:
     from omniguard_edge.runtime.bundle import SessionOptions
     from omniguard_edge.runtime.guard import Guard, GuardOptions
 
-    guard = Guard.from_bundle(bundle, GuardOptions(max_new_tokens=args.new_tokens,
+    # free greedy decoding, as the PyTorch side decodes (the answer grammar would change what is compared)
+    guard = Guard.from_bundle(bundle, GuardOptions(max_new_tokens=args.new_tokens, constrain_verdict=False,
                                                    session=SessionOptions(intra_op_threads=args.threads)))
     out = []
     for it in items:

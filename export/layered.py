@@ -107,14 +107,14 @@ def _export_piece(name, module, inputs, outputs, axes, example, cases, work: Pat
 
 
 def _layer_cases(layer_module, cfg, index: int, rng, prologue):
-    """Prefill (batch 1, empty past) and decode (batch 2, past 5, left padding) for one layer, with
-    transformers' own decoder layer as the reference."""
+    """Prefill (batch 1, empty past), decode (batch 2, past 5, left padding) and extend (batch 1, past 7, 6 new
+    tokens: a cached prefix) for one layer, with transformers' own decoder layer as the reference."""
     import torch
     from transformers import DynamicCache
 
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     out = []
-    for case, batch, seq, past in (("prefill_b1", 1, 7, 0), ("decode_b2_leftpad", 2, 1, 5)):
+    for case, batch, seq, past in (("prefill_b1", 1, 7, 0), ("decode_b2_leftpad", 2, 1, 5), ("extend_b1", 1, 6, 7)):
         mask = np.ones((batch, past + seq), np.int64)
         if batch > 1:
             mask[1, :2] = 0

@@ -44,6 +44,16 @@ def _int_in(lo: int, hi: int):
     return parse
 
 
+def _probability(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number (a probability in [0, 1])") from None
+    if not 0.0 <= number <= 1.0:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"{value} is out of range (a probability in [0, 1])")
+    return number
+
+
 def _utf8(value: str) -> str:
     """Arguments arrive surrogate-escaped when they are not valid UTF-8: text must be real text."""
     try:
@@ -161,6 +171,9 @@ def _format_result(result) -> str:
     cats = ", ".join(f"{c['code']} {c['name']}" for c in result.categories) or "-"
     p = f"{result.p_unsafe:.3f}" if result.p_unsafe is not None else "n/a"
     lines = [f"verdict: {result.verdict}", f"categories: {cats}", f"P(unsafe): {p}"]
+    if result.category_scores:
+        top = sorted(result.category_scores.items(), key=lambda kv: -kv[1])[:3]
+        lines.append("top category scores: " + ", ".join(f"{c} {v:.3f}" for c, v in top))
     if result.error:
         lines.append(f"error: {result.error}")
     if result.critique:
@@ -176,9 +189,10 @@ def cmd_moderate(args) -> int:
     from .guard import Guard, GuardOptions
 
     session = SessionOptions(providers=tuple(args.providers), intra_op_threads=args.threads)
-    options = GuardOptions(critique=args.critique, max_new_tokens=args.max_new_tokens,
-                           critique_max_new_tokens=args.max_new_tokens if args.critique else 256,
-                           constrain_verdict=args.constrain_verdict, session=session)
+    budget = {"max_new_tokens": args.max_new_tokens} if args.mode != "full" else \
+        {"critique_max_new_tokens": args.max_new_tokens or 256}
+    options = GuardOptions(mode=args.mode, threshold=args.threshold, constrain_verdict=not args.no_constrain,
+                           session=session, **({k: v for k, v in budget.items() if v}))
     guard = Guard.from_bundle(args.bundle, options)
     media = {kind: (paths[0] if len(paths) == 1 else paths) for kind in ("image", "video", "audio")
              if (paths := getattr(args, kind))}  # one file is named `image`, several `image[i]` in errors
@@ -247,10 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", type=_media_file, action="append", help="image file (repeatable)")
     p.add_argument("--audio", type=_media_file, action="append", help="audio file: wav, flac, ogg (repeatable)")
     p.add_argument("--video", type=_media_file, action="append", help="video file: mp4, webm, avi (repeatable)")
-    p.add_argument("--critique", action="store_true", help="also generate the critique (slower)")
-    p.add_argument("--max-new-tokens", type=_int_in(1, 1 << 20), default=32,
-                   help="generation budget, >= 1 (default 32: verdict first)")
-    p.add_argument("--constrain-verdict", action="store_true", help="restrict the first token to safe/unsafe")
+    p.add_argument("--mode", choices=["verdict", "categories", "full"], default="categories",
+                   help="verdict: stop at the verdict; categories (default): after the categories line; "
+                        "full: the critique too (slower)")
+    p.add_argument("--threshold", type=_probability, default=0.5,
+                   help="the verdict is unsafe when P(unsafe) >= this, in [0, 1] (default 0.5)")
+    p.add_argument("--no-constrain", action="store_true",
+                   help="free greedy decoding instead of the answer grammar (parity checks; P(unsafe) still read)")
+    p.add_argument("--max-new-tokens", type=_int_in(1, 1 << 20), default=None,
+                   help="generation budget, >= 1 (default 32; 256 with --mode full)")
     p.add_argument("--providers", nargs="+", type=_utf8, default=["CPUExecutionProvider"],
                    help="onnxruntime providers")
     p.add_argument("--threads", type=_int_in(0, MAX_THREADS), default=0,

@@ -1,19 +1,27 @@
 """Greedy decoding with a KV cache over the decoder graph (after gpt-fast: prefill, one step, loop).
 
-Chunked prefill: a prompt longer than `prefill_chunk` tokens is fed in chunks of that many tokens through the
-past-KV path (each chunk sees the cache of the chunks before it), so the attention scores of one graph run are
-chunk x length instead of length x length. The decoder graph's causal mask is built from the past length, so
-the result equals a one-shot prefill (tests/test_memory.py checks logits and cache within 1e-4); a prompt that
-fits in one chunk is prefilled exactly as before.
+The graph takes a past of any length and any number of new tokens ("extend"): a prefill is an extension of an
+empty past, a decode step an extension by one token, a cached policy prefix (runtime/prefix.py) the past of a
+request's prefill, and a forced literal of the answer grammar (runtime/answer.py) one extension of several tokens.
+The graph's causal mask is built from the past length, so splitting a sequence into extensions gives the logits
+and cache of one run (tests/test_memory.py, tests/test_prefix.py: within 1e-4).
+
+Chunked prefill: a prompt longer than `prefill_chunk` tokens is fed in chunks of that many tokens, so the
+attention scores of one graph run are chunk x length instead of length x length.
+
+The graph returns new present arrays and never writes to its inputs, so a state is forked by copying its list of
+arrays (`fork`): the category scores continue a hypothetical answer from the verdict position that way.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
+
+from .errors import NumericalError
 
 
 @dataclass
@@ -23,8 +31,8 @@ class DecodeState:
     past: list[np.ndarray]  # past_key_0, past_value_0, ... [batch, kv_heads, length, head_dim]
     mask: np.ndarray  # [batch, length] int64
     length: int  # tokens in the cache
-    rope_delta: int  # decode position = length + rope_delta (TMRoPE)
-    prefill_runs: int = 1  # graph runs the prefill took (chunked prefill: more than one)
+    rope_delta: int  # position of the token at cache index i = i + rope_delta (TMRoPE), past the prompt's media
+    prefill_runs: int = 0  # graph runs the prefill took (chunked prefill: more than one)
     run_options: object = None  # onnxruntime RunOptions for this generation's runs (e.g. arena shrinkage)
 
 
@@ -33,9 +41,10 @@ class Generation:
     tokens: list[int] = field(default_factory=list)
     first_logits: np.ndarray | None = None  # logits that chose the first generated token [vocab]
     stop_reason: str = "max_new_tokens"  # eos | max_new_tokens | stop_rule
-    timings: dict = field(default_factory=dict)  # prefill, first_token, decode seconds
+    timings: dict = field(default_factory=dict)  # prefill, first_token, verdict, decode seconds
     prefill_chunks: int = 1  # graph runs the prefill took (1: one shot)
     token_times: list[float] = field(default_factory=list)  # seconds from the start of prefill to each token
+    verdict_state: DecodeState | None = None  # a fork of the state whose logits chose the verdict token
 
 
 def _check_chunk(chunk) -> int | None:
@@ -44,6 +53,21 @@ def _check_chunk(chunk) -> int | None:
     if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
         raise ValueError(f"prefill_chunk must be None (one shot) or an int >= 1, not {chunk!r}")
     return int(chunk)
+
+
+def fork(state: DecodeState) -> DecodeState:
+    """An independent copy of `state` (the arrays are shared: the graph never writes to its inputs)."""
+    return replace(state, past=list(state.past))
+
+
+def finite_logits(logits: np.ndarray, what: str) -> None:
+    """NumericalError unless every logit is finite: argmax over NaN is index 0, so a NaN must never choose."""
+    finite = np.isfinite(logits)
+    if not finite.all():
+        bad = finite.size - int(finite.sum())
+        nan = int(np.isnan(logits).sum())
+        raise NumericalError(f"{what}: {bad} of {finite.size} values are not finite ({nan} NaN, {bad - nan} "
+                             "infinite); nothing was judged")
 
 
 class Decoder:
@@ -60,68 +84,88 @@ class Decoder:
         logits, *present = self.session.run(None, feeds, state.run_options)
         return logits, present
 
+    def start(self, rope_delta: int, run_options=None, past: list[np.ndarray] | None = None,
+              length: int = 0) -> DecodeState:
+        """A state with an empty cache, or with `past` (e.g. a cached prompt prefix of `length` tokens)."""
+        if past is None:
+            empty = np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
+            past, length = [empty] * (2 * self.layers), 0
+        return DecodeState(list(past), np.ones((1, length), np.int64), length, rope_delta, run_options=run_options)
+
+    def extend(self, state: DecodeState, embeds: np.ndarray, positions: np.ndarray | None = None,
+               chunk: int | None = None) -> np.ndarray:
+        """Feed embeds [1, S, H] after the state's cache (positions [3, 1, S]; default: text positions
+        length + rope_delta onwards), in graph runs of at most `chunk` tokens; -> logits of the last
+        position [vocab]; the state is advanced."""
+        total = embeds.shape[1]
+        if positions is None:
+            start = state.length + state.rope_delta
+            positions = np.broadcast_to(np.arange(start, start + total, dtype=np.int64), (3, 1, total))
+        chunk = chunk or total
+        for begin in range(0, total, chunk):
+            end = min(begin + chunk, total)
+            state.mask = np.ones((1, state.length + end - begin), np.int64)
+            logits, present = self._run(embeds[:, begin:end], positions[:, :, begin:end], state)
+            state.past, state.length = present, state.length + end - begin  # the previous cache is released here
+        return logits[0]
+
     def prefill(self, embeds: np.ndarray, positions: np.ndarray, rope_delta: int, chunk: int | None = None,
-                run_options=None):
+                run_options=None, state: DecodeState | None = None):
         """embeds [1, S, H], positions [3, 1, S] -> (logits [vocab], state). `chunk` (default: the
         decoder's `prefill_chunk`) splits the prompt into graph runs of at most that many tokens;
-        `run_options` apply to these runs and to the `step`s that continue from the returned state."""
+        `run_options` apply to these runs and to the `step`s that continue from the returned state;
+        `state`: continue from it (a cached prefix) instead of an empty cache."""
         chunk = _check_chunk(chunk) or self.prefill_chunk
+        state = state if state is not None else self.start(rope_delta, run_options)
         total = embeds.shape[1]
-        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
-        state = DecodeState([empty] * (2 * self.layers), np.ones((1, total), np.int64), 0, rope_delta,
-                            run_options=run_options)
-        if chunk is None or total <= chunk:
-            logits, present = self._run(embeds, positions, state)
-            state.past, state.length = present, total
-            return logits[0], state
-        state.prefill_runs = 0
-        for start in range(0, total, chunk):
-            end = min(start + chunk, total)
-            state.mask = np.ones((1, end), np.int64)
-            logits, present = self._run(embeds[:, start:end], positions[:, :, start:end], state)
-            state.past, state.length = present, end  # the previous cache is released here
-            state.prefill_runs += 1
-        return logits[0], state
+        logits = self.extend(state, embeds, positions, chunk)
+        state.prefill_runs = -(-total // chunk) if chunk else 1
+        return logits, state
 
     def step(self, embed: np.ndarray, state: DecodeState):
-        """embed [1, 1, H] of the last chosen token -> (logits [vocab], state advanced by one)."""
-        pos = np.full((3, 1, 1), state.length + state.rope_delta, np.int64)
-        state.mask = np.ones((1, state.length + 1), np.int64)
-        logits, present = self._run(embed, pos, state)
-        state.past, state.length = present, state.length + 1
-        return logits[0], state
+        """embed [1, n, H] of the last chosen token(s) -> (logits [vocab], state advanced by n)."""
+        return self.extend(state, embed), state
 
-    def generate(self, embeds, positions, rope_delta: int, embed_token: Callable[[int], np.ndarray],
-                 max_new_tokens: int, eos_ids: set[int], stop: Callable[[list[int]], bool] | None = None,
-                 choose: Callable[[list[int], np.ndarray], int] | None = None,
-                 min_new_tokens: int = 0, prefill_chunk: int | None = None, run_options=None) -> Generation:
-        """Greedy loop: `choose(tokens so far, logits)` may restrict a position (constrained verdict),
-        `stop(tokens)` may end early (verdict-first). Before `min_new_tokens` tokens the EOS ids are
-        masked, as transformers' MinNewTokensLogitsProcessor does (fixed budgets for benchmarks).
-        `prefill_chunk` overrides the decoder's default chunk size for this prompt (see `prefill`);
-        `run_options` (onnxruntime RunOptions, e.g. arena shrinkage for a large request) apply to its runs."""
+    def generate(self, embeds, positions, rope_delta: int, embed_tokens: Callable[[list[int]], np.ndarray],
+                 max_new_tokens: int, eos_ids: set[int], answer=None, min_new_tokens: int = 0,
+                 prefill_chunk: int | None = None, run_options=None, state: DecodeState | None = None) -> Generation:
+        """Greedy loop. `answer` (runtime/answer.Answer, or anything with `choose(logits) -> [tokens]` and
+        `finished`) chooses the tokens of each position (several when it forces a literal: they are fed in
+        one run) and says when to stop (verdict-first); without it, argmax to EOS or the budget. Every logit
+        must be finite (NumericalError otherwise), before the EOS ids are masked: before `min_new_tokens`
+        tokens the EOS ids are masked, as transformers' MinNewTokensLogitsProcessor does (fixed budgets for
+        benchmarks). `embed_tokens(ids)` -> [n, H]. `state`: a cached prefix to continue from."""
         out, t0 = Generation(), time.perf_counter()
         eos_list = sorted(eos_ids)
-        logits, state = self.prefill(embeds, positions, rope_delta, prefill_chunk, run_options)
+        logits, state = self.prefill(embeds, positions, rope_delta, prefill_chunk, run_options, state)
         out.timings["prefill"] = time.perf_counter() - t0
         out.prefill_chunks = state.prefill_runs
         out.first_logits = logits
-        for i in range(max_new_tokens):
-            if i < min_new_tokens and eos_list:
+        while len(out.tokens) < max_new_tokens:
+            finite_logits(logits, f"the decoder's logits for generated token {len(out.tokens) + 1}")
+            if len(out.tokens) < min_new_tokens and eos_list:
                 logits = logits.copy()
                 logits[eos_list] = -np.inf
-            token = choose(out.tokens, logits) if choose else int(np.argmax(logits))
-            out.tokens.append(token)
-            out.token_times.append(time.perf_counter() - t0)
-            if i == 0:
-                out.timings["first_token"] = time.perf_counter() - t0
-            if token in eos_ids:
+            chosen = answer.choose(logits) if answer is not None else [int(np.argmax(logits))]
+            if answer is not None and getattr(answer, "verdict_index", None) == len(out.tokens) \
+                    and out.verdict_state is None:
+                out.verdict_state = fork(state)
+                out.timings["verdict"] = time.perf_counter() - t0
+            chosen = chosen[: max_new_tokens - len(out.tokens)]
+            out.tokens += chosen
+            now = time.perf_counter() - t0
+            out.token_times += [now] * len(chosen)
+            if "first_token" not in out.timings:
+                out.timings["first_token"] = now
+            if any(t in eos_ids for t in chosen):
                 out.stop_reason = "eos"
+                del out.tokens[next(i for i, t in enumerate(out.tokens) if t in eos_ids) + 1:]
                 break
-            if stop is not None and stop(out.tokens):
+            if answer is not None and answer.finished:
                 out.stop_reason = "stop_rule"
                 break
-            if i + 1 < max_new_tokens:
-                logits, state = self.step(embed_token(token)[None, None, :], state)
+            if len(out.tokens) < max_new_tokens:
+                logits = self.extend(state, embed_tokens(chosen)[None])
         out.timings["decode"] = time.perf_counter() - t0
+        out.token_times = out.token_times[: len(out.tokens)]
         return out

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import re
 import time
@@ -14,7 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .bundle import Bundle, SessionOptions, open_bundle
-from .decode import Decoder
+from .answer import MODES, Answer, AnswerTokens, first_code_probabilities
+from .decode import Decoder, fork
+from .encoder_cache import DEFAULT_BYTES, EncoderCache, content_key
 from .encoders import encode_audio, encode_vision
 from .errors import InputError, MemoryBudgetError, NumericalError, OmniGuardError, describe, message_of
 from .memory import (ALLOCATOR_SLACK, Geometry, MemoryBudget, RequestSizes, max_vision_patches, plan_request,
@@ -26,6 +27,7 @@ from .preprocess.image import ImageConfig, ImageLimits, image_pixels, smart_resi
 from .preprocess.video import MAX_FPS, VideoLimits, check_fps, video_pixels
 from .prompt import MEDIA_KINDS, Conversation, Policy, PromptTokenizer, compose_guard_text
 from .prompt.tokenize import Item
+from .prefix import PrefixCache, reusable
 from .verdict import ModerationResult, parse
 
 log = logging.getLogger(__name__)
@@ -37,10 +39,17 @@ class GuardOptions:
     """Moderation settings; every field has a sane default."""
 
     policy: Policy = Policy()  # categories shown to the guard
-    max_new_tokens: int = 32  # budget for verdict + categories (verdict-first: stops once they are read)
-    critique: bool = False  # also generate the critique, up to critique_max_new_tokens
-    critique_max_new_tokens: int = 256
-    constrain_verdict: bool = False  # first token restricted to `safe`/`unsafe` (always parseable)
+    # verdict: stop once the verdict token is chosen; categories: once the categories line has ended (for `safe`:
+    # at the verdict); full: the critique too, up to critique_max_new_tokens (runtime/answer.py)
+    mode: str = "categories"
+    max_new_tokens: int = 32  # budget of the verdict and categories modes
+    critique_max_new_tokens: int = 256  # budget of the full mode
+    # the answer grammar over both output styles (runtime/answer.py); False: free greedy decoding (parity checks)
+    constrain_verdict: bool = True
+    threshold: float = 0.5  # the verdict is `unsafe` when P(unsafe) >= threshold (constrained decoding)
+    category_thresholds: dict | None = None  # {code: t}: report only codes whose category score reaches t
+    prefix_cache: bool = True  # reuse the decoder cache of the prompt's fixed opening (runtime/prefix.py)
+    encoder_cache_bytes: int = DEFAULT_BYTES  # features of media already seen, by content hash; 0: off
     min_new_tokens: int = 0  # EOS masked before this many tokens (benchmarks: fixed answer lengths)
     max_prompt_tokens: int | None = None  # default (and the most allowed): the decoder's context minus the token budget
     image_limits: ImageLimits = ImageLimits()
@@ -58,13 +67,31 @@ class GuardOptions:
                 raise ValueError(f"GuardOptions.{name} must be an int >= {lo}{' or None' if optional else ''}, "
                                  f"not {value!r}")
 
+        def probability(name, value):
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
+                    or not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"GuardOptions.{name} must be a number in [0, 1], not {value!r}")
+
         whole("max_new_tokens", 1)
         whole("critique_max_new_tokens", 1)
         whole("min_new_tokens", 0)
         whole("max_prompt_tokens", 1, optional=True)
-        for name in ("critique", "constrain_verdict"):
+        whole("encoder_cache_bytes", 0)
+        if self.mode not in MODES:
+            raise ValueError(f"GuardOptions.mode must be one of {', '.join(repr(m) for m in MODES)}, not {self.mode!r}")
+        for name in ("constrain_verdict", "prefix_cache"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"GuardOptions.{name} must be a bool, not {getattr(self, name)!r}")
+        probability("threshold", self.threshold)
+        if self.category_thresholds is not None:
+            if not isinstance(self.category_thresholds, dict):
+                raise ValueError("GuardOptions.category_thresholds must be a dict {code: threshold} or None, not "
+                                 f"{self.category_thresholds!r}")
+            for code, value in self.category_thresholds.items():
+                if not isinstance(code, str) or self.policy.name_of(code) is None:
+                    raise ValueError(f"GuardOptions.category_thresholds: {code!r} is not a code of the policy "
+                                     f"(S1..S{len(self.policy.categories)})")
+                probability(f"category_thresholds[{code!r}]", value)
         if not isinstance(self.memory, MemoryBudget):
             raise ValueError(f"GuardOptions.memory must be a MemoryBudget, not {self.memory!r}")
 
@@ -293,9 +320,12 @@ class Guard:
         gen = json.loads(bundle.file("generation_config.json").read_text()) if "generation_config.json" in m.files else {}
         eos = gen.get("eos_token_id", m.special_ids["im_end"])
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
-        verdict_ids = [self.prompt.encode_plain(w) for w in ("safe", "unsafe")]
-        self.verdict_ids = [v[0] for v in verdict_ids] if all(len(v) == 1 for v in verdict_ids) else None
-        self._codes_cache: list[int] | None = None  # category-line tokens, built on first constrained use
+        tok = bundle.tokenizer
+        self.answer_tokens = AnswerTokens.build(self.prompt.encode_plain, lambda i: tok.decode([i]),
+                                                min(m.special_ids.values()), self.eos_ids)
+        self.prefixes = PrefixCache()  # README "Time to verdict"
+        self.encoder_cache = EncoderCache(options.encoder_cache_bytes)
+        self._media_ids = {m.special_ids[k] for k in KINDS}
         self._token_bytes: int | None = None  # UTF-8 bytes of the longest vocabulary entry, built on first use
 
     @classmethod
@@ -413,11 +443,15 @@ class Guard:
         return plan_request(self.geometry, RequestSizes(len(ids), grids, frames, budget), self.options.memory)
 
     def _encode(self, prep: _Prepared, timings: dict, run_options=None) -> dict[str, list[np.ndarray]]:
-        """Encoder features per item; every value must be finite (NumericalError naming the item otherwise)."""
+        """Encoder features per item (from the encoder cache when the same input was encoded before); every value
+        must be finite (NumericalError naming the item otherwise)."""
         out = {k: [] for k in KINDS}
-        m, sessions = self.bundle.manifest, self.bundle.sessions
+        m, sessions, cache = self.bundle.manifest, self.bundle.sessions, self.encoder_cache
         labels = {k: [lb for kind, lb in zip(prep.items, prep.labels) if kind == k] for k in KINDS}
-        visual = [(k, i) for k in ("image", "video") for i in range(len(prep.features[k]))]
+        keys = {k: [content_key(k, prep.features[k][i], prep.grids[k][i] if k != "audio" else None) if cache.max_bytes
+                    else None for i in range(len(prep.features[k]))] for k in KINDS}
+        found = {k: [cache.get(key) if key else None for key in keys[k]] for k in KINDS}
+        visual = [(k, i) for k in ("image", "video") for i in range(len(prep.features[k])) if found[k][i] is None]
         if visual:
             if "vision" not in sessions:
                 raise InputError("this Guard was opened without the vision graph (SessionOptions.graphs)")
@@ -431,16 +465,24 @@ class Guard:
                                   [prep.grids[k][i] for k, i in visual], m.vision, vision_options)
             for (k, i), f in zip(visual, feats):
                 require_finite(f, f"{labels[k][i]}: the vision encoder's features")
-                out[k].append(f)
+                found[k][i] = f
+                if keys[k][i]:
+                    cache.put(keys[k][i], f)
             timings["vision"] = time.perf_counter() - t
-        if prep.features["audio"]:
+        audio = [i for i, f in enumerate(found["audio"]) if f is None]
+        if audio:
             if "audio" not in sessions:
                 raise InputError("this Guard was opened without the audio graph (SessionOptions.graphs)")
             t = time.perf_counter()
-            out["audio"] = encode_audio(sessions["audio"], prep.features["audio"], m.audio, run_options)
-            for label, f in zip(labels["audio"], out["audio"]):
-                require_finite(f, f"{label}: the audio encoder's features")
+            feats = encode_audio(sessions["audio"], [prep.features["audio"][i] for i in audio], m.audio, run_options)
+            for i, f in zip(audio, feats):
+                require_finite(f, f"{labels['audio'][i]}: the audio encoder's features")
+                found["audio"][i] = f
+                if keys["audio"][i]:
+                    cache.put(keys["audio"][i], f)
             timings["audio"] = time.perf_counter() - t
+        for k in KINDS:
+            out[k] = found[k]
         return out
 
     # -- prompt and embeddings -----------------------------------------------------------------------
@@ -463,85 +505,71 @@ class Guard:
         return embeds[None]
 
     # -- decoding --------------------------------------------------------------------------------------
-    def _stop_rule(self):
-        if self.options.critique:
-            return None
+    def _answer(self) -> Answer:
+        opts = self.options
+        codes = tuple(c.code for c in opts.policy.categories)
+        constrain = opts.constrain_verdict and self.answer_tokens is not None
+        return Answer(self.answer_tokens, codes, opts.mode, float(opts.threshold), constrain, self.prompt.decode)
 
-        def verdict_read(tokens: list[int]) -> bool:
-            lines = self.prompt.decode(tokens).split("\n")
-            first = lines[0].strip().lower()
-            if first.startswith("- safety assessment"):
-                return any(ln.strip().lower().startswith("- assessment") for ln in lines[1:])
-            return len(lines) >= (2 if first == "safe" else 3)
+    def _prefix(self, ids: list[int], kind: str, run_options) -> tuple[object, int]:
+        """(decoder state holding the cached prefix's first M positions, M) for these prompt ids; builds the
+        template's prefix on first use (README "Time to verdict")."""
+        entry = self.prefixes.get(kind)
+        if entry is None:
+            probes = [self._prompt_ids(Conversation.of(p) if kind == "text" else None,
+                                       _Prepared(items=[] if kind == "text" else ["image"],
+                                                 tokens=[] if kind == "text" else [1])) for p in ("a", "1")]
+            n = min(len(probes[0]), len(probes[1]))
+            same = next((i for i in range(n) if probes[0][i] != probes[1][i]), n)
+            media = [i for i, t in enumerate(probes[0][:same]) if t in self._media_ids]
+            prefix = probes[0][: media[0] if media else same]
+            if len(prefix) < 2:
+                return None, 0
+            state = self.decoder.start(0, run_options)
+            emb = self.bundle.embedding
+            self.decoder.extend(state, np.asarray(emb[np.asarray(prefix)], np.float32)[None])
+            entry = self.prefixes.put(kind, prefix, state.past)
+        m = reusable(ids, entry, self._media_ids)
+        if m < 1:
+            return None, 0
+        past = [p[:, :, :m] for p in entry.past]
+        return past, m
 
-        return verdict_read
+    def _scores(self, answer: Answer, gen) -> dict:
+        """Category scores (runtime/answer.py): P(unsafe) x q(code), q from runs that continue a fork of the
+        verdict position's state with the verdict `unsafe`."""
+        if not answer.constrain or gen.verdict_state is None or answer.p_unsafe is None:
+            return {}
+        base, head = gen.verdict_state, answer.score_path()
+        states = {(): base}
+        emb = self.bundle.embedding
 
-    def _chooser(self):
-        """Constrained verdict decoding: `safe`|`unsafe`, then a line end; after `unsafe`, a categories
-        line of S-codes, digits, commas and spaces, then a line end; free text after that."""
-        if not (self.options.constrain_verdict and self.verdict_ids):
-            return None
-        safe, unsafe = self.verdict_ids
-        newline = self.prompt.encode_plain("\n")
-        line_end = newline + sorted(self.eos_ids) if len(newline) == 1 else sorted(self.eos_ids)
-        codes = self._category_tokens()
+        def logits_after(path: list[int]) -> np.ndarray:
+            full = tuple(head + path)
+            k = max(len(p) for p in states if full[: len(p)] == p)
+            state = fork(states[full[:k]])
+            logits = self.decoder.extend(state, np.asarray(emb[list(full[k:])], np.float32)[None])
+            states[full] = state
+            return logits
 
-        def pick(logits: np.ndarray, allowed: list[int]) -> int:
-            values = logits[allowed]
-            if np.isnan(values).any() or np.isposinf(values).any():  # argmax would pick the first: `safe`
-                raise NumericalError("the decoder's logits for a constrained choice are not finite; nothing was judged")
-            return allowed[int(np.argmax(values))]
+        q = first_code_probabilities(answer, logits_after)
+        return {code: float(answer.p_unsafe * v) for code, v in q.items()}
 
-        def choose(tokens: list[int], logits: np.ndarray) -> int:
-            if not tokens:
-                return pick(logits, [safe, unsafe])
-            if len(tokens) == 1:
-                return pick(logits, line_end)
-            if tokens[0] == unsafe and line_end[0] not in tokens[2:]:
-                return pick(logits, codes + line_end if len(tokens) > 2 else codes)
-            return int(np.argmax(logits))
-
-        return choose
-
-    def _checked(self, choose):
-        """Wraps the token choice (constrained or plain argmax) with a finiteness check of the logits it is
-        given: a NaN or infinity anywhere in them is a NumericalError, so it can never pick a verdict (argmax
-        over NaN is index 0, and the constrained choice would read `safe`). The EOS ids masked to -inf while
-        `min_new_tokens` is not reached are the decoder's own doing and pass."""
-        eos, minimum = sorted(self.eos_ids), self.options.min_new_tokens
-
-        def checked(tokens: list[int], logits: np.ndarray) -> int:
-            finite = np.isfinite(logits)
-            if not finite.all():
-                if len(tokens) < minimum and eos:
-                    finite[eos] |= np.isneginf(logits[eos])
-                require_finite(logits, f"the decoder's logits for generated token {len(tokens) + 1}", finite)
-            return choose(tokens, logits) if choose is not None else int(np.argmax(logits))
-
-        return checked
-
-    def _category_tokens(self) -> list[int]:
-        """Ordinary tokens that spell only category-line characters (S, digits, comma, space)."""
-        if self._codes_cache is None:
-            allowed, tok = set("S0123456789, "), self.bundle.tokenizer
-            limit = min(self.bundle.manifest.special_ids.values())
-            self._codes_cache = [i for i in range(limit) if (t := tok.decode([i])) and set(t) <= allowed]
-        return self._codes_cache
-
-    def _p_unsafe(self, logits: np.ndarray) -> float | None:
-        if self.verdict_ids is None:
-            return None
-        pair = logits[self.verdict_ids].astype(np.float64)
-        require_finite(pair, "the decoder's verdict logits")
-        pair = np.exp(pair - pair.max())
-        p = float(pair[1] / pair.sum())
-        if not math.isfinite(p):
-            raise NumericalError(f"P(unsafe) is not finite ({p}); nothing was judged")
-        return p
+    def _reported(self, answer: Answer, scores: dict) -> list[str]:
+        """The category codes a result reports: those of the answer's categories line (constrained) or of its
+        text (free), kept only when their score reaches a per-category threshold where one is set."""
+        if answer.verdict != "unsafe" and answer.constrain:
+            return []
+        codes = answer.line_codes if answer.constrain else list(parse(self.prompt.decode(answer.generated),
+                                                                      self.options.policy).categories)
+        limits = self.options.category_thresholds
+        if limits and scores:
+            codes = [c for c in codes if scores.get(c, 0.0) >= limits.get(c, 0.0)]
+        return codes
 
     def _prompt_limit(self) -> tuple[int, int]:
         """(token budget of the answer, the most prompt tokens allowed)."""
-        budget = self.options.critique_max_new_tokens if self.options.critique else self.options.max_new_tokens
+        budget = self.options.critique_max_new_tokens if self.options.mode == "full" else self.options.max_new_tokens
         context = self.bundle.manifest.decoder["max_position_embeddings"]
         # max_prompt_tokens may lower the limit, never raise it past the context: positions beyond it are
         # outside what the decoder was trained on, so a prompt there is refused, not judged
@@ -631,19 +659,41 @@ class Guard:
                                       video_second_per_grid=prep.video_seconds or None)
         timings["embed"] = time.perf_counter() - t
         emb = self.bundle.embedding
+        state, reused = None, 0
+        if self.options.prefix_cache:
+            t = time.perf_counter()
+            kind = "image" if prep.items and all(k == "image" for k in prep.items) and \
+                (conv is None or not conv.has_content()) else "text"
+            past, reused = self._prefix(ids, kind, run_options)
+            if reused and np.array_equal(positions[:, 0, :reused], np.broadcast_to(np.arange(reused), (3, reused))):
+                state = self.decoder.start(int(delta[0, 0]), run_options, past, reused)
+            else:
+                reused = 0
+            timings["prefix"] = time.perf_counter() - t
         timings["generate_start"] = time.perf_counter() - start
-        gen = self.decoder.generate(embeds, positions, int(delta[0, 0]), lambda tok: np.asarray(emb[tok], np.float32),
-                                    budget, self.eos_ids, self._stop_rule(), self._checked(self._chooser()),
-                                    min_new_tokens=self.options.min_new_tokens, prefill_chunk=plan.prefill_chunk,
-                                    run_options=run_options)
+        answer = self._answer()
+        gen = self.decoder.generate(embeds[:, reused:], positions[:, :, reused:], int(delta[0, 0]),
+                                    lambda toks: np.asarray(emb[np.asarray(toks)], np.float32), budget, self.eos_ids,
+                                    answer, min_new_tokens=self.options.min_new_tokens,
+                                    prefill_chunk=plan.prefill_chunk, run_options=run_options, state=state)
         timings.update(gen.timings)
+        if "verdict" in gen.timings:
+            timings["verdict"] = timings["generate_start"] + gen.timings["verdict"]
+        t = time.perf_counter()
+        scores = self._scores(answer, gen)
+        if scores:
+            timings["scores"] = time.perf_counter() - t
         raw = self.prompt.decode(gen.tokens)
         parsed = parse(raw, self.options.policy)
+        verdict = answer.verdict if answer.constrain and answer.verdict else parsed.verdict
+        codes = self._reported(answer, scores) if verdict == "unsafe" else []
         timings["total"] = time.perf_counter() - start
         return ModerationResult(
-            verdict=parsed.verdict,
-            categories=[{"code": c, "name": self.options.policy.name_of(c)} for c in parsed.categories],
-            critique=parsed.critique, raw_text=raw, p_unsafe=self._p_unsafe(gen.first_logits),
-            prompt_tokens=len(ids), generated_tokens=len(gen.tokens), stop_reason=gen.stop_reason,
-            timings=timings, generated_ids=gen.tokens, token_times=gen.token_times, notes=prep.notes,
+            verdict=verdict,
+            categories=[{"code": c, "name": self.options.policy.name_of(c)} for c in codes],
+            critique=parsed.critique, raw_text=raw, p_unsafe=answer.p_unsafe, category_scores=scores,
+            style=answer.branch if answer.constrain else parsed.style, mode=self.options.mode,
+            prompt_tokens=len(ids), cached_prompt_tokens=reused, generated_tokens=len(gen.tokens),
+            stop_reason=gen.stop_reason, timings=timings, generated_ids=gen.tokens, token_times=gen.token_times,
+            notes=prep.notes,
         )

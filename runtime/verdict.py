@@ -102,8 +102,12 @@ class ModerationResult:
     categories: list[dict] = field(default_factory=list)  # [{"code": "S1", "name": "Violent Crimes"}]
     critique: str = ""
     raw_text: str = ""
-    p_unsafe: float | None = None  # P(unsafe) vs P(safe) at the verdict position, when both are single tokens
+    p_unsafe: float | None = None  # P(unsafe) vs P(safe) at the verdict token, when both are single tokens
+    category_scores: dict = field(default_factory=dict)  # {code: P(unsafe) x q(code)} (runtime/answer.py)
+    style: str = ""  # plain | labelled: the output style the answer took | none
+    mode: str = ""  # verdict | categories | full
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of prompt_tokens, those whose decoder cache came from the prefix cache
     generated_tokens: int = 0
     stop_reason: str = ""
     timings: dict = field(default_factory=dict)  # seconds per stage
@@ -117,7 +121,11 @@ class ModerationResult:
             raise ValueError(f"verdict must be one of {VERDICTS}, not {self.verdict!r}")
         if self.p_unsafe is not None and not math.isfinite(self.p_unsafe):  # fail closed: a NaN score judged nothing
             self.error = f"NumericalError: P(unsafe) is {self.p_unsafe}; nothing was judged"
-            self.verdict, self.p_unsafe, self.categories = "error", None, []
+            self.verdict, self.p_unsafe, self.categories, self.category_scores = "error", None, [], {}
+        bad = [c for c, v in self.category_scores.items() if not (isinstance(v, float) and 0.0 <= v <= 1.0)]
+        if bad:  # fail closed: a score that is not a probability judged nothing
+            self.error = f"NumericalError: category scores {bad} are not probabilities; nothing was judged"
+            self.verdict, self.p_unsafe, self.categories, self.category_scores = "error", None, [], {}
 
     @property
     def is_safe(self) -> bool:

@@ -124,8 +124,10 @@ def tiny_thinker_model(tiny_checkpoint):
 def tiny_guard(tiny_bundle):
     from omniguard_edge.runtime.guard import Guard, GuardOptions
 
-    # critique=True with a 32-token budget: no verdict-first early stop, so tokens can be compared 1:1
-    return Guard.from_bundle(tiny_bundle, GuardOptions(critique=True, critique_max_new_tokens=32))
+    # free decoding in full mode with a 32-token budget, no caches: no verdict-first early stop and no grammar,
+    # so tokens can be compared 1:1 with transformers' greedy generate
+    return Guard.from_bundle(tiny_bundle, GuardOptions(mode="full", constrain_verdict=False, critique_max_new_tokens=32,
+                                                       prefix_cache=False, encoder_cache_bytes=0))
 
 
 @pytest.fixture(scope="session")

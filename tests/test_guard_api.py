@@ -7,6 +7,7 @@ import pytest
 
 from omniguard_edge.runtime.bundle import SessionOptions, open_bundle
 from omniguard_edge.runtime.guard import Guard, GuardOptions
+from omniguard_edge.runtime.verdict import parse
 
 
 def test_bytes_and_arrays_equal_paths(tiny_guard, media_dir):
@@ -52,23 +53,29 @@ def test_guard_without_vision_graph_refuses_images(tiny_bundle, media_dir):
     assert result.verdict == "error" and "without the vision graph" in result.error
 
 
-def test_verdict_first_stops_once_verdict_and_categories_are_read(tiny_guard, monkeypatch):
-    """Feed a scripted answer through the stop rule: generation ends after the categories line."""
-    guard = Guard(tiny_guard.bundle, GuardOptions())
-    stop = guard._stop_rule()
+def test_free_decoding_stops_once_verdict_and_categories_are_read(tiny_guard):
+    """Free decoding's stop rule on scripted text: generation ends after the categories line."""
+    guard = Guard(tiny_guard.bundle, GuardOptions(constrain_verdict=False))
     enc = guard.prompt.encode_plain
-    assert not stop(enc("unsafe"))
-    assert not stop(enc("unsafe\nS1, S9"))
-    assert stop(enc("unsafe\nS1, S9\n"))
-    assert stop(enc("safe\n"))
-    assert Guard(tiny_guard.bundle, GuardOptions(critique=True))._stop_rule() is None
+
+    def stops(text: str, mode: str = "categories") -> bool:
+        answer = Guard(tiny_guard.bundle, GuardOptions(constrain_verdict=False, mode=mode))._answer()
+        answer.generated = enc(text)
+        return answer._stop_free()
+
+    assert not stops("unsafe") and not stops("unsafe\nS1, S9")
+    assert stops("unsafe\nS1, S9\n") and stops("safe\n")
+    assert stops("unsafe\n", "verdict") and not stops("unsafe", "verdict")
+    assert not stops("unsafe\nS1, S9\nBecause\n", "full")
+    assert guard._answer().constrain is False
 
 
-def test_constrained_verdict_is_always_parseable(tiny_bundle):
-    guard = Guard.from_bundle(tiny_bundle, GuardOptions(constrain_verdict=True, max_new_tokens=4))
+def test_default_answer_is_always_parseable(tiny_bundle):
+    guard = Guard.from_bundle(tiny_bundle, GuardOptions(max_new_tokens=4))
+    assert guard.options.constrain_verdict and guard.options.mode == "categories"
     result = guard.moderate("How do I bake bread?")
     assert result.verdict in ("safe", "unsafe")
-    assert result.raw_text.split("\n")[0] == result.verdict  # the verdict is the generated first line itself
+    assert parse(result.raw_text).verdict == result.verdict  # the generated text says the verdict itself
     assert 0.0 <= result.p_unsafe <= 1.0  # its value against the decoder's own logits: tests/test_decoding.py
 
 

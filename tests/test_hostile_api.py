@@ -1,6 +1,6 @@
 """Hostile use of the API and the CLI (issue 8): every misuse is an `error` verdict, never `safe` or `unknown`.
 
-For each case, in both decoding modes (`GuardOptions(constrain_verdict=True)` and the default): no exception
+For each case, in both decoding modes (the default answer grammar and free decoding, `constrain_verdict=False`): no exception
 escapes `moderate`, `verdict == "error"`, the error names the parameter, `p_unsafe` is None and `to_json()` is
 strict JSON. Non-finite numbers are fed through fake sessions (scripted NaN logits, NaN encoder features).
 CLI cases run the real CLI in a subprocess: exit status, one line on stderr, no traceback.
@@ -9,6 +9,7 @@ All media are generated in temporary folders; nothing here needs torch.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -24,7 +25,7 @@ from omniguard_edge.runtime.errors import InputError
 from omniguard_edge.runtime.guard import Guard, GuardOptions, check_arguments
 from omniguard_edge.runtime.verdict import ModerationResult
 
-MODES = {"constrained": GuardOptions(constrain_verdict=True), "default": GuardOptions()}
+MODES = {"constrained": GuardOptions(), "free": GuardOptions(constrain_verdict=False)}
 
 
 def strict_json(text: str):
@@ -257,7 +258,7 @@ def test_text_is_not_dropped_for_a_conversation_nor_media_for_media(guards, file
 
 
 def test_audio_list_message_says_numpy_float_array(guards):
-    result = guards["default"].moderate(audio=[0.0] * 16000, sample_rate=16000)
+    result = guards["constrained"].moderate(audio=[0.0] * 16000, sample_rate=16000)
     assert "16,000 numbers" in result.error and "numpy float array" in result.error
 
 
@@ -331,7 +332,7 @@ def _logit_rows(bundle, kind):
                                   "nan-elsewhere", "nan-at-second-step"])
 def test_non_finite_logits_are_an_error_in_both_modes(bundle, mode, kind):
     """Argmax over NaN is index 0 and the constrained choice would read `safe`: both must be an error."""
-    guard = Guard(bundle, MODES[mode])
+    guard = Guard(bundle, dataclasses.replace(MODES[mode], prefix_cache=False))  # every run is scripted
     guard.decoder.session = Scripted(_logit_rows(bundle, kind))
     r = guard.moderate("How do I build a pipe bomb?")
     assert r.verdict == "error" and r.error.startswith("NumericalError:"), (r.verdict, r.error)
@@ -344,7 +345,8 @@ def test_finite_scripted_logits_and_masked_eos_are_judged(bundle, mode):
     """The control: finite logits are judged `safe`, and the EOS ids that min_new_tokens masks to -inf (the
     decoder's own doing) pass the check. The model wants EOS first; masked, it answers `safe` then a line end."""
     ids, size = _ids(bundle)
-    guard = Guard(bundle, GuardOptions(constrain_verdict=MODES[mode].constrain_verdict, min_new_tokens=2))
+    guard = Guard(bundle, GuardOptions(constrain_verdict=MODES[mode].constrain_verdict, min_new_tokens=2,
+                                       prefix_cache=False, mode="full", critique_max_new_tokens=2))
     eos = sorted(guard.eos_ids)
     rows = [np.full(size, -5.0, np.float32) for _ in range(2)]
     rows[0][ids["safe"]], rows[1][ids["\n"]] = 10.0, 10.0
@@ -354,6 +356,22 @@ def test_finite_scripted_logits_and_masked_eos_are_judged(bundle, mode):
     r = guard.moderate("hi")
     assert r.error is None and r.verdict == "safe" and r.generated_ids == [ids["safe"], ids["\n"]]
     assert r.p_unsafe == pytest.approx(1.0 / (1.0 + math.exp(15.0)), rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_a_non_finite_cached_prefix_is_an_error(bundle, mode, value):
+    """A cached policy prefix whose KV holds a NaN or infinity (a spoilt cache) must make every request that
+    reuses it an error, never a verdict."""
+    guard = Guard(bundle, MODES[mode])
+    assert guard.moderate("hi").error is None
+    entry = guard.prefixes.get("text")
+    past = [p.copy() for p in entry.past]
+    past[0][0, 0, 3, 0] = value
+    guard.prefixes.put("text", entry.ids, past)
+    r = guard.moderate("How do I build a pipe bomb?")
+    assert r.cached_prompt_tokens == 0 or r.verdict == "error"
+    assert r.verdict == "error" and r.error.startswith("NumericalError:") and r.p_unsafe is None, (r.verdict, r.error)
 
 
 class Spoil:
@@ -462,7 +480,7 @@ def test_cli_misuse(tiny_bundle, scratch, argv, status, needle):
 
 def test_cli_exit_status_of_a_verdict(tiny_bundle):
     """A well-formed request: status 0 for safe/unsafe with the constrained verdict, JSON strict."""
-    proc = subprocess.run(CLI + ["moderate", "--bundle", str(tiny_bundle), "--text", "hi", "--constrain-verdict",
+    proc = subprocess.run(CLI + ["moderate", "--bundle", str(tiny_bundle), "--text", "hi", "--mode", "verdict",
                                  "--json", "--threads", "1", "--max-new-tokens", "4"], capture_output=True, text=True,
                           timeout=120)
     out = strict_json(proc.stdout)
@@ -472,7 +490,10 @@ def test_cli_exit_status_of_a_verdict(tiny_bundle):
 @pytest.mark.parametrize("field,value", [("max_new_tokens", 0), ("max_new_tokens", 1.5), ("max_new_tokens", True),
                                          ("critique_max_new_tokens", -1), ("min_new_tokens", -1),
                                          ("max_prompt_tokens", 0), ("max_prompt_tokens", "100"),
-                                         ("constrain_verdict", "yes"), ("critique", 1)])
+                                         ("constrain_verdict", "yes"), ("mode", "critique"), ("threshold", 1.5),
+                                         ("threshold", float("nan")), ("threshold", True), ("prefix_cache", 1),
+                                         ("encoder_cache_bytes", -1), ("category_thresholds", {"S99": 0.5}),
+                                         ("category_thresholds", {"S1": 2.0}), ("category_thresholds", [0.5])])
 def test_guard_options_are_typed(field, value):
     with pytest.raises(ValueError, match=f"GuardOptions.{field}"):
         GuardOptions(**{field: value})
@@ -595,7 +616,7 @@ def test_the_memory_plan_covers_the_answer_budget(bundle, monkeypatch):
     monkeypatch.setattr(guard_module, "plan_request", lambda g, sizes, budget: seen.append(sizes) or real(g, sizes,
                                                                                                            budget))
     Guard(bundle, GuardOptions(max_new_tokens=5)).moderate("hi")
-    Guard(bundle, GuardOptions(critique=True, critique_max_new_tokens=7, max_new_tokens=5)).moderate("hi")
+    Guard(bundle, GuardOptions(mode="full", critique_max_new_tokens=7, max_new_tokens=5)).moderate("hi")
     assert [s.new_tokens for s in seen] == [5, 7]
 
 

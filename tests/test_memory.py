@@ -68,7 +68,7 @@ def test_chunked_prefill_equals_one_shot(decoder_and_prompt, chunk):
 def test_chunked_generation_continues_like_one_shot(decoder_and_prompt):
     dec, embeds, positions, delta = decoder_and_prompt
     table = np.random.default_rng(4).standard_normal((50, embeds.shape[2])).astype(np.float32)
-    kw = dict(embed_token=lambda t: table[t % 50], max_new_tokens=12, eos_ids=set())
+    kw = dict(embed_tokens=lambda t: table[np.asarray(t) % 50], max_new_tokens=12, eos_ids=set())
     one = dec.generate(embeds, positions, delta, **kw)
     chunked = dec.generate(embeds, positions, delta, prefill_chunk=16, **kw)
     assert one.prefill_chunks == 1 and chunked.prefill_chunks == 5

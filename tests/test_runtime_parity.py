@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -89,9 +91,10 @@ def test_video(tiny_guard, hf):
                      0, 255).astype(np.uint8)  # 9 frames (odd), 4 fps: 2.25 s
     fps = 4.0
     limits = VideoLimits()
-    from omniguard_edge.runtime.guard import Guard, GuardOptions
+    from omniguard_edge.runtime.guard import Guard
 
-    guard = Guard(tiny_guard.bundle, GuardOptions(critique=True, critique_max_new_tokens=NEW_TOKENS, video_limits=limits))
+    guard = Guard(tiny_guard.bundle, dataclasses.replace(tiny_guard.options, critique_max_new_tokens=NEW_TOKENS,
+                                                         video_limits=limits))
     n = sample_count(len(frames), fps, limits)
     idx = np.round(np.linspace(0, len(frames) - 1, n)).astype(int)
     sample_fps = n / len(frames) * fps
@@ -108,7 +111,8 @@ def test_min_new_tokens_matches_transformers(tiny_bundle, hf):
     """Fixed budgets for benchmarks: EOS masked the same way on both sides."""
     from omniguard_edge.runtime.guard import Guard, GuardOptions
 
-    guard = Guard.from_bundle(tiny_bundle, GuardOptions(critique=True, critique_max_new_tokens=40, min_new_tokens=40))
+    guard = Guard.from_bundle(tiny_bundle, GuardOptions(mode="full", constrain_verdict=False, critique_max_new_tokens=40,
+                                                        min_new_tokens=40))
     expected, _ = _hf_tokens(hf, _guard_text("hello"), _media(), min_new_tokens=40)
     result = guard.moderate("hello")
     assert result.generated_ids == expected

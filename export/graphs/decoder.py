@@ -4,7 +4,8 @@ Inputs: inputs_embeds [batch, seq, hidden] float32, attention_mask [batch, past+
 position_ids [3, batch, seq] int64, past_key_i / past_value_i [batch, kv_heads, past, head_dim] float32.
 Outputs: logits [batch, vocab] (last position only: full prefill logits are large and ~28% of prefill
 compute, DESIGN section 4), present_key_i / present_value_i [batch, kv_heads, past+seq, head_dim].
-Prefill feeds a past of length 0. The token embedding is gathered outside the graph (embed_tokens.npy).
+Prefill feeds a past of length 0; a cached prefix (or a forced literal) feeds a past and several new tokens, a
+case validated at export (`extend_*`). The token embedding is gathered outside the graph (embed_tokens.npy).
 """
 
 from __future__ import annotations
@@ -120,6 +121,41 @@ def _sequence_cases(parts, rng, name, ids, mask, grids=None):
             GraphCase(f"decode_{name}", step_feeds, ref_step, rows(step["attention_mask"]))]
 
 
+def _extend_case(parts, rng, name, ids, split):
+    """Past + several new tokens (a cached prompt prefix, then the request's own tokens; a forced literal of the
+    answer): the first `split` tokens are the past, from transformers' own cache, the rest are fed at once."""
+    cfg = parts.language_model.config
+    ids_cfg = RopeIds(image_token_id=parts.special["image"], video_token_id=parts.special["video"],
+                      audio_token_id=parts.special["audio"], spatial_merge_size=parts.merge)
+    pos, _ = rope_index(ids, ids_cfg, np.ones_like(ids))
+    batch, seq = ids.shape
+    embeds = rng.standard_normal((batch, seq, cfg.hidden_size)).astype(np.float32)
+    head = {"inputs_embeds": embeds[:, :split], "attention_mask": np.ones((batch, split), np.int64),
+            "position_ids": pos[:, :, :split].copy(),
+            **dict(zip(kv_names(cfg.num_hidden_layers, "past"), _empty_past(cfg, batch)))}
+    tail = {"inputs_embeds": embeds[:, split:], "attention_mask": np.ones((batch, seq), np.int64),
+            "position_ids": pos[:, :, split:].copy()}
+    state = {}
+
+    def prefix_cache():
+        if "cache" not in state:
+            _, state["cache"] = _reference_step(parts, head, None)
+        return state["cache"]
+
+    def feeds():
+        out = dict(tail)
+        for i, layer in enumerate(prefix_cache().layers[: cfg.num_hidden_layers]):
+            out[f"past_key_{i}"] = layer.keys.float().numpy()[..., :split, :].copy()
+            out[f"past_value_{i}"] = layer.values.float().numpy()[..., :split, :].copy()
+        return out
+
+    def reference():
+        out, _ = _reference_step(parts, tail, prefix_cache())
+        return out
+
+    return GraphCase(f"extend_{name}", feeds, reference)
+
+
 def cases(parts, rng):
     text_vocab = parts.special["text_vocab"]
     img = parts.special["image"]
@@ -133,6 +169,7 @@ def cases(parts, rng):
         _sequence_cases(parts, rng, "b1", one, np.ones_like(one))
         + _sequence_cases(parts, rng, "b2_leftpad", two, mask2)
         + _sequence_cases(parts, rng, "b1_image_positions", with_image, np.ones_like(with_image), grids=[(1, 8, 10)])
+        + [_extend_case(parts, rng, "b1_prefix7_new6", rng.integers(0, text_vocab, size=(1, 13)).astype(np.int64), 7)]
     )
 
 
