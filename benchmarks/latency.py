@@ -55,39 +55,69 @@ RATIO_STAGES = ["preprocess", "vision", "audio", "embed", "prefill", "first_toke
 
 
 def run_runtime(bundle: Path, chosen: dict, args) -> tuple[list[dict], dict]:
+    """Rows of two engines over the same scenarios, in this process:
+    `runtime`: fixed budgets like the PyTorch side (free decoding, full mode, EOS masked to --new-tokens, no
+    prefix cache), the like-for-like comparison; `runtime-default`: the Guard's defaults as users run it (cached
+    policy prefix, the answer grammar, `categories` mode, category scores), where `verdict` is the time from the
+    call until the verdict token is known and `total` until the answer ends. The encoder cache is off in both
+    (the same media again would be a cache hit). Each row carries the peak RSS of its scenario's runs
+    (the process's high-water mark reset before them)."""
     from omniguard_edge.runtime.bundle import SessionOptions
     from omniguard_edge.runtime.guard import Guard, GuardOptions
 
-    opts = GuardOptions(critique=True, critique_max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                        session=SessionOptions(intra_op_threads=args.threads))
-    guard = Guard.from_bundle(bundle, opts)
+    session = SessionOptions(intra_op_threads=args.threads)
+    fixed = GuardOptions(mode="full", constrain_verdict=False, prefix_cache=False, encoder_cache_bytes=0,
+                         critique_max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, session=session)
+    guard = Guard.from_bundle(bundle, fixed)
+    default = Guard(guard.bundle, GuardOptions(encoder_cache_bytes=0, session=session))
     rows = []
     for sc in chosen.values():
-        samples = {k: [] for k in STAGES + ["decode_tok_s"]}
-        for run in range(args.warmup + args.runs):
-            r = guard.moderate(sc.text, sc.response, image=sc.image, audio=sc.audio, video=sc.video)
-            if r.verdict == "error":
-                raise SystemExit(f"runtime failed on {sc.name}: {r.error}")
-            if run < args.warmup:
-                continue
-            try:
-                figures = runtime_stage_samples(r.timings, r.token_times, args.verdict_tokens)
-            except ValueError as exc:
-                raise SystemExit(f"runtime on {sc.name}: {exc}") from exc
-            for k, v in figures.items():
-                samples[k].append(v)
-        rows.append({"scenario": sc.name, "engine": "runtime", "prompt_tokens": r.prompt_tokens,
-                     "stages": {k: benchlib.summarize(v) for k, v in samples.items()}})
+        for engine, g in (("runtime", guard), ("runtime-default", default)):
+            samples = {k: [] for k in STAGES + ["decode_tok_s"]}
+            resettable = benchlib.reset_peak_rss()
+            for run in range(args.warmup + args.runs):
+                r = g.moderate(sc.text, sc.response, image=sc.image, audio=sc.audio, video=sc.video)
+                if r.verdict == "error":
+                    raise SystemExit(f"{engine} failed on {sc.name}: {r.error}")
+                if run < args.warmup:
+                    continue
+                try:
+                    figures = runtime_stage_samples(r.timings, r.token_times,
+                                                    args.verdict_tokens if engine == "runtime" else None)
+                except ValueError as exc:
+                    raise SystemExit(f"{engine} on {sc.name}: {exc}") from exc
+                for k, v in figures.items():
+                    if k != "decode_tok_s" or math.isfinite(v):  # one token (a `safe` verdict) has no decode rate
+                        samples[k].append(v)
+            row = {"scenario": sc.name, "engine": engine, "prompt_tokens": r.prompt_tokens,
+                   "stages": {k: benchlib.summarize(v) for k, v in samples.items() if v}}
+            if resettable:
+                row["peak_rss_mb"] = benchlib.peak_rss_mb()
+            if engine == "runtime-default":
+                row["cached_prompt_tokens"] = r.cached_prompt_tokens
+                row["generated_tokens"] = r.generated_tokens
+            rows.append(row)
     m = guard.bundle.manifest
     info = {"providers": guard.bundle.providers, "precision": m.precision,
-            "config_sha256": m.source.get("config_sha256"), "embedding_dtype": m.embedding.get("dtype")}
+            "config_sha256": m.source.get("config_sha256"), "embedding_dtype": m.embedding.get("dtype"),
+            "prefix_cache_mb": default.prefixes.nbytes / 2**20}
     return rows, info
 
 
-def runtime_stage_samples(timings: dict, token_times: list[float], verdict_tokens: int) -> dict:
+def runtime_stage_samples(timings: dict, token_times: list[float], verdict_tokens: int | None) -> dict:
     """One moderation's figures under STAGE_DEFINITIONS, from the Guard's timings (seconds per part;
     `generate_start`: from the call to the start of prefill) and token times (seconds from the start of
-    prefill to each generated token)."""
+    prefill to each generated token). `verdict_tokens` None: the verdict is the Guard's own `verdict` timing
+    (from the call until the verdict token is known) and `total` the Guard's `total` (runtime-default rows)."""
+    if verdict_tokens is None:
+        t = timings
+        out = {"preprocess": t.get("preprocess", 0.0) + t.get("prompt", 0.0)}
+        out.update({k: t.get(k, 0.0) for k in ("vision", "audio", "embed", "prefill")})
+        out["first_token"] = t["generate_start"] + token_times[0]
+        out["verdict"], out["total"] = t["verdict"], t["total"]
+        span = token_times[-1] - token_times[0]
+        out["decode_tok_s"] = (len(token_times) - 1) / span if span > 0 else float("nan")
+        return out
     if len(token_times) < verdict_tokens:
         raise ValueError(f"{len(token_times)} tokens generated, fewer than --verdict-tokens {verdict_tokens}")
     t = timings
@@ -151,6 +181,22 @@ def speedups(rows: list[dict], floor: float, stat: str = "p50") -> dict:
     return out
 
 
+def time_to_verdict(rows: list[dict]) -> dict:
+    """Per scenario: the default mode's time to verdict (runtime-default, p50) against PyTorch's time to its
+    first token (p50), and the ratio (how many times faster the verdict is known)."""
+    by = {(r["scenario"], r["engine"]): r for r in rows}
+    out = {}
+    for (scenario, engine), row in by.items():
+        ref = by.get((scenario, "pytorch"))
+        if engine != "runtime-default" or ref is None:
+            continue
+        mine, theirs = row["stages"]["verdict"]["p50"], ref["stages"]["first_token"]["p50"]
+        out[scenario] = {"runtime_default_verdict_p50": mine, "pytorch_first_token_p50": theirs,
+                         "speedup": theirs / mine if mine > 0 else None,
+                         "cached_prompt_tokens": row.get("cached_prompt_tokens")}
+    return out
+
+
 def bounds(bundle: Path, rows: list[dict], probe: dict) -> dict:
     """Every engine's decode against the bandwidth bound (each decoder weight byte read once per token) and
     prefill against the compute bound (2 FLOPs per weight per prompt token, the head on one position), from
@@ -170,6 +216,8 @@ def bounds(bundle: Path, rows: list[dict], probe: dict) -> dict:
     out = {"decoder_weight_bytes": weight_bytes, "bandwidth_bound_tok_s": bound_tok_s, "per_scenario": {},
            "exceeded": [], "weights_fit_in_cache": in_cache, "last_level_cache_bytes": cache}
     for r in rows:
+        if r["engine"] == "runtime-default":
+            continue  # its prefill is the request's own tokens after the cached prefix: no bound to hold
         if r["engine"] != "runtime" and m.precision != "fp32":
             continue  # PyTorch reads fp32 weights: the bundle's bytes bound only an fp32 bundle's peer
         tok_s = r["stages"]["decode_tok_s"]["max"]  # the best run: a bound must hold for every run
@@ -332,8 +380,16 @@ def print_report(doc: dict) -> None:
     for r in doc["rows"]:
         s = r["stages"]
         rows.append([r["scenario"], r["engine"], r["prompt_tokens"]] + [s.get(k, {}).get("p50") for k in STAGES]
-                    + [s["decode_tok_s"]["p50"]])
-    print(benchlib.markdown_table(["scenario", "engine", "prompt tok"] + [f"{k} s" for k in STAGES] + ["decode tok/s"], rows))
+                    + [s.get("decode_tok_s", {}).get("p50"), r.get("peak_rss_mb")])
+    print(benchlib.markdown_table(["scenario", "engine", "prompt tok"] + [f"{k} s" for k in STAGES]
+                                  + ["decode tok/s", "peak RSS MiB"], rows))
+    if doc.get("time_to_verdict"):
+        print("\ntime to verdict, default mode (runtime-default verdict p50) against PyTorch's time to its first token "
+              "(pytorch first_token p50):\n")
+        print(benchlib.markdown_table(
+            ["scenario", "runtime-default verdict s", "pytorch first_token s", "speed-up", "cached prompt tok"],
+            [[k, v["runtime_default_verdict_p50"], v["pytorch_first_token_p50"], v["speedup"], v["cached_prompt_tokens"]]
+             for k, v in doc["time_to_verdict"].items()]))
     print("\nstages (p50 seconds), the same definition for both engines:")
     for k, v in STAGE_DEFINITIONS.items():
         print(f"  {k}: {v}")
@@ -413,7 +469,7 @@ def main(argv=None) -> int:
         p.error(f"unknown scenarios {sorted(unknown)}; choose from {sorted(allowed)}")
     chosen = {k: v for k, v in allowed.items() if not args.scenarios or k in args.scenarios}
     rows, runtime_info = run_runtime(args.bundle, chosen, args)
-    runtime_peak = benchlib.peak_rss_mb()
+    runtime_peak = max([benchlib.peak_rss_mb()] + [r["peak_rss_mb"] for r in rows if "peak_rss_mb" in r])
     ref_info = None
     if args.reference:
         ref_rows, ref_info = run_reference(args.reference, chosen, args, guard_prompt_texts(chosen))
@@ -425,7 +481,8 @@ def main(argv=None) -> int:
            "bundle": {"path": str(args.bundle), "size_mb": benchlib.dir_size_mb(args.bundle), **runtime_info},
            "runtime_peak_rss_mb": runtime_peak, "reference": ref_info, "rows": rows,
            "stage_definitions": STAGE_DEFINITIONS, "gate": {"floor_s": args.floor, "tolerance": args.tolerance},
-           "speedups": speedups(rows, args.floor), "speedups_best": speedups(rows, args.floor, stat="min")}
+           "speedups": speedups(rows, args.floor), "speedups_best": speedups(rows, args.floor, stat="min"),
+           "time_to_verdict": time_to_verdict(rows)}
     doc["bounds"] = bounds(args.bundle, rows, probe)
     print_report(doc)
     benchlib.write_json(args.json, doc)  # first, so that nothing after it can lose the measurement
