@@ -427,8 +427,18 @@ def test_latency_json_matches_schema(latency_run):
     out, stdout, doc = latency_run
     jsonschema.validate(doc, json.loads((BENCH / "latency.schema.json").read_text()))
     engines = {(r["scenario"], r["engine"]) for r in doc["rows"]}
-    assert engines == {(s, e) for s in ("text", "image_448", "audio_5s", "video_4s") for e in ("runtime", "pytorch")}
-    assert set(doc["speedups"]) == {"text", "image_448", "audio_5s", "video_4s"}
+    scenarios = {"text", "image_448", "audio_5s", "video_4s"}
+    assert engines == {(s, e) for s in scenarios for e in ("runtime", "runtime-default", "pytorch")}
+    assert set(doc["speedups"]) == scenarios == set(doc["time_to_verdict"])
+    for r in doc["rows"]:
+        if r["engine"] == "runtime-default":  # the default Guard: the fixed prompt opening came from the cache
+            assert 0 < r["cached_prompt_tokens"] < r["prompt_tokens"] and r["generated_tokens"] >= 1
+            assert r["stages"]["verdict"]["p50"] <= r["stages"]["total"]["p50"]
+        if r["engine"] != "pytorch" and sys.platform == "linux":
+            assert r["peak_rss_mb"] > 0
+    assert doc["runtime_peak_rss_mb"] >= max(r.get("peak_rss_mb", 0) for r in doc["rows"])
+    for v in doc["time_to_verdict"].values():
+        assert v["speedup"] == pytest.approx(v["pytorch_first_token_p50"] / v["runtime_default_verdict_p50"])
     assert "first_token" in doc["speedups"]["image_448"]
     # the staged PyTorch pieces compute what its generate() computes
     assert all(r["staged_prefill_matches_generate"] for r in doc["rows"] if r["engine"] == "pytorch")
