@@ -55,8 +55,10 @@ def _metadata(name: str) -> dict:
             "omniguard_edge.schema_version": SCHEMA_VERSION, "omniguard_edge.opset": OPSET}
 
 
-def _export_graph(name: str, parts: Parts, work: Path, bar, rng) -> tuple[GraphSpec, list[str]]:
-    """Trace, release the tower, validate every named case. Returns the spec and files written."""
+def _export_graph(name: str, parts: Parts, work: Path, bar, rng, keep: list | None = None
+                  ) -> tuple[GraphSpec, list[str]]:
+    """Trace, release the tower, validate every named case. Returns the spec and files written; `keep` receives
+    the validation cases (name, feeds, reference outputs, meaningful) for another graph of the same function."""
     gdef = GRAPHS[name]
     inputs, outputs, axes = gdef.interface(parts)
     module = gdef.build(parts)
@@ -64,6 +66,8 @@ def _export_graph(name: str, parts: Parts, work: Path, bar, rng) -> tuple[GraphS
     cases = gdef.cases(parts, rng)
     bar.set_postfix_str(f"{name}: PyTorch reference")
     prepared = [(c.name, case_feeds(c), c.reference(), c.meaningful) for c in cases]
+    if keep is not None:
+        keep.extend(prepared)
     scratch = Path(tempfile.mkdtemp(prefix=f"trace-{name}-", dir=work))
     bar.set_postfix_str(f"{name}: tracing")
     traced = trace_to_onnx(module, example, inputs, outputs, axes, scratch)
@@ -87,6 +91,44 @@ def _export_graph(name: str, parts: Parts, work: Path, bar, rng) -> tuple[GraphS
     return spec, [dest.name] + ([data_file] if data_file else [])
 
 
+def _export_fast_decoder(parts: Parts, work: Path, bar, prepared: list) -> tuple[GraphSpec | None, list[str]]:
+    """The fast decoder graph (export/graphs/decoder_gqa.py), validated against transformers on the standard
+    decoder's batch-1 cases (prefill, decode step, image positions, past + several new tokens), fed through the
+    runtime's own rotary tables. (None, []) with a log line when this checkpoint's geometry cannot have one."""
+    from .graphs import decoder_gqa
+
+    cfg = parts.ckpt.thinker_config.text_config
+    why = decoder_gqa.supported(cfg)
+    if why:
+        log.warning("no fast decoder graph: %s; the runtime uses the standard decoder graph", why)
+        return None, []
+    dest = work / f"{decoder_gqa.NAME}.onnx"
+    bar.set_postfix_str(f"{decoder_gqa.NAME}: writing layers")
+    files = decoder_gqa.build(parts, dest, lambda i, n: bar.set_postfix_str(f"{decoder_gqa.NAME}: layer {i}/{n}"))
+    inputs, outputs = decoder_gqa.io_names(cfg.num_hidden_layers)
+    freqs = parts.rotary_inv_freq().float().numpy()
+    sections = cfg.rope_parameters["mrope_section"]
+    cases = [(c, f, r) for c, f, r, _ in prepared if f["inputs_embeds"].shape[0] == 1]
+    spare = 5  # buffers longer than the sequence, as the runtime allocates them: unused rows must not matter
+    feeds = [decoder_gqa.fast_feeds(f, cfg.num_hidden_layers, sections, freqs,
+                                    f["past_key_0"].shape[2] + f["inputs_embeds"].shape[1] + spare) for _, f, _ in cases]
+    bar.set_postfix_str(f"{decoder_gqa.NAME}: validating {len(cases)} cases in onnxruntime")
+    results = run_onnx(dest, feeds)
+    report = []
+    for (case, f, ref), got in zip(cases, results):
+        total = f["past_key_0"].shape[2] + f["inputs_embeds"].shape[1]
+        got = [got[0]] + [g[:, :, :total] for g in got[1:]]  # the rows past the total are the buffer's spare room
+        record(decoder_gqa.NAME, case, outputs, got, ref, FP32_TOLERANCE, report)
+    spec = GraphSpec(
+        file=dest.name, precision="fp32", opset=OPSET,
+        inputs=_tensor_specs(inputs, [feeds[0][i] for i in inputs], {n: {2: "capacity"} for n in inputs[5:]}
+                             | {"inputs_embeds": {1: "seq"}, "cos_cache": {0: "capacity"}, "sin_cache": {0: "capacity"}}),
+        outputs=_tensor_specs(outputs, results[0], {n: {2: "capacity"} for n in outputs[1:]}),
+        tolerance=FP32_TOLERANCE, data_file=files[1], validation=report)
+    parts.release()
+    return spec, files
+
+
 def _geometry(ckpt: Checkpoint) -> tuple[dict, dict, dict, dict]:
     cfg = ckpt.thinker_config
     t, v, a = cfg.text_config, cfg.vision_config, cfg.audio_config
@@ -96,6 +138,10 @@ def _geometry(ckpt: Checkpoint) -> tuple[dict, dict, dict, dict]:
                "max_position_embeddings": t.max_position_embeddings, "rope_parameters": dict(t.rope_parameters),
                "tie_word_embeddings": bool(t.tie_word_embeddings), "kv_layout": "batch,kv_heads,seq,head_dim",
                "position_id_per_seconds": cfg.position_id_per_seconds, "seconds_per_chunk": cfg.seconds_per_chunk}
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniRotaryEmbedding
+
+    # the rotary frequencies exactly as transformers computes them (float32), for the runtime's rotary tables
+    decoder["rope_inv_freq"] = [float(x) for x in Qwen2_5OmniRotaryEmbedding(t).inv_freq.float().numpy()]
     vision = {"patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size, "in_channels": v.in_channels,
               "spatial_merge_size": v.spatial_merge_size, "window_size": v.window_size, "hidden_size": v.hidden_size,
               "depth": v.depth, "fullatt_block_indexes": list(v.fullatt_block_indexes), "out_hidden_size": v.out_hidden_size}
@@ -163,12 +209,18 @@ def export_bundle(checkpoint: str | Path, out: str | Path, overwrite: bool = Fal
         graphs, roles = {}, {}
         with tqdm(total=len(GRAPHS) + 1, desc="export", unit="step", disable=not progress) as bar:
             for name in GRAPHS:
+                kept = []
                 if name == "decoder" and low_memory:
                     spec, files = export_decoder_layered(parts, work, bar, rng, _metadata(name))
                 else:
-                    spec, files = _export_graph(name, parts, work, bar, rng)
+                    spec, files = _export_graph(name, parts, work, bar, rng, kept if name == "decoder" else None)
                 graphs[name] = spec
                 roles.update({f: ("graph-data" if f.endswith(".data") else "graph") for f in files})
+                if kept:  # the fast decoder is validated on the standard decoder's cases (not in low-memory mode)
+                    fast, files = _export_fast_decoder(parts, work, bar, kept)
+                    if fast is not None:
+                        graphs[fast.file[: -len(".onnx")]] = fast
+                        roles.update({f: ("graph-data" if f.endswith(".data") else "graph") for f in files})
                 bar.update(1)
             bar.set_postfix_str("embedding table")
             embedding = _write_embedding(parts, work, embed_dtype)

@@ -46,6 +46,10 @@ class SessionOptions:
     # image: vision 173.7 s with no arena (39.7 million page faults), 79.1 s with the session arena, 64.7 s with
     # this one (README "Memory").
     exact_arena_graphs: tuple[str, ...] = ("vision",)
+    # Which graph runs the decoder role: "auto" takes the bundle's fast graph (decoder_gqa: onnxruntime's
+    # GroupQueryAttention with in-place KV buffers, README "Time to verdict") when the bundle has one and the first
+    # provider is onnxruntime's CPU one, else the standard-ops `decoder`; or name one of the two.
+    decoder_graph: str = "auto"
 
     def __post_init__(self):
         if not self.providers:
@@ -56,6 +60,9 @@ class SessionOptions:
                                                     or not isinstance(self.arena_shrink_above, int)
                                                     or self.arena_shrink_above < 0):
             raise ValueError("SessionOptions.arena_shrink_above must be a number of bytes >= 0 or None")
+        if self.decoder_graph not in ("auto", "decoder", "decoder_gqa"):
+            raise ValueError(f"SessionOptions.decoder_graph must be 'auto', 'decoder' or 'decoder_gqa', not "
+                             f"{self.decoder_graph!r}")
         for name in ("spin_after_run", "exact_arena_graphs"):
             value = getattr(self, name)
             if (isinstance(value, str) or not all(isinstance(g, str) for g in value)
@@ -73,6 +80,7 @@ class Bundle:
     tokenizer: object = None  # tokenizers.Tokenizer
     chat_template: str = ""
     providers: dict = field(default_factory=dict)  # graph name -> providers actually in use
+    decoder_graph: str = "decoder"  # the manifest graph behind sessions["decoder"]: decoder or decoder_gqa
 
     def file(self, name: str) -> Path:
         if name not in self.manifest.files:
@@ -126,6 +134,13 @@ def _session(path: Path, opts: SessionOptions, name: str):
     return sess
 
 
+def _decoder_graph(manifest: Manifest, options: SessionOptions, path: Path) -> str:
+    if options.decoder_graph != "auto":
+        return options.decoder_graph
+    cpu_first = options.providers[0] == "CPUExecutionProvider"
+    return "decoder_gqa" if "decoder_gqa" in manifest.graphs and cpu_first else "decoder"
+
+
 def open_bundle(path: str | os.PathLike, options: SessionOptions | None = None, verify: str = "auto") -> Bundle:
     """Load and check a bundle (BundleError on any problem), then open its sessions."""
     from tokenizers import Tokenizer
@@ -135,9 +150,12 @@ def open_bundle(path: str | os.PathLike, options: SessionOptions | None = None, 
     manifest = load_manifest(path, verify=verify)
     bundle = Bundle(path=path, manifest=manifest)
     for name in options.graphs:
-        if name not in manifest.graphs:
-            raise BundleError(f"{path}: the bundle has no {name} graph (it has {sorted(manifest.graphs)})")
-        bundle.sessions[name] = _session(path / manifest.graphs[name].file, options, name)
+        graph = name
+        if name == "decoder":
+            graph = bundle.decoder_graph = _decoder_graph(manifest, options, path)
+        if graph not in manifest.graphs:
+            raise BundleError(f"{path}: the bundle has no {graph} graph (it has {sorted(manifest.graphs)})")
+        bundle.sessions[name] = _session(path / manifest.graphs[graph].file, options, name)
         bundle.providers[name] = bundle.sessions[name].get_providers()
     emb = manifest.embedding
     bundle.embedding = np.load(bundle.file(emb["file"]), mmap_mode="r")

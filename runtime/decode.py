@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import NumericalError
+from .rotary import inv_freq, rope_tables
 
 
 @dataclass
@@ -34,6 +35,9 @@ class DecodeState:
     rope_delta: int  # position of the token at cache index i = i + rope_delta (TMRoPE), past the prompt's media
     prefill_runs: int = 0  # graph runs the prefill took (chunked prefill: more than one)
     run_options: object = None  # onnxruntime RunOptions for this generation's runs (e.g. arena shrinkage)
+    values: list | None = None  # FastDecoder: onnxruntime OrtValues over `past` (the buffers it updates in place)
+    cos: np.ndarray | None = None  # FastDecoder: rotary tables by cache row [capacity, head_dim / 2]
+    sin: np.ndarray | None = None
 
 
 @dataclass
@@ -85,12 +89,17 @@ class Decoder:
         return logits, present
 
     def start(self, rope_delta: int, run_options=None, past: list[np.ndarray] | None = None,
-              length: int = 0) -> DecodeState:
-        """A state with an empty cache, or with `past` (e.g. a cached prompt prefix of `length` tokens)."""
+              length: int = 0, capacity: int | None = None) -> DecodeState:
+        """A state with an empty cache, or with `past` (e.g. a cached prompt prefix of `length` tokens).
+        `capacity`: the rows the request will need (FastDecoder sizes its buffers by it; ignored here)."""
         if past is None:
             empty = np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
             past, length = [empty] * (2 * self.layers), 0
         return DecodeState(list(past), np.ones((1, length), np.int64), length, rope_delta, run_options=run_options)
+
+    def cache(self, state: DecodeState) -> list[np.ndarray]:
+        """The filled cache, [1, kv_heads, length, head_dim] per layer and part (shared: never written to)."""
+        return list(state.past)
 
     def extend(self, state: DecodeState, embeds: np.ndarray, positions: np.ndarray | None = None,
                chunk: int | None = None) -> np.ndarray:
@@ -169,3 +178,105 @@ class Decoder:
         out.timings["decode"] = time.perf_counter() - t0
         out.token_times = out.token_times[: len(out.tokens)]
         return out
+
+
+SCORE_MARGIN = 32  # cache rows kept past the answer's budget: the category scores continue from the verdict
+
+
+class FastDecoder(Decoder):
+    """The fast decoder graph (export/graphs/decoder_gqa.py): the KV cache lives in per-request buffers that
+    onnxruntime updates in place (past and present bound to the same memory), sized by the request (prompt +
+    answer budget + SCORE_MARGIN rows), not by the model's context, because onnxruntime's CPU attention sizes its
+    score buffer by the buffer length. Rotary tables are computed here from the TMRoPE position ids and fed by
+    cache row.
+
+    `fork` shares the buffers: a fork at length n stays valid as long as nothing runs from a state shorter than
+    n afterwards (rows >= n of the shared buffer are overwritten then). The Guard forks at the verdict position
+    after the main generation ends, and the category scores walk their tree depth first, which keeps that."""
+
+    def __init__(self, session, decoder: dict, prefill_chunk: int | None = None):
+        super().__init__(session, decoder, prefill_chunk)
+        rope = decoder.get("rope_parameters") or {}
+        freqs = decoder.get("rope_inv_freq")
+        self.freqs = np.asarray(freqs, np.float32) if freqs is not None else \
+            inv_freq(self.head_dim, float(rope.get("rope_theta", 10000.0)))
+        self.sections = list(rope["mrope_section"])
+        self.in_names = [f"past_{part}_{i}" for i in range(self.layers) for part in ("key", "value")]
+        self.out_names = [f"present_{part}_{i}" for i in range(self.layers) for part in ("key", "value")]
+
+    def _alloc(self, capacity: int):
+        import onnxruntime as ort
+
+        arrays = [np.zeros((1, self.kv_heads, capacity, self.head_dim), np.float32) for _ in range(2 * self.layers)]
+        return arrays, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+
+    def start(self, rope_delta: int, run_options=None, past: list[np.ndarray] | None = None, length: int = 0,
+              capacity: int | None = None) -> DecodeState:
+        capacity = max(capacity or 0, length, 1)
+        arrays, values = self._alloc(capacity)
+        if past is not None:
+            for dst, src in zip(arrays, past):
+                dst[:, :, :length] = src[:, :, :length]
+        else:
+            length = 0
+        state = DecodeState(arrays, np.ones((1, 0), np.int64), length, rope_delta, run_options=run_options)
+        state.values = values
+        state.cos = np.zeros((capacity, self.freqs.size), np.float32)
+        state.sin = np.zeros_like(state.cos)
+        return state
+
+    def reserve(self, state: DecodeState, capacity: int) -> None:
+        """Grow the state's buffers to `capacity` rows (the filled rows are copied); no-op when they are large
+        enough."""
+        have = state.past[0].shape[2]
+        if capacity <= have:
+            return
+        arrays, values = self._alloc(capacity)
+        for dst, src in zip(arrays, state.past):
+            dst[:, :, :state.length] = src[:, :, :state.length]
+        cos, sin = np.zeros((capacity, self.freqs.size), np.float32), np.zeros((capacity, self.freqs.size), np.float32)
+        cos[:have], sin[:have] = state.cos, state.sin
+        state.past, state.values, state.cos, state.sin = arrays, values, cos, sin
+
+    def cache(self, state: DecodeState) -> list[np.ndarray]:
+        """Copies of the filled cache rows, [1, kv_heads, length, head_dim] per layer and part."""
+        return [a[:, :, :state.length].copy() for a in state.past]
+
+    def extend(self, state: DecodeState, embeds: np.ndarray, positions: np.ndarray | None = None,
+               chunk: int | None = None) -> np.ndarray:
+        total = embeds.shape[1]
+        if positions is None:
+            begin = state.length + state.rope_delta
+            positions = np.broadcast_to(np.arange(begin, begin + total, dtype=np.int64), (3, 1, total))
+        self.reserve(state, state.length + total)
+        chunk = chunk or total
+        for lo in range(0, total, chunk):
+            hi = min(lo + chunk, total)
+            rows = slice(state.length, state.length + hi - lo)
+            state.cos[rows], state.sin[rows] = rope_tables(positions[:, 0, lo:hi], self.freqs, self.sections)
+            io = self.session.io_binding()
+            io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds[:, lo:hi], dtype=np.float32))
+            io.bind_cpu_input("seqlens_k", np.array([state.length + hi - lo - 1], np.int32))
+            io.bind_cpu_input("total_sequence_length", np.array(state.length + hi - lo, np.int32))
+            io.bind_cpu_input("cos_cache", state.cos)
+            io.bind_cpu_input("sin_cache", state.sin)
+            for name, value in zip(self.in_names, state.values):
+                io.bind_ortvalue_input(name, value)
+            io.bind_output("logits")  # first: get_outputs() lists outputs in binding order
+            for name, value in zip(self.out_names, state.values):
+                io.bind_ortvalue_output(name, value)
+            if state.run_options is not None:
+                self.session.run_with_iobinding(io, state.run_options)
+            else:
+                self.session.run_with_iobinding(io)
+            logits = io.get_outputs()[0].numpy()
+            state.length += hi - lo
+        return logits[0]
+
+    def generate(self, embeds, positions, rope_delta, embed_tokens, max_new_tokens, eos_ids, answer=None,
+                 min_new_tokens=0, prefill_chunk=None, run_options=None, state=None) -> Generation:
+        if state is None:
+            state = self.start(rope_delta, run_options)
+        self.reserve(state, state.length + embeds.shape[1] + max_new_tokens + SCORE_MARGIN)
+        return super().generate(embeds, positions, rope_delta, embed_tokens, max_new_tokens, eos_ids, answer,
+                                min_new_tokens, prefill_chunk, run_options, state)

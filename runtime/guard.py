@@ -14,7 +14,7 @@ import numpy as np
 
 from .bundle import Bundle, SessionOptions, open_bundle
 from .answer import MODES, Answer, AnswerTokens, first_code_probabilities
-from .decode import Decoder, fork
+from .decode import SCORE_MARGIN, Decoder, FastDecoder, fork
 from .encoder_cache import DEFAULT_BYTES, EncoderCache, content_key
 from .encoders import encode_audio, encode_vision
 from .errors import InputError, MemoryBudgetError, NumericalError, OmniGuardError, describe, message_of
@@ -311,7 +311,8 @@ class Guard:
         self.bundle, self.options = bundle, options
         m = bundle.manifest
         self.prompt = PromptTokenizer(bundle.tokenizer, bundle.chat_template)
-        self.decoder = Decoder(bundle.sessions["decoder"], m.decoder)
+        fast = bundle.decoder_graph == "decoder_gqa"
+        self.decoder = (FastDecoder if fast else Decoder)(bundle.sessions["decoder"], m.decoder)
         self.geometry = Geometry.from_manifest(m)
         self.image_cfg = ImageConfig.from_preprocess(m.preprocess)
         self.mel_filters = np.load(bundle.file("mel_filters.npy"))
@@ -528,7 +529,7 @@ class Guard:
             state = self.decoder.start(0, run_options)
             emb = self.bundle.embedding
             self.decoder.extend(state, np.asarray(emb[np.asarray(prefix)], np.float32)[None])
-            entry = self.prefixes.put(kind, prefix, state.past)
+            entry = self.prefixes.put(kind, prefix, self.decoder.cache(state))
         m = reusable(ids, entry, self._media_ids)
         if m < 1:
             return None, 0
@@ -666,7 +667,8 @@ class Guard:
                 (conv is None or not conv.has_content()) else "text"
             past, reused = self._prefix(ids, kind, run_options)
             if reused and np.array_equal(positions[:, 0, :reused], np.broadcast_to(np.arange(reused), (3, reused))):
-                state = self.decoder.start(int(delta[0, 0]), run_options, past, reused)
+                state = self.decoder.start(int(delta[0, 0]), run_options, past, reused,
+                                           capacity=len(ids) + budget + SCORE_MARGIN)
             else:
                 reused = 0
             timings["prefix"] = time.perf_counter() - t

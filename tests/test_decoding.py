@@ -22,7 +22,9 @@ from omniguard_edge.runtime.prompt import Policy
 from omniguard_edge.runtime.verdict import parse
 
 CATEGORY_CHARS = set("S0123456789, ")
-DECODER_ONLY = SessionOptions(graphs=("decoder",))
+# the standard-ops decoder graph: ScriptedSession stands in for its session (the fast graph's is tested in
+# tests/test_runtime_parity.py and tests/test_prefix.py)
+DECODER_ONLY = SessionOptions(graphs=("decoder",), decoder_graph="decoder")
 
 
 class Vocab:

@@ -59,7 +59,14 @@ def test_vision_graph_has_no_baked_grid(tiny_bundle, tiny_parts):
 
 def test_manifest_describes_bundle(tiny_bundle, tiny_parts):
     m = load_manifest(tiny_bundle)
-    assert set(m.graphs) == {"vision", "audio", "decoder"}
+    assert set(m.graphs) == {"vision", "audio", "decoder", "decoder_gqa"}
+    fast = m.graphs["decoder_gqa"]  # validated against transformers on the decoder's batch-1 cases
+    assert {r["case"] for r in fast.validation} == {"prefill_b1", "decode_b1", "prefill_b1_image_positions",
+                                                    "decode_b1_image_positions", "extend_b1_prefix7_new6"}
+    assert "extend_b1_prefix7_new6" in {r["case"] for r in m.graphs["decoder"].validation}
+    assert [t.name for t in fast.inputs][:5] == ["inputs_embeds", "seqlens_k", "total_sequence_length", "cos_cache",
+                                                "sin_cache"]
+    assert len(m.decoder["rope_inv_freq"]) == m.decoder["head_dim"] // 2
     assert m.special_ids["image"] == tiny_parts.special["image"]
     assert m.decoder["num_layers"] == 2 and m.decoder["kv_layout"] == "batch,kv_heads,seq,head_dim"
     names = [t.name for t in m.graphs["decoder"].inputs]
@@ -148,7 +155,8 @@ def test_external_data_file_is_single_and_hashed(tiny_checkpoint, tmp_path, monk
     m = load_manifest(out)
     for name, spec in m.graphs.items():
         assert spec.data_file == f"{name}.onnx.data" and m.files[spec.data_file].role == "graph-data"
-    assert sorted(p.name for p in out.glob("*.data")) == ["audio.onnx.data", "decoder.onnx.data", "vision.onnx.data"]
+    assert sorted(p.name for p in out.glob("*.data")) == ["audio.onnx.data", "decoder.onnx.data",
+                                                          "decoder_gqa.onnx.data", "vision.onnx.data"]
     data = out / "decoder.onnx.data"
     raw = bytearray(data.read_bytes())
     raw[100] ^= 0x01

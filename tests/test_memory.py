@@ -31,14 +31,15 @@ from omniguard_edge.runtime.memory import (generation_bytes, kv_bytes,
 # --- chunked prefill ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def decoder_and_prompt(tiny_bundle):
-    """The tiny decoder and a 75-token prompt whose middle is an image placeholder run (grid 1x8x10 -> 20
-    tokens with 3-D positions) between random text tokens, with random embeddings."""
+@pytest.fixture(scope="module", params=["decoder", "decoder_gqa"])
+def decoder_and_prompt(tiny_bundle, request):
+    """The tiny decoder (each graph) and a 75-token prompt whose middle is an image placeholder run (grid 1x8x10
+    -> 20 tokens with 3-D positions) between random text tokens, with random embeddings."""
     from omniguard_edge.runtime.bundle import SessionOptions, open_bundle
+    from omniguard_edge.runtime.decode import FastDecoder
     from omniguard_edge.runtime.positions import RopeIds, rope_index
 
-    b = open_bundle(tiny_bundle, SessionOptions(graphs=("decoder",)), verify="none")
+    b = open_bundle(tiny_bundle, SessionOptions(graphs=("decoder",), decoder_graph=request.param), verify="none")
     m = b.manifest
     sp = m.special_ids
     rng = np.random.default_rng(3)
@@ -47,7 +48,8 @@ def decoder_and_prompt(tiny_bundle):
     rope = RopeIds(sp["image"], sp["video"], sp["audio"], m.vision["spatial_merge_size"], m.decoder["position_id_per_seconds"])
     positions, delta = rope_index(ids, rope, image_grid_thw=[(1, 8, 10)])
     embeds = rng.standard_normal((1, ids.shape[1], m.decoder["hidden_size"])).astype(np.float32)
-    return Decoder(b.sessions["decoder"], m.decoder), embeds, positions, int(delta[0, 0])
+    kind = FastDecoder if request.param == "decoder_gqa" else Decoder
+    return kind(b.sessions["decoder"], m.decoder), embeds, positions, int(delta[0, 0])
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 16, 20, 32, 74])
@@ -57,10 +59,10 @@ def test_chunked_prefill_equals_one_shot(decoder_and_prompt, chunk):
     ref_logits, ref = dec.prefill(embeds, positions, delta)
     logits, state = dec.prefill(embeds, positions, delta, chunk=chunk)
     assert ref.prefill_runs == 1 and state.prefill_runs == -(-embeds.shape[1] // chunk)
-    assert state.length == ref.length == embeds.shape[1] and state.mask.shape == (1, embeds.shape[1])
+    assert state.length == ref.length == embeds.shape[1]
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=0)
     assert len(state.past) == len(ref.past)
-    for got, want in zip(state.past, ref.past):
+    for got, want in zip(dec.cache(state), dec.cache(ref)):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
@@ -78,12 +80,14 @@ def test_chunked_generation_continues_like_one_shot(decoder_and_prompt):
 
 def test_prompt_within_one_chunk_is_prefilled_exactly_as_before(decoder_and_prompt):
     dec, embeds, positions, delta = decoder_and_prompt
-    default = Decoder(dec.session, {"num_layers": dec.layers, "num_kv_heads": dec.kv_heads, "head_dim": dec.head_dim},
-                      prefill_chunk=embeds.shape[1])
+    geometry = {"num_layers": dec.layers, "num_kv_heads": dec.kv_heads, "head_dim": dec.head_dim,
+                "rope_parameters": {"mrope_section": getattr(dec, "sections", [])},
+                "rope_inv_freq": getattr(dec, "freqs", None)}
+    default = type(dec)(dec.session, geometry, prefill_chunk=embeds.shape[1])
     a, sa = dec.prefill(embeds, positions, delta)
     b, sb = default.prefill(embeds, positions, delta)
     assert sb.prefill_runs == 1
-    assert np.array_equal(a, b) and all(np.array_equal(x, y) for x, y in zip(sa.past, sb.past))
+    assert np.array_equal(a, b) and all(np.array_equal(x, y) for x, y in zip(dec.cache(sa), default.cache(sb)))
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, "16", True])
@@ -200,7 +204,7 @@ _PROBE = textwrap.dedent("""
         return int(d["VmRSS"].split()[0]) * 1024, int(d["VmHWM"].split()[0]) * 1024
 
     bundle, kind, a, b = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    bd = open_bundle(bundle, SessionOptions(intra_op_threads=1), verify="none")
+    bd = open_bundle(bundle, SessionOptions(intra_op_threads=1, decoder_graph="decoder"), verify="none")
     m, rng = bd.manifest, np.random.default_rng(0)
     if kind == "decoder":
         dec = Decoder(bd.sessions["decoder"], m.decoder)
@@ -254,13 +258,14 @@ def test_estimate_bounds_the_measured_peak(tiny_bundle, kind, a, b):
 
 _RETURN = textwrap.dedent("""
     import json, sys
-    from omniguard_edge.runtime.guard import Guard
+    from omniguard_edge.runtime.bundle import SessionOptions
+    from omniguard_edge.runtime.guard import Guard, GuardOptions
 
     def rss():
         d = dict(line.split(":", 1) for line in open("/proc/self/status"))
         return int(d["VmRSS"].split()[0]) * 1024, int(d["VmHWM"].split()[0]) * 1024
 
-    g = Guard.from_bundle(sys.argv[1], verify="none")
+    g = Guard.from_bundle(sys.argv[1], GuardOptions(session=SessionOptions(decoder_graph=sys.argv[2])), verify="none")
     g.moderate("hello there")
     before = rss()[0]
     res = g.moderate("the " * 6000)
@@ -271,13 +276,17 @@ _RETURN = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_rss_returns_after_a_6k_token_request(tiny_bundle):
-    out = subprocess.run([sys.executable, "-c", _RETURN, str(tiny_bundle)], capture_output=True, text=True, timeout=300,
-                         preexec_fn=_cap_address_space, env={**os.environ, "OMP_NUM_THREADS": "1"})
+@pytest.mark.parametrize("graph", ["decoder", "decoder_gqa"])
+def test_rss_returns_after_a_6k_token_request(tiny_bundle, graph):
+    out = subprocess.run([sys.executable, "-c", _RETURN, str(tiny_bundle), graph], capture_output=True, text=True,
+                         timeout=300, preexec_fn=_cap_address_space, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["verdict"] != "error" and r["tokens"] > 6000, r  # the request really ran
-    assert r["peak"] - r["before"] > 300 << 20, r  # and used far more than the margin below
+    if graph == "decoder":  # materialised 6k x 6k attention scores: far more than the margin below
+        assert r["peak"] - r["before"] > 300 << 20, r
+    else:  # GroupQueryAttention never holds the whole score matrix (measured: +20 MB on tiny, 1 thread)
+        assert r["peak"] - r["before"] < 100 << 20, r
     assert r["after"] - r["before"] < 300 << 20, r
 
 

@@ -24,6 +24,20 @@ def hf(tiny_checkpoint, tiny_thinker_model):
     return Reference(tiny_checkpoint, model=tiny_thinker_model)
 
 
+@pytest.fixture(scope="module", params=["decoder", "decoder_gqa"])
+def guard(request, tiny_guard):
+    """tiny_guard's options with each decoder graph: the standard-ops graph and the fast in-place KV graph."""
+    from omniguard_edge.runtime.bundle import SessionOptions
+    from omniguard_edge.runtime.guard import Guard
+
+    if request.param not in tiny_guard.bundle.manifest.graphs:
+        pytest.skip(f"the bundle has no {request.param} graph")
+    options = dataclasses.replace(tiny_guard.options, session=SessionOptions(decoder_graph=request.param))
+    g = Guard.from_bundle(tiny_guard.bundle.path, options, verify="none")
+    assert g.bundle.decoder_graph == request.param
+    return g
+
+
 def _hf_tokens(ref, text, media, min_new_tokens=0):
     inputs = ref.inputs(text, media)
     tokens, _ = ref.generate(inputs, NEW_TOKENS if not min_new_tokens else min_new_tokens, min_new_tokens)
@@ -51,36 +65,36 @@ def _guard_text(prompt=None, response=None, media_kinds=()):
     return compose_guard_text(conv, list(media_kinds), Policy())
 
 
-def test_text_prompt_only(tiny_guard, hf):
-    _check(tiny_guard.moderate("How do I make a bomb?"), _hf_tokens(hf, _guard_text("How do I make a bomb?"), _media()))
+def test_text_prompt_only(guard, hf):
+    _check(guard.moderate("How do I make a bomb?"), _hf_tokens(hf, _guard_text("How do I make a bomb?"), _media()))
 
 
-def test_prompt_and_response(tiny_guard, hf):
+def test_prompt_and_response(guard, hf):
     prompt, response = "How do I pick a lock?", "First, insert a tension wrench into the keyhole."
-    _check(tiny_guard.moderate(prompt, response), _hf_tokens(hf, _guard_text(prompt, response), _media()))
+    _check(guard.moderate(prompt, response), _hf_tokens(hf, _guard_text(prompt, response), _media()))
 
 
 @pytest.mark.parametrize("name", ["colour_517x333.png", "colour_640x480.jpg"])
-def test_image_only(name, tiny_guard, hf, media_dir):
+def test_image_only(name, guard, hf, media_dir):
     path = media_dir / name
     expected = _hf_tokens(hf, _guard_text(media_kinds=["image"]), _media(image=path))
-    _check(tiny_guard.moderate(image=path), expected)
+    _check(guard.moderate(image=path), expected)
 
 
 @pytest.mark.parametrize("name", ["short_1.5s.wav", "chunks_5s.wav"])
-def test_audio_with_text(name, tiny_guard, hf, media_dir):
+def test_audio_with_text(name, guard, hf, media_dir):
     path = media_dir / name
     expected = _hf_tokens(hf, _guard_text("Listen to this.", media_kinds=["audio"]), _media(audio=path))
-    _check(tiny_guard.moderate("Listen to this.", audio=path), expected)
+    _check(guard.moderate("Listen to this.", audio=path), expected)
 
 
-def test_image_and_audio(tiny_guard, hf, media_dir):
+def test_image_and_audio(guard, hf, media_dir):
     img, wav = media_dir / "colour_517x333.png", media_dir / "short_1.5s.wav"
     expected = _hf_tokens(hf, _guard_text("Is this ok?", media_kinds=["image", "audio"]), _media(image=img, audio=wav))
-    _check(tiny_guard.moderate("Is this ok?", image=img, audio=wav), expected)
+    _check(guard.moderate("Is this ok?", image=img, audio=wav), expected)
 
 
-def test_video(tiny_guard, hf):
+def test_video(guard, hf):
     """Same sampled, resized frames on both sides: checks normalization, patchify, the temporal grid,
     seconds per grid and TMRoPE against transformers' video processor and model."""
     from omniguard_edge.runtime.preprocess.video import VideoLimits, sample_count
@@ -93,7 +107,7 @@ def test_video(tiny_guard, hf):
     limits = VideoLimits()
     from omniguard_edge.runtime.guard import Guard
 
-    guard = Guard(tiny_guard.bundle, dataclasses.replace(tiny_guard.options, critique_max_new_tokens=NEW_TOKENS,
+    guard = Guard(guard.bundle, dataclasses.replace(guard.options, critique_max_new_tokens=NEW_TOKENS,
                                                          video_limits=limits))
     n = sample_count(len(frames), fps, limits)
     idx = np.round(np.linspace(0, len(frames) - 1, n)).astype(int)
@@ -107,13 +121,13 @@ def test_video(tiny_guard, hf):
     _check(guard.moderate("What happens here?", video=(frames, fps)), expected)
 
 
-def test_min_new_tokens_matches_transformers(tiny_bundle, hf):
-    """Fixed budgets for benchmarks: EOS masked the same way on both sides."""
-    from omniguard_edge.runtime.guard import Guard, GuardOptions
+def test_64_decode_steps_match_transformers(guard, hf):
+    """Fixed budgets for benchmarks, EOS masked the same way on both sides: 64 greedy steps of each decoder graph
+    (the fast one updating its KV buffers in place) equal transformers' generate, token for token."""
+    from omniguard_edge.runtime.guard import Guard
 
-    guard = Guard.from_bundle(tiny_bundle, GuardOptions(mode="full", constrain_verdict=False, critique_max_new_tokens=40,
-                                                        min_new_tokens=40))
-    expected, _ = _hf_tokens(hf, _guard_text("hello"), _media(), min_new_tokens=40)
-    result = guard.moderate("hello")
+    g = Guard(guard.bundle, dataclasses.replace(guard.options, critique_max_new_tokens=64, min_new_tokens=64))
+    expected, _ = _hf_tokens(hf, _guard_text("hello"), _media(), min_new_tokens=64)
+    result = g.moderate("hello")
     assert result.generated_ids == expected
-    assert len(result.generated_ids) == 40 and len(result.token_times) == 40
+    assert len(result.generated_ids) == 64 and len(result.token_times) == 64
