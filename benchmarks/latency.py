@@ -96,9 +96,17 @@ def run_runtime(bundle: Path, chosen: dict, args) -> tuple[list[dict], dict]:
             if engine == "runtime-default":
                 row["cached_prompt_tokens"] = r.cached_prompt_tokens
                 row["generated_tokens"] = r.generated_tokens
+            else:
+                row["generated_ids"] = r.generated_ids  # the last run's: a peer's greedy tokens are compared with them
             rows.append(row)
     m = guard.bundle.manifest
-    info = {"providers": guard.bundle.providers, "precision": m.precision,
+    from omniguard_edge.runtime.guard import _Prepared
+    from omniguard_edge.runtime.prompt import Conversation
+
+    text_prompts = {sc.name: guard._prompt_ids(Conversation.of(sc.text, sc.response), _Prepared())
+                    for sc in chosen.values() if not (sc.image or sc.audio or sc.video) and sc.text}
+    info = {"providers": guard.bundle.providers, "precision": m.precision, "decoder_graph": guard.bundle.decoder_graph,
+            "text_prompts": text_prompts,
             "config_sha256": m.source.get("config_sha256"), "embedding_dtype": m.embedding.get("dtype"),
             "prefix_cache_mb": default.prefixes.nbytes / 2**20}
     return rows, info
@@ -181,6 +189,79 @@ def speedups(rows: list[dict], floor: float, stat: str = "p50") -> dict:
     return out
 
 
+def run_peer(args, chosen: dict, text_prompts: dict, rows: list[dict]) -> tuple[list[dict], dict]:
+    """onnxruntime-genai (fp32 and int4, built by its own builder from --reference's text decoder written as a
+    Qwen2ForCausalLM folder) on the text scenarios, in a separate process (benchmarks/peer_worker.py)."""
+    import hashlib
+
+    from omniguard_edge.export.qwen2_text import write_qwen2_text_model
+
+    if not text_prompts:
+        print("note: no peer run: the peer runs the text scenarios only, and none was chosen")
+        return [], None
+    sha = hashlib.sha256((args.reference / "config.json").read_bytes()).hexdigest()[:12]
+    root = args.peer_dir or args.bundle.resolve().parent / "peers"
+    folder = root / f"qwen2-text-{sha}"
+    if not (folder / "config.json").exists():
+        print(f"writing the text decoder as a Qwen2ForCausalLM folder: {folder}", flush=True)
+        write_qwen2_text_model(args.reference, folder)
+    models = {}
+    for precision in ("fp32", "int4"):
+        out = root / f"ort-genai-{sha}-{precision}"
+        if not (out / "genai_config.json").exists():
+            print(f"building the onnxruntime-genai {precision} model (its own builder): {out}", flush=True)
+            cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", "qwen2", "-i", str(folder), "-o",
+                   str(out), "-p", precision, "-e", "cpu", "-c", str(root / "builder-cache")]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"onnxruntime-genai's builder failed ({precision}):\n{done.stderr[-3000:]}")
+        models[precision] = str(out)
+    cached = {r["scenario"]: r.get("cached_prompt_tokens", 0) for r in rows if r["engine"] == "runtime-default"}
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = {"models": models, "threads": args.threads or os.cpu_count(), "warmup": args.warmup, "runs": args.runs,
+                "new_tokens": args.new_tokens,
+                "scenarios": [{"name": k, "ids": ids, "prefix": cached.get(k, 0)} for k, ids in text_prompts.items()]}
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec_path.write_text(json.dumps(spec))
+        done = subprocess.run([sys.executable, str(HERE / "peer_worker.py"), str(spec_path), str(out_path)])
+        if done.returncode != 0:
+            raise SystemExit("the onnxruntime-genai peer failed (its output is above)")
+        out = json.loads(out_path.read_text())
+    return out["rows"], {"engine": "onnxruntime-genai", "version": out["onnxruntime_genai"], "models": models,
+                         "source": "the --reference checkpoint's text decoder as Qwen2ForCausalLM, builder -e cpu"}
+
+
+def peer_comparison(rows: list[dict]) -> dict:
+    """Per text scenario with a peer: our default time to verdict against the peer's fp32 time to first token with
+    its prefix reuse, our fixed-budget decode tok/s against its fp32 decode, and whether its greedy fp32 tokens
+    equal ours."""
+    by = {(r["scenario"], r["engine"]): r for r in rows}
+    out = {}
+    for (scenario, engine), row in by.items():
+        if engine != "ort-genai-fp32":
+            continue
+        reuse, ours, fixed = by.get((scenario, "ort-genai-fp32-reuse")), by.get((scenario, "runtime-default")), \
+            by.get((scenario, "runtime"))
+        entry = {"ort_genai_fp32_first_token_p50": row["stages"]["first_token"]["p50"],
+                 "ort_genai_fp32_decode_tok_s_p50": row["stages"]["decode_tok_s"]["p50"]}
+        if reuse:
+            entry["ort_genai_fp32_reuse_first_token_p50"] = reuse["stages"]["first_token"]["p50"]
+        if ours and reuse:
+            entry["runtime_default_verdict_p50"] = ours["stages"]["verdict"]["p50"]
+            entry["verdict_vs_peer_reuse_first_token"] = reuse["stages"]["first_token"]["p50"] / \
+                ours["stages"]["verdict"]["p50"]
+        if fixed:
+            entry["runtime_decode_tok_s_p50"] = fixed["stages"]["decode_tok_s"]["p50"]
+            entry["decode_ratio"] = fixed["stages"]["decode_tok_s"]["p50"] / row["stages"]["decode_tok_s"]["p50"]
+            entry["tokens_equal"] = fixed.get("generated_ids") == row.get("generated_ids")
+        int4 = by.get((scenario, "ort-genai-int4"))
+        if int4:
+            entry["ort_genai_int4_first_token_p50"] = int4["stages"]["first_token"]["p50"]
+            entry["ort_genai_int4_decode_tok_s_p50"] = int4["stages"]["decode_tok_s"]["p50"]
+        out[scenario] = entry
+    return out
+
+
 def time_to_verdict(rows: list[dict]) -> dict:
     """Per scenario: the default mode's time to verdict (runtime-default, p50) against PyTorch's time to its
     first token (p50), and the ratio (how many times faster the verdict is known)."""
@@ -216,8 +297,8 @@ def bounds(bundle: Path, rows: list[dict], probe: dict) -> dict:
     out = {"decoder_weight_bytes": weight_bytes, "bandwidth_bound_tok_s": bound_tok_s, "per_scenario": {},
            "exceeded": [], "weights_fit_in_cache": in_cache, "last_level_cache_bytes": cache}
     for r in rows:
-        if r["engine"] == "runtime-default":
-            continue  # its prefill is the request's own tokens after the cached prefix: no bound to hold
+        if r["engine"] not in ("runtime", "pytorch"):
+            continue  # runtime-default: its prefill is the request's own tokens after the cached prefix; peers
         if r["engine"] != "runtime" and m.precision != "fp32":
             continue  # PyTorch reads fp32 weights: the bundle's bytes bound only an fp32 bundle's peer
         tok_s = r["stages"]["decode_tok_s"]["max"]  # the best run: a bound must hold for every run
@@ -399,6 +480,14 @@ def print_report(doc: dict) -> None:
         keys = ["preprocess", "vision", "audio", "embed", "prefill", "first_token", "verdict", "total", "decode_tok_s"]
         print(benchlib.markdown_table(["scenario"] + keys,
                                       [[k] + [v.get(s) for s in keys] for k, v in doc["speedups"].items()]))
+    if doc.get("peer_comparison"):
+        print("\npeer (onnxruntime-genai, same prompt ids, same threads): our default time to verdict against its fp32 "
+              "time to first token with its own prefix reuse; decode: our fixed-budget rows against its fp32\n")
+        keys = ["runtime_default_verdict_p50", "ort_genai_fp32_reuse_first_token_p50", "verdict_vs_peer_reuse_first_token",
+                "ort_genai_fp32_first_token_p50", "runtime_decode_tok_s_p50", "ort_genai_fp32_decode_tok_s_p50",
+                "decode_ratio", "tokens_equal", "ort_genai_int4_first_token_p50", "ort_genai_int4_decode_tok_s_p50"]
+        print(benchlib.markdown_table(["scenario"] + keys, [[k] + [v.get(x) for x in keys]
+                                                            for k, v in doc["peer_comparison"].items()]))
     mismatched = [r["scenario"] for r in doc["rows"] if r.get("staged_prefill_matches_generate") is False]
     if mismatched:
         print(f"\nWARNING: PyTorch's staged prefill chose another first token than its generate() in {mismatched}")
@@ -448,6 +537,11 @@ def main(argv=None) -> int:
     p.add_argument("--floor", type=float, default=0.005,
                    help="seconds under which a stage is timer noise: not gated, no ratio (default 0.005)")
     p.add_argument("--probe-seconds", type=float, default=1.0)
+    p.add_argument("--peers", nargs="+", choices=["ort-genai", "none"], default=None,
+                   help="peer engines on the text scenarios (ort-genai: onnxruntime-genai fp32 and int4 models built by "
+                        "its own builder from --reference's text decoder; pip install 'omniguard-edge[peer]'). "
+                        "Default: ort-genai when --reference is given and onnxruntime-genai is installed; none: off")
+    p.add_argument("--peer-dir", type=Path, help="where peer models are built and kept (default: beside the bundle)")
     args = p.parse_args(argv)
     import importlib.util
 
@@ -458,6 +552,19 @@ def main(argv=None) -> int:
     if not (args.tolerance >= 0 and args.floor >= 0):
         p.error("--tolerance and --floor must be >= 0")
     base = None
+    if args.peers is None:  # by default, the peer runs wherever it can
+        available = importlib.util.find_spec("onnxruntime_genai") is not None
+        args.peers = ["ort-genai"] if args.reference and available else []
+        if args.reference and not available:
+            print("note: no peer engine: onnxruntime-genai is not installed (pip install 'omniguard-edge[peer]')")
+    args.peers = [x for x in args.peers if x != "none"]
+    if args.peers:  # checked before minutes of measuring, not after
+        if not args.reference:
+            p.error("--peers builds the peer's models from the checkpoint: pass --reference CHECKPOINT")
+        missing = [m for m in ("onnxruntime_genai", "torch", "transformers") if importlib.util.find_spec(m) is None]
+        if missing:
+            p.error(f"--peers ort-genai needs {', '.join(missing)}: pip install 'omniguard-edge[peer]' "
+                    "(onnxruntime-genai; its model builder needs the export extra's torch and transformers)")
     if args.baseline:  # read before minutes of measuring, not after
         try:
             base = json.loads(args.baseline.read_text())
@@ -474,15 +581,20 @@ def main(argv=None) -> int:
     if args.reference:
         ref_rows, ref_info = run_reference(args.reference, chosen, args, guard_prompt_texts(chosen))
         rows += ref_rows
+    peer_info = None
+    if args.peers:
+        peer_rows, peer_info = run_peer(args, chosen, runtime_info.pop("text_prompts"), rows)
+        rows += peer_rows
+    runtime_info.pop("text_prompts", None)
     probe = benchlib.probe(args.probe_seconds, args.threads)
     doc = {"schema_version": benchlib.SCHEMA_VERSION, "kind": "latency", "system": benchlib.system_info(args.threads),
            "probe": probe, "runs": args.runs, "warmup": args.warmup,
            "budgets": {"new_tokens": args.new_tokens, "verdict_tokens": args.verdict_tokens},
            "bundle": {"path": str(args.bundle), "size_mb": benchlib.dir_size_mb(args.bundle), **runtime_info},
-           "runtime_peak_rss_mb": runtime_peak, "reference": ref_info, "rows": rows,
+           "runtime_peak_rss_mb": runtime_peak, "reference": ref_info, "peers": peer_info, "rows": rows,
            "stage_definitions": STAGE_DEFINITIONS, "gate": {"floor_s": args.floor, "tolerance": args.tolerance},
            "speedups": speedups(rows, args.floor), "speedups_best": speedups(rows, args.floor, stat="min"),
-           "time_to_verdict": time_to_verdict(rows)}
+           "time_to_verdict": time_to_verdict(rows), "peer_comparison": peer_comparison(rows)}
     doc["bounds"] = bounds(args.bundle, rows, probe)
     print_report(doc)
     benchlib.write_json(args.json, doc)  # first, so that nothing after it can lose the measurement

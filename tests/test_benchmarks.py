@@ -4,6 +4,7 @@ and smoke runs of both scripts on the tiny profile (marked slow: they run the Py
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import subprocess
@@ -428,13 +429,21 @@ def test_latency_json_matches_schema(latency_run):
     jsonschema.validate(doc, json.loads((BENCH / "latency.schema.json").read_text()))
     engines = {(r["scenario"], r["engine"]) for r in doc["rows"]}
     scenarios = {"text", "image_448", "audio_5s", "video_4s"}
-    assert engines == {(s, e) for s in scenarios for e in ("runtime", "runtime-default", "pytorch")}
+    peers = {("text", f"ort-genai-{p}{r}") for p in ("fp32", "int4") for r in ("", "-reuse")}
+    if importlib.util.find_spec("onnxruntime_genai") is None:  # the peer runs by default where it is installed
+        peers = set()
+        assert "no peer engine: onnxruntime-genai is not installed" in stdout
+    else:  # the same greedy tokens from onnxruntime-genai's own fp32 build of the text decoder
+        comparison = doc["peer_comparison"]["text"]
+        assert comparison["tokens_equal"] is True and comparison["verdict_vs_peer_reuse_first_token"] > 0
+        assert doc["peers"]["engine"] == "onnxruntime-genai"
+    assert engines == {(s, e) for s in scenarios for e in ("runtime", "runtime-default", "pytorch")} | peers
     assert set(doc["speedups"]) == scenarios == set(doc["time_to_verdict"])
     for r in doc["rows"]:
         if r["engine"] == "runtime-default":  # the default Guard: the fixed prompt opening came from the cache
             assert 0 < r["cached_prompt_tokens"] < r["prompt_tokens"] and r["generated_tokens"] >= 1
             assert r["stages"]["verdict"]["p50"] <= r["stages"]["total"]["p50"]
-        if r["engine"] != "pytorch" and sys.platform == "linux":
+        if r["engine"].startswith("runtime") and sys.platform == "linux":
             assert r["peak_rss_mb"] > 0
     assert doc["runtime_peak_rss_mb"] >= max(r.get("peak_rss_mb", 0) for r in doc["rows"])
     for v in doc["time_to_verdict"].values():
@@ -467,7 +476,7 @@ def test_latency_cli_gate_fails_and_passes(latency_run, tiny_bundle, tiny_checkp
         results[name] = _bench(
             "latency.py", "--bundle", tiny_bundle, "--reference", tiny_checkpoint, "--scenarios", "text", "--runs", 1,
             "--warmup", 0, "--new-tokens", 6, "--verdict-tokens", 2, "--probe-seconds", 0.1, "--media-dir", out / "media",
-            "--baseline", tmp_path / f"{name}.json", "--tolerance", 0.2)
+            "--baseline", tmp_path / f"{name}.json", "--tolerance", 0.2, "--peers", "none")
     assert results["hard"].returncode == 1 and "REGRESSION" in results["hard"].stdout
     assert "runtime/text/prefill" in results["hard"].stdout and "pytorch/" not in results["hard"].stdout
     assert "re-measuring text" in results["hard"].stdout and "; confirmed: " in results["hard"].stdout
