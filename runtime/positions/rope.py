@@ -33,18 +33,22 @@ def _vision_block(start: int, grid: tuple[int, int, int], merge: int, t_scale: n
     return np.stack([t_ids, h_ids, w_ids]).astype(np.int64) + start
 
 
-def _runs(ids: np.ndarray):
-    """(token, start, length) of each maximal run of equal tokens."""
-    edges = np.flatnonzero(np.diff(ids)) + 1
+def _runs(ids: np.ndarray, vision: tuple[int, int]):
+    """(token, start, length) of each maximal run of equal vision placeholder tokens, and of each maximal stretch of
+    other tokens between them (token -1): text and audio tokens all take one id per token, so a stretch of them is
+    one block (a prompt of 400 text tokens is one block, not 400)."""
+    is_vision = np.isin(ids, vision)
+    key = np.where(is_vision, ids, -1)
+    edges = np.flatnonzero(np.diff(key)) + 1
     starts = np.concatenate([[0], edges])
     ends = np.concatenate([edges, [len(ids)]])
-    return [(int(ids[s]), int(s), int(e - s)) for s, e in zip(starts, ends)]
+    return [(int(key[s]), int(s), int(e - s)) for s, e in zip(starts, ends)]
 
 
 def _sequence_positions(ids, cfg: RopeIds, images, videos, video_seconds) -> np.ndarray:
     """[3, len(ids)] positions of one unpadded sequence; consumes grids from the given iterators."""
     merge, blocks, nxt = cfg.spatial_merge_size, [], 0
-    for token, _, length in _runs(ids):
+    for token, _, length in _runs(ids, (cfg.image_token_id, cfg.video_token_id)):
         if token in (cfg.image_token_id, cfg.video_token_id):
             is_video = token == cfg.video_token_id
             grid = next(videos if is_video else images)
