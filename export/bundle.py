@@ -121,9 +121,12 @@ def _export_fast_decoder(parts: Parts, work: Path, bar, prepared: list) -> tuple
         record(decoder_gqa.NAME, case, outputs, got, ref, FP32_TOLERANCE, report)
     spec = GraphSpec(
         file=dest.name, precision="fp32", opset=OPSET,
-        inputs=_tensor_specs(inputs, [feeds[0][i] for i in inputs], {n: {2: "capacity"} for n in inputs[5:]}
-                             | {"inputs_embeds": {1: "seq"}, "cos_cache": {0: "capacity"}, "sin_cache": {0: "capacity"}}),
-        outputs=_tensor_specs(outputs, results[0], {n: {2: "capacity"} for n in outputs[1:]}),
+        inputs=_tensor_specs(inputs, [feeds[0][i] for i in inputs], {n: {0: "batch", 2: "capacity"} for n in inputs[6:]}
+                             | {"inputs_embeds": {0: "batch", 1: "seq"}, "seqlens_k": {0: "batch"},
+                                "cos_cache": {0: "rows"}, "sin_cache": {0: "rows"},
+                                "position_ids": {0: "batch", 1: "seq"}}),
+        outputs=_tensor_specs(outputs, results[0], {n: {0: "batch", 2: "capacity"} for n in outputs[1:]}
+                              | {"logits": {0: "batch"}}),
         tolerance=FP32_TOLERANCE, data_file=files[1], validation=report)
     parts.release()
     return spec, files

@@ -144,40 +144,60 @@ class Decoder:
         must be finite (NumericalError otherwise), before the EOS ids are masked: before `min_new_tokens`
         tokens the EOS ids are masked, as transformers' MinNewTokensLogitsProcessor does (fixed budgets for
         benchmarks). `embed_tokens(ids)` -> [n, H]. `state`: a cached prefix to continue from."""
-        out, t0 = Generation(), time.perf_counter()
-        eos_list = sorted(eos_ids)
+        run = _Run(answer, max_new_tokens, min_new_tokens, eos_ids)
         logits, state = self.prefill(embeds, positions, rope_delta, prefill_chunk, run_options, state)
-        out.timings["prefill"] = time.perf_counter() - t0
-        out.prefill_chunks = state.prefill_runs
-        out.first_logits = logits
-        while len(out.tokens) < max_new_tokens:
-            finite_logits(logits, f"the decoder's logits for generated token {len(out.tokens) + 1}")
-            if len(out.tokens) < min_new_tokens and eos_list:
-                logits = logits.copy()
-                logits[eos_list] = -np.inf
-            chosen = answer.choose(logits) if answer is not None else [int(np.argmax(logits))]
-            if answer is not None and getattr(answer, "verdict_index", None) == len(out.tokens) \
-                    and out.verdict_state is None:
-                out.verdict_state = fork(state)
-                out.timings["verdict"] = time.perf_counter() - t0
-            chosen = chosen[: max_new_tokens - len(out.tokens)]
-            out.tokens += chosen
-            now = time.perf_counter() - t0
-            out.token_times += [now] * len(chosen)
-            if "first_token" not in out.timings:
-                out.timings["first_token"] = now
-            if any(t in eos_ids for t in chosen):
-                out.stop_reason = "eos"
-                del out.tokens[next(i for i, t in enumerate(out.tokens) if t in eos_ids) + 1:]
-                break
-            if answer is not None and answer.finished:
-                out.stop_reason = "stop_rule"
-                break
-            if len(out.tokens) < max_new_tokens:
-                logits = self.extend(state, embed_tokens(chosen)[None])
-        out.timings["decode"] = time.perf_counter() - t0
-        out.token_times = out.token_times[: len(out.tokens)]
-        return out
+        run.prefilled(logits, state)
+        while (feed := run.take(logits, lambda: fork(state))) is not None:
+            logits = self.extend(state, embed_tokens(feed)[None])
+        return run.finish()
+
+
+class _Run:
+    """One generation's bookkeeping, shared by the one-request loop and the batched one: each `take(logits)`
+    checks the logits (finite, before EOS masking), masks EOS below `min_new_tokens`, lets the answer choose,
+    records tokens and times, and returns the tokens to feed next, or None when the generation is over."""
+
+    def __init__(self, answer, max_new_tokens: int, min_new_tokens: int, eos_ids: set[int]):
+        self.answer, self.budget, self.minimum = answer, max_new_tokens, min_new_tokens
+        self.eos, self.eos_list = eos_ids, sorted(eos_ids)
+        self.out, self.t0 = Generation(), time.perf_counter()
+
+    def prefilled(self, logits: np.ndarray, state: DecodeState) -> None:
+        self.out.timings["prefill"] = time.perf_counter() - self.t0
+        self.out.prefill_chunks = state.prefill_runs
+        self.out.first_logits = logits
+
+    def take(self, logits: np.ndarray, fork_state: Callable[[], DecodeState]) -> list[int] | None:
+        out, answer = self.out, self.answer
+        if len(out.tokens) >= self.budget:
+            return None
+        finite_logits(logits, f"the decoder's logits for generated token {len(out.tokens) + 1}")
+        if len(out.tokens) < self.minimum and self.eos_list:
+            logits = logits.copy()
+            logits[self.eos_list] = -np.inf
+        chosen = answer.choose(logits) if answer is not None else [int(np.argmax(logits))]
+        if answer is not None and getattr(answer, "verdict_index", None) == len(out.tokens) \
+                and out.verdict_state is None:
+            out.verdict_state = fork_state()
+            out.timings["verdict"] = time.perf_counter() - self.t0
+        chosen = chosen[: self.budget - len(out.tokens)]
+        out.tokens += chosen
+        now = time.perf_counter() - self.t0
+        out.token_times += [now] * len(chosen)
+        out.timings.setdefault("first_token", now)
+        if any(t in self.eos for t in chosen):
+            out.stop_reason = "eos"
+            del out.tokens[next(i for i, t in enumerate(out.tokens) if t in self.eos) + 1:]
+            return None
+        if answer is not None and answer.finished:
+            out.stop_reason = "stop_rule"
+            return None
+        return chosen if len(out.tokens) < self.budget else None
+
+    def finish(self) -> Generation:
+        self.out.timings["decode"] = time.perf_counter() - self.t0
+        self.out.token_times = self.out.token_times[: len(self.out.tokens)]
+        return self.out
 
 
 SCORE_MARGIN = 32  # cache rows kept past the answer's budget: the category scores continue from the verdict
@@ -260,6 +280,7 @@ class FastDecoder(Decoder):
             io.bind_cpu_input("total_sequence_length", np.array(state.length + hi - lo, np.int32))
             io.bind_cpu_input("cos_cache", state.cos)
             io.bind_cpu_input("sin_cache", state.sin)
+            io.bind_cpu_input("position_ids", np.arange(rows.start, rows.stop, dtype=np.int64)[None])
             for name, value in zip(self.in_names, state.values):
                 io.bind_ortvalue_input(name, value)
             io.bind_output("logits")  # first: get_outputs() lists outputs in binding order
@@ -280,3 +301,86 @@ class FastDecoder(Decoder):
         self.reserve(state, state.length + embeds.shape[1] + max_new_tokens + SCORE_MARGIN)
         return super().generate(embeds, positions, rope_delta, embed_tokens, max_new_tokens, eos_ids, answer,
                                 min_new_tokens, prefill_chunk, run_options, state)
+
+    def generate_batch(self, requests: list[dict], embed_tokens: Callable[[list[int]], np.ndarray], eos_ids: set[int],
+                       min_new_tokens: int = 0) -> list[Generation]:
+        """Several generations at once. Each request (a dict of `generate`'s arguments: embeds, positions,
+        rope_delta, max_new_tokens, answer, prefill_chunk, run_options, state) is prefilled on its own (the CPU
+        attention kernel takes several new tokens after a past only with batch 1, and a prefill is compute-bound
+        anyway); then every decode step runs all unfinished rows in one graph run over one [rows, kv_heads,
+        capacity, head_dim] buffer per layer and part, each row at its own length and position (position ids
+        into a plain rotary table: decode tokens are text). A forced literal of several tokens is fed one token
+        per step. Each row's result equals its own `generate` (tests/test_batch.py)."""
+        rows = []
+        for r in requests:
+            run = _Run(r.get("answer"), r["max_new_tokens"], min_new_tokens, eos_ids)
+            state = r.get("state") or self.start(r["rope_delta"], r.get("run_options"))
+            self.reserve(state, state.length + r["embeds"].shape[1] + r["max_new_tokens"] + SCORE_MARGIN)
+            logits, state = self.prefill(r["embeds"], r["positions"], r["rope_delta"], r.get("prefill_chunk"),
+                                         r.get("run_options"), state)
+            run.prefilled(logits, state)
+            rows.append({"run": run, "state": state, "logits": logits, "queue": [], "done": False})
+        for row in rows:  # each row's first choice reads its own prefill's logits
+            feed = row["run"].take(row["logits"], lambda st=row["state"]: fork(st))
+            row["queue"], row["done"] = list(feed or []), feed is None
+        if all(r["done"] for r in rows):
+            return [r["run"].finish() for r in rows]
+        capacity = max(r["state"].past[0].shape[2] for r in rows)
+        arrays, values = self._alloc_batch(len(rows), capacity)
+        for b, row in enumerate(rows):
+            st = row["state"]
+            for dst, src in zip(arrays, st.past):
+                dst[b, :, :st.length] = src[0, :, :st.length]
+            row["length"], row["delta"] = st.length, st.rope_delta
+            row["state"] = None  # its own buffers are no longer needed: the batch buffers hold its cache
+        # rows of the plain table: every position a row can reach, and no fewer than the longest cache (the kernel
+        # wants cos_cache rows >= total_sequence_length)
+        top = max(r["length"] + abs(r["delta"]) + r["run"].budget + 2 for r in rows)
+        table = np.broadcast_to(np.arange(max(top, 1), dtype=np.int64), (3, max(top, 1)))
+        cos, sin = rope_tables(table, self.freqs, self.sections)
+        width = None
+        while not all(r["done"] for r in rows):
+            feeds, lengths, pos = [], [], []
+            for row in rows:
+                token = row["queue"].pop(0) if not row["done"] else None
+                row["fed"] = token
+                emb = embed_tokens([token if token is not None else 0])[0]
+                width = emb.shape[0]
+                feeds.append(emb)
+                lengths.append(row["length"])
+                pos.append(row["length"] + row["delta"])
+            io = self.session.io_binding()
+            io.bind_cpu_input("inputs_embeds", np.stack(feeds).astype(np.float32).reshape(len(rows), 1, width))
+            io.bind_cpu_input("seqlens_k", np.asarray(lengths, np.int32))
+            io.bind_cpu_input("total_sequence_length", np.array(max(lengths) + 1, np.int32))
+            io.bind_cpu_input("cos_cache", cos)
+            io.bind_cpu_input("sin_cache", sin)
+            io.bind_cpu_input("position_ids", np.asarray(pos, np.int64)[:, None])
+            for name, value in zip(self.in_names, values):
+                io.bind_ortvalue_input(name, value)
+            io.bind_output("logits")
+            for name, value in zip(self.out_names, values):
+                io.bind_ortvalue_output(name, value)
+            self.session.run_with_iobinding(io)
+            logits = io.get_outputs()[0].numpy()
+            for b, row in enumerate(rows):
+                if row["fed"] is None:
+                    continue  # a finished row: its slot at `length` was rewritten, its cache below is untouched
+                row["length"] += 1
+                if row["queue"]:
+                    continue  # inside a forced literal: these logits choose nothing
+                feed = row["run"].take(logits[b], lambda b=b, n=row["length"]: self._row_state(arrays, b, n,
+                                                                                                 row["delta"]))
+                row["queue"], row["done"] = list(feed or []), feed is None
+        return [r["run"].finish() for r in rows]
+
+    def _alloc_batch(self, batch: int, capacity: int):
+        import onnxruntime as ort
+
+        arrays = [np.zeros((batch, self.kv_heads, capacity, self.head_dim), np.float32) for _ in range(2 * self.layers)]
+        return arrays, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+
+    def _row_state(self, arrays, row: int, length: int, rope_delta: int) -> DecodeState:
+        """A one-request state holding a copy of batch row `row`'s first `length` cache rows (its verdict fork)."""
+        return self.start(rope_delta, past=[a[row:row + 1] for a in arrays], length=length,
+                          capacity=length + SCORE_MARGIN)

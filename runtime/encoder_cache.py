@@ -5,11 +5,16 @@ Keys hash what the graph is fed, after preprocessing: the same picture sent as P
 different pixels and is two entries; the same file sent twice is one. A hit skips the encoder; the features
 returned are those the encoder computed for the first request (when several items were encoded in one graph run,
 their features may differ from a run of that item alone in the last bits of float32).
+
+Shared between requests, a cache tells whoever can time a request whether the same media went through recently
+(a hit skips the encoder, and the result's timings then have no `vision`/`audio` entry). A service judging several
+tenants' media should give each tenant its own Guard options or turn it off (`encoder_cache_bytes=0`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -33,18 +38,20 @@ class EncoderCache:
         self.max_bytes, self.nbytes = int(max_bytes), 0
         self._items: OrderedDict[str, np.ndarray] = OrderedDict()
         self.hits = self.misses = 0
+        self._lock = threading.Lock()  # one Guard may serve several threads
 
     def __len__(self) -> int:
         return len(self._items)
 
     def get(self, key: str) -> np.ndarray | None:
-        value = self._items.get(key)
-        if value is None:
-            self.misses += 1
-            return None
-        self._items.move_to_end(key)
-        self.hits += 1
-        return value
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return value
 
     def put(self, key: str, features: np.ndarray) -> None:
         size = int(features.nbytes)
@@ -52,12 +59,16 @@ class EncoderCache:
             return
         value = features.copy()
         value.flags.writeable = False  # shared by every request that hits it
-        self._items[key] = value
-        self.nbytes += size
-        while self.nbytes > self.max_bytes:
-            _, old = self._items.popitem(last=False)
-            self.nbytes -= int(old.nbytes)
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = value
+            self.nbytes += size
+            while self.nbytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self.nbytes -= int(old.nbytes)
 
     def clear(self) -> None:
-        self._items.clear()
-        self.nbytes = 0
+        with self._lock:
+            self._items.clear()
+            self.nbytes = 0

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ from .answer import MODES, Answer, AnswerTokens, first_code_probabilities
 from .decode import SCORE_MARGIN, Decoder, FastDecoder, fork
 from .encoder_cache import DEFAULT_BYTES, EncoderCache, content_key
 from .encoders import encode_audio, encode_vision
-from .errors import InputError, MemoryBudgetError, NumericalError, OmniGuardError, describe, message_of
+from .errors import BundleError, InputError, MemoryBudgetError, NumericalError, OmniGuardError, describe, message_of
 from .memory import (ALLOCATOR_SLACK, Geometry, MemoryBudget, RequestSizes, max_vision_patches, plan_request,
                      vision_bytes)
 from .positions.audio import audio_output_length
@@ -94,6 +95,31 @@ class GuardOptions:
                 probability(f"category_thresholds[{code!r}]", value)
         if not isinstance(self.memory, MemoryBudget):
             raise ValueError(f"GuardOptions.memory must be a MemoryBudget, not {self.memory!r}")
+
+
+@dataclass
+class _Request:
+    """One request, ready for the decoder (Guard._prepare)."""
+
+    ids: list
+    prep: object
+    embeds: np.ndarray
+    positions: np.ndarray
+    delta: int
+    budget: int
+    plan: object
+    run_options: object
+    state: object  # the decoder state holding the cached prefix, or None
+    reused: int  # prompt tokens covered by the cached prefix
+    answer: object
+    timings: dict
+    start: float
+
+    def generate_args(self) -> dict:
+        r = self.reused
+        return {"embeds": self.embeds[:, r:], "positions": self.positions[:, :, r:], "rope_delta": self.delta,
+                "max_new_tokens": self.budget, "answer": self.answer, "prefill_chunk": self.plan.prefill_chunk,
+                "run_options": self.run_options, "state": self.state}
 
 
 @dataclass
@@ -324,7 +350,13 @@ class Guard:
         tok = bundle.tokenizer
         self.answer_tokens = AnswerTokens.build(self.prompt.encode_plain, lambda i: tok.decode([i]),
                                                 min(m.special_ids.values()), self.eos_ids)
+        if options.constrain_verdict and self.answer_tokens is None:
+            raise BundleError(f"{bundle.path}: `safe`, `unsafe` (also after a space) and the newline are not single "
+                              "tokens in this tokenizer, so the answer grammar cannot constrain the verdict; pass "
+                              "GuardOptions(constrain_verdict=False) to decode freely (threshold and "
+                              "category_thresholds then do not apply)")
         self.prefixes = PrefixCache()  # README "Time to verdict"
+        self._prefix_lock = threading.Lock()  # one build per template when threads share the Guard
         self.encoder_cache = EncoderCache(options.encoder_cache_bytes)
         self._media_ids = {m.special_ids[k] for k in KINDS}
         self._token_bytes: int | None = None  # UTF-8 bytes of the longest vocabulary entry, built on first use
@@ -517,24 +549,31 @@ class Guard:
         template's prefix on first use (README "Time to verdict")."""
         entry = self.prefixes.get(kind)
         if entry is None:
-            probes = [self._prompt_ids(Conversation.of(p) if kind == "text" else None,
-                                       _Prepared(items=[] if kind == "text" else ["image"],
-                                                 tokens=[] if kind == "text" else [1])) for p in ("a", "1")]
-            n = min(len(probes[0]), len(probes[1]))
-            same = next((i for i in range(n) if probes[0][i] != probes[1][i]), n)
-            media = [i for i, t in enumerate(probes[0][:same]) if t in self._media_ids]
-            prefix = probes[0][: media[0] if media else same]
-            if len(prefix) < 2:
-                return None, 0
-            state = self.decoder.start(0, run_options)
-            emb = self.bundle.embedding
-            self.decoder.extend(state, np.asarray(emb[np.asarray(prefix)], np.float32)[None])
-            entry = self.prefixes.put(kind, prefix, self.decoder.cache(state))
+            with self._prefix_lock:
+                entry = self.prefixes.get(kind) or self._build_prefix(kind, run_options)
+        if entry is None:
+            return None, 0
         m = reusable(ids, entry, self._media_ids)
         if m < 1:
             return None, 0
         past = [p[:, :, :m] for p in entry.past]
         return past, m
+
+    def _build_prefix(self, kind: str, run_options):
+        """The template's fixed opening: the common ids of two probe requests, up to the first media token."""
+        probes = [self._prompt_ids(Conversation.of(p) if kind == "text" else None,
+                                   _Prepared(items=[] if kind == "text" else ["image"],
+                                             tokens=[] if kind == "text" else [1])) for p in ("a", "1")]
+        n = min(len(probes[0]), len(probes[1]))
+        same = next((i for i in range(n) if probes[0][i] != probes[1][i]), n)
+        media = [i for i, t in enumerate(probes[0][:same]) if t in self._media_ids]
+        prefix = probes[0][: media[0] if media else same]
+        if len(prefix) < 2:
+            return None
+        state = self.decoder.start(0, run_options)
+        emb = self.bundle.embedding
+        self.decoder.extend(state, np.asarray(emb[np.asarray(prefix)], np.float32)[None])
+        return self.prefixes.put(kind, prefix, self.decoder.cache(state))
 
     def _scores(self, answer: Answer, gen) -> dict:
         """Category scores (runtime/answer.py): P(unsafe) x q(code), q from runs that continue a fork of the
@@ -554,18 +593,24 @@ class Guard:
             return logits
 
         q = first_code_probabilities(answer, logits_after)
-        return {code: float(answer.p_unsafe * v) for code, v in q.items()}
+        # q sums to 1 up to rounding (finite: its logits were checked), so a score can exceed 1 by an ulp
+        return {code: min(1.0, max(0.0, float(answer.p_unsafe * v))) for code, v in q.items()}
 
     def _reported(self, answer: Answer, scores: dict) -> list[str]:
-        """The category codes a result reports: those of the answer's categories line (constrained) or of its
-        text (free), kept only when their score reaches a per-category threshold where one is set."""
+        """The category codes an `unsafe` result reports: those of the answer's categories line (constrained) or of
+        its text (free). With `category_thresholds`, a code that has a threshold is reported exactly when its score
+        reaches it (written in the line or not: the scores are first-code probabilities, so a second code written
+        would rarely reach one), codes without one as written; written codes first, then the others by score."""
         if answer.verdict != "unsafe" and answer.constrain:
             return []
         codes = answer.line_codes if answer.constrain else list(parse(self.prompt.decode(answer.generated),
                                                                       self.options.policy).categories)
         limits = self.options.category_thresholds
         if limits and scores:
-            codes = [c for c in codes if scores.get(c, 0.0) >= limits.get(c, 0.0)]
+            kept = [c for c in codes if c not in limits or scores.get(c, 0.0) >= limits[c]]
+            extra = sorted((c for c, t in limits.items() if c not in codes and scores.get(c, 0.0) >= t),
+                           key=lambda c: -scores[c])
+            codes = kept + extra
         return codes
 
     def _prompt_limit(self) -> tuple[int, int]:
@@ -637,6 +682,18 @@ class Guard:
             return ModerationResult.failed(exc, timings)
 
     def _moderate(self, text, response, image, audio, video, media, conversation, sample_rate, timings, start):
+        req = self._prepare(text, response, image, audio, video, media, conversation, sample_rate, timings, start)
+        gen = self.decoder.generate(**req.generate_args(), embed_tokens=self._embed_tokens, eos_ids=self.eos_ids,
+                                    min_new_tokens=self.options.min_new_tokens)
+        return self._result(req, gen)
+
+    def _embed_tokens(self, tokens: list[int]) -> np.ndarray:
+        return np.asarray(self.bundle.embedding[np.asarray(tokens)], np.float32)
+
+    def _prepare(self, text, response, image, audio, video, media, conversation, sample_rate, timings, start
+                 ) -> _Request:
+        """Everything before the decoder: arguments checked, media preprocessed and encoded, prompt ids,
+        embeddings, positions, the memory plan and the cached prefix."""
         conv, media, sample_rate = check_arguments(text, response, image, audio, video, media, conversation,
                                                    sample_rate)
         budget, limit = self._prompt_limit()
@@ -659,7 +716,6 @@ class Guard:
                                       video_grid_thw=prep.grids["video"] or None,
                                       video_second_per_grid=prep.video_seconds or None)
         timings["embed"] = time.perf_counter() - t
-        emb = self.bundle.embedding
         state, reused = None, 0
         if self.options.prefix_cache:
             t = time.perf_counter()
@@ -673,11 +729,11 @@ class Guard:
                 reused = 0
             timings["prefix"] = time.perf_counter() - t
         timings["generate_start"] = time.perf_counter() - start
-        answer = self._answer()
-        gen = self.decoder.generate(embeds[:, reused:], positions[:, :, reused:], int(delta[0, 0]),
-                                    lambda toks: np.asarray(emb[np.asarray(toks)], np.float32), budget, self.eos_ids,
-                                    answer, min_new_tokens=self.options.min_new_tokens,
-                                    prefill_chunk=plan.prefill_chunk, run_options=run_options, state=state)
+        return _Request(ids, prep, embeds, positions, int(delta[0, 0]), budget, plan, run_options, state, reused,
+                        self._answer(), timings, start)
+
+    def _result(self, req: _Request, gen) -> ModerationResult:
+        timings, answer = req.timings, req.answer
         timings.update(gen.timings)
         if "verdict" in gen.timings:
             timings["verdict"] = timings["generate_start"] + gen.timings["verdict"]
@@ -688,14 +744,78 @@ class Guard:
         raw = self.prompt.decode(gen.tokens)
         parsed = parse(raw, self.options.policy)
         verdict = answer.verdict if answer.constrain and answer.verdict else parsed.verdict
+        p_unsafe = answer.p_unsafe
+        if not answer.constrain and (parsed.style != answer.branch or verdict not in ("safe", "unsafe")):
+            p_unsafe = None  # free decoding: no verdict token where P(unsafe) was read
         codes = self._reported(answer, scores) if verdict == "unsafe" else []
-        timings["total"] = time.perf_counter() - start
+        timings["total"] = time.perf_counter() - req.start
         return ModerationResult(
             verdict=verdict,
             categories=[{"code": c, "name": self.options.policy.name_of(c)} for c in codes],
-            critique=parsed.critique, raw_text=raw, p_unsafe=answer.p_unsafe, category_scores=scores,
+            critique=parsed.critique, raw_text=raw, p_unsafe=p_unsafe, category_scores=scores,
             style=answer.branch if answer.constrain else parsed.style, mode=self.options.mode,
-            prompt_tokens=len(ids), cached_prompt_tokens=reused, generated_tokens=len(gen.tokens),
+            prompt_tokens=len(req.ids), cached_prompt_tokens=req.reused, generated_tokens=len(gen.tokens),
             stop_reason=gen.stop_reason, timings=timings, generated_ids=gen.tokens, token_times=gen.token_times,
-            notes=prep.notes,
+            notes=req.prep.notes,
         )
+
+    def moderate_batch(self, requests: list) -> list[ModerationResult]:
+        """Judge several requests together; one result per request, in order, each what `moderate` would give
+        for it alone (tokens equal; P(unsafe) within float rounding). Each request is a str (the prompt) or a
+        dict of `moderate`'s keyword arguments. A request that fails (bad input, a non-finite number) gets its
+        own `error` result; the others are judged.
+
+        With the fast decoder graph, each request is prefilled on its own (from the cached prefix) and the decode
+        steps of all of them run as one batch, each row at its own length and position; with the standard graph
+        the requests run one after another."""
+        if not isinstance(requests, (list, tuple)):
+            raise InputError(f"requests must be a list of requests (each a str or a dict of moderate's keyword "
+                             f"arguments), got {_type_name(requests)}")
+        requests = _listed("requests", requests, "a list of requests")
+        allowed = {"text", "response", "image", "audio", "video", "media", "conversation", "sample_rate"}
+        results: list[ModerationResult | None] = [None] * len(requests)
+        prepared = []
+        for i, item in enumerate(requests):
+            timings, start = {}, time.perf_counter()
+            try:
+                if isinstance(item, (str, bytes, bytearray)):
+                    kwargs = {"text": item}
+                elif isinstance(item, dict):
+                    unknown = sorted(str(k) for k in item if k not in allowed)
+                    if unknown:
+                        raise InputError(f"requests[{i}]: unknown argument(s) {unknown}; a request dict takes "
+                                         f"{', '.join(sorted(allowed))}")
+                    kwargs = dict(item)
+                else:
+                    raise InputError(f"requests[{i}] must be a str (the prompt) or a dict of moderate's keyword "
+                                     f"arguments, got {_type_name(item)}")
+                if not isinstance(self.decoder, FastDecoder):
+                    results[i] = self.moderate(**kwargs)
+                    continue
+                args = [kwargs.get(k) for k in ("text", "response", "image", "audio", "video", "media",
+                                                "conversation", "sample_rate")]
+                prepared.append((i, self._prepare(*args, timings, start)))
+            except Exception as exc:  # fail closed, per request
+                results[i] = self._failed(exc, timings)
+        if prepared:
+            try:
+                gens = self.decoder.generate_batch([req.generate_args() for _, req in prepared], self._embed_tokens,
+                                                   self.eos_ids, self.options.min_new_tokens)
+            except Exception as exc:  # the batch's decoder failed: every request in it is an error
+                for i, req in prepared:
+                    results[i] = self._failed(exc, req.timings)
+                return results
+            for (i, req), gen in zip(prepared, gens):
+                try:
+                    results[i] = self._result(req, gen)
+                except Exception as exc:
+                    results[i] = self._failed(exc, req.timings)
+        return results
+
+    def _failed(self, exc: BaseException, timings: dict) -> ModerationResult:
+        if not isinstance(exc, OmniGuardError):
+            try:
+                log.exception("moderation failed")
+            except Exception:  # noqa: S110 (a caller's exception that cannot even be logged is still an error)
+                pass
+        return ModerationResult.failed(exc, timings)

@@ -46,15 +46,22 @@ def _word(text: str) -> str:
 
 
 def parse(text: str, policy: Policy = Policy()) -> Parsed:
-    """Read verdict, category codes and critique from the guard's raw text."""
+    """Read verdict, category codes and critique from the guard's raw text. The verdict is the answer's first
+    content line, in either style: a `- Safety Assessment:` line further down (in a critique that quotes or was
+    steered by the user's text) never overrides it."""
     lines = [ln for ln in text.replace("\r\n", "\n").split("\n")]
+    first = next((i for i, ln in enumerate(lines) if ln.strip()), None)
     labelled = {}
-    for i, ln in enumerate(lines):
-        m = _LABEL.match(ln)
-        if m:
-            key = m.group(1).lower()
-            value = m.group(2) if key != "assessment" else "\n".join([m.group(2)] + lines[i + 1:])
-            labelled.setdefault(key, value)
+    opening = _LABEL.match(lines[first]) if first is not None else None
+    if opening and opening.group(1).lower() == "safety assessment":
+        for i, ln in enumerate(lines[first:], start=first):
+            m = _LABEL.match(ln)
+            if m:
+                key = m.group(1).lower()
+                value = m.group(2) if key != "assessment" else "\n".join([m.group(2)] + lines[i + 1:])
+                labelled.setdefault(key, value)
+                if key == "assessment":
+                    break  # the critique runs to the end: labels inside it are its text
     if "safety assessment" in labelled and _word(labelled["safety assessment"]):
         verdict = _word(labelled["safety assessment"])
         cats = _codes(labelled.get("categories", ""), policy) if verdict == "unsafe" else ()

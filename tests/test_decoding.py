@@ -272,7 +272,8 @@ def test_category_scores_known_answer(guard, v):
 
 
 @pytest.mark.parametrize("thresholds,reported", [(None, ["S1", "S10"]), ({"S10": 0.2}, ["S1"]),
-                                                 ({"S1": 0.01, "S10": 0.0}, ["S1", "S10"])])
+                                                 ({"S1": 0.01, "S10": 0.0}, ["S1", "S10"]),
+                                                 ({"S2": 0.0, "S3": 0.5}, ["S1", "S10", "S2"])])
 def test_per_category_thresholds_decide_which_codes_are_reported(guard, v, thresholds, reported):
     x = v.one("x")
     tokens = [v.unsafe, v.nl] + v.ids("S1, S10") + [v.nl]
@@ -286,6 +287,18 @@ def test_per_category_thresholds_decide_which_codes_are_reported(guard, v, thres
     assert r.error is None and r.verdict == "unsafe" and r.raw_text == "unsafe\nS1, S10\n"
     assert [c["code"] for c in r.categories] == reported
     assert r.category_scores["S10"] == pytest.approx(r.p_unsafe * 0.1, abs=1e-6)
+
+
+def test_a_grammar_that_cannot_be_built_is_refused_not_dropped(guard, monkeypatch):
+    """When the verdict words are not single tokens, a Guard asked to constrain refuses to start rather than
+    silently decoding freely (where the threshold would not apply)."""
+    from omniguard_edge.runtime import guard as guard_module
+    from omniguard_edge.runtime.errors import BundleError
+
+    monkeypatch.setattr(guard_module.AnswerTokens, "build", classmethod(lambda cls, *a, **k: None))
+    with pytest.raises(BundleError, match="constrain_verdict=False"):
+        Guard(guard.bundle, GuardOptions(session=DECODER_ONLY))
+    assert Guard(guard.bundle, GuardOptions(session=DECODER_ONLY, constrain_verdict=False))._answer().constrain is False
 
 
 def test_p_unsafe_is_the_verdict_softmax_of_the_real_decoder(guard, v):

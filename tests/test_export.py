@@ -64,8 +64,8 @@ def test_manifest_describes_bundle(tiny_bundle, tiny_parts):
     assert {r["case"] for r in fast.validation} == {"prefill_b1", "decode_b1", "prefill_b1_image_positions",
                                                     "decode_b1_image_positions", "extend_b1_prefix7_new6"}
     assert "extend_b1_prefix7_new6" in {r["case"] for r in m.graphs["decoder"].validation}
-    assert [t.name for t in fast.inputs][:5] == ["inputs_embeds", "seqlens_k", "total_sequence_length", "cos_cache",
-                                                "sin_cache"]
+    assert [t.name for t in fast.inputs][:6] == ["inputs_embeds", "seqlens_k", "total_sequence_length", "cos_cache",
+                                                "sin_cache", "position_ids"]
     assert len(m.decoder["rope_inv_freq"]) == m.decoder["head_dim"] // 2
     assert m.special_ids["image"] == tiny_parts.special["image"]
     assert m.decoder["num_layers"] == 2 and m.decoder["kv_layout"] == "batch,kv_heads,seq,head_dim"

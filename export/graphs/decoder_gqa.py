@@ -7,11 +7,14 @@ It uses onnxruntime-only ops (com.microsoft GroupQueryAttention, SkipSimplifiedL
 SimplifiedLayerNormalization), so the bundle keeps the standard-ops `decoder` graph for other backends
 (TensorRT); both are validated against transformers at export.
 
-Inputs: inputs_embeds [1, seq, hidden] float32; seqlens_k [1] int32 (tokens in the cache after this run, minus 1);
-total_sequence_length [] int32 (the same plus 1); cos_cache, sin_cache [capacity, head_dim/2] float32 (row i: the
-rotary table of the token at cache index i); past_key_i / past_value_i [1, kv_heads, capacity, head_dim] float32,
-the request's buffers. Outputs: logits [1, vocab] of the last position; present_key_i / present_value_i, bound by
-the runtime to the same buffers as the past (in place). The first seqlens_k + 1 - seq cache rows are the past.
+Inputs: inputs_embeds [batch, seq, hidden] float32; seqlens_k [batch] int32 (tokens in each row's cache after this
+run, minus 1); total_sequence_length [] int32 (the largest of them plus 1); cos_cache, sin_cache [rows, head_dim/2]
+float32 and position_ids [batch, seq] int64: the rotary of each new token is row position_ids of the tables (one
+request: per-request TMRoPE tables by cache index; a batch of decode steps: a plain table by position, as decode
+tokens are text); past_key_i / past_value_i [batch, kv_heads, capacity, head_dim] float32, the buffers. Outputs:
+logits [batch, vocab] of the last position; present_key_i / present_value_i, bound by the runtime to the same
+buffers as the past (in place). onnxruntime's CPU kernel takes several new tokens after a past only with batch 1:
+batches are decode steps (seq 1), and each request is prefilled on its own.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def supported(cfg) -> str | None:
 def io_names(layers: int) -> tuple[list[str], list[str]]:
     kv = [f"{p}_{part}_{i}" for p in ("past",) for i in range(layers) for part in ("key", "value")]
     present = [f"present_{part}_{i}" for i in range(layers) for part in ("key", "value")]
-    inputs = ["inputs_embeds", "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"] + kv
+    inputs = ["inputs_embeds", "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache", "position_ids"] + kv
     return inputs, ["logits"] + present
 
 
@@ -113,7 +116,7 @@ def build(parts, dest: Path, progress=None) -> list[str]:
             qkv = node("Add", [qkv, w.add(p + "qkv_b", qkv_b)], [p + "qkv"])
             node("GroupQueryAttention",
                  [qkv, "", "", f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length",
-                  "cos_cache", "sin_cache"],
+                  "cos_cache", "sin_cache", "position_ids"],
                  [p + "attn", f"present_key_{i}", f"present_value_{i}"], domain="com.microsoft",
                  num_heads=heads, kv_num_heads=kv_heads, scale=float(attn.scaling), do_rotary=1, rotary_interleaved=0)
             o = node("MatMul", [p + "attn", w.add(p + "o_w", _np(attn.o_proj.weight).T)], [p + "o"])
@@ -152,14 +155,15 @@ def build(parts, dest: Path, progress=None) -> list[str]:
     finally:
         w.close()
     f32, i32 = TensorProto.FLOAT, TensorProto.INT32
-    kv_shape = [1, kv_heads, "capacity", head_dim]
-    graph_inputs = [helper.make_tensor_value_info("inputs_embeds", f32, [1, "seq", hidden]),
-                    helper.make_tensor_value_info("seqlens_k", i32, [1]),
+    kv_shape = ["batch", kv_heads, "capacity", head_dim]
+    graph_inputs = [helper.make_tensor_value_info("inputs_embeds", f32, ["batch", "seq", hidden]),
+                    helper.make_tensor_value_info("seqlens_k", i32, ["batch"]),
                     helper.make_tensor_value_info("total_sequence_length", i32, []),
-                    helper.make_tensor_value_info("cos_cache", f32, ["capacity", head_dim // 2]),
-                    helper.make_tensor_value_info("sin_cache", f32, ["capacity", head_dim // 2])]
-    graph_inputs += [helper.make_tensor_value_info(n, f32, kv_shape) for n in inputs[5:]]
-    graph_outputs = [helper.make_tensor_value_info("logits", f32, [1, vocab])]
+                    helper.make_tensor_value_info("cos_cache", f32, ["rows", head_dim // 2]),
+                    helper.make_tensor_value_info("sin_cache", f32, ["rows", head_dim // 2]),
+                    helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"])]
+    graph_inputs += [helper.make_tensor_value_info(n, f32, kv_shape) for n in inputs[6:]]
+    graph_outputs = [helper.make_tensor_value_info("logits", f32, ["batch", vocab])]
     graph_outputs += [helper.make_tensor_value_info(n, f32, kv_shape) for n in outputs[1:]]
     graph = helper.make_graph(nodes, NAME, graph_inputs, graph_outputs, initializer=w.tensors)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
@@ -186,6 +190,7 @@ def fast_feeds(feeds: dict, layers: int, sections, freqs: np.ndarray, capacity: 
     sin = np.zeros_like(cos)
     cos[past:total], sin[past:total] = rope_tables(pos[:, 0, :], freqs, sections)
     out["cos_cache"], out["sin_cache"] = cos, sin
+    out["position_ids"] = np.arange(past, total, dtype=np.int64)[None]  # one request: tables by cache index
     for i in range(layers):
         for part in ("key", "value"):
             buf = np.zeros((1, *feeds[f"past_{part}_{i}"].shape[1:2], capacity, feeds[f"past_{part}_{i}"].shape[3]),
