@@ -182,9 +182,9 @@ def speedups(rows: list[dict], floor: float, stat: str = "p50") -> dict:
             a, b = row["stages"].get(stage, {}).get(stat), ref["stages"].get(stage, {}).get("p50")
             # every key is written (other tools read them); None where a side is under the floor
             ratios[stage] = b / a if a is not None and b is not None and a >= floor and b >= floor else None
-        a = row["stages"]["decode_tok_s"]["max" if stat == "min" else stat]
-        b = ref["stages"]["decode_tok_s"]["p50"]
-        ratios["decode_tok_s"] = a / b if b and math.isfinite(a) and math.isfinite(b) else None
+        a = row["stages"].get("decode_tok_s", {}).get("max" if stat == "min" else stat)
+        b = ref["stages"].get("decode_tok_s", {}).get("p50")
+        ratios["decode_tok_s"] = a / b if a is not None and b and math.isfinite(a) and math.isfinite(b) else None
         out[scenario] = ratios
     return out
 
@@ -251,8 +251,9 @@ def peer_comparison(rows: list[dict]) -> dict:
             entry["verdict_vs_peer_reuse_first_token"] = reuse["stages"]["first_token"]["p50"] / \
                 ours["stages"]["verdict"]["p50"]
         if fixed:
-            entry["runtime_decode_tok_s_p50"] = fixed["stages"]["decode_tok_s"]["p50"]
-            entry["decode_ratio"] = fixed["stages"]["decode_tok_s"]["p50"] / row["stages"]["decode_tok_s"]["p50"]
+            mine = fixed["stages"].get("decode_tok_s", {}).get("p50")
+            entry["runtime_decode_tok_s_p50"] = mine
+            entry["decode_ratio"] = mine / row["stages"]["decode_tok_s"]["p50"] if mine else None
             entry["tokens_equal"] = fixed.get("generated_ids") == row.get("generated_ids")
         int4 = by.get((scenario, "ort-genai-int4"))
         if int4:
@@ -301,8 +302,9 @@ def bounds(bundle: Path, rows: list[dict], probe: dict) -> dict:
             continue  # runtime-default: its prefill is the request's own tokens after the cached prefix; peers
         if r["engine"] != "runtime" and m.precision != "fp32":
             continue  # PyTorch reads fp32 weights: the bundle's bytes bound only an fp32 bundle's peer
-        tok_s = r["stages"]["decode_tok_s"]["max"]  # the best run: a bound must hold for every run
-        entry = {"decode_fraction_of_bandwidth_bound": tok_s / bound_tok_s if math.isfinite(tok_s) else None}
+        tok_s = r["stages"].get("decode_tok_s", {}).get("max")  # the best run: a bound must hold for every run
+        entry = {"decode_fraction_of_bandwidth_bound": tok_s / bound_tok_s
+                 if tok_s is not None and math.isfinite(tok_s) else None}
         if params:
             flops = 2 * params * r["prompt_tokens"] + 2 * head
             entry["prefill_fraction_of_compute_bound"] = flops / (probe["matmul_gflop_s"] * 1e9) / r["stages"]["prefill"]["min"]

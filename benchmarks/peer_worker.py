@@ -76,6 +76,8 @@ def main(spec_path: str, out_path: str) -> None:
             rows.append({"scenario": sc["name"], "engine": f"ort-genai-{precision}", "prompt_tokens": len(ids),
                          "generated_ids": tokens, "stages": {"first_token": _summary(first),
                                                              "decode_tok_s": _summary(rate)}})
+            if prefix < 1:
+                continue  # nothing shared to reuse
             gen = og.Generator(model, _params(og, model, len(ids) + new))
             gen.append_tokens(ids[:prefix])  # the shared prefix, once (as our runtime caches it)
             reuse, first_token = [], None
