@@ -744,9 +744,9 @@ class Guard:
         raw = self.prompt.decode(gen.tokens)
         parsed = parse(raw, self.options.policy)
         verdict = answer.verdict if answer.constrain and answer.verdict else parsed.verdict
+        # free decoding: P(unsafe) at the verdict token of the style written, or, when the answer parsed to no
+        # verdict (`unknown`, never safe), at the first position from the plain pair, as the PyTorch reference reads it
         p_unsafe = answer.p_unsafe
-        if not answer.constrain and (parsed.style != answer.branch or verdict not in ("safe", "unsafe")):
-            p_unsafe = None  # free decoding: no verdict token where P(unsafe) was read
         codes = self._reported(answer, scores) if verdict == "unsafe" else []
         timings["total"] = time.perf_counter() - req.start
         return ModerationResult(
