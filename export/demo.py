@@ -84,17 +84,24 @@ def run_demo(workdir: Path, profile: str = "tiny", shared: Path = Path("../share
     ]
     print(f"\nRANDOM WEIGHTS: the '{profile}' reference checkpoint is untrained; its verdicts mean nothing.\n"
           "This demo shows the pipeline end to end and its timings; use a real OmniGuard checkpoint for verdicts.\n")
-    stages = ["preprocess", "vision", "audio", "prompt", "embed", "prefill", "first_token", "decode", "total"]
-    print("| case | verdict | P(unsafe) | prompt tok | gen tok | " + " | ".join(f"{s} ms" for s in stages) + " |")
-    print("|---" * (5 + len(stages)) + "|")
+    stages = ["preprocess", "vision", "audio", "prompt", "embed", "prefill", "verdict", "scores", "total"]
+    print("| case | verdict | P(unsafe) | top category score | prompt tok (cached) | gen tok | "
+          + " | ".join(f"{s} ms" for s in stages) + " |")
+    print("|---" * (6 + len(stages)) + "|")
     failed = 0
     for name, kwargs in cases:
         r = guard.moderate(**kwargs)
         failed += r.verdict == "error"
         p = f"{r.p_unsafe:.3f}" if r.p_unsafe is not None else "n/a"
         times = " | ".join(f"{r.timings[s] * 1000:.0f}" if s in r.timings else "-" for s in stages)
-        print(f"| {name} | {r.verdict} | {p} | {r.prompt_tokens} | {r.generated_tokens} | {times} |")
+        top = max(r.category_scores.items(), key=lambda kv: kv[1], default=None)
+        top = f"{top[0]} {top[1]:.3f}" if top else "-"
+        print(f"| {name} | {r.verdict} | {p} | {top} | {r.prompt_tokens} ({r.cached_prompt_tokens}) | "
+              f"{r.generated_tokens} | {times} |")
         if r.error:
             print(f"  error: {r.error}")
+    print("\nDefault mode: the answer grammar, stopping at the categories line (verdict ms: from the call until the "
+          "verdict token was chosen); `cached` prompt tokens came from the policy-prefix cache; a `-` under vision or "
+          "audio means the encoder was skipped (the same media was encoded earlier: the encoder cache).")
     print(f"\nbundle: {bundle}\nmedia: {media}")
     return 1 if failed else 0
