@@ -289,7 +289,7 @@ def bounds(bundle: Path, rows: list[dict], probe: dict) -> dict:
     m = load_manifest(bundle, verify="none")
     spec = m.graphs["decoder"]
     weight_bytes = sum(m.files[f].size for f in (spec.file, spec.data_file) if f)
-    head = m.decoder["vocab_size"] * m.decoder["hidden_size"]
+    head = m.decoder.vocab_size * m.decoder.hidden_size
     # attention score FLOPs are left out, which only lowers the bound's time: it stays a bound
     params = weight_bytes / 4 - head if m.precision == "fp32" else None
     bound_tok_s = probe["bandwidth_gb_s"] * 1e9 / weight_bytes

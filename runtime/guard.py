@@ -343,7 +343,7 @@ class Guard:
         self.image_cfg = ImageConfig.from_preprocess(m.preprocess)
         self.mel_filters = np.load(bundle.file("mel_filters.npy"))
         self.rope = RopeIds(m.special_ids["image"], m.special_ids["video"], m.special_ids["audio"],
-                            m.vision["spatial_merge_size"], m.decoder["position_id_per_seconds"])
+                            m.vision.spatial_merge_size, m.decoder.position_id_per_seconds)
         gen = json.loads(bundle.file("generation_config.json").read_text()) if "generation_config.json" in m.files else {}
         eos = gen.get("eos_token_id", m.special_ids["im_end"])
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
@@ -374,7 +374,7 @@ class Guard:
         as soon as that exceeds the limit, before the next item is decoded (150 long audio clips must not all
         be decoded to learn that they cannot fit)."""
         prep, opts = _Prepared(), self.options
-        unit = self.bundle.manifest.vision["spatial_merge_size"] ** 2
+        unit = self.bundle.manifest.vision.spatial_merge_size ** 2
         tokens = 0  # prompt tokens of the items preprocessed so far
         visual = sum(kind in ("image", "video") for kind, _, _ in media)
         share = max_vision_patches(self.geometry, opts.memory.bytes) // max(1, visual)  # patches per visual item
@@ -616,7 +616,7 @@ class Guard:
     def _prompt_limit(self) -> tuple[int, int]:
         """(token budget of the answer, the most prompt tokens allowed)."""
         budget = self.options.critique_max_new_tokens if self.options.mode == "full" else self.options.max_new_tokens
-        context = self.bundle.manifest.decoder["max_position_embeddings"]
+        context = self.bundle.manifest.decoder.max_position_embeddings
         # max_prompt_tokens may lower the limit, never raise it past the context: positions beyond it are
         # outside what the decoder was trained on, so a prompt there is refused, not judged
         limit = min(self.options.max_prompt_tokens or context, context - budget)

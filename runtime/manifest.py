@@ -8,9 +8,11 @@ remembered per file, keyed by (path, size, mtime): a later load re-hashes only w
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -71,6 +73,102 @@ class FileEntry:
     role: str  # graph, graph-data, embedding, tokenizer, template, processor, report, ...
 
 
+_TYPES = {"int": int, "str": str, "bool": bool, "dict": dict, "list": list, "float": (int, float)}
+
+
+class _Section(Mapping):
+    """A typed manifest section, checked when the manifest is read; readable by attribute (`decoder.head_dim`) and,
+    for callers written against the plain dict, by key (`decoder["head_dim"]`, `.get`)."""
+
+    def __getitem__(self, key):
+        if key in self._names():
+            return getattr(self, key)
+        raise KeyError(key)
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    @classmethod
+    def _names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def parse(cls, value, where: str):
+        """`value` (the JSON object) as this section: a missing field or a value of the wrong type is a
+        BundleError naming it; keys this runtime does not know are ignored."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise BundleError(f"manifest.json: {where} must be an object, not {type(value).__name__}: re-export the bundle")
+        out = {}
+        for f in dataclasses.fields(cls):
+            optional = f.default is not dataclasses.MISSING
+            if f.name not in value:
+                if optional:
+                    continue
+                raise BundleError(f"manifest.json: {where}.{f.name} is missing: re-export the bundle with this "
+                                  "omniguard-edge")
+            v, kinds = value[f.name], str(f.type).replace(" ", "").split("|")
+            ok = (v is None and "None" in kinds) or any(
+                isinstance(v, _TYPES[k]) and not (k != "bool" and isinstance(v, bool)) for k in kinds if k in _TYPES)
+            if not ok:
+                raise BundleError(f"manifest.json: {where}.{f.name} must be {f.type}, not {v!r}: re-export the bundle")
+            out[f.name] = v
+        return cls(**out)
+
+
+@dataclass(frozen=True, eq=False)
+class DecoderGeometry(_Section):
+    """The text decoder: sizes, KV layout, rotary (TMRoPE) parameters."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    rope_parameters: dict
+    position_id_per_seconds: int
+    seconds_per_chunk: float
+    tie_word_embeddings: bool = False
+    kv_layout: str = "batch,kv_heads,seq,head_dim"
+    rope_inv_freq: list | None = None  # the rotary frequencies as transformers computes them (fast decoder)
+
+
+@dataclass(frozen=True, eq=False)
+class VisionGeometry(_Section):
+    """The vision encoder's patching, windows and widths."""
+
+    patch_size: int
+    temporal_patch_size: int
+    in_channels: int
+    spatial_merge_size: int
+    window_size: int
+    hidden_size: int
+    depth: int
+    fullatt_block_indexes: list
+    out_hidden_size: int
+
+
+@dataclass(frozen=True, eq=False)
+class AudioGeometry(_Section):
+    """The audio encoder's mel bins, chunking and widths."""
+
+    num_mel_bins: int
+    n_window: int
+    d_model: int
+    encoder_layers: int
+    output_dim: int
+    max_source_positions: int
+
+
+SECTIONS = {"decoder": DecoderGeometry, "vision": VisionGeometry, "audio": AudioGeometry}
+
+
 @dataclass(frozen=True)
 class Manifest:
     """Everything the runtime needs to know about a bundle; written as manifest.json."""
@@ -80,14 +178,21 @@ class Manifest:
     exporter: dict  # package versions used to export
     precision: str  # fp32, fp16, int8, int4
     special_ids: dict  # token name -> id, read from the checkpoint
-    decoder: dict  # geometry and KV layout
-    vision: dict  # patch/merge/window sizes, widths
-    audio: dict  # mel bins, chunking, widths
+    decoder: DecoderGeometry  # geometry and KV layout (a dict given here is checked and typed)
+    vision: VisionGeometry  # patch/merge/window sizes, widths
+    audio: AudioGeometry  # mel bins, chunking, widths
     preprocess: dict  # image mean/std/min/max pixels, audio sample rate, n_fft, hop
     graphs: dict[str, GraphSpec]
     files: dict[str, FileEntry]
     embedding: dict  # file, dtype, shape
     calibration: dict | None = None
+
+    def __post_init__(self):
+        for name, kind in SECTIONS.items():
+            object.__setattr__(self, name, kind.parse(getattr(self, name), name))
+        if not isinstance(self.special_ids, dict) or not all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in self.special_ids.items()):
+            raise BundleError("manifest.json: special_ids must map token names to integer ids: re-export the bundle")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

@@ -243,3 +243,31 @@ def test_max_abs_bound_scales_with_output_peak_only_above_one():
         check("vision", "c", "features", dict(large, rel_l2=2e-4), FP32_TOLERANCE)  # rel-L2 stays strict
     with pytest.raises(ValidationError):
         check("vision", "c", "features", dict(large, max_abs=0.02), FP32_TOLERANCE)
+
+
+@pytest.mark.parametrize("section,field,value,message", [
+    ("decoder", "head_dim", None, "decoder.head_dim is missing"),
+    ("decoder", "num_layers", True, "decoder.num_layers must be int"),
+    ("decoder", "rope_parameters", [1, 2], "decoder.rope_parameters must be dict"),
+    ("vision", "spatial_merge_size", "2", "vision.spatial_merge_size must be int"),
+    ("audio", "n_window", 2.5, "audio.n_window must be int"),
+])
+def test_manifest_sections_are_typed_and_checked(tiny_bundle, tmp_path, section, field, value, message):
+    """The geometry sections load as typed objects (attribute and key access) and a missing or mistyped field is a
+    BundleError naming it, before any session opens."""
+    import json
+    import shutil
+
+    m = load_manifest(tiny_bundle, verify="none")
+    assert m.decoder.head_dim == m.decoder["head_dim"] and m.vision.patch_size == dict(m.vision)["patch_size"]
+    assert m.decoder.get("not_a_field", 7) == 7 and json.loads(m.to_json())["decoder"]["head_dim"] == m.decoder.head_dim
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    raw = json.loads((copy / "manifest.json").read_text())
+    if value is None:
+        del raw[section][field]
+    else:
+        raw[section][field] = value
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match=message.replace(".", r"\.")):
+        load_manifest(copy, verify="none")
