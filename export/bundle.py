@@ -92,7 +92,8 @@ def _export_graph(name: str, parts: Parts, work: Path, bar, rng, keep: list | No
 
 
 def _export_fast_decoder(parts: Parts, work: Path, bar, prepared: list) -> tuple[GraphSpec | None, list[str]]:
-    """The fast decoder graph (export/graphs/decoder_gqa.py), validated against transformers on the standard
+    """The fast decoder graph and its output layer (export/graphs/decoder_gqa.py), validated together (logits and
+    KV) against transformers on the standard
     decoder's batch-1 cases (prefill, decode step, image positions, past + several new tokens), fed through the
     runtime's own rotary tables. (None, []) with a log line when this checkpoint's geometry cannot have one."""
     from .graphs import decoder_gqa
@@ -105,6 +106,7 @@ def _export_fast_decoder(parts: Parts, work: Path, bar, prepared: list) -> tuple
     dest = work / f"{decoder_gqa.NAME}.onnx"
     bar.set_postfix_str(f"{decoder_gqa.NAME}: writing layers")
     files = decoder_gqa.build(parts, dest, lambda i, n: bar.set_postfix_str(f"{decoder_gqa.NAME}: layer {i}/{n}"))
+    head_files = decoder_gqa.build_head(parts, work)
     inputs, outputs = decoder_gqa.io_names(cfg.num_hidden_layers)
     freqs = parts.rotary_inv_freq().float().numpy()
     sections = cfg.rope_parameters["mrope_section"]
@@ -114,11 +116,13 @@ def _export_fast_decoder(parts: Parts, work: Path, bar, prepared: list) -> tuple
                                     f["past_key_0"].shape[2] + f["inputs_embeds"].shape[1] + spare) for _, f, _ in cases]
     bar.set_postfix_str(f"{decoder_gqa.NAME}: validating {len(cases)} cases in onnxruntime")
     results = run_onnx(dest, feeds)
-    report = []
-    for (case, f, ref), got in zip(cases, results):
+    heads = run_onnx(work / head_files[0], [{"hidden": r[0]} for r in results])  # body, then the output layer
+    report, head_report = [], []
+    for (case, f, ref), got, (logits,) in zip(cases, results, heads):
         total = f["past_key_0"].shape[2] + f["inputs_embeds"].shape[1]
-        got = [got[0]] + [g[:, :, :total] for g in got[1:]]  # the rows past the total are the buffer's spare room
-        record(decoder_gqa.NAME, case, outputs, got, ref, FP32_TOLERANCE, report)
+        got = [logits] + [g[:, :, :total] for g in got[1:]]  # the rows past the total are the buffer's spare room
+        record(decoder_gqa.NAME, case, ["logits"] + outputs[1:], got, ref, FP32_TOLERANCE, report)
+        head_report.append(report[-len(outputs)])
     spec = GraphSpec(
         file=dest.name, precision="fp32", opset=OPSET,
         inputs=_tensor_specs(inputs, [feeds[0][i] for i in inputs], {n: {0: "batch", 2: "capacity"} for n in inputs[6:]}
@@ -126,10 +130,14 @@ def _export_fast_decoder(parts: Parts, work: Path, bar, prepared: list) -> tuple
                                 "cos_cache": {0: "rows"}, "sin_cache": {0: "rows"},
                                 "position_ids": {0: "batch", 1: "seq"}}),
         outputs=_tensor_specs(outputs, results[0], {n: {0: "batch", 2: "capacity"} for n in outputs[1:]}
-                              | {"logits": {0: "batch"}}),
+                              | {"hidden": {0: "batch"}}),
         tolerance=FP32_TOLERANCE, data_file=files[1], validation=report)
+    head = GraphSpec(file=head_files[0], precision="fp32", opset=OPSET,
+                     inputs=_tensor_specs(["hidden"], [results[0][0]], {"hidden": {0: "batch"}}),
+                     outputs=_tensor_specs(["logits"], [heads[0][0]], {"logits": {0: "batch"}}),
+                     tolerance=FP32_TOLERANCE, data_file=head_files[1], validation=head_report)
     parts.release()
-    return spec, files
+    return {decoder_gqa.NAME: spec, decoder_gqa.HEAD_NAME: head}, files + head_files
 
 
 def _geometry(ckpt: Checkpoint) -> tuple[dict, dict, dict, dict]:
@@ -222,8 +230,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, overwrite: bool = Fal
                 if kept:  # the fast decoder is validated on the standard decoder's cases (not in low-memory mode)
                     fast, files = _export_fast_decoder(parts, work, bar, kept)
                     if fast is not None:
-                        graphs[fast.file[: -len(".onnx")]] = fast
-                        roles.update({f: ("graph-data" if f.endswith(".data") else "graph") for f in files})
+                        graphs.update(fast)
+                        roles.update({f: ("graph" if f.endswith(".onnx") else "graph-data") for f in files})
                 bar.update(1)
             bar.set_postfix_str("embedding table")
             embedding = _write_embedding(parts, work, embed_dtype)

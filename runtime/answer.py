@@ -266,6 +266,22 @@ class Answer:
         return False
 
     # -- the loop's interface ---------------------------------------------------------------------------
+    def next_rows(self) -> list[int] | None:
+        """The only tokens the next `choose` can pick (the decoder may compute just their logits), or None when
+        it may pick any (free decoding, the critique)."""
+        if not self.constrain:
+            return None
+        t, phase = self.tokens, self._phase
+        if phase == "start":
+            return [t.plain[0], t.plain[1], t.labelled_lead[0]]
+        if phase == "labelled_verdict":
+            return list(t.labelled)
+        if phase == "verdict_end":
+            return t.line_end if self.verdict == "safe" else [t.newline]
+        if phase == "codes":
+            return self.line_allowed()
+        return None
+
     def choose(self, logits: np.ndarray) -> list[int]:
         out = self._constrained(logits) if self.constrain else self._free(logits)
         self.generated += out
@@ -288,10 +304,11 @@ class Answer:
         return [t.plain[1], t.newline]
 
 
-def first_code_probabilities(answer: Answer, logits_after: Callable[[list[int]], np.ndarray]) -> dict[str, float]:
+def first_code_probabilities(answer: Answer, logits_after: Callable[[list[int], list[int]], np.ndarray]
+                             ) -> dict[str, float]:
     """q(c) of the module's docstring: {code: probability that the categories line starts with it}.
-    `logits_after(tokens)`: the decoder's logits after these tokens of the categories line (it runs the graph
-    only where the grammar leaves a choice that decides the first code)."""
+    `logits_after(tokens, rows)`: the decoder's logits after these tokens of the categories line, needed at
+    `rows` only (it runs the graph only where the grammar leaves a choice that decides the first code)."""
     grammar, t = answer._grammar[answer.branch or PLAIN], answer.tokens
     out = {c: 0.0 for c in answer.codes}
 
@@ -317,7 +334,7 @@ def first_code_probabilities(answer: Answer, logits_after: Callable[[list[int]],
         if len(branches) == 1:
             probs = [1.0]
         else:
-            values = np.asarray(logits_after(path), np.float64)[allowed]
+            values = np.asarray(logits_after(path, allowed), np.float64)[allowed]
             if not np.isfinite(values).all():
                 raise NumericalError("the decoder's logits for the category scores are not finite; nothing was judged")
             probs = np.exp(values - values.max())

@@ -81,6 +81,7 @@ class Bundle:
     chat_template: str = ""
     providers: dict = field(default_factory=dict)  # graph name -> providers actually in use
     decoder_graph: str = "decoder"  # the manifest graph behind sessions["decoder"]: decoder or decoder_gqa
+    head_rows: np.ndarray | None = None  # decoder_gqa: the output layer [vocab, hidden], memory-mapped (lm_head.npy)
 
     def file(self, name: str) -> Path:
         if name not in self.manifest.files:
@@ -135,10 +136,16 @@ def _session(path: Path, opts: SessionOptions, name: str):
 
 
 def _decoder_graph(manifest: Manifest, options: SessionOptions, path: Path) -> str:
-    if options.decoder_graph != "auto":
-        return options.decoder_graph
+    if options.decoder_graph == "decoder":
+        return "decoder"
     cpu_first = options.providers[0] == "CPUExecutionProvider"
-    return "decoder_gqa" if "decoder_gqa" in manifest.graphs and cpu_first else "decoder"
+    fast = {"decoder_gqa", "decoder_gqa_head"} <= set(manifest.graphs)
+    if options.decoder_graph == "decoder_gqa":
+        if not fast:
+            raise BundleError(f"{path}: SessionOptions(decoder_graph='decoder_gqa') but the bundle has no fast decoder "
+                              "(export it again with this omniguard-edge, or use decoder_graph='decoder')")
+        return "decoder_gqa"
+    return "decoder_gqa" if fast and cpu_first else "decoder"
 
 
 def open_bundle(path: str | os.PathLike, options: SessionOptions | None = None, verify: str = "auto") -> Bundle:
@@ -157,6 +164,11 @@ def open_bundle(path: str | os.PathLike, options: SessionOptions | None = None, 
             raise BundleError(f"{path}: the bundle has no {graph} graph (it has {sorted(manifest.graphs)})")
         bundle.sessions[name] = _session(path / manifest.graphs[graph].file, options, name)
         bundle.providers[name] = bundle.sessions[name].get_providers()
+        if graph == "decoder_gqa":  # its output layer: a graph for whole rows, the rows themselves for a few
+            head = manifest.graphs["decoder_gqa_head"]
+            bundle.sessions["decoder_head"] = _session(path / head.file, options, "decoder")
+            bundle.providers["decoder_head"] = bundle.sessions["decoder_head"].get_providers()
+            bundle.head_rows = np.load(bundle.file(head.data_file), mmap_mode="r")
     emb = manifest.embedding
     bundle.embedding = np.load(bundle.file(emb["file"]), mmap_mode="r")
     if list(bundle.embedding.shape) != list(emb["shape"]):

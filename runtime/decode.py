@@ -101,6 +101,11 @@ class Decoder:
         """The filled cache, [1, kv_heads, length, head_dim] per layer and part (shared: never written to)."""
         return list(state.past)
 
+    def logits(self, out: np.ndarray, rows: list[int] | None = None) -> np.ndarray:
+        """What `extend` returned as logits [vocab]. `rows`: only these tokens can be chosen (a decoder that can
+        compute just their logits fills the other entries with -inf); the standard graph has them all already."""
+        return out
+
     def extend(self, state: DecodeState, embeds: np.ndarray, positions: np.ndarray | None = None,
                chunk: int | None = None) -> np.ndarray:
         """Feed embeds [1, S, H] after the state's cache (positions [3, 1, S]; default: text positions
@@ -119,7 +124,7 @@ class Decoder:
         return logits[0]
 
     def prefill(self, embeds: np.ndarray, positions: np.ndarray, rope_delta: int, chunk: int | None = None,
-                run_options=None, state: DecodeState | None = None):
+                run_options=None, state: DecodeState | None = None, rows: list[int] | None = None):
         """embeds [1, S, H], positions [3, 1, S] -> (logits [vocab], state). `chunk` (default: the
         decoder's `prefill_chunk`) splits the prompt into graph runs of at most that many tokens;
         `run_options` apply to these runs and to the `step`s that continue from the returned state;
@@ -127,13 +132,13 @@ class Decoder:
         chunk = _check_chunk(chunk) or self.prefill_chunk
         state = state if state is not None else self.start(rope_delta, run_options)
         total = embeds.shape[1]
-        logits = self.extend(state, embeds, positions, chunk)
+        out = self.extend(state, embeds, positions, chunk)
         state.prefill_runs = -(-total // chunk) if chunk else 1
-        return logits, state
+        return self.logits(out, rows), state
 
-    def step(self, embed: np.ndarray, state: DecodeState):
+    def step(self, embed: np.ndarray, state: DecodeState, rows: list[int] | None = None):
         """embed [1, n, H] of the last chosen token(s) -> (logits [vocab], state advanced by n)."""
-        return self.extend(state, embed), state
+        return self.logits(self.extend(state, embed), rows), state
 
     def generate(self, embeds, positions, rope_delta: int, embed_tokens: Callable[[list[int]], np.ndarray],
                  max_new_tokens: int, eos_ids: set[int], answer=None, min_new_tokens: int = 0,
@@ -145,10 +150,12 @@ class Decoder:
         tokens the EOS ids are masked, as transformers' MinNewTokensLogitsProcessor does (fixed budgets for
         benchmarks). `embed_tokens(ids)` -> [n, H]. `state`: a cached prefix to continue from."""
         run = _Run(answer, max_new_tokens, min_new_tokens, eos_ids)
-        logits, state = self.prefill(embeds, positions, rope_delta, prefill_chunk, run_options, state)
+        rows = run.rows()
+        logits, state = self.prefill(embeds, positions, rope_delta, prefill_chunk, run_options, state, rows)
         run.prefilled(logits, state)
-        while (feed := run.take(logits, lambda: fork(state))) is not None:
-            logits = self.extend(state, embed_tokens(feed)[None])
+        while (feed := run.take(logits, lambda: fork(state), rows)) is not None:
+            rows = run.rows()
+            logits = self.logits(self.extend(state, embed_tokens(feed)[None]), rows)
         return run.finish()
 
 
@@ -167,11 +174,27 @@ class _Run:
         self.out.prefill_chunks = state.prefill_runs
         self.out.first_logits = logits
 
-    def take(self, logits: np.ndarray, fork_state: Callable[[], DecodeState]) -> list[int] | None:
+    def rows(self) -> list[int] | None:
+        """The tokens the next choice can pick (the answer grammar's), or None for all of them."""
+        if self.answer is None or len(self.out.tokens) < self.minimum or not hasattr(self.answer, "next_rows"):
+            return None
+        return self.answer.next_rows()
+
+    def take(self, logits: np.ndarray, fork_state: Callable[[], DecodeState], rows: list[int] | None = None
+             ) -> list[int] | None:
+        """`rows`: only these tokens can be chosen; a decoder may have computed just their logits (-inf elsewhere).
+        They must be finite, and no logit anywhere may be NaN or +inf (a decoder that computed all of them is
+        checked whole: a broken model is an error, whatever the grammar would have read)."""
         out, answer = self.out, self.answer
         if len(out.tokens) >= self.budget:
             return None
-        finite_logits(logits, f"the decoder's logits for generated token {len(out.tokens) + 1}")
+        what = f"the decoder's logits for generated token {len(out.tokens) + 1}"
+        if rows is None:
+            finite_logits(logits, what)
+        else:
+            finite_logits(logits[rows], what)
+            if np.isnan(logits).any() or np.isposinf(logits).any():
+                finite_logits(np.where(np.isneginf(logits), 0.0, logits), what)
         if len(out.tokens) < self.minimum and self.eos_list:
             logits = logits.copy()
             logits[self.eos_list] = -np.inf
@@ -214,8 +237,13 @@ class FastDecoder(Decoder):
     n afterwards (rows >= n of the shared buffer are overwritten then). The Guard forks at the verdict position
     after the main generation ends, and the category scores walk their tree depth first, which keeps that."""
 
-    def __init__(self, session, decoder: dict, prefill_chunk: int | None = None):
+    def __init__(self, session, decoder: dict, prefill_chunk: int | None = None, head=None, head_rows=None):
+        """`head`: the output layer's session (decoder_gqa_head: hidden -> logits); `head_rows`: its weight
+        [vocab, hidden] (the bundle's memory-mapped lm_head.npy), for the logits of a few tokens."""
         super().__init__(session, decoder, prefill_chunk)
+        if head is None or head_rows is None:
+            raise ValueError("FastDecoder needs the output layer: head= (its session) and head_rows= (its weight)")
+        self.head, self.head_rows = head, head_rows
         rope = decoder.get("rope_parameters") or {}
         freqs = decoder.get("rope_inv_freq")
         self.freqs = np.asarray(freqs, np.float32) if freqs is not None else \
@@ -262,6 +290,18 @@ class FastDecoder(Decoder):
         """Copies of the filled cache rows, [1, kv_heads, length, head_dim] per layer and part."""
         return [a[:, :, :state.length].copy() for a in state.past]
 
+    def logits(self, out: np.ndarray, rows: list[int] | None = None) -> np.ndarray:
+        """The logits from the last position's hidden state `out` [hidden]: the output layer's graph for every
+        token, or, with `rows`, only those tokens' dot products from their rows of the weight (a few KB read
+        instead of the whole layer, about a quarter of a decode step's bytes on `small`); -inf elsewhere."""
+        if rows is None:
+            (full,) = self.head.run(None, {"hidden": np.ascontiguousarray(out[None], dtype=np.float32)})
+            return full[0]
+        idx = np.asarray(rows, dtype=np.int64)
+        full = np.full(self.head_rows.shape[0], -np.inf, np.float32)
+        full[idx] = np.einsum("kh,h->k", np.asarray(self.head_rows[idx], np.float32), out.astype(np.float32))
+        return full
+
     def extend(self, state: DecodeState, embeds: np.ndarray, positions: np.ndarray | None = None,
                chunk: int | None = None) -> np.ndarray:
         total = embeds.shape[1]
@@ -283,16 +323,16 @@ class FastDecoder(Decoder):
             io.bind_cpu_input("position_ids", np.arange(rows.start, rows.stop, dtype=np.int64)[None])
             for name, value in zip(self.in_names, state.values):
                 io.bind_ortvalue_input(name, value)
-            io.bind_output("logits")  # first: get_outputs() lists outputs in binding order
+            io.bind_output("hidden")  # first: get_outputs() lists outputs in binding order
             for name, value in zip(self.out_names, state.values):
                 io.bind_ortvalue_output(name, value)
             if state.run_options is not None:
                 self.session.run_with_iobinding(io, state.run_options)
             else:
                 self.session.run_with_iobinding(io)
-            logits = io.get_outputs()[0].numpy()
+            hidden = io.get_outputs()[0].numpy()
             state.length += hi - lo
-        return logits[0]
+        return hidden[0]  # the last position's hidden state: `logits` turns it into logits
 
     def generate(self, embeds, positions, rope_delta, embed_tokens, max_new_tokens, eos_ids, answer=None,
                  min_new_tokens=0, prefill_chunk=None, run_options=None, state=None) -> Generation:
@@ -316,12 +356,13 @@ class FastDecoder(Decoder):
             run = _Run(r.get("answer"), r["max_new_tokens"], min_new_tokens, eos_ids)
             state = r.get("state") or self.start(r["rope_delta"], r.get("run_options"))
             self.reserve(state, state.length + r["embeds"].shape[1] + r["max_new_tokens"] + SCORE_MARGIN)
+            need = run.rows()
             logits, state = self.prefill(r["embeds"], r["positions"], r["rope_delta"], r.get("prefill_chunk"),
-                                         r.get("run_options"), state)
+                                         r.get("run_options"), state, need)
             run.prefilled(logits, state)
-            rows.append({"run": run, "state": state, "logits": logits, "queue": [], "done": False})
+            rows.append({"run": run, "state": state, "logits": logits, "need": need, "queue": [], "done": False})
         for row in rows:  # each row's first choice reads its own prefill's logits
-            feed = row["run"].take(row["logits"], lambda st=row["state"]: fork(st))
+            feed = row["run"].take(row["logits"], lambda st=row["state"]: fork(st), row["need"])
             row["queue"], row["done"] = list(feed or []), feed is None
         if all(r["done"] for r in rows):
             return [r["run"].finish() for r in rows]
@@ -358,19 +399,20 @@ class FastDecoder(Decoder):
             io.bind_cpu_input("position_ids", np.asarray(pos, np.int64)[:, None])
             for name, value in zip(self.in_names, values):
                 io.bind_ortvalue_input(name, value)
-            io.bind_output("logits")
+            io.bind_output("hidden")
             for name, value in zip(self.out_names, values):
                 io.bind_ortvalue_output(name, value)
             self.session.run_with_iobinding(io)
-            logits = io.get_outputs()[0].numpy()
+            hidden = io.get_outputs()[0].numpy()
             for b, row in enumerate(rows):
                 if row["fed"] is None:
                     continue  # a finished row: its slot at `length` was rewritten, its cache below is untouched
                 row["length"] += 1
                 if row["queue"]:
-                    continue  # inside a forced literal: these logits choose nothing
-                feed = row["run"].take(logits[b], lambda b=b, n=row["length"]: self._row_state(arrays, b, n,
-                                                                                                 row["delta"]))
+                    continue  # inside a forced literal: these logits choose nothing (none are computed)
+                need = row["run"].rows()
+                feed = row["run"].take(self.logits(hidden[b], need),
+                                       lambda b=b, n=row["length"]: self._row_state(arrays, b, n, row["delta"]), need)
                 row["queue"], row["done"] = list(feed or []), feed is None
         return [r["run"].finish() for r in rows]
 

@@ -338,7 +338,8 @@ class Guard:
         m = bundle.manifest
         self.prompt = PromptTokenizer(bundle.tokenizer, bundle.chat_template)
         fast = bundle.decoder_graph == "decoder_gqa"
-        self.decoder = (FastDecoder if fast else Decoder)(bundle.sessions["decoder"], m.decoder)
+        self.decoder = FastDecoder(bundle.sessions["decoder"], m.decoder, head=bundle.sessions["decoder_head"],
+                                   head_rows=bundle.head_rows) if fast else Decoder(bundle.sessions["decoder"], m.decoder)
         self.geometry = Geometry.from_manifest(m)
         self.image_cfg = ImageConfig.from_preprocess(m.preprocess)
         self.mel_filters = np.load(bundle.file("mel_filters.npy"))
@@ -584,13 +585,13 @@ class Guard:
         states = {(): base}
         emb = self.bundle.embedding
 
-        def logits_after(path: list[int]) -> np.ndarray:
+        def logits_after(path: list[int], rows: list[int]) -> np.ndarray:
             full = tuple(head + path)
             k = max(len(p) for p in states if full[: len(p)] == p)
             state = fork(states[full[:k]])
-            logits = self.decoder.extend(state, np.asarray(emb[list(full[k:])], np.float32)[None])
+            out = self.decoder.extend(state, np.asarray(emb[list(full[k:])], np.float32)[None])
             states[full] = state
-            return logits
+            return self.decoder.logits(out, rows)
 
         q = first_code_probabilities(answer, logits_after)
         # q sums to 1 up to rounding (finite: its logits were checked), so a score can exceed 1 by an ulp

@@ -59,7 +59,10 @@ def test_vision_graph_has_no_baked_grid(tiny_bundle, tiny_parts):
 
 def test_manifest_describes_bundle(tiny_bundle, tiny_parts):
     m = load_manifest(tiny_bundle)
-    assert set(m.graphs) == {"vision", "audio", "decoder", "decoder_gqa"}
+    assert set(m.graphs) == {"vision", "audio", "decoder", "decoder_gqa", "decoder_gqa_head"}
+    head = m.graphs["decoder_gqa_head"]  # the output layer: its weight is lm_head.npy, one row per token
+    assert head.data_file == "lm_head.npy" and m.files["lm_head.npy"].role == "graph-data"
+    assert [r["output"] for r in head.validation] == ["logits"] * 5
     fast = m.graphs["decoder_gqa"]  # validated against transformers on the decoder's batch-1 cases
     assert {r["case"] for r in fast.validation} == {"prefill_b1", "decode_b1", "prefill_b1_image_positions",
                                                     "decode_b1_image_positions", "extend_b1_prefix7_new6"}
@@ -154,9 +157,11 @@ def test_external_data_file_is_single_and_hashed(tiny_checkpoint, tmp_path, monk
     out = export_bundle(tiny_checkpoint, tmp_path / "b", progress=False)
     m = load_manifest(out)
     for name, spec in m.graphs.items():
-        assert spec.data_file == f"{name}.onnx.data" and m.files[spec.data_file].role == "graph-data"
+        if name != "decoder_gqa_head":
+            assert spec.data_file == f"{name}.onnx.data" and m.files[spec.data_file].role == "graph-data"
     assert sorted(p.name for p in out.glob("*.data")) == ["audio.onnx.data", "decoder.onnx.data",
                                                           "decoder_gqa.onnx.data", "vision.onnx.data"]
+    assert m.graphs["decoder_gqa_head"].data_file == "lm_head.npy"  # always its own file
     data = out / "decoder.onnx.data"
     raw = bytearray(data.read_bytes())
     raw[100] ^= 0x01

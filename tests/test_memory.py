@@ -48,8 +48,11 @@ def decoder_and_prompt(tiny_bundle, request):
     rope = RopeIds(sp["image"], sp["video"], sp["audio"], m.vision["spatial_merge_size"], m.decoder["position_id_per_seconds"])
     positions, delta = rope_index(ids, rope, image_grid_thw=[(1, 8, 10)])
     embeds = rng.standard_normal((1, ids.shape[1], m.decoder["hidden_size"])).astype(np.float32)
-    kind = FastDecoder if request.param == "decoder_gqa" else Decoder
-    return kind(b.sessions["decoder"], m.decoder), embeds, positions, int(delta[0, 0])
+    if request.param == "decoder_gqa":
+        dec = FastDecoder(b.sessions["decoder"], m.decoder, head=b.sessions["decoder_head"], head_rows=b.head_rows)
+    else:
+        dec = Decoder(b.sessions["decoder"], m.decoder)
+    return dec, embeds, positions, int(delta[0, 0])
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 16, 20, 32, 74])
@@ -83,7 +86,8 @@ def test_prompt_within_one_chunk_is_prefilled_exactly_as_before(decoder_and_prom
     geometry = {"num_layers": dec.layers, "num_kv_heads": dec.kv_heads, "head_dim": dec.head_dim,
                 "rope_parameters": {"mrope_section": getattr(dec, "sections", [])},
                 "rope_inv_freq": getattr(dec, "freqs", None)}
-    default = type(dec)(dec.session, geometry, prefill_chunk=embeds.shape[1])
+    extra = {"head": dec.head, "head_rows": dec.head_rows} if hasattr(dec, "head") else {}
+    default = type(dec)(dec.session, geometry, prefill_chunk=embeds.shape[1], **extra)
     a, sa = dec.prefill(embeds, positions, delta)
     b, sb = default.prefill(embeds, positions, delta)
     assert sb.prefill_runs == 1

@@ -107,7 +107,7 @@ def test_only_the_vision_session_uses_the_exact_arena(tiny_bundle):
 
     bundle = open_bundle(tiny_bundle)
     assert {n: entry(s, "session.use_env_allocators") for n, s in bundle.sessions.items()} == {
-        "vision": "1", "audio": None, "decoder": None}
+        "vision": "1", "audio": None, "decoder": None, "decoder_head": None}
     assert bundle.sessions["vision"].get_session_options().enable_cpu_mem_arena
     assert not bundle.sessions["decoder"].get_session_options().enable_cpu_mem_arena
     none = open_bundle(tiny_bundle, SessionOptions(exact_arena_graphs=()))

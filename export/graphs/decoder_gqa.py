@@ -12,7 +12,9 @@ run, minus 1); total_sequence_length [] int32 (the largest of them plus 1); cos_
 float32 and position_ids [batch, seq] int64: the rotary of each new token is row position_ids of the tables (one
 request: per-request TMRoPE tables by cache index; a batch of decode steps: a plain table by position, as decode
 tokens are text); past_key_i / past_value_i [batch, kv_heads, capacity, head_dim] float32, the buffers. Outputs:
-logits [batch, vocab] of the last position; present_key_i / present_value_i, bound by the runtime to the same
+hidden [batch, hidden], the last position's final-normalised state (the output layer is its own graph,
+decoder_gqa_head.onnx over lm_head.npy, so the runtime can compute only the allowed rows' logits where the
+answer grammar allows few tokens); present_key_i / present_value_i, bound by the runtime to the same
 buffers as the past (in place). onnxruntime's CPU kernel takes several new tokens after a past only with batch 1:
 batches are decode steps (seq 1), and each request is prefilled on its own.
 """
@@ -42,7 +44,43 @@ def io_names(layers: int) -> tuple[list[str], list[str]]:
     kv = [f"{p}_{part}_{i}" for p in ("past",) for i in range(layers) for part in ("key", "value")]
     present = [f"present_{part}_{i}" for i in range(layers) for part in ("key", "value")]
     inputs = ["inputs_embeds", "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache", "position_ids"] + kv
-    return inputs, ["logits"] + present
+    return inputs, ["hidden"] + present
+
+
+HEAD_NAME = "decoder_gqa_head"
+HEAD_FILE = "lm_head.npy"  # [vocab, hidden] float32: the head graph's weight, and memory-mapped by the runtime
+
+
+def build_head(parts, work: Path) -> list[str]:
+    """The output layer on its own: `lm_head.npy` ([vocab, hidden], one row per token, so the runtime can compute
+    the logits of a few allowed tokens from their rows alone) and `decoder_gqa_head.onnx` (Gemm with transB,
+    hidden [batch, hidden] -> logits [batch, vocab]) whose weight is that file's data, at the .npy header's offset:
+    one copy on disk for both uses."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    head = np.ascontiguousarray(_np(parts.lm_head.weight), dtype=np.float32)
+    vocab, hidden = head.shape
+    path = work / HEAD_FILE
+    np.save(path, head)
+    with open(path, "rb") as f:
+        np.lib.format.read_magic(f)
+        np.lib.format.read_array_header_1_0(f)
+        offset = f.tell()
+    del head
+    weight = TensorProto(name="lm_head", data_type=TensorProto.FLOAT, dims=[vocab, hidden])
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", HEAD_FILE), ("offset", str(offset)), ("length", str(vocab * hidden * 4))):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    graph = helper.make_graph([helper.make_node("Gemm", ["hidden", "lm_head"], ["logits"], transB=1)], HEAD_NAME,
+                              [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", hidden])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", vocab])],
+                              initializer=[weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="omniguard-edge")
+    model.ir_version = 8
+    onnx.save(model, str(work / f"{HEAD_NAME}.onnx"))
+    return [f"{HEAD_NAME}.onnx", HEAD_FILE]
 
 
 class _Weights:
@@ -145,13 +183,9 @@ def build(parts, dest: Path, progress=None) -> list[str]:
         r_last = node("Gather", [residual, "last"], ["res_last"], axis=1)
         normed = node("SkipSimplifiedLayerNormalization", [h_last, r_last, w.add("norm", _np(norm.weight))],
                       ["normed"], domain="com.microsoft", epsilon=eps)
-        head = _np(parts.lm_head.weight).T
-        vocab = head.shape[1]
-        logits3 = node("MatMul", [normed, w.add("lm_head", head)], ["logits3"])
-        del head
         axes = helper.make_tensor("squeeze_axes", TensorProto.INT64, [1], [1])
         nodes.append(helper.make_node("Constant", [], ["sq_axes"], value=axes))
-        node("Squeeze", [logits3, "sq_axes"], ["logits"])
+        node("Squeeze", [normed, "sq_axes"], ["hidden"])  # the head is its own graph (build_head)
     finally:
         w.close()
     f32, i32 = TensorProto.FLOAT, TensorProto.INT32
@@ -163,7 +197,7 @@ def build(parts, dest: Path, progress=None) -> list[str]:
                     helper.make_tensor_value_info("sin_cache", f32, ["rows", head_dim // 2]),
                     helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"])]
     graph_inputs += [helper.make_tensor_value_info(n, f32, kv_shape) for n in inputs[6:]]
-    graph_outputs = [helper.make_tensor_value_info("logits", f32, ["batch", vocab])]
+    graph_outputs = [helper.make_tensor_value_info("hidden", f32, ["batch", hidden])]
     graph_outputs += [helper.make_tensor_value_info(n, f32, kv_shape) for n in outputs[1:]]
     graph = helper.make_graph(nodes, NAME, graph_inputs, graph_outputs, initializer=w.tensors)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
