@@ -81,12 +81,13 @@ class Decoder:
         self.prefill_chunk = _check_chunk(prefill_chunk)
         self.layers, self.kv_heads, self.head_dim = decoder["num_layers"], decoder["num_kv_heads"], decoder["head_dim"]
         self.names = [f"past_{part}_{i}" for i in range(self.layers) for part in ("key", "value")]
+        self.present = [f"present_{part}_{i}" for i in range(self.layers) for part in ("key", "value")]
 
     def _run(self, embeds: np.ndarray, positions: np.ndarray, state: DecodeState):
         feeds = {"inputs_embeds": embeds.astype(np.float32, copy=False), "attention_mask": state.mask,
                  "position_ids": positions, **dict(zip(self.names, state.past))}
-        logits, *present = self.session.run(None, feeds, state.run_options)
-        return logits, present
+        out = self.session.run(feeds, ["logits", *self.present], state.run_options)
+        return out["logits"], [out[n] for n in self.present]
 
     def start(self, rope_delta: int, run_options=None, past: list[np.ndarray] | None = None,
               length: int = 0, capacity: int | None = None) -> DecodeState:
@@ -253,10 +254,8 @@ class FastDecoder(Decoder):
         self.out_names = [f"present_{part}_{i}" for i in range(self.layers) for part in ("key", "value")]
 
     def _alloc(self, capacity: int):
-        import onnxruntime as ort
-
         arrays = [np.zeros((1, self.kv_heads, capacity, self.head_dim), np.float32) for _ in range(2 * self.layers)]
-        return arrays, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+        return arrays, [self.session.buffer(a) for a in arrays]
 
     def start(self, rope_delta: int, run_options=None, past: list[np.ndarray] | None = None, length: int = 0,
               capacity: int | None = None) -> DecodeState:
@@ -295,8 +294,7 @@ class FastDecoder(Decoder):
         token, or, with `rows`, only those tokens' dot products from their rows of the weight (a few KB read
         instead of the whole layer, about a quarter of a decode step's bytes on `small`); -inf elsewhere."""
         if rows is None:
-            (full,) = self.head.run(None, {"hidden": np.ascontiguousarray(out[None], dtype=np.float32)})
-            return full[0]
+            return self.head.run({"hidden": np.ascontiguousarray(out[None], dtype=np.float32)}, ["logits"])["logits"][0]
         idx = np.asarray(rows, dtype=np.int64)
         full = np.full(self.head_rows.shape[0], -np.inf, np.float32)
         full[idx] = np.einsum("kh,h->k", np.asarray(self.head_rows[idx], np.float32), out.astype(np.float32))
@@ -314,23 +312,14 @@ class FastDecoder(Decoder):
             hi = min(lo + chunk, total)
             rows = slice(state.length, state.length + hi - lo)
             state.cos[rows], state.sin[rows] = rope_tables(positions[:, 0, lo:hi], self.freqs, self.sections)
-            io = self.session.io_binding()
-            io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds[:, lo:hi], dtype=np.float32))
-            io.bind_cpu_input("seqlens_k", np.array([state.length + hi - lo - 1], np.int32))
-            io.bind_cpu_input("total_sequence_length", np.array(state.length + hi - lo, np.int32))
-            io.bind_cpu_input("cos_cache", state.cos)
-            io.bind_cpu_input("sin_cache", state.sin)
-            io.bind_cpu_input("position_ids", np.arange(rows.start, rows.stop, dtype=np.int64)[None])
-            for name, value in zip(self.in_names, state.values):
-                io.bind_ortvalue_input(name, value)
-            io.bind_output("hidden")  # first: get_outputs() lists outputs in binding order
-            for name, value in zip(self.out_names, state.values):
-                io.bind_ortvalue_output(name, value)
-            if state.run_options is not None:
-                self.session.run_with_iobinding(io, state.run_options)
-            else:
-                self.session.run_with_iobinding(io)
-            hidden = io.get_outputs()[0].numpy()
+            inputs = {"inputs_embeds": np.ascontiguousarray(embeds[:, lo:hi], dtype=np.float32),
+                      "seqlens_k": np.array([state.length + hi - lo - 1], np.int32),
+                      "total_sequence_length": np.array(state.length + hi - lo, np.int32),
+                      "cos_cache": state.cos, "sin_cache": state.sin,
+                      "position_ids": np.arange(rows.start, rows.stop, dtype=np.int64)[None],
+                      **dict(zip(self.in_names, state.values))}
+            outputs = {"hidden": None, **dict(zip(self.out_names, state.values))}  # the KV written in place
+            hidden = self.session.run_bound(inputs, outputs, state.run_options)["hidden"]
             state.length += hi - lo
         return hidden[0]  # the last position's hidden state: `logits` turns it into logits
 
@@ -390,20 +379,12 @@ class FastDecoder(Decoder):
                 feeds.append(emb)
                 lengths.append(row["length"])
                 pos.append(row["length"] + row["delta"])
-            io = self.session.io_binding()
-            io.bind_cpu_input("inputs_embeds", np.stack(feeds).astype(np.float32).reshape(len(rows), 1, width))
-            io.bind_cpu_input("seqlens_k", np.asarray(lengths, np.int32))
-            io.bind_cpu_input("total_sequence_length", np.array(max(lengths) + 1, np.int32))
-            io.bind_cpu_input("cos_cache", cos)
-            io.bind_cpu_input("sin_cache", sin)
-            io.bind_cpu_input("position_ids", np.asarray(pos, np.int64)[:, None])
-            for name, value in zip(self.in_names, values):
-                io.bind_ortvalue_input(name, value)
-            io.bind_output("hidden")
-            for name, value in zip(self.out_names, values):
-                io.bind_ortvalue_output(name, value)
-            self.session.run_with_iobinding(io)
-            hidden = io.get_outputs()[0].numpy()
+            inputs = {"inputs_embeds": np.stack(feeds).astype(np.float32).reshape(len(rows), 1, width),
+                      "seqlens_k": np.asarray(lengths, np.int32),
+                      "total_sequence_length": np.array(max(lengths) + 1, np.int32),
+                      "cos_cache": cos, "sin_cache": sin, "position_ids": np.asarray(pos, np.int64)[:, None],
+                      **dict(zip(self.in_names, values))}
+            hidden = self.session.run_bound(inputs, {"hidden": None, **dict(zip(self.out_names, values))})["hidden"]
             for b, row in enumerate(rows):
                 if row["fed"] is None:
                     continue  # a finished row: its slot at `length` was rewritten, its cache below is untouched
@@ -417,10 +398,8 @@ class FastDecoder(Decoder):
         return [r["run"].finish() for r in rows]
 
     def _alloc_batch(self, batch: int, capacity: int):
-        import onnxruntime as ort
-
         arrays = [np.zeros((batch, self.kv_heads, capacity, self.head_dim), np.float32) for _ in range(2 * self.layers)]
-        return arrays, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+        return arrays, [self.session.buffer(a) for a in arrays]
 
     def _row_state(self, arrays, row: int, length: int, rope_delta: int) -> DecodeState:
         """A one-request state holding a copy of batch row `row`'s first `length` cache rows (its verdict fork)."""

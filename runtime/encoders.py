@@ -14,7 +14,7 @@ def encode_vision(session, rows: list[np.ndarray], grids: list[tuple[int, int, i
     feeds = {"pixel_values": np.concatenate(rows, axis=0).astype(np.float32), "rot_pos": idx.rot_pos,
              "window_index": idx.window_index, "reverse_index": idx.reverse_index,
              "win_seg": idx.win_seg, "full_seg": idx.full_seg}
-    (features,) = session.run(None, feeds, run_options)
+    features = session.run(feeds, ["features"], run_options)["features"]
     unit = vision["spatial_merge_size"] ** 2
     splits = np.cumsum([t * h * w // unit for t, h, w in grids])[:-1]
     return np.split(features, splits)
@@ -23,6 +23,6 @@ def encode_vision(session, rows: list[np.ndarray], grids: list[tuple[int, int, i
 def encode_audio(session, mels: list[np.ndarray], audio: dict, run_options=None) -> list[np.ndarray]:
     """Log-mel [bins, frames] per clip -> features [tokens_i, hidden] per clip."""
     idx = audio_index(mels, audio["n_window"])
-    (features,) = session.run(None, {"padded_feature": idx.padded_feature, "chunk_lengths": idx.chunk_lengths,
-                                     "pool_index": idx.pool_index}, run_options)
+    features = session.run({"padded_feature": idx.padded_feature, "chunk_lengths": idx.chunk_lengths,
+                            "pool_index": idx.pool_index}, ["features"], run_options)["features"]
     return np.split(features, np.cumsum(idx.tokens_per_clip)[:-1])

@@ -51,20 +51,23 @@ class Vocab:
 
 
 class ScriptedSession:
-    """Stands in for the decoder's onnxruntime session: call k returns `rows[k]` as the last-position logits
-    and a cache grown by the fed length; it records every feed."""
+    """Stands in for the standard decoder graph's session (runtime/backend.GraphSession): call k returns `rows[k]`
+    as the last-position logits and a cache grown by the fed length, by name; it records every feed."""
 
     def __init__(self, rows: list[np.ndarray]):
         self.rows, self.feeds = rows, []
 
-    def run(self, _names, feeds, _run_options=None):
+    def run(self, feeds, outputs=None, _run_options=None):
         if len(self.feeds) >= len(self.rows):
             raise AssertionError(f"decoder called {len(self.feeds) + 1} times, script has {len(self.rows)} steps")
         self.feeds.append(feeds)
         seq = feeds["inputs_embeds"].shape[1]
-        past = [v for k, v in feeds.items() if k.startswith("past_")]
-        present = [np.concatenate([p, np.zeros((*p.shape[:2], seq, p.shape[3]), p.dtype)], axis=2) for p in past]
-        return [self.rows[len(self.feeds) - 1][None].copy(), *present]
+        out = {"logits": self.rows[len(self.feeds) - 1][None].copy()}
+        for k, p in feeds.items():
+            if k.startswith("past_"):
+                out["present_" + k[len("past_"):]] = np.concatenate(
+                    [p, np.zeros((*p.shape[:2], seq, p.shape[3]), p.dtype)], axis=2)
+        return out
 
 
 def row(v: Vocab, ranking: dict[int, float], base: float = 0.0) -> np.ndarray:
@@ -308,9 +311,9 @@ def test_p_unsafe_is_the_verdict_softmax_of_the_real_decoder(guard, v):
     real, outputs = g.decoder.session, []
 
     class Spy:
-        def run(self, names, feeds, run_options=None):
-            out = real.run(names, feeds, run_options)
-            outputs.append((feeds, out[0][0].astype(np.float64)))
+        def run(self, feeds, names=None, run_options=None):
+            out = real.run(feeds, names, run_options)
+            outputs.append((feeds, out["logits"][0].astype(np.float64)))
             return out
 
     g.decoder.session = Spy()

@@ -288,13 +288,16 @@ class Scripted:
     def __init__(self, rows):
         self.rows, self.calls = rows, 0
 
-    def run(self, _names, feeds, _run_options=None):
+    def run(self, feeds, _outputs=None, _run_options=None):
         logits = self.rows[min(self.calls, len(self.rows) - 1)]
         self.calls += 1
         seq = feeds["inputs_embeds"].shape[1]
-        past = [v for k, v in feeds.items() if k.startswith("past_")]
-        present = [np.concatenate([p, np.zeros((*p.shape[:2], seq, p.shape[3]), p.dtype)], axis=2) for p in past]
-        return [logits[None].copy(), *present]
+        out = {"logits": logits[None].copy()}
+        for k, p in feeds.items():
+            if k.startswith("past_"):
+                out["present_" + k[len("past_"):]] = np.concatenate(
+                    [p, np.zeros((*p.shape[:2], seq, p.shape[3]), p.dtype)], axis=2)
+        return out
 
 
 def _ids(bundle):
@@ -376,15 +379,15 @@ def test_a_non_finite_cached_prefix_is_an_error(bundle, mode, value):
 
 
 class Spoil:
-    """Runs the real session, then writes `value` into the first output."""
+    """Runs the real session, then writes `value` into its output `features`."""
 
     def __init__(self, real, value):
         self.real, self.value = real, value
 
-    def run(self, names, feeds, run_options=None):
-        out = self.real.run(names, feeds, run_options)
-        out[0] = out[0].copy()
-        out[0][-1, 0] = self.value
+    def run(self, feeds, names=None, run_options=None):
+        out = self.real.run(feeds, names, run_options)
+        out["features"] = out["features"].copy()
+        out["features"][-1, 0] = self.value
         return out
 
 

@@ -1,0 +1,135 @@
+"""The backend seam: the one place that opens a graph's session and runs it, inputs and outputs bound by name.
+
+The runtime (decoders, encoders, the Guard) sees only `GraphSession`: `run` (feeds in, named outputs out) and, for
+graphs that update buffers in place, `buffer` and `run_bound`. `OrtSession` implements it over onnxruntime (the CPU
+provider now; other execution providers through `SessionOptions.providers`); a TensorRT or device-resident
+implementation can replace it without touching the Guard.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .errors import BundleError
+
+
+class GraphSession(Protocol):
+    """What the runtime needs of one graph's session."""
+
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    providers: list[str]
+
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None,
+            run_options=None) -> dict[str, np.ndarray]:
+        """Named outputs (default: all) for named inputs."""
+
+    def buffer(self, array: np.ndarray):
+        """A buffer the session reads and writes in place, over `array`'s memory."""
+
+    def run_bound(self, inputs: Mapping[str, object], outputs: Mapping[str, object | None],
+                  run_options=None) -> dict[str, np.ndarray]:
+        """Inputs: arrays or buffers; outputs: a buffer to write into, or None for a new array, returned by name."""
+
+
+class OrtSession:
+    """An onnxruntime InferenceSession behind `GraphSession`."""
+
+    def __init__(self, session, name: str):
+        self.session, self.name = session, name
+        self.input_names = tuple(i.name for i in session.get_inputs())
+        self.output_names = tuple(o.name for o in session.get_outputs())
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    @property
+    def options(self):
+        """onnxruntime's SessionOptions of this session (threads, arena, config entries)."""
+        return self.session.get_session_options()
+
+    def run(self, feeds, outputs=None, run_options=None) -> dict[str, np.ndarray]:
+        names = list(outputs) if outputs is not None else list(self.output_names)
+        return dict(zip(names, self.session.run(names, dict(feeds), run_options)))
+
+    def buffer(self, array: np.ndarray):
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_numpy(array)
+
+    def run_bound(self, inputs, outputs, run_options=None) -> dict[str, np.ndarray]:
+        import onnxruntime as ort
+
+        io = self.session.io_binding()
+        for name, value in inputs.items():
+            if isinstance(value, ort.OrtValue):
+                io.bind_ortvalue_input(name, value)
+            else:
+                io.bind_cpu_input(name, np.ascontiguousarray(value))
+        fresh = [name for name, value in outputs.items() if value is None]
+        for name in fresh:  # first: get_outputs() lists outputs in binding order
+            io.bind_output(name)
+        for name, value in outputs.items():
+            if value is not None:
+                io.bind_ortvalue_output(name, value)
+        if run_options is not None:
+            self.session.run_with_iobinding(io, run_options)
+        else:
+            self.session.run_with_iobinding(io)
+        got = io.get_outputs()
+        return {name: got[i].numpy() for i, name in enumerate(fresh)}
+
+
+@functools.cache
+def _exact_arena() -> bool:
+    """Register onnxruntime's environment CPU arena that allocates exactly what is requested (once per process).
+    False (with a warning) when this onnxruntime cannot: those graphs then run without an arena."""
+    import onnxruntime as ort
+
+    try:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))  # 1: kSameAsRequested
+        return True
+    except Exception as exc:  # an older build, or an allocator the embedding application registered itself
+        warnings.warn(f"cannot register onnxruntime's exact-size CPU arena ({exc}): SessionOptions."
+                      "exact_arena_graphs run without an arena", RuntimeWarning, stacklevel=4)
+        return False
+
+
+def open_session(path: Path, opts, name: str, spin: bool | None = None) -> OrtSession:
+    """Open one graph with the bundle's SessionOptions (`name`: its role, vision | audio | decoder). `spin`:
+    whether its threads keep spinning after a run (default: `name in opts.spin_after_run`)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    wanted = [p for p in opts.providers if p in available]
+    missing = [p for p in opts.providers if p not in available]
+    if missing:
+        warnings.warn(f"{name}.onnx: execution provider(s) {missing} are not available in this onnxruntime "
+                      f"build (available: {available}); running on {wanted or ['CPUExecutionProvider']}",
+                      RuntimeWarning, stacklevel=3)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = opts.intra_op_threads
+    so.inter_op_num_threads = opts.inter_op_threads
+    so.enable_cpu_mem_arena = bool(opts.cpu_mem_arena)
+    if not opts.cpu_mem_arena and name in opts.exact_arena_graphs and _exact_arena():
+        so.enable_cpu_mem_arena = True
+        so.add_session_config_entry("session.use_env_allocators", "1")
+    if not (name in opts.spin_after_run if spin is None else spin):
+        so.add_session_config_entry("session.force_spinning_stop", "1")
+    try:
+        sess = ort.InferenceSession(str(path), so, providers=wanted or ["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for unloadable graphs
+        raise BundleError(f"{path}: onnxruntime cannot load it ({exc}); re-export the bundle") from exc
+    used = sess.get_providers()
+    if wanted and wanted[0] not in used:
+        warnings.warn(f"{name}.onnx: asked for {wanted[0]} but onnxruntime runs it on {used}", RuntimeWarning,
+                      stacklevel=3)
+    return OrtSession(sess, name)
