@@ -4,6 +4,7 @@ table, the tokenizer and the chat template. No file name is guessed: the manifes
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +71,9 @@ class SessionOptions:
                                  f"'decoder', e.g. ('decoder',), not {value!r}")
 
 
+_LAZY_LOCK = threading.Lock()
+
+
 @dataclass
 class Bundle:
     path: Path
@@ -81,6 +85,18 @@ class Bundle:
     providers: dict = field(default_factory=dict)  # graph name -> providers actually in use
     decoder_graph: str = "decoder"  # the manifest graph behind sessions["decoder"]: decoder or decoder_gqa
     head_rows: np.ndarray | None = None  # decoder_gqa: the output layer [vocab, hidden], memory-mapped (lm_head.npy)
+    # Sessions opened on first use (`session(role)`): the fast decoder's whole output layer is needed only where
+    # decoding is free (the critique, `constrain_verdict=False`); a constrained answer never opens it
+    lazy_sessions: dict = field(default_factory=dict)
+
+    def session(self, role: str):
+        """The session of `role`, opening a lazy one on first use (thread-safe)."""
+        if role not in self.sessions and role in self.lazy_sessions:
+            with _LAZY_LOCK:
+                if role not in self.sessions:
+                    self.sessions[role] = self.lazy_sessions[role]()
+                    self.providers[role] = self.sessions[role].providers
+        return self.sessions[role]
 
     def file(self, name: str) -> Path:
         if name not in self.manifest.files:
@@ -120,11 +136,11 @@ def open_bundle(path: str | os.PathLike, options: SessionOptions | None = None, 
         bundle.sessions[name] = open_session(path / manifest.graphs[graph].file, options, name,
                                              spin=False if graph == "decoder_gqa" else None)
         bundle.providers[name] = bundle.sessions[name].providers
-        if graph == "decoder_gqa":  # its output layer: a graph for whole rows, the rows themselves for a few
+        if graph == "decoder_gqa":  # its output layer: a graph for every row (opened on first use), the rows for a few
             head = manifest.graphs["decoder_gqa_head"]
-            bundle.sessions["decoder_head"] = open_session(path / head.file, options, "decoder", spin=False)
-            bundle.providers["decoder_head"] = bundle.sessions["decoder_head"].providers
             bundle.head_rows = np.load(bundle.file(head.data_file), mmap_mode="r")
+            bundle.lazy_sessions["decoder_head"] = lambda h=head: open_session(path / h.file, options, "decoder",
+                                                                               spin=False)
     emb = manifest.embedding
     bundle.embedding = np.load(bundle.file(emb["file"]), mmap_mode="r")
     if list(bundle.embedding.shape) != list(emb["shape"]):

@@ -238,13 +238,21 @@ class FastDecoder(Decoder):
     n afterwards (rows >= n of the shared buffer are overwritten then). The Guard forks at the verdict position
     after the main generation ends, and the category scores walk their tree depth first, which keeps that."""
 
+    @property
+    def head(self):
+        """The output layer's session (opened now if it was given as a callable)."""
+        if callable(self._head) and not hasattr(self._head, "run"):
+            self._head = self._head()
+        return self._head
+
     def __init__(self, session, decoder: dict, prefill_chunk: int | None = None, head=None, head_rows=None):
-        """`head`: the output layer's session (decoder_gqa_head: hidden -> logits); `head_rows`: its weight
-        [vocab, hidden] (the bundle's memory-mapped lm_head.npy), for the logits of a few tokens."""
+        """`head`: the output layer's session (decoder_gqa_head: hidden -> logits), or a callable that returns it
+        (opened when first needed); `head_rows`: its weight [vocab, hidden] (the bundle's memory-mapped lm_head.npy),
+        for the logits of a few tokens."""
         super().__init__(session, decoder, prefill_chunk)
         if head is None or head_rows is None:
             raise ValueError("FastDecoder needs the output layer: head= (its session) and head_rows= (its weight)")
-        self.head, self.head_rows = head, head_rows
+        self._head, self.head_rows = head, head_rows
         rope = decoder.get("rope_parameters") or {}
         freqs = decoder.get("rope_inv_freq")
         self.freqs = np.asarray(freqs, np.float32) if freqs is not None else \
@@ -294,7 +302,9 @@ class FastDecoder(Decoder):
         token, or, with `rows`, only those tokens' dot products from their rows of the weight (a few KB read
         instead of the whole layer, about a quarter of a decode step's bytes on `small`); -inf elsewhere."""
         if rows is None:
-            return self.head.run({"hidden": np.ascontiguousarray(out[None], dtype=np.float32)}, ["logits"])["logits"][0]
+            if callable(self._head) and not hasattr(self._head, "run"):
+                self._head = self._head()
+            return self._head.run({"hidden": np.ascontiguousarray(out[None], dtype=np.float32)}, ["logits"])["logits"][0]
         idx = np.asarray(rows, dtype=np.int64)
         full = np.full(self.head_rows.shape[0], -np.inf, np.float32)
         full[idx] = np.einsum("kh,h->k", np.asarray(self.head_rows[idx], np.float32), out.astype(np.float32))

@@ -338,7 +338,7 @@ class Guard:
         m = bundle.manifest
         self.prompt = PromptTokenizer(bundle.tokenizer, bundle.chat_template)
         fast = bundle.decoder_graph == "decoder_gqa"
-        self.decoder = FastDecoder(bundle.sessions["decoder"], m.decoder, head=bundle.sessions["decoder_head"],
+        self.decoder = FastDecoder(bundle.sessions["decoder"], m.decoder, head=lambda: bundle.session("decoder_head"),
                                    head_rows=bundle.head_rows) if fast else Decoder(bundle.sessions["decoder"], m.decoder)
         self.geometry = Geometry.from_manifest(m)
         self.image_cfg = ImageConfig.from_preprocess(m.preprocess)

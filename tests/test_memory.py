@@ -49,7 +49,7 @@ def decoder_and_prompt(tiny_bundle, request):
     positions, delta = rope_index(ids, rope, image_grid_thw=[(1, 8, 10)])
     embeds = rng.standard_normal((1, ids.shape[1], m.decoder["hidden_size"])).astype(np.float32)
     if request.param == "decoder_gqa":
-        dec = FastDecoder(b.sessions["decoder"], m.decoder, head=b.sessions["decoder_head"], head_rows=b.head_rows)
+        dec = FastDecoder(b.sessions["decoder"], m.decoder, head=b.session("decoder_head"), head_rows=b.head_rows)
     else:
         dec = Decoder(b.sessions["decoder"], m.decoder)
     return dec, embeds, positions, int(delta[0, 0])
