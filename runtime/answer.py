@@ -144,7 +144,7 @@ def _softmax_pair(logits: np.ndarray, pair: Sequence[int], what: str) -> float:
 
 def _pick(logits: np.ndarray, allowed: Sequence[int]) -> int:
     values = logits[list(allowed)]
-    if not np.isfinite(values).all() and (np.isnan(values).any() or np.isposinf(values).any()):
+    if np.isnan(values).any() or np.isposinf(values).any():  # -inf (a masked token) is never picked
         raise NumericalError("the decoder's logits for a constrained choice are not finite; nothing was judged")
     return int(allowed[int(np.argmax(values))])
 
@@ -240,27 +240,31 @@ class Answer:
             if not self.generated:  # provisional: the plain style's verdict is the first token
                 self.p_unsafe = _softmax_pair(logits, self.tokens.plain, "the first position")
                 self.branch, self.verdict_index = PLAIN, 0
-            else:
+            elif self._may_end_the_lead(self.generated[-1]):
                 text = self.decode(self.generated)
                 if text.lstrip().startswith(LABELLED_LEAD) and text.rstrip(" ").endswith(LABELLED_LEAD):
                     self.p_unsafe = _softmax_pair(logits, self.tokens.labelled, "the verdict position")
                     self.branch, self.verdict_index = LABELLED, len(self.generated)
         return [int(np.argmax(logits))]
 
+    def _may_end_the_lead(self, token: int) -> bool:
+        """Whether the text can end with the labelled lead (`...:`, then spaces) after this token: only then is the
+        whole answer decoded (not at every one of up to 256 free tokens)."""
+        last = self.decode([token]).rstrip(" ")
+        return not last or last.endswith(LABELLED_LEAD[-1])
+
     def _stop_free(self) -> bool:
         text = self.decode(self.generated)
         lines = text.split("\n")
         first = lines[0].strip().lower()
         verdict = parse(text).verdict
+        if self.mode == "verdict":
+            return len(lines) >= 2 and verdict in ("safe", "unsafe")
         if first.startswith("- safety assessment"):
-            if self.mode == "verdict":
-                return len(lines) >= 2 and verdict in ("safe", "unsafe")
             if self.mode == "categories":
                 return any(ln.strip().lower().startswith("- assessment") for ln in lines[1:]) or \
                     (verdict == "safe" and len(lines) >= 2)
             return False
-        if self.mode == "verdict":
-            return len(lines) >= 2 and verdict in ("safe", "unsafe")
         if self.mode == "categories":
             return len(lines) >= (2 if first == "safe" else 3)
         return False

@@ -107,15 +107,19 @@ class Decoder:
         compute just their logits fills the other entries with -inf); the standard graph has them all already."""
         return out
 
+    @staticmethod
+    def _text_positions(state: DecodeState, count: int) -> np.ndarray:
+        """[3, 1, count] positions of `count` text tokens after the state's cache: length + rope_delta onwards."""
+        begin = state.length + state.rope_delta
+        return np.broadcast_to(np.arange(begin, begin + count, dtype=np.int64), (3, 1, count))
+
     def extend(self, state: DecodeState, embeds: np.ndarray, positions: np.ndarray | None = None,
                chunk: int | None = None) -> np.ndarray:
         """Feed embeds [1, S, H] after the state's cache (positions [3, 1, S]; default: text positions
         length + rope_delta onwards), in graph runs of at most `chunk` tokens; -> logits of the last
         position [vocab]; the state is advanced."""
         total = embeds.shape[1]
-        if positions is None:
-            start = state.length + state.rope_delta
-            positions = np.broadcast_to(np.arange(start, start + total, dtype=np.int64), (3, 1, total))
+        positions = self._text_positions(state, total) if positions is None else positions
         chunk = chunk or total
         for begin in range(0, total, chunk):
             end = min(begin + chunk, total)
@@ -136,10 +140,6 @@ class Decoder:
         out = self.extend(state, embeds, positions, chunk)
         state.prefill_runs = -(-total // chunk) if chunk else 1
         return self.logits(out, rows), state
-
-    def step(self, embed: np.ndarray, state: DecodeState, rows: list[int] | None = None):
-        """embed [1, n, H] of the last chosen token(s) -> (logits [vocab], state advanced by n)."""
-        return self.logits(self.extend(state, embed), rows), state
 
     def generate(self, embeds, positions, rope_delta: int, embed_tokens: Callable[[list[int]], np.ndarray],
                  max_new_tokens: int, eos_ids: set[int], answer=None, min_new_tokens: int = 0,
@@ -258,27 +258,24 @@ class FastDecoder(Decoder):
         self.freqs = np.asarray(freqs, np.float32) if freqs is not None else \
             inv_freq(self.head_dim, float(rope.get("rope_theta", 10000.0)))
         self.sections = list(rope["mrope_section"])
-        self.in_names = [f"past_{part}_{i}" for i in range(self.layers) for part in ("key", "value")]
-        self.out_names = [f"present_{part}_{i}" for i in range(self.layers) for part in ("key", "value")]
 
     def _alloc(self, capacity: int):
+        """KV buffers of `capacity` rows (and the session's handles on them), and empty rotary tables."""
         arrays = [np.zeros((1, self.kv_heads, capacity, self.head_dim), np.float32) for _ in range(2 * self.layers)]
-        return arrays, [self.session.buffer(a) for a in arrays]
+        tables = [np.zeros((capacity, self.freqs.size), np.float32) for _ in range(2)]
+        return arrays, [self.session.buffer(a) for a in arrays], tables
 
     def start(self, rope_delta: int, run_options=None, past: list[np.ndarray] | None = None, length: int = 0,
               capacity: int | None = None) -> DecodeState:
         capacity = max(capacity or 0, length, 1)
-        arrays, values = self._alloc(capacity)
+        arrays, values, (cos, sin) = self._alloc(capacity)
         if past is not None:
             for dst, src in zip(arrays, past):
                 dst[:, :, :length] = src[:, :, :length]
         else:
             length = 0
-        state = DecodeState(arrays, np.ones((1, 0), np.int64), length, rope_delta, run_options=run_options)
-        state.values = values
-        state.cos = np.zeros((capacity, self.freqs.size), np.float32)
-        state.sin = np.zeros_like(state.cos)
-        return state
+        return DecodeState(arrays, np.ones((1, 0), np.int64), length, rope_delta, run_options=run_options,
+                           values=values, cos=cos, sin=sin)
 
     def reserve(self, state: DecodeState, capacity: int) -> None:
         """Grow the state's buffers to `capacity` rows (the filled rows are copied); no-op when they are large
@@ -286,10 +283,9 @@ class FastDecoder(Decoder):
         have = state.past[0].shape[2]
         if capacity <= have:
             return
-        arrays, values = self._alloc(capacity)
+        arrays, values, (cos, sin) = self._alloc(capacity)
         for dst, src in zip(arrays, state.past):
             dst[:, :, :state.length] = src[:, :, :state.length]
-        cos, sin = np.zeros((capacity, self.freqs.size), np.float32), np.zeros((capacity, self.freqs.size), np.float32)
         cos[:have], sin[:have] = state.cos, state.sin
         state.past, state.values, state.cos, state.sin = arrays, values, cos, sin
 
@@ -302,9 +298,7 @@ class FastDecoder(Decoder):
         token, or, with `rows`, only those tokens' dot products from their rows of the weight (a few KB read
         instead of the whole layer, about a quarter of a decode step's bytes on `small`); -inf elsewhere."""
         if rows is None:
-            if callable(self._head) and not hasattr(self._head, "run"):
-                self._head = self._head()
-            return self._head.run({"hidden": np.ascontiguousarray(out[None], dtype=np.float32)}, ["logits"])["logits"][0]
+            return self.head.run({"hidden": np.ascontiguousarray(out[None], dtype=np.float32)}, ["logits"])["logits"][0]
         idx = np.asarray(rows, dtype=np.int64)
         full = np.full(self.head_rows.shape[0], -np.inf, np.float32)
         full[idx] = np.einsum("kh,h->k", np.asarray(self.head_rows[idx], np.float32), out.astype(np.float32))
@@ -313,9 +307,7 @@ class FastDecoder(Decoder):
     def extend(self, state: DecodeState, embeds: np.ndarray, positions: np.ndarray | None = None,
                chunk: int | None = None) -> np.ndarray:
         total = embeds.shape[1]
-        if positions is None:
-            begin = state.length + state.rope_delta
-            positions = np.broadcast_to(np.arange(begin, begin + total, dtype=np.int64), (3, 1, total))
+        positions = self._text_positions(state, total) if positions is None else positions
         self.reserve(state, state.length + total)
         chunk = chunk or total
         for lo in range(0, total, chunk):
@@ -327,8 +319,8 @@ class FastDecoder(Decoder):
                       "total_sequence_length": np.array(state.length + hi - lo, np.int32),
                       "cos_cache": state.cos, "sin_cache": state.sin,
                       "position_ids": np.arange(rows.start, rows.stop, dtype=np.int64)[None],
-                      **dict(zip(self.in_names, state.values))}
-            outputs = {"hidden": None, **dict(zip(self.out_names, state.values))}  # the KV written in place
+                      **dict(zip(self.names, state.values))}
+            outputs = {"hidden": None, **dict(zip(self.present, state.values))}  # the KV written in place
             hidden = self.session.run_bound(inputs, outputs, state.run_options)["hidden"]
             state.length += hi - lo
         return hidden[0]  # the last position's hidden state: `logits` turns it into logits
@@ -393,8 +385,8 @@ class FastDecoder(Decoder):
                       "seqlens_k": np.asarray(lengths, np.int32),
                       "total_sequence_length": np.array(max(lengths) + 1, np.int32),
                       "cos_cache": cos, "sin_cache": sin, "position_ids": np.asarray(pos, np.int64)[:, None],
-                      **dict(zip(self.in_names, values))}
-            hidden = self.session.run_bound(inputs, {"hidden": None, **dict(zip(self.out_names, values))})["hidden"]
+                      **dict(zip(self.names, values))}
+            hidden = self.session.run_bound(inputs, {"hidden": None, **dict(zip(self.present, values))})["hidden"]
             for b, row in enumerate(rows):
                 if row["fed"] is None:
                     continue  # a finished row: its slot at `length` was rewritten, its cache below is untouched

@@ -542,8 +542,9 @@ class Guard:
     def _answer(self) -> Answer:
         opts = self.options
         codes = tuple(c.code for c in opts.policy.categories)
-        constrain = opts.constrain_verdict and self.answer_tokens is not None
-        return Answer(self.answer_tokens, codes, opts.mode, float(opts.threshold), constrain, self.prompt.decode)
+        # constrain_verdict without answer tokens was refused in __init__
+        return Answer(self.answer_tokens, codes, opts.mode, float(opts.threshold), bool(opts.constrain_verdict),
+                      self.prompt.decode)
 
     def _prefix(self, ids: list[int], kind: str, run_options) -> tuple[object, int]:
         """(decoder state holding the cached prefix's first M positions, M) for these prompt ids; builds the
@@ -572,8 +573,7 @@ class Guard:
         if len(prefix) < 2:
             return None
         state = self.decoder.start(0, run_options)
-        emb = self.bundle.embedding
-        self.decoder.extend(state, np.asarray(emb[np.asarray(prefix)], np.float32)[None])
+        self.decoder.extend(state, self._embed_tokens(prefix)[None])
         return self.prefixes.put(kind, prefix, self.decoder.cache(state))
 
     def _scores(self, answer: Answer, gen) -> dict:
@@ -583,13 +583,12 @@ class Guard:
             return {}
         base, head = gen.verdict_state, answer.score_path()
         states = {(): base}
-        emb = self.bundle.embedding
 
         def logits_after(path: list[int], rows: list[int]) -> np.ndarray:
             full = tuple(head + path)
             k = max(len(p) for p in states if full[: len(p)] == p)
             state = fork(states[full[:k]])
-            out = self.decoder.extend(state, np.asarray(emb[list(full[k:])], np.float32)[None])
+            out = self.decoder.extend(state, self._embed_tokens(list(full[k:]))[None])
             states[full] = state
             return self.decoder.logits(out, rows)
 
@@ -673,14 +672,8 @@ class Guard:
         timings, start = {}, time.perf_counter()
         try:
             return self._moderate(text, response, image, audio, video, media, conversation, sample_rate, timings, start)
-        except OmniGuardError as exc:
-            return ModerationResult.failed(exc, timings)
-        except Exception as exc:  # the fail-closed boundary: an unexpected failure must not read as "safe"
-            try:
-                log.exception("moderation failed")
-            except Exception:  # noqa: S110 (a caller's exception that cannot even be logged is still an error)
-                pass
-            return ModerationResult.failed(exc, timings)
+        except Exception as exc:  # the fail-closed boundary: a failure must not read as "safe"
+            return self._failed(exc, timings)
 
     def _moderate(self, text, response, image, audio, video, media, conversation, sample_rate, timings, start):
         req = self._prepare(text, response, image, audio, video, media, conversation, sample_rate, timings, start)
@@ -745,15 +738,14 @@ class Guard:
         raw = self.prompt.decode(gen.tokens)
         parsed = parse(raw, self.options.policy)
         verdict = answer.verdict if answer.constrain and answer.verdict else parsed.verdict
-        # free decoding: P(unsafe) at the verdict token of the style written, or, when the answer parsed to no
-        # verdict (`unknown`, never safe), at the first position from the plain pair, as the PyTorch reference reads it
-        p_unsafe = answer.p_unsafe
         codes = self._reported(answer, scores) if verdict == "unsafe" else []
         timings["total"] = time.perf_counter() - req.start
         return ModerationResult(
             verdict=verdict,
             categories=[{"code": c, "name": self.options.policy.name_of(c)} for c in codes],
-            critique=parsed.critique, raw_text=raw, p_unsafe=p_unsafe, category_scores=scores,
+            # free decoding: P(unsafe) at the verdict token of the style written, or, when the answer parsed to no
+            # verdict (`unknown`, never safe), at the first position from the plain pair, as the PyTorch reference does
+            critique=parsed.critique, raw_text=raw, p_unsafe=answer.p_unsafe, category_scores=scores,
             style=answer.branch if answer.constrain else parsed.style, mode=self.options.mode,
             prompt_tokens=len(req.ids), cached_prompt_tokens=req.reused, generated_tokens=len(gen.tokens),
             stop_reason=gen.stop_reason, timings=timings, generated_ids=gen.tokens, token_times=gen.token_times,
@@ -814,6 +806,7 @@ class Guard:
         return results
 
     def _failed(self, exc: BaseException, timings: dict) -> ModerationResult:
+        """`verdict="error"` for `exc`; an unexpected failure (not an OmniGuardError) is logged with its traceback."""
         if not isinstance(exc, OmniGuardError):
             try:
                 log.exception("moderation failed")
