@@ -167,15 +167,22 @@ def guard_prompt_texts(chosen: dict) -> dict:
     return {s.name: benchlib.guard_text(s.text, s.response, s.image, s.video, s.audio) for s in chosen.values()}
 
 
+def _engines(rows: list[dict]) -> dict[str, dict[str, dict]]:
+    """{scenario: {engine: row}}, scenarios in the order the rows first name them."""
+    out: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        out.setdefault(r["scenario"], {})[r["engine"]] = r
+    return out
+
+
 def speedups(rows: list[dict], floor: float, stat: str = "p50") -> dict:
     """PyTorch / runtime seconds per scenario and stage (decode: runtime tok/s / PyTorch tok/s), for stages
     where both engines take at least `floor` seconds (below it a ratio is a ratio of timer noise).
     `stat="min"` gives the runtime's best case: PyTorch p50 over the runtime's fastest run."""
-    by = {(r["scenario"], r["engine"]): r for r in rows}
     out = {}
-    for (scenario, engine), row in by.items():
-        ref = by.get((scenario, "pytorch"))
-        if engine != "runtime" or ref is None:
+    for scenario, engines in _engines(rows).items():
+        row, ref = engines.get("runtime"), engines.get("pytorch")
+        if row is None or ref is None:
             continue
         ratios = {}
         for stage in RATIO_STAGES:
@@ -235,13 +242,12 @@ def peer_comparison(rows: list[dict]) -> dict:
     """Per text scenario with a peer: our default time to verdict against the peer's fp32 time to first token with
     its prefix reuse, our fixed-budget decode tok/s against its fp32 decode, and whether its greedy fp32 tokens
     equal ours."""
-    by = {(r["scenario"], r["engine"]): r for r in rows}
     out = {}
-    for (scenario, engine), row in by.items():
-        if engine != "ort-genai-fp32":
+    for scenario, engines in _engines(rows).items():
+        row = engines.get("ort-genai-fp32")
+        if row is None:
             continue
-        reuse, ours, fixed = by.get((scenario, "ort-genai-fp32-reuse")), by.get((scenario, "runtime-default")), \
-            by.get((scenario, "runtime"))
+        reuse, ours, fixed = engines.get("ort-genai-fp32-reuse"), engines.get("runtime-default"), engines.get("runtime")
         entry = {"ort_genai_fp32_first_token_p50": row["stages"]["first_token"]["p50"],
                  "ort_genai_fp32_decode_tok_s_p50": row["stages"]["decode_tok_s"]["p50"]}
         if reuse:
@@ -255,7 +261,7 @@ def peer_comparison(rows: list[dict]) -> dict:
             entry["runtime_decode_tok_s_p50"] = mine
             entry["decode_ratio"] = mine / row["stages"]["decode_tok_s"]["p50"] if mine else None
             entry["tokens_equal"] = fixed.get("generated_ids") == row.get("generated_ids")
-        int4 = by.get((scenario, "ort-genai-int4"))
+        int4 = engines.get("ort-genai-int4")
         if int4:
             entry["ort_genai_int4_first_token_p50"] = int4["stages"]["first_token"]["p50"]
             entry["ort_genai_int4_decode_tok_s_p50"] = int4["stages"]["decode_tok_s"]["p50"]
@@ -266,11 +272,10 @@ def peer_comparison(rows: list[dict]) -> dict:
 def time_to_verdict(rows: list[dict]) -> dict:
     """Per scenario: the default mode's time to verdict (runtime-default, p50) against PyTorch's time to its
     first token (p50), and the ratio (how many times faster the verdict is known)."""
-    by = {(r["scenario"], r["engine"]): r for r in rows}
     out = {}
-    for (scenario, engine), row in by.items():
-        ref = by.get((scenario, "pytorch"))
-        if engine != "runtime-default" or ref is None:
+    for scenario, engines in _engines(rows).items():
+        row, ref = engines.get("runtime-default"), engines.get("pytorch")
+        if row is None or ref is None:
             continue
         mine, theirs = row["stages"]["verdict"]["p50"], ref["stages"]["first_token"]["p50"]
         out[scenario] = {"runtime_default_verdict_p50": mine, "pytorch_first_token_p50": theirs,
