@@ -303,8 +303,26 @@ def bounds(bundle: Path, rows: list[dict], probe: dict) -> dict:
     out = {"decoder_weight_bytes": weight_bytes, "bandwidth_bound_tok_s": bound_tok_s, "per_scenario": {},
            "exceeded": [], "weights_fit_in_cache": in_cache, "last_level_cache_bytes": cache}
     for r in rows:
+        if r["engine"] == "runtime-default" and params:
+            # its prefill is the request's own tokens after the cached prefix: the floor of its time to verdict is
+            # those tokens at the probe's fp32 MatMul rate, whatever the runtime does around them
+            fresh = r["prompt_tokens"] - (r.get("cached_prompt_tokens") or 0)
+            floor_s = 2 * params * fresh / (probe["matmul_gflop_s"] * 1e9)
+            entry = {"uncached_prompt_tokens": fresh, "verdict_compute_floor_s": floor_s,
+                     "verdict_fraction_of_compute_bound": floor_s / r["stages"]["verdict"]["min"]}
+            ref = next((x for x in rows if x["engine"] == "pytorch" and x["scenario"] == r["scenario"]), None)
+            media = r["stages"]["vision"]["max"] + r["stages"]["audio"]["max"]
+            if ref is not None and floor_s > 0 and media == 0:
+                # PyTorch's first token over that floor: no fp32 runtime on this machine can beat this speed-up
+                # (text only: with media the encoders, left out of the floor, come on top)
+                entry["speedup_ceiling_vs_pytorch_first_token"] = ref["stages"]["first_token"]["p50"] / floor_s
+            if entry["verdict_fraction_of_compute_bound"] > 1:
+                out["exceeded"].append(f"{r['scenario']}/{r['engine']}: verdict_fraction_of_compute_bound = "
+                                       f"{entry['verdict_fraction_of_compute_bound']:.2f}")
+            out["per_scenario"].setdefault(r["scenario"], {})[r["engine"]] = entry
+            continue
         if r["engine"] not in ("runtime", "pytorch"):
-            continue  # runtime-default: its prefill is the request's own tokens after the cached prefix; peers
+            continue  # peers
         if r["engine"] != "runtime" and m.precision != "fp32":
             continue  # PyTorch reads fp32 weights: the bundle's bytes bound only an fp32 bundle's peer
         tok_s = r["stages"].get("decode_tok_s", {}).get("max")  # the best run: a bound must hold for every run
@@ -504,6 +522,14 @@ def print_report(doc: dict) -> None:
           f"{b['decoder_weight_bytes'] / 1e6:.0f} MB -> decode bound {b['bandwidth_bound_tok_s']:.1f} tok/s")
     for name, engines in b["per_scenario"].items():
         for engine, e in engines.items():
+            if "verdict_compute_floor_s" in e:
+                ceiling = e.get("speedup_ceiling_vs_pytorch_first_token")
+                print(f"  {name} ({engine}): {e['uncached_prompt_tokens']} uncached prompt tokens need "
+                      f"{e['verdict_compute_floor_s']:.3f} s at the fp32 MatMul rate; the best verdict is at "
+                      f"{e['verdict_fraction_of_compute_bound']:.0%} of that bound"
+                      + (f"; no fp32 engine here can be more than {ceiling:.1f}x faster than PyTorch's first token"
+                         if ceiling else ""))
+                continue
             dec = e["decode_fraction_of_bandwidth_bound"]
             parts = [f"decode {dec:.0%} of the bandwidth bound" if dec is not None else "decode n/a"]
             if "prefill_fraction_of_compute_bound" in e:

@@ -269,6 +269,29 @@ def test_bounds_flags_a_probe_that_is_not_a_bound(tiny_bundle, monkeypatch):
     assert any("prefill_fraction_of_compute_bound" in e for e in starved["exceeded"])
 
 
+def test_bounds_give_the_verdict_floor_of_the_uncached_tokens(tiny_bundle, monkeypatch):
+    """The default row's floor is its uncached tokens at the probe's MatMul rate, and PyTorch's first token over
+    that floor is the largest speed-up any fp32 engine could show on this machine."""
+    from omniguard_edge.runtime.manifest import load_manifest
+
+    m = load_manifest(tiny_bundle, verify="none")
+    spec = m.graphs["decoder"]
+    params = sum(m.files[f].size for f in (spec.file, spec.data_file) if f) / 4 - m.decoder.vocab_size * m.decoder.hidden_size
+    rows = _lat_doc()["rows"] + [{"scenario": "text", "engine": "runtime-default", "prompt_tokens": 500,
+                                  "cached_prompt_tokens": 430, "stages": _stages(verdict=0.2, vision=0.0, audio=0.0)}]
+    b = latency.bounds(tiny_bundle, rows, {"bandwidth_gb_s": 1e6, "matmul_gflop_s": 1e-3})
+    e = b["per_scenario"]["text"]["runtime-default"]
+    assert e["uncached_prompt_tokens"] == 70
+    assert e["verdict_compute_floor_s"] == pytest.approx(2 * params * 70 / 1e6)
+    assert e["speedup_ceiling_vs_pytorch_first_token"] == pytest.approx(3.0 / e["verdict_compute_floor_s"])
+    # a verdict faster than its floor means the probe is no bound
+    assert any("text/runtime-default: verdict_fraction_of_compute_bound" in x for x in b["exceeded"])
+    # with media the encoders come on top of the floor: no ceiling is claimed
+    rows[-1]["stages"] = _stages(verdict=0.2, vision=0.5, audio=0.0)
+    e = latency.bounds(tiny_bundle, rows, {"bandwidth_gb_s": 1e6, "matmul_gflop_s": 1e-3})["per_scenario"]["text"]
+    assert "speedup_ceiling_vs_pytorch_first_token" not in e["runtime-default"]
+
+
 def test_compare_metrics_none_zero_and_absolute():
     M = benchlib.Metric
     assert benchlib.compare_metrics({"a": M(1.0, 0.0)}, {"a": 1.0}).problems == []
