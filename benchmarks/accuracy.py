@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import benchlib  # noqa: E402
-import evalpacks  # noqa: E402
+from omniguard_edge.calibration import evalpacks  # noqa: E402
 
 DEFAULT_PACKS = ["xstest_prompts", "xstest_responses", "openai_moderation", "simple_safety_tests", "ailuminate",
                  "figstep_images", "benign_images"]

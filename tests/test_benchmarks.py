@@ -574,7 +574,7 @@ def test_accuracy_cli_gate(accuracy_run, tiny_bundle, tmp_path):
 
 
 def test_jsonl_errors_are_clear(tmp_path):
-    import evalpacks
+    from omniguard_edge.calibration import evalpacks
 
     (tmp_path / "bad.jsonl").write_text('{"label": "maybe", "text": "x"}\n')
     with pytest.raises(SystemExit, match="label must be"):
@@ -586,7 +586,7 @@ def test_jsonl_errors_are_clear(tmp_path):
 
 @pytest.mark.skipif(not SHARED.exists(), reason="../shared/data is not here")
 def test_pack_label_rules():
-    import evalpacks
+    from omniguard_edge.calibration import evalpacks
 
     resp = evalpacks.xstest_responses(SHARED, Path("/nonexistent"))
     assert {i.label for i in resp} == {"safe", "unsafe"}

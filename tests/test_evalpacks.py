@@ -8,17 +8,12 @@ import gzip
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
-
-import evalpacks  # noqa: E402
-import media  # noqa: E402
+from omniguard_edge.calibration import evalpacks, media
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not SHARED.exists(), reason="../shared/data (the seed data) is not here")

@@ -55,7 +55,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-import media
+from . import media
 
 OPENAI_TO_S = {"S": ["S12"], "H": ["S10"], "V": ["S1"], "HR": ["S10"], "SH": ["S11"], "S3": ["S4"],
                "H2": ["S10", "S1"], "V2": ["S1"]}
