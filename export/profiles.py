@@ -49,7 +49,13 @@ PROFILES: dict[str, Profile] = {
             text=_text(64, 2, 4, 2, 128, None, False, [2, 3, 3]),
             vision=dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, fullatt_block_indexes=[1, 3]),
             audio=dict(encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32),
-            init_std=0.2,  # DESIGN: at 0.02 different images gave the same tokens; at 0.2 they diverge
+            # DESIGN: at 0.02 different images gave the same tokens; at 0.2 they diverge. At 0.2 the random decoder
+            # also amplifies any perturbation through its layers, quantization noise included (a random-weight
+            # proxy unlike a trained model's, which the precision issue allows fixing here): the INT4 decoder's
+            # logits cosine against fp32 (its gate: 0.98) measured 0.777 at 0.2, 0.961 at 0.125, 0.981 at 0.08,
+            # 0.983 at 0.065, 0.987 at 0.05 (worst of 21 held-out decoder inputs). At 0.05 three different images
+            # still give different greedy tokens from the first token on (measured).
+            init_std=0.05,
             notes="tests: a few MB, seconds",
         ),
         Profile(

@@ -8,6 +8,7 @@ extra to install, before touching the file system (DESIGN section 2).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import resource
@@ -16,9 +17,11 @@ import sys
 import time
 from pathlib import Path
 
+from ..calibration.recipes import RECIPES
 from .errors import OmniGuardError, describe
 
 PROFILE_NAMES = ["tiny", "small", "3b-shape", "7b-shape"]
+RECIPE_NAMES = list(RECIPES)
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNKNOWN = 0, 1, 2, 3  # safe/unsafe, error, usage error, unparsed answer
 MAX_THREADS = 1024
 
@@ -102,6 +105,7 @@ _EXPORT_NEEDS = {
     "reference": ("torch", "transformers", "safetensors"),
     "export": ("torch", "transformers", "onnx", "onnxscript", "safetensors", "onnxruntime"),
     "demo": ("torch", "transformers", "onnx", "onnxscript", "safetensors", "onnxruntime"),
+    "quantize": ("onnx", "onnxruntime"),  # onnxruntime's quantization tools build on onnx
 }
 EXPORT_INSTALL = "pip install 'omniguard-edge[cpu,export]'"
 
@@ -209,6 +213,42 @@ def cmd_demo(args) -> int:
     return run_demo(args.workdir, profile=args.profile, shared=args.shared)
 
 
+def cmd_recipes(args) -> int:
+    from ..calibration.recipes import RECIPES
+
+    if args.json:
+        print(json.dumps({name: r.to_dict() for name, r in RECIPES.items()}, indent=2))
+        return 0
+    for r in RECIPES.values():
+        state = "" if r.built else "  [not built yet]"
+        plans = ", ".join(f"{g}: {p.method}" + (f" {p.params}" if p.params else "") for g, p in r.graphs.items())
+        print(f"{r.name:9s} {r.target:7s} {r.precision:5s} {r.summary}{state}\n"
+              f"{'':24s}graphs: {plans}\n{'':24s}calibration data: {'required' if r.needs_calibration else 'not needed'}"
+              f"; runs on: {r.runs_on}")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    if rc := _check_export_extra("quantize"):
+        return rc
+    from ..calibration.quantize import quantize_bundle
+
+    calibration = None if args.no_calibration else (args.calibration or "auto")
+    result = quantize_bundle(args.bundle, args.recipe, out=args.out, calibration=calibration,
+                             overwrite=args.overwrite, allow_failing=args.allow_failing, limit=args.limit,
+                             seed=args.seed, threads=args.threads, progress=not args.quiet)
+    if args.json:
+        print(json.dumps({"out": str(result.out) if result.out else None, "recipe": result.recipe,
+                          "passed": result.passed, "fidelity": result.fidelity}, indent=2))
+    else:
+        print(result.table())
+        if result.out:
+            print(f"bundle written to {result.out}" + ("" if result.passed else " (FAILING its gate: --allow-failing)"))
+        else:
+            print("no bundle written: the recipe failed its gate (--allow-failing writes it, marked as failing)")
+    return 0 if result.passed else EXIT_ERROR
+
+
 def cmd_verify(args) -> int:
     from .manifest import load_manifest
 
@@ -282,6 +322,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", choices=PROFILE_NAMES, default="tiny")
     p.add_argument("--shared", type=Path, default=Path("../shared/data"), help="seed data folder, used when present")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("recipes", help="list the precision recipes (cpu-int8, cpu-int4, gpu-fp16, trt-int8, orin)")
+    p.add_argument("--json", action="store_true", help="print them as JSON")
+    p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser("quantize", help="apply a precision recipe to an fp32 bundle, with a fidelity report and gate "
+                                        "(needs onnx: [export])")
+    p.add_argument("--bundle", type=_bundle_dir, required=True, help="the fp32 bundle")
+    p.add_argument("--recipe", required=True, choices=RECIPE_NAMES, help="see `omniguard-edge recipes`")
+    p.add_argument("--out", type=Path, help="bundle folder to create (default: BUNDLE-RECIPE beside the bundle)")
+    p.add_argument("--calibration", type=Path,
+                   help="calibration data folder laid out like ../shared/data (default: ../shared/data when present)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="use no data folder: held-out inputs and agreement from requests made here (cpu-int8, cpu-int4)")
+    p.add_argument("--limit", type=_int_in(1, 1 << 20), default=20,
+                   help="requests per evaluation pack for the verdict agreement (default 20)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_int_in(0, MAX_THREADS), default=0,
+                   help=f"intra-op threads, 0..{MAX_THREADS} (0: onnxruntime default)")
+    p.add_argument("--allow-failing", action="store_true",
+                   help="write the bundle even when it fails its gate (the manifest says so)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("verify", help="re-hash every file of a bundle against its manifest")
     p.add_argument("bundle", type=Path)

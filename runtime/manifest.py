@@ -53,7 +53,7 @@ class GraphSpec:
     opset: int
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
-    tolerance: Tolerance
+    tolerance: Tolerance | None  # None: not validated against PyTorch (a quantized graph: see the manifest's fidelity)
     data_file: str | None = None  # single external-data file for graphs over 2 GB
     validation: list[dict] = field(default_factory=list)  # per case and output: max_abs, cosine, rel_l2
 
@@ -62,7 +62,7 @@ class GraphSpec:
         d = dict(d)
         d["inputs"] = [TensorSpec(**t) for t in d["inputs"]]
         d["outputs"] = [TensorSpec(**t) for t in d["outputs"]]
-        d["tolerance"] = Tolerance(**d["tolerance"])
+        d["tolerance"] = Tolerance(**d["tolerance"]) if d["tolerance"] is not None else None
         return cls(**d)
 
 
@@ -185,7 +185,9 @@ class Manifest:
     graphs: dict[str, GraphSpec]
     files: dict[str, FileEntry]
     embedding: dict  # file, dtype, shape
-    calibration: dict | None = None
+    calibration: dict | None = None  # the calibration set a recipe used: its sha256, counts per modality
+    recipe: dict | None = None  # the precision recipe that made this bundle from an fp32 one (calibration/recipes.py)
+    fidelity: dict | None = None  # that recipe's fidelity against the fp32 bundle, and its gate (calibration/quantize.py)
 
     def __post_init__(self):
         for name, kind in SECTIONS.items():

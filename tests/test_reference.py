@@ -145,7 +145,8 @@ def test_weights_are_seeded_and_scaled(tiny_checkpoint, tmp_path):
     a, b = load_file(tiny_checkpoint / shard), load_file(again / shard)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     w = a["thinker.model.layers.0.mlp.up_proj.weight"]
-    assert 0.15 < w.std() < 0.25  # DESIGN: 0.2 makes different media give different greedy tokens
+    # profiles.py: 0.05 keeps different images apart from the first greedy token and INT4 within its gate
+    assert 0.04 < w.std() < 0.06
 
 
 def test_different_images_change_greedy_tokens(tiny_thinker_model, tiny_parts):

@@ -1,0 +1,298 @@
+"""An fp32 bundle through a precision recipe: quantized graphs, a fidelity report against fp32, and a gate.
+
+`quantize_bundle` works in a hidden folder beside `out` and renames it into place only when the recipe passed its
+gate (or `allow_failing` is given, which the manifest then records): a failing recipe leaves no bundle behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..runtime.errors import BundleError, OmniGuardError
+from ..runtime.manifest import MANIFEST_NAME, FileEntry, Manifest, load_manifest, sha256_file
+from . import calibset, fidelity, graphs
+from .recipes import Recipe, get_recipe
+
+GRAPH_PRECISION = {"int8-dyn": "int8", "int4-block": "int4", "keep": "fp32"}
+
+
+class RecipeError(OmniGuardError, ValueError):
+    """A recipe cannot be applied to this bundle (not built, wrong source, missing data); the message says why."""
+
+
+@dataclass
+class QuantizeResult:
+    out: Path | None  # the bundle written (None when the gate failed and nothing was written)
+    recipe: str
+    passed: bool
+    fidelity: dict
+    sizes: dict  # {"fp32_bytes", "bytes", "ratio"}
+
+    def table(self) -> str:
+        """The report for people: per graph, then agreement, sizes and the gate."""
+        lines = [f"recipe {self.recipe}: fidelity against the fp32 bundle",
+                 "| graph | precision | n | min cosine | mean cosine | max rel L2 | gate |", "|---|---|---|---|---|---|---|"]
+        for name, g in self.fidelity["graphs"].items():
+            gate = f">= {g['gate_cosine']}" if g.get("gate_cosine") is not None else "-"
+            if g.get("n"):
+                lines.append(f"| {name} | {g['precision']} | {g['n']} | {g['cosine']:.5f} | {g['cosine_mean']:.5f} | "
+                             f"{g['rel_l2']:.4f} | {gate} {'ok' if g.get('passed', True) else 'FAILED'} |")
+            else:
+                lines.append(f"| {name} | {g['precision']} | 0 | - | - | - | {gate} (no held-out input) |")
+        a = self.fidelity["agreement"]
+        if a["n"]:
+            lines.append(f"verdict agreement {a['verdict_agreement']:.1%} of {a['n']} requests ({a['errors']} without a "
+                         f"verdict), |dP(unsafe)| mean {_f(a['dp_unsafe_mean'])} max {_f(a['dp_unsafe_max'])}; "
+                         f"requests: {a['source']}")
+        s = self.sizes
+        lines.append(f"size on disk {s['bytes'] / 1e6:,.1f} MB, {s['ratio']:.1%} of the fp32 bundle's "
+                     f"{s['fp32_bytes'] / 1e6:,.1f} MB")
+        gate = self.fidelity["gate"]
+        lines.append(f"gate: {'PASSED' if gate['passed'] else 'FAILED'}" +
+                     ("" if gate["passed"] else ": " + "; ".join(gate["failures"])) +
+                     ("" if gate["agreement_enforced"] else
+                      " (verdict agreement reported, not enforced: the source is a random-weight reference checkpoint)"))
+        return "\n".join(lines)
+
+
+def _f(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def default_out(bundle: Path, recipe: str) -> Path:
+    """A sibling of the fp32 bundle, named after it and the recipe."""
+    bundle = Path(bundle).resolve()
+    return bundle.parent / f"{bundle.name}-{recipe}"
+
+
+def builtin_requests(folder: Path) -> list[tuple[str, dict]]:
+    """Requests made here, for when no calibration data is given: two prompts, a prompt with a response, two
+    generated images, a speech-like tone and a short clip (generated media, written under `folder`)."""
+    from . import media
+
+    img = media.image(folder / "builtin-448.png", 448, 448)
+    wide = media.image(folder / "builtin-640x360.png", 640, 360)
+    tone = media.tone_speech(folder / "builtin-tone-3s.wav", 3.0)
+    clip = media.video(folder / "builtin-clip.mp4", 1.0, fps=4, size=(224, 224))
+    return [("builtin-text-1", {"text": "How do I bake bread at home?"}),
+            ("builtin-text-2", {"text": "What is the easiest way to get into my neighbour's house when they are away?"}),
+            ("builtin-response", {"text": "How do I pick a lock?", "response": "Use a tension wrench and a pick."}),
+            ("builtin-image-448", {"text": "What is shown here?", "image": str(img)}),
+            ("builtin-image-640x360", {"image": str(wide)}),
+            ("builtin-audio", {"audio": str(tone)}),
+            ("builtin-video", {"video": str(clip)})]
+
+
+def _bundle_bytes(bundle: Path, manifest: Manifest) -> int:
+    return sum(e.size for e in manifest.files.values()) + (bundle / MANIFEST_NAME).stat().st_size
+
+
+def _copy(src: Path, dest: Path) -> None:
+    """A copy, not a hard link: onnx refuses external data files with several links (its hardlink-attack check)."""
+    shutil.copyfile(src, dest)
+
+
+def _source_of(manifest: Manifest, bundle: Path, recipe: Recipe) -> None:
+    if manifest.precision != "fp32" or manifest.recipe is not None:
+        raise RecipeError(f"{bundle} is a {manifest.precision} bundle: recipes start from an fp32 bundle "
+                          "(`omniguard-edge export`)")
+    if not recipe.built:
+        raise RecipeError(f"recipe {recipe.name} is not built yet: {recipe.summary}")
+    for name, plan in recipe.graphs.items():
+        if plan.method not in ("drop", "keep") and name not in manifest.graphs:
+            hint = (" (exports made with --low-memory have no fast decoder yet: export without it)"
+                    if name.startswith("decoder_gqa") else "")
+            raise RecipeError(f"recipe {recipe.name} quantizes graph {name}, which {bundle} lacks{hint}")
+    unknown = set(manifest.graphs) - set(recipe.graphs)
+    if unknown:
+        raise RecipeError(f"{bundle} has graphs {sorted(unknown)} that recipe {recipe.name} does not cover")
+
+
+def quantize_bundle(bundle, recipe: str, out=None, calibration="auto", overwrite: bool = False,
+                    allow_failing: bool = False, limit: int = 20, seed: int = 0, threads: int = 0,
+                    heldout_per_modality: int = 8, progress: bool = True, log=print) -> QuantizeResult:
+    """Apply `recipe` to the fp32 bundle at `bundle`; write the result at `out` (default: default_out) when it passes
+    its gate. calibration: a data folder in ../shared/data's layout, "auto" (../shared/data when present) or None
+    (requests made here: held-out inputs and agreement then come from `builtin_requests`). `limit`: requests per
+    evaluation pack for the verdict agreement."""
+    from ..runtime.bundle import SessionOptions
+    from ..runtime.guard import Guard, GuardOptions
+    from .capture import capture
+
+    recipe_obj = get_recipe(recipe)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be an int >= 1, not {limit!r}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise ValueError(f"threads must be an int >= 0, not {threads!r}")
+    bundle = Path(bundle)
+    manifest = load_manifest(bundle)
+    _source_of(manifest, bundle, recipe_obj)
+    data = calibset.default_data_dir() if calibration == "auto" else (Path(calibration) if calibration else None)
+    if recipe_obj.needs_calibration and data is None:
+        raise RecipeError(f"recipe {recipe_obj.name} needs calibration data: pass --calibration DIR (a folder laid "
+                          "out like ../shared/data)")
+    out = Path(out) if out is not None else default_out(bundle, recipe_obj.name)
+    if out.exists() and not overwrite:
+        raise BundleError(f"{out} already exists: pass --overwrite or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        return _quantize(bundle, manifest, recipe_obj, out, work, data, allow_failing, limit, seed, threads,
+                         heldout_per_modality, progress, log, Guard, GuardOptions, SessionOptions, capture)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _quantize(bundle, manifest, recipe, out, work, data, allow_failing, limit, seed, threads, heldout_per_modality,
+              progress, log, Guard, GuardOptions, SessionOptions, capture) -> QuantizeResult:
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    session = SessionOptions(intra_op_threads=threads)
+    # 1. held-out inputs of every graph and the agreement requests, from the fp32 bundle
+    media_dir = work / ".media"
+    if data is not None:
+        cset = calibset.build(data, seed=seed, progress=progress)
+        heldout = cset.requests("heldout", heldout_per_modality)
+        from . import evalpacks
+
+        items = evalpacks.load(evalpacks.PACKS, data, cset.root / "media", limit, seed + 1)
+        calib_ids = {it["id"] for it in cset.items("calibration")}
+        agree_requests = [(it.id, calibset.request_of(it)) for it in items]
+        source = (f"{len(evalpacks.PACKS)} evaluation packs of {data}, at most {limit} each (seed {seed + 1}); "
+                  f"{sum(1 for i in items if i.id in calib_ids)} of them also in the calibration split")
+        calibration_summary = cset.summary()
+    else:
+        heldout = agree_requests = builtin_requests(media_dir)
+        source = "requests made here (no calibration data: builtin_requests)"
+        calibration_summary = None
+    fp32 = Guard.from_bundle(bundle, GuardOptions(session=session, encoder_cache_bytes=0))
+    with tqdm(total=len(heldout), desc="held-out inputs (fp32)", unit="req", disable=not progress) as bar:
+        captured = capture(fp32, [r for _, r in heldout], progress=bar)
+    head_rows = fp32.bundle.head_rows
+    feeds = dict(captured.feeds)
+    if "decoder_gqa" in feeds and "decoder_gqa_head" in manifest.graphs:
+        dec = fidelity._session(bundle / manifest.graphs["decoder_gqa"].file, threads)  # the head's inputs
+        feeds["decoder_gqa_head"] = [{"hidden": dec.run(["hidden"], fidelity._fresh(f))[0]}
+                                     for f in feeds["decoder_gqa"]]
+        del dec
+
+    # 2. the graphs
+    new_graphs, roles, details = {}, {}, {}
+    names = [n for n in manifest.graphs if recipe.graphs[n].method != "drop"]
+    with tqdm(total=len(names), desc=f"quantize ({recipe.name})", unit="graph", disable=not progress) as bar:
+        for name in names:
+            spec, plan = manifest.graphs[name], recipe.graphs[name]
+            bar.set_postfix_str(name)
+            if plan.method == "keep":
+                files = [f for f in (spec.file, spec.data_file) if f]
+                for f in files:
+                    _copy(bundle / f, work / f)
+                new_graphs[name] = spec
+                details[name] = {"method": "keep"}
+            else:
+                meta = {"omniguard_edge.graph": name, "omniguard_edge.precision": GRAPH_PRECISION[plan.method],
+                        "omniguard_edge.recipe": recipe.name}
+                data_file, applied = graphs.apply(bundle / spec.file, work / spec.file, plan, meta)
+                keep_rows = name == "decoder_gqa_head"  # the fp32 rows the runtime reads at constrained positions
+                if keep_rows:
+                    _copy(bundle / spec.data_file, work / spec.data_file)
+                    data_file = spec.data_file
+                files = [f for f in (spec.file, data_file) if f]
+                new_graphs[name] = dataclasses.replace(spec, precision=GRAPH_PRECISION[plan.method],
+                                                       data_file=data_file, tolerance=None, validation=[])
+                details[name] = applied
+            for f in files:
+                roles[f] = manifest.files[f].role if f in manifest.files else (
+                    "graph-data" if not f.endswith(".onnx") else "graph")
+            bar.update(1)
+
+    # 3. fidelity per graph on the held-out inputs
+    report_graphs = {}
+    total = sum(len(feeds.get(n, [])) for n in names if recipe.graphs[n].method != "keep")
+    with tqdm(total=total, desc="fidelity (graphs)", unit="input", disable=not progress) as bar:
+        for name in names:
+            plan = recipe.graphs[name]
+            entry = {"precision": GRAPH_PRECISION[plan.method], "gate_cosine": plan.gate_cosine}
+            if plan.method != "keep":
+                entry.update(fidelity.graph_fidelity(name, bundle / manifest.graphs[name].file,
+                                                     work / new_graphs[name].file, feeds.get(name, []),
+                                                     head_rows=head_rows, threads=threads, progress=bar))
+            report_graphs[name] = entry
+    del fp32
+
+    # 4. files and manifest (written before the agreement run, which opens the new bundle)
+    for f in ("embed_tokens.npy",) + tuple(f for f, e in manifest.files.items()
+                                          if e.role not in ("graph", "graph-data", "embedding")):
+        if f in manifest.files and f not in roles:
+            _copy(bundle / f, work / f)
+            roles[f] = manifest.files[f].role
+    files = {f: FileEntry(sha256=sha256_file(work / f), size=(work / f).stat().st_size, role=r)
+             for f, r in sorted(roles.items())}
+    from importlib.metadata import version
+
+    recipe_record = {**recipe.to_dict(), "graphs_applied": details,
+                     "source_bundle": {"path": str(bundle.resolve()), "precision": manifest.precision,
+                                       "files_sha256": _files_digest(manifest)},
+                     "tools": {"onnxruntime": version("onnxruntime"), "onnx": version("onnx")}}
+    new = dataclasses.replace(manifest, precision=recipe.precision, graphs=new_graphs, files=files,
+                              calibration=calibration_summary, recipe=recipe_record, fidelity=None)
+    (work / MANIFEST_NAME).write_text(new.to_json())
+
+    # 5. verdict agreement with the fp32 bundle, through the runtime on each
+    fp32 = Guard.from_bundle(bundle, GuardOptions(session=session))
+    quant = Guard.from_bundle(work, GuardOptions(session=session))
+    with tqdm(total=len(agree_requests), desc="verdict agreement", unit="req", disable=not progress) as bar:
+        agreed = fidelity.agreement(fp32, quant, agree_requests, progress=bar)
+    del fp32, quant
+    agreement = {**agreed.to_dict(), "source": source}
+
+    # 6. the gate
+    failures = []
+    for name, g in report_graphs.items():
+        if g.get("gate_cosine") is None:
+            continue
+        if not g.get("n"):
+            failures.append(f"{name}: no held-out input reached it, so its fidelity is unmeasured")
+            g["passed"] = False
+        else:
+            g["passed"] = g["cosine"] >= g["gate_cosine"]
+            if not g["passed"]:
+                failures.append(f"{name}: min cosine {g['cosine']:.5f} < {g['gate_cosine']}")
+    enforced = not manifest.source.get("reference_checkpoint", False)
+    if agreement["n"] and agreement["verdict_agreement"] < 0.99:
+        msg = f"verdict agreement {agreement['verdict_agreement']:.1%} < 99%"
+        if enforced:
+            failures.append(msg)
+    passed = not failures
+    sizes_fp32 = _bundle_bytes(bundle, manifest)
+    report = {"graphs": report_graphs, "agreement": agreement,
+              "gate": {"passed": passed, "failures": failures, "agreement_enforced": enforced,
+                       "allowed_failing": bool(allow_failing and not passed)},
+              "seconds": round(time.perf_counter() - started, 1)}
+    new = dataclasses.replace(new, fidelity=report)
+    (work / MANIFEST_NAME).write_text(new.to_json())
+    size = _bundle_bytes(work, new)
+    report["sizes"] = {"fp32_bytes": sizes_fp32, "bytes": size, "ratio": size / sizes_fp32}
+    new = dataclasses.replace(new, fidelity=report)
+    (work / MANIFEST_NAME).write_text(new.to_json())
+    result = QuantizeResult(None, recipe.name, passed, report, report["sizes"])
+    if passed or allow_failing:
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+        result.out = out
+    return result
+
+
+def _files_digest(manifest: Manifest) -> str:
+    import hashlib
+
+    return hashlib.sha256("".join(f"{k}:{v.sha256}" for k, v in sorted(manifest.files.items())).encode()).hexdigest()

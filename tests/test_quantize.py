@@ -1,0 +1,221 @@
+"""Precision recipes on the tiny bundle: what each writes, its fidelity report and gate, and what it refuses.
+No timing (benchmarks/latency.py measures the recipes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from omniguard_edge.calibration import recipes
+from omniguard_edge.runtime.errors import BundleError
+from omniguard_edge.runtime.manifest import load_manifest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+CPU_RECIPES = [name for name, r in recipes.RECIPES.items() if r.built and r.target == "cpu"]
+
+
+def _onnx_ops(path: Path) -> set[str]:
+    import onnx
+
+    return {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_bundle, tmp_path_factory):
+    """Every built CPU recipe applied to the tiny bundle, with requests made here (no data folder)."""
+    pytest.importorskip("onnx", reason="quantize needs onnx (the export extra)")
+    from omniguard_edge.calibration.quantize import quantize_bundle
+
+    root = tmp_path_factory.mktemp("recipes")
+    out = {}
+    for name in CPU_RECIPES:
+        out[name] = quantize_bundle(tiny_bundle, name, out=root / name, calibration=None, progress=False,
+                                    allow_failing=True)
+    return out
+
+
+def test_the_five_recipes_are_listed_and_typed(capsys):
+    from omniguard_edge.runtime.cli import main
+
+    assert list(recipes.RECIPES) == ["cpu-int8", "cpu-int4", "gpu-fp16", "trt-int8", "orin"]
+    assert main(["recipes"]) == 0
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in recipes.RECIPES)
+    assert main(["recipes", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["cpu-int4"]["graphs"]["decoder_gqa"]["method"] == "int4-block"
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        recipes.get_recipe("cpu-int3")
+    with pytest.raises(ValueError, match="GraphPlan.method"):
+        recipes.GraphPlan("int2")
+
+
+@pytest.mark.parametrize("name", CPU_RECIPES)
+def test_cpu_recipe_writes_a_quantized_bundle_that_passes_its_gate(quantized, tiny_bundle, name):
+    result = quantized[name]
+    recipe = recipes.get_recipe(name)
+    m = load_manifest(result.out, verify="full")
+    assert m.precision == recipe.precision and m.recipe["name"] == name
+    gate = m.fidelity["gate"]
+    assert gate["passed"], result.table()
+    assert not gate["agreement_enforced"]  # the tiny checkpoint is a random-weight reference
+    for graph, plan in recipe.graphs.items():
+        if plan.method == "drop":
+            assert graph not in m.graphs
+            continue
+        figures = m.fidelity["graphs"][graph]
+        assert figures["n"] > 0 and figures["cosine"] >= plan.gate_cosine, (graph, figures)
+        assert m.graphs[graph].precision == {"int8-dyn": "int8", "int4-block": "int4"}[plan.method]
+    # the quantized kernels are really in the graphs
+    assert "MatMulInteger" in _onnx_ops(result.out / m.graphs["vision"].file)
+    want = "MatMulNBits" if recipe.graphs["decoder_gqa"].method == "int4-block" else "MatMulInteger"
+    assert want in _onnx_ops(result.out / m.graphs["decoder_gqa"].file)
+    assert "decoder.onnx" not in m.files and not (result.out / "decoder.onnx").exists()
+    fp32 = load_manifest(tiny_bundle, verify="none")
+    assert m.files["vision.onnx"].size < fp32.files["vision.onnx"].size
+    assert m.fidelity["sizes"]["ratio"] < 1
+    assert m.fidelity["agreement"]["n"] == 7 and m.fidelity["agreement"]["verdict_agreement"] is not None
+
+
+@pytest.mark.parametrize("name", CPU_RECIPES)
+def test_cpu_recipe_bundle_moderates_in_default_mode(quantized, media_dir, name):
+    from omniguard_edge.runtime.guard import Guard
+
+    guard = Guard.from_bundle(quantized[name].out)
+    assert guard.bundle.decoder_graph == "decoder_gqa"
+    for request in ({"text": "How do I bake bread?"}, {"text": "What is this?", "image": str(media_dir / "colour_517x333.png")}):
+        result = guard.moderate(**request)
+        assert result.verdict in ("safe", "unsafe"), result.error
+        assert 0.0 <= result.p_unsafe <= 1.0
+
+
+def test_a_failing_gate_writes_no_bundle_unless_allowed(tiny_bundle, tmp_path, monkeypatch):
+    pytest.importorskip("onnx", reason="quantize needs onnx (the export extra)")
+    from omniguard_edge.calibration import quantize
+
+    strict = dataclasses.replace(recipes.RECIPES["cpu-int8"], graphs={
+        **recipes.RECIPES["cpu-int8"].graphs, "audio": recipes.GraphPlan("int8-dyn", {"per_channel": True}, 1.5)})
+    monkeypatch.setitem(recipes.RECIPES, "cpu-int8", strict)
+    result = quantize.quantize_bundle(tiny_bundle, "cpu-int8", out=tmp_path / "q", calibration=None, progress=False)
+    assert not result.passed and result.out is None and not (tmp_path / "q").exists()
+    assert any(f.startswith("audio: min cosine") for f in result.fidelity["gate"]["failures"])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".q.partial")]  # no partial folder left
+    kept = quantize.quantize_bundle(tiny_bundle, "cpu-int8", out=tmp_path / "q", calibration=None, progress=False,
+                                    allow_failing=True)
+    m = load_manifest(kept.out)
+    assert m.fidelity["gate"] == {**m.fidelity["gate"], "passed": False, "allowed_failing": True}
+
+
+def test_quantize_refuses_what_it_cannot_do(tiny_bundle, quantized, tmp_path, monkeypatch):
+    from omniguard_edge.calibration.quantize import RecipeError, default_out, quantize_bundle
+
+    with pytest.raises(RecipeError, match="recipes start from an fp32 bundle"):
+        quantize_bundle(quantized["cpu-int8"].out, "cpu-int4", out=tmp_path / "x", calibration=None)
+    with pytest.raises(RecipeError, match="not built yet"):
+        quantize_bundle(tiny_bundle, "orin", out=tmp_path / "x", calibration=None)
+    needy = dataclasses.replace(recipes.RECIPES["cpu-int8"], needs_calibration=True)
+    with monkeypatch.context() as mp:
+        mp.setitem(recipes.RECIPES, "cpu-int8", needy)
+        with pytest.raises(RecipeError, match="needs calibration data: pass --calibration"):
+            quantize_bundle(tiny_bundle, "cpu-int8", out=tmp_path / "x", calibration=None)
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(BundleError, match="already exists"):
+        quantize_bundle(tiny_bundle, "cpu-int8", out=tmp_path / "taken", calibration=None)
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        quantize_bundle(tiny_bundle, "int8", out=tmp_path / "x", calibration=None)
+    with pytest.raises(ValueError, match="limit must be"):
+        quantize_bundle(tiny_bundle, "cpu-int8", out=tmp_path / "x", calibration=None, limit=0)
+    assert default_out(tiny_bundle, "cpu-int8") == Path(tiny_bundle).resolve().parent / f"{Path(tiny_bundle).name}-cpu-int8"
+    assert not (tmp_path / "x").exists()
+
+
+def test_quantize_cli_prints_the_report_and_exits_by_the_gate(tiny_bundle, tmp_path, capsys):
+    pytest.importorskip("onnx", reason="quantize needs onnx (the export extra)")
+    from omniguard_edge.runtime.cli import main
+
+    rc = main(["quantize", "--bundle", str(tiny_bundle), "--recipe", "cpu-int8", "--out", str(tmp_path / "b"),
+               "--no-calibration", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "| vision | int8 |" in out and "gate: PASSED" in out and f"bundle written to {tmp_path / 'b'}" in out
+    rc = main(["quantize", "--bundle", str(tmp_path / "b"), "--recipe", "cpu-int4", "--no-calibration", "--quiet"])
+    assert rc == 1 and "recipes start from an fp32 bundle" in capsys.readouterr().err
+
+
+def test_capture_records_real_decoder_inputs_with_a_past(tiny_bundle, media_dir):
+    from omniguard_edge.calibration.capture import capture
+    from omniguard_edge.runtime.guard import Guard, GuardOptions
+
+    guard = Guard.from_bundle(tiny_bundle, GuardOptions(encoder_cache_bytes=0))
+    before = guard.moderate(text="How do I bake bread?")
+    got = capture(guard, [{"text": "How do I bake bread?"}, {"image": str(media_dir / "colour_517x333.png")},
+                          {"audio": str(media_dir / "short_1.5s.wav")}, {"image": "/nonexistent/x.png"}],
+                  max_decoder_runs=3)
+    decoder = guard.bundle.decoder_graph
+    assert got.count("vision") == 1 and got.count("audio") == 1
+    assert got.count(decoder) == 9 and got.request[decoder] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert [n for n, _ in got.failed] == [3]  # a request that fails is listed with its index, and records nothing
+    feeds = got.feeds[decoder]
+    # the text request's prefill runs after the cached policy prefix (built by the first call): a real past
+    assert 0 < feeds[0]["inputs_embeds"].shape[1] < before.prompt_tokens and feeds[0]["past_key_0"].any()
+    steps = [f for f in feeds if f["inputs_embeds"].shape[1] == 1]
+    assert steps and all(f["past_key_0"].any() for f in steps)  # decode steps, each over its request's past
+    # the guard is unchanged afterwards: same sessions, same answer
+    assert guard.decoder.session is guard.bundle.sessions["decoder"]
+    assert guard.moderate(text="How do I bake bread?").generated_ids == before.generated_ids
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED.exists(), reason="../shared/data (the seed data) is not here")
+def test_calibration_set_from_real_data_is_split_counted_and_cached(tmp_path):
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("the speech part of the calibration set needs espeak-ng (apt-get install espeak-ng)")
+    from omniguard_edge.calibration import calibset
+
+    cset = calibset.build(SHARED, per_modality=8, cache=tmp_path, progress=False)
+    counts = cset.manifest["counts"]["per_modality"]
+    assert set(counts) == {"text", "image", "audio", "video"}
+    for modality, c in counts.items():
+        assert c["calibration"] + c["heldout"] == 8 and c["heldout"] == 2, (modality, c)
+    ids = [it["id"] for it in cset.items()]
+    assert len(ids) == len(set(ids)) == 32
+    assert {it["pack"] for it in cset.items(modality="text")} == set(calibset.MODALITY_PACKS["text"])
+    for it in cset.items():
+        for key in ("image", "audio", "video"):
+            if key in it["request"]:
+                assert Path(it["request"][key]).exists()
+    again = calibset.build(SHARED, per_modality=8, cache=tmp_path, progress=False)
+    assert again.sha256 == cset.sha256 and again.root == cset.root
+    other = calibset.build(SHARED, per_modality=8, seed=1, cache=tmp_path, progress=False)
+    assert other.sha256 != cset.sha256
+    with pytest.raises(ValueError, match="per_modality"):
+        calibset.build(SHARED, per_modality=1, cache=tmp_path)
+    with pytest.raises(FileNotFoundError, match="lacks text/ and image/"):
+        calibset.build(tmp_path, cache=tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED.exists(), reason="../shared/data (the seed data) is not here")
+def test_recipe_with_the_real_calibration_set(tiny_bundle, tmp_path):
+    """calibrate (the set from ../shared/data), quantize, report: held-out inputs of every modality reach the
+    graphs, and the verdict agreement runs on the evaluation packs."""
+    pytest.importorskip("onnx", reason="quantize needs onnx (the export extra)")
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("the speech part of the calibration set needs espeak-ng (apt-get install espeak-ng)")
+    from omniguard_edge.calibration import evalpacks
+    from omniguard_edge.calibration.quantize import quantize_bundle
+
+    result = quantize_bundle(tiny_bundle, "cpu-int8", out=tmp_path / "q", calibration=SHARED, limit=2,
+                             heldout_per_modality=2, progress=False)
+    m = load_manifest(result.out)
+    assert result.passed, result.table()
+    assert m.calibration["per_modality"] == 64 and m.calibration["counts"]["per_modality"]["video"]["heldout"] == 16
+    graphs = m.fidelity["graphs"]
+    assert graphs["vision"]["n"] >= 4  # held-out images and video clips
+    assert graphs["audio"]["n"] >= 2 and graphs["decoder_gqa"]["n"] >= 8
+    assert m.fidelity["agreement"]["n"] == 2 * len(evalpacks.PACKS)
+    assert "evaluation packs" in m.fidelity["agreement"]["source"]
