@@ -106,10 +106,68 @@ def run_runtime(bundle: Path, chosen: dict, args) -> tuple[list[dict], dict]:
     text_prompts = {sc.name: guard._prompt_ids(Conversation.of(sc.text, sc.response), _Prepared())
                     for sc in chosen.values() if not (sc.image or sc.audio or sc.video) and sc.text}
     info = {"providers": guard.bundle.providers, "precision": m.precision, "decoder_graph": guard.bundle.decoder_graph,
+            "recipe": (m.recipe or {}).get("name"), "graph_precision": {g: s.precision for g, s in m.graphs.items()},
             "text_prompts": text_prompts,
             "config_sha256": m.source.get("config_sha256"), "embedding_dtype": m.embedding.get("dtype"),
             "prefix_cache_mb": default.prefixes.nbytes / 2**20}
     return rows, info
+
+
+def compare_bundle(bundle: Path, chosen: dict, args) -> dict:
+    """`run_runtime` on another bundle of the same model (a recipe of --bundle), its engines suffixed by its recipe
+    (or precision): runtime:cpu-int4, runtime-default:cpu-int4."""
+    import gc
+
+    gc.collect()  # the previous bundle's sessions go before this one's peak RSS is measured
+    rows, info = run_runtime(bundle, chosen, args)
+    name = info["recipe"] or info["precision"]
+    for r in rows:
+        r["engine"] = f"{r['engine']}:{name}"
+    info.pop("text_prompts", None)
+    gc.collect()
+    return {"name": name, "path": str(bundle), "size_mb": benchlib.dir_size_mb(bundle), "rows": rows, **info}
+
+
+def recipes_table(doc: dict, compared: list[dict]) -> dict:
+    """Per bundle (fp32 first, then each --compare one): size on disk, peak RSS over the scenarios, the vision
+    encoder's time (fixed-budget row), default-mode time to verdict per scenario, fixed-budget decode tok/s, and
+    decode against fp32's and against onnxruntime-genai int4's (same run)."""
+    engines = _engines(doc["rows"])
+    peer_int4 = engines.get("text", {}).get("ort-genai-int4", {}).get("stages", {}).get("decode_tok_s", {}).get("p50")
+    bundles = [{"name": "fp32", "path": doc["bundle"]["path"], "size_mb": doc["bundle"]["size_mb"],
+                "suffix": ""}] + [{"name": c["name"], "path": c["path"], "size_mb": c["size_mb"],
+                                   "suffix": f":{c['name']}", "graph_precision": c["graph_precision"]}
+                                  for c in compared]
+    out = {}
+    fp32_decode = None
+    for b in bundles:
+        entry = {"path": b["path"], "size_mb": b["size_mb"], "size_vs_fp32": b["size_mb"] / bundles[0]["size_mb"],
+                 "graph_precision": b.get("graph_precision"), "peak_rss_mb": None, "vision_s": {}, "verdict_s": {},
+                 "decode_tok_s": {}}
+        peaks = []
+        for scenario, by_engine in engines.items():
+            fixed, default = by_engine.get("runtime" + b["suffix"]), by_engine.get("runtime-default" + b["suffix"])
+            for row in (fixed, default):
+                if row and "peak_rss_mb" in row:
+                    peaks.append(row["peak_rss_mb"])
+            if fixed:
+                if fixed["stages"].get("vision", {}).get("p50"):
+                    entry["vision_s"][scenario] = fixed["stages"]["vision"]["p50"]
+                if "decode_tok_s" in fixed["stages"]:
+                    entry["decode_tok_s"][scenario] = fixed["stages"]["decode_tok_s"]["p50"]
+            if default:
+                entry["verdict_s"][scenario] = default["stages"]["verdict"]["p50"]
+        entry["peak_rss_mb"] = max(peaks) if peaks else None
+        text_decode = entry["decode_tok_s"].get("text")
+        if b["name"] == "fp32":
+            fp32_decode = text_decode
+        entry["text_decode_vs_fp32"] = text_decode / fp32_decode if text_decode and fp32_decode else None
+        entry["text_decode_vs_ort_genai_int4"] = text_decode / peer_int4 if text_decode and peer_int4 else None
+        out[b["name"]] = entry
+    first = out["fp32"]["vision_s"]
+    for entry in out.values():
+        entry["vision_speedup_vs_fp32"] = {k: first[k] / v for k, v in entry["vision_s"].items() if first.get(k) and v}
+    return out
 
 
 def runtime_stage_samples(timings: dict, token_times: list[float], verdict_tokens: int | None) -> dict:
@@ -292,8 +350,12 @@ def bounds(bundle: Path, rows: list[dict], probe: dict) -> dict:
     from omniguard_edge.runtime.manifest import load_manifest
 
     m = load_manifest(bundle, verify="none")
-    spec = m.graphs["decoder"]
-    weight_bytes = sum(m.files[f].size for f in (spec.file, spec.data_file) if f)
+    # the standard decoder holds the output layer; a bundle without it (a CPU recipe's) has the fast one and its head
+    specs = [m.graphs["decoder"]] if "decoder" in m.graphs else [m.graphs["decoder_gqa"], m.graphs["decoder_gqa_head"]]
+    # a quantized head graph holds its own weights: its data file (lm_head.npy) is then the fp32 rows read at
+    # constrained positions only, not per decode step
+    weight_bytes = sum(m.files[f].size for spec in specs for f in (spec.file, spec.data_file)
+                       if f and not (f == spec.data_file and f.endswith(".npy") and spec.precision != "fp32"))
     head = m.decoder.vocab_size * m.decoder.hidden_size
     # attention score FLOPs are left out, which only lowers the bound's time: it stays a bound
     params = weight_bytes / 4 - head if m.precision == "fp32" else None
@@ -513,6 +575,22 @@ def print_report(doc: dict) -> None:
                 "decode_ratio", "tokens_equal", "ort_genai_int4_first_token_p50", "ort_genai_int4_decode_tok_s_p50"]
         print(benchlib.markdown_table(["scenario"] + keys, [[k] + [v.get(x) for x in keys]
                                                             for k, v in doc["peer_comparison"].items()]))
+    if doc.get("recipes"):
+        print("\nprecision recipes side by side (same run; vision: fixed-budget rows; verdict: default mode; decode: "
+              "fixed-budget rows, every logit)\n")
+        scen = sorted({k for e in doc["recipes"].values() for k in e["verdict_s"]})
+        headers = ["bundle", "size MB", "x fp32", "peak RSS MiB"] + [f"verdict {k} s" for k in scen] + \
+            ["vision image_448 s", "vision x fp32", "text decode tok/s", "decode x fp32", "decode x ort-genai int4"]
+        table = []
+        for name, e in doc["recipes"].items():
+            table.append([name, e["size_mb"], e["size_vs_fp32"], e["peak_rss_mb"]] + [e["verdict_s"].get(k) for k in scen]
+                         + [e["vision_s"].get("image_448"), e["vision_speedup_vs_fp32"].get("image_448"),
+                            e["decode_tok_s"].get("text"), e["text_decode_vs_fp32"], e["text_decode_vs_ort_genai_int4"]])
+        print(benchlib.markdown_table(headers, table))
+        flags = [f for f in doc["system"]["cpu_flags"] if "vnni" in f or "amx" in f or f.startswith("avx512")]
+        print(f"integer kernels: onnxruntime's MLAS picks its int8 GEMM (DynamicQuantizeMatMul) and int4 "
+              f"(MatMulNBits, accuracy level 4: int8 dot products) paths from the CPU's flags at run time; this CPU "
+              f"has {' '.join(flags) or 'none of avx512*/vnni/amx'} (which path ran is not reported by onnxruntime)")
     mismatched = [r["scenario"] for r in doc["rows"] if r.get("staged_prefill_matches_generate") is False]
     if mismatched:
         print(f"\nWARNING: PyTorch's staged prefill chose another first token than its generate() in {mismatched}")
@@ -575,6 +653,9 @@ def main(argv=None) -> int:
                         "its own builder from --reference's text decoder; pip install 'omniguard-edge[peer]'). "
                         "Default: ort-genai when --reference is given and onnxruntime-genai is installed; none: off")
     p.add_argument("--peer-dir", type=Path, help="where peer models are built and kept (default: beside the bundle)")
+    p.add_argument("--compare", type=Path, nargs="+", default=[], metavar="BUNDLE",
+                   help="more bundles (e.g. `omniguard-edge quantize` recipes of --bundle) timed in the same run, "
+                        "their rows named runtime:RECIPE and runtime-default:RECIPE, with a side-by-side table")
     args = p.parse_args(argv)
     import importlib.util
 
@@ -610,6 +691,9 @@ def main(argv=None) -> int:
     chosen = {k: v for k, v in allowed.items() if not args.scenarios or k in args.scenarios}
     rows, runtime_info = run_runtime(args.bundle, chosen, args)
     runtime_peak = max([benchlib.peak_rss_mb()] + [r["peak_rss_mb"] for r in rows if "peak_rss_mb" in r])
+    compared = [compare_bundle(b, chosen, args) for b in args.compare]
+    for c in compared:
+        rows += c.pop("rows")
     ref_info = None
     if args.reference:
         ref_rows, ref_info = run_reference(args.reference, chosen, args, guard_prompt_texts(chosen))
@@ -628,6 +712,7 @@ def main(argv=None) -> int:
            "stage_definitions": STAGE_DEFINITIONS, "gate": {"floor_s": args.floor, "tolerance": args.tolerance},
            "speedups": speedups(rows, args.floor), "speedups_best": speedups(rows, args.floor, stat="min"),
            "time_to_verdict": time_to_verdict(rows), "peer_comparison": peer_comparison(rows)}
+    doc["recipes"] = recipes_table(doc, compared) if compared else None
     doc["bounds"] = bounds(args.bundle, rows, probe)
     print_report(doc)
     benchlib.write_json(args.json, doc)  # first, so that nothing after it can lose the measurement

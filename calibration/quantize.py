@@ -7,11 +7,15 @@ gate (or `allow_failing` is given, which the manifest then records): a failing r
 from __future__ import annotations
 
 import dataclasses
+import gc
+import resource
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from ..runtime.errors import BundleError, OmniGuardError
 from ..runtime.manifest import MANIFEST_NAME, FileEntry, Manifest, load_manifest, sha256_file
@@ -176,9 +180,13 @@ def _quantize(bundle, manifest, recipe, out, work, data, allow_failing, limit, s
     fp32 = Guard.from_bundle(bundle, GuardOptions(session=session, encoder_cache_bytes=0))
     with tqdm(total=len(heldout), desc="held-out inputs (fp32)", unit="req", disable=not progress) as bar:
         captured = capture(fp32, [r for _, r in heldout], progress=bar)
-    head_rows = fp32.bundle.head_rows
+    # the fp32 Guard's sessions (the whole fp32 bundle in memory) go before any graph is quantized
+    del fp32
+    gc.collect()
+    head = manifest.graphs.get("decoder_gqa_head")
+    head_rows = np.load(bundle / head.data_file, mmap_mode="r") if head is not None else None
     feeds = dict(captured.feeds)
-    if "decoder_gqa" in feeds and "decoder_gqa_head" in manifest.graphs:
+    if "decoder_gqa" in feeds and head is not None:
         dec = fidelity._session(bundle / manifest.graphs["decoder_gqa"].file, threads)  # the head's inputs
         feeds["decoder_gqa_head"] = [{"hidden": dec.run(["hidden"], fidelity._fresh(f))[0]}
                                      for f in feeds["decoder_gqa"]]
@@ -226,7 +234,6 @@ def _quantize(bundle, manifest, recipe, out, work, data, allow_failing, limit, s
                                                      work / new_graphs[name].file, feeds.get(name, []),
                                                      head_rows=head_rows, threads=threads, progress=bar))
             report_graphs[name] = entry
-    del fp32
 
     # 4. files and manifest (written before the agreement run, which opens the new bundle)
     for f in ("embed_tokens.npy",) + tuple(f for f, e in manifest.files.items()
@@ -276,7 +283,9 @@ def _quantize(bundle, manifest, recipe, out, work, data, allow_failing, limit, s
     report = {"graphs": report_graphs, "agreement": agreement,
               "gate": {"passed": passed, "failures": failures, "agreement_enforced": enforced,
                        "allowed_failing": bool(allow_failing and not passed)},
-              "seconds": round(time.perf_counter() - started, 1)}
+              "seconds": round(time.perf_counter() - started, 1),
+              # the process's high-water mark (Linux: KiB), whatever ran before in it included
+              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     new = dataclasses.replace(new, fidelity=report)
     (work / MANIFEST_NAME).write_text(new.to_json())
     size = _bundle_bytes(work, new)

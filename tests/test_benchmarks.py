@@ -437,11 +437,15 @@ def test_accuracy_gate_needs_every_baseline_comparison():
 @pytest.fixture(scope="module")
 def latency_run(tiny_bundle, tiny_checkpoint, tmp_path_factory):
     pytest.importorskip("qwen_omni_utils", reason="the PyTorch reference side needs the dev extra")
+    from omniguard_edge.calibration.quantize import quantize_bundle
+
     out = tmp_path_factory.mktemp("latency")
+    int4 = quantize_bundle(tiny_bundle, "cpu-int4", out=out / "cpu-int4", calibration=None, progress=False).out
     stdout, doc = _bench_json(
         "latency.py", out / "lat.json", "--bundle", tiny_bundle, "--reference", tiny_checkpoint,
         "--scenarios", "text", "image_448", "audio_5s", "video_4s", "--runs", 1, "--warmup", 0, "--new-tokens", 6,
-        "--verdict-tokens", 2, "--probe-seconds", 0.2, "--media-dir", out / "media", "--plot", out / "lat.png")
+        "--verdict-tokens", 2, "--probe-seconds", 0.2, "--media-dir", out / "media", "--plot", out / "lat.png",
+        "--compare", int4)
     return out, stdout, doc
 
 
@@ -460,7 +464,17 @@ def test_latency_json_matches_schema(latency_run):
         comparison = doc["peer_comparison"]["text"]
         assert comparison["tokens_equal"] is True and comparison["verdict_vs_peer_reuse_first_token"] > 0
         assert doc["peers"]["engine"] == "onnxruntime-genai"
-    assert engines == {(s, e) for s in scenarios for e in ("runtime", "runtime-default", "pytorch")} | peers
+    compared = {(s, e) for s in scenarios for e in ("runtime:cpu-int4", "runtime-default:cpu-int4")}
+    assert engines == {(s, e) for s in scenarios for e in ("runtime", "runtime-default", "pytorch")} | peers | compared
+    recipes = doc["recipes"]  # --compare: the recipe side by side with fp32, from the same run
+    assert list(recipes) == ["fp32", "cpu-int4"] and recipes["cpu-int4"]["size_vs_fp32"] < 1
+    assert set(recipes["cpu-int4"]["verdict_s"]) == scenarios
+    by = {(r["scenario"], r["engine"]): r for r in doc["rows"]}
+    assert recipes["cpu-int4"]["text_decode_vs_fp32"] == pytest.approx(
+        by["text", "runtime:cpu-int4"]["stages"]["decode_tok_s"]["p50"] / by["text", "runtime"]["stages"]["decode_tok_s"]["p50"])
+    assert recipes["cpu-int4"]["vision_speedup_vs_fp32"]["image_448"] > 0
+    assert recipes["cpu-int4"]["graph_precision"]["decoder_gqa"] == "int4"
+    assert "precision recipes side by side" in stdout
     assert set(doc["speedups"]) == scenarios == set(doc["time_to_verdict"])
     for r in doc["rows"]:
         if r["engine"] == "runtime-default":  # the default Guard: the fixed prompt opening came from the cache
