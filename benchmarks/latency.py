@@ -113,19 +113,44 @@ def run_runtime(bundle: Path, chosen: dict, args) -> tuple[list[dict], dict]:
     return rows, info
 
 
-def compare_bundle(bundle: Path, chosen: dict, args) -> dict:
-    """`run_runtime` on another bundle of the same model (a recipe of --bundle), its engines suffixed by its recipe
-    (or precision): runtime:cpu-int4, runtime-default:cpu-int4."""
+def _compared_names(parser, base: Path, bundles: list[Path]) -> list[str]:
+    """Each --compare bundle's name (its recipe), after checking that it is a bundle of --bundle's model and that
+    no two share a name; a parser error otherwise."""
+    from omniguard_edge.runtime.errors import BundleError
+    from omniguard_edge.runtime.manifest import load_manifest
+
+    try:
+        ref = load_manifest(base, verify="none")
+        manifests = [load_manifest(b, verify="none") for b in bundles]
+    except BundleError as exc:
+        parser.error(str(exc))
+    names = []
+    for b, m in zip(bundles, manifests):
+        if m.source.get("config_sha256") != ref.source.get("config_sha256"):
+            parser.error(f"--compare {b}: made from another checkpoint than --bundle (config sha256 differs)")
+        name = (m.recipe or {}).get("name") or m.precision
+        if name in names or name == "fp32":
+            parser.error(f"--compare {b}: a second bundle named {name!r} (the table keys bundles by recipe)")
+        names.append(name)
+    return names
+
+
+def compare_bundle(bundle: Path, name: str, chosen: dict, args) -> dict:
+    """`run_runtime` on another bundle of the same model (a recipe of --bundle), its engines suffixed by its name
+    (its recipe): runtime:cpu-int4, runtime-default:cpu-int4."""
     import gc
+
+    from omniguard_edge.runtime.manifest import load_manifest
 
     gc.collect()  # the previous bundle's sessions go before this one's peak RSS is measured
     rows, info = run_runtime(bundle, chosen, args)
-    name = info["recipe"] or info["precision"]
     for r in rows:
         r["engine"] = f"{r['engine']}:{name}"
     info.pop("text_prompts", None)
     gc.collect()
-    return {"name": name, "path": str(bundle), "size_mb": benchlib.dir_size_mb(bundle), "rows": rows, **info}
+    gate = (load_manifest(bundle, verify="none").fidelity or {}).get("gate", {})
+    return {"name": name, "path": str(bundle), "size_mb": benchlib.dir_size_mb(bundle), "rows": rows,
+            "gate_passed": gate.get("passed"), **info}
 
 
 def recipes_table(doc: dict, compared: list[dict]) -> dict:
@@ -136,13 +161,14 @@ def recipes_table(doc: dict, compared: list[dict]) -> dict:
     peer_int4 = engines.get("text", {}).get("ort-genai-int4", {}).get("stages", {}).get("decode_tok_s", {}).get("p50")
     bundles = [{"name": "fp32", "path": doc["bundle"]["path"], "size_mb": doc["bundle"]["size_mb"],
                 "suffix": ""}] + [{"name": c["name"], "path": c["path"], "size_mb": c["size_mb"],
-                                   "suffix": f":{c['name']}", "graph_precision": c["graph_precision"]}
-                                  for c in compared]
+                                   "suffix": f":{c['name']}", "graph_precision": c["graph_precision"],
+                                   "gate_passed": c["gate_passed"]} for c in compared]
     out = {}
     fp32_decode = None
     for b in bundles:
         entry = {"path": b["path"], "size_mb": b["size_mb"], "size_vs_fp32": b["size_mb"] / bundles[0]["size_mb"],
-                 "graph_precision": b.get("graph_precision"), "peak_rss_mb": None, "vision_s": {}, "verdict_s": {},
+                 "graph_precision": b.get("graph_precision"), "fidelity_gate_passed": b.get("gate_passed"),
+                 "peak_rss_mb": None, "vision_s": {}, "verdict_s": {},
                  "decode_tok_s": {}}
         peaks = []
         for scenario, by_engine in engines.items():
@@ -579,11 +605,12 @@ def print_report(doc: dict) -> None:
         print("\nprecision recipes side by side (same run; vision: fixed-budget rows; verdict: default mode; decode: "
               "fixed-budget rows, every logit)\n")
         scen = sorted({k for e in doc["recipes"].values() for k in e["verdict_s"]})
-        headers = ["bundle", "size MB", "x fp32", "peak RSS MiB"] + [f"verdict {k} s" for k in scen] + \
+        headers = ["bundle", "fidelity gate", "size MB", "x fp32", "peak RSS MiB"] + [f"verdict {k} s" for k in scen] + \
             ["vision image_448 s", "vision x fp32", "text decode tok/s", "decode x fp32", "decode x ort-genai int4"]
         table = []
         for name, e in doc["recipes"].items():
-            table.append([name, e["size_mb"], e["size_vs_fp32"], e["peak_rss_mb"]] + [e["verdict_s"].get(k) for k in scen]
+            gate = {None: "-", True: "passed", False: "FAILED"}[e["fidelity_gate_passed"]]
+            table.append([name, gate, e["size_mb"], e["size_vs_fp32"], e["peak_rss_mb"]] + [e["verdict_s"].get(k) for k in scen]
                          + [e["vision_s"].get("image_448"), e["vision_speedup_vs_fp32"].get("image_448"),
                             e["decode_tok_s"].get("text"), e["text_decode_vs_fp32"], e["text_decode_vs_ort_genai_int4"]])
         print(benchlib.markdown_table(headers, table))
@@ -605,8 +632,8 @@ def print_report(doc: dict) -> None:
                 print(f"  {name} ({engine}): {e['uncached_prompt_tokens']} uncached prompt tokens need "
                       f"{e['verdict_compute_floor_s']:.3f} s at the fp32 MatMul rate; the best verdict is at "
                       f"{e['verdict_fraction_of_compute_bound']:.0%} of that bound"
-                      + (f"; no fp32 engine here can be more than {ceiling:.1f}x faster than PyTorch's first token"
-                         if ceiling else ""))
+                      + (f"; at that rate no fp32 engine here could be more than {ceiling:.1f}x faster than "
+                         "PyTorch's first token" if ceiling else ""))
                 continue
             dec = e["decode_fraction_of_bandwidth_bound"]
             parts = [f"decode {dec:.0%} of the bandwidth bound" if dec is not None else "decode n/a"]
@@ -684,16 +711,18 @@ def main(argv=None) -> int:
             base = json.loads(args.baseline.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             p.error(f"--baseline {args.baseline}: not a readable JSON file ({exc})")
+    names = _compared_names(p, args.bundle, args.compare)  # checked before minutes of measuring, not after
     allowed = scenario_defs.build(args.media_dir)
     unknown = set(args.scenarios or []) - set(allowed)
     if unknown:
         p.error(f"unknown scenarios {sorted(unknown)}; choose from {sorted(allowed)}")
     chosen = {k: v for k, v in allowed.items() if not args.scenarios or k in args.scenarios}
     rows, runtime_info = run_runtime(args.bundle, chosen, args)
-    runtime_peak = max([benchlib.peak_rss_mb()] + [r["peak_rss_mb"] for r in rows if "peak_rss_mb" in r])
-    compared = [compare_bundle(b, chosen, args) for b in args.compare]
+    compared = [compare_bundle(b, name, chosen, args) for b, name in zip(args.compare, names)]
     for c in compared:
         rows += c.pop("rows")
+    # the runtime's whole run, compared bundles included (the PyTorch and peer sides run in their own processes)
+    runtime_peak = max([benchlib.peak_rss_mb()] + [r["peak_rss_mb"] for r in rows if "peak_rss_mb" in r])
     ref_info = None
     if args.reference:
         ref_rows, ref_info = run_reference(args.reference, chosen, args, guard_prompt_texts(chosen))

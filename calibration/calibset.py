@@ -10,8 +10,9 @@ Per modality, `per_modality` items (default 64) sampled with a seed from the eva
 - audio: XSTest prompts spoken by espeak-ng, and the real recording jfk.flac;
 - video: 2 s clips panning across those stills.
 
-A fixed fraction of each modality (`heldout`, default 1/4) is held out: the fidelity report judges the quantized
-graphs on those, never on what calibrated them. Generated media are written under the cache folder, keyed by the
+A fixed fraction of each modality's items (`heldout`, default 1/4) is held out: the fidelity report judges the
+quantized graphs on those items, never on the items that calibrated them. (A video clip pans over a still that may
+also be an image item of the other split: the split is by item, not by source image.) Generated media are written under the cache folder, keyed by the
 sha256 of the source files and the set's parameters: the same data and parameters give the same set, reused.
 """
 
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import evalpacks
+from .recipes import RecipeError
 
 BUILDER_VERSION = 1
 MODALITY_PACKS = {
@@ -50,6 +52,19 @@ def cache_root() -> Path:
     root = os.environ.get("OMNIGUARD_EDGE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "omniguard-edge")
     return Path(root) / "calibration"
+
+
+def check_data_dir(data: Path) -> None:
+    """RecipeError unless `data` is laid out like ../shared/data and its speech can be made (espeak-ng)."""
+    import shutil
+
+    data = Path(data)
+    if not (data / "text").is_dir() or not (data / "image").is_dir():
+        raise RecipeError(f"calibration data folder {data} lacks text/ and image/ (the layout of ../shared/data; "
+                          "see its README): pass --calibration DIR or --no-calibration")
+    if shutil.which("espeak-ng") is None:
+        raise RecipeError("the calibration set's speech is made with espeak-ng, which is not installed "
+                          "(apt-get install espeak-ng); or pass --no-calibration")
 
 
 def _data_digest(data: Path) -> str:
@@ -107,9 +122,7 @@ def build(data: Path, per_modality: int = 64, heldout: float = 0.25, seed: int =
     if isinstance(heldout, bool) or not isinstance(heldout, (int, float)) or not 0 < heldout < 1:
         raise ValueError(f"heldout must be a fraction in (0, 1), not {heldout!r}")
     data = Path(data)
-    if not (data / "text").is_dir() or not (data / "image").is_dir():
-        raise FileNotFoundError(f"calibration data folder {data} lacks text/ and image/ (the layout of "
-                                "../shared/data; see its README)")
+    check_data_dir(data)
     key_parts = {"builder": BUILDER_VERSION, "data": _data_digest(data), "per_modality": per_modality,
                  "heldout": heldout, "seed": seed}
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()
@@ -124,14 +137,17 @@ def build(data: Path, per_modality: int = 64, heldout: float = 0.25, seed: int =
     bar = _bar(progress, len(MODALITIES) * per_modality)
     for modality, packs in MODALITY_PACKS.items():
         share = math.ceil(per_modality / len(packs))
-        chosen, report = evalpacks.load_with_report(packs, data, root / "media", share, seed)
+        try:
+            chosen, report = evalpacks.load_with_report(packs, data, root / "media", share, seed)
+        except SystemExit as exc:  # the packs' loaders stop a command line; here it is a typed error
+            raise RecipeError(f"calibration data {data}: {exc}") from None
         by_pack = {p: [it for it in chosen if it.pack == p] for p in packs}
         picked = []  # the packs in turn, up to per_modality
         for i in range(share):
             picked += [by_pack[p][i] for p in packs if i < len(by_pack[p])]
         picked = picked[:per_modality]
         if len(picked) < per_modality:
-            raise ValueError(f"calibration data {data}: modality {modality} has {len(picked)} items, fewer than "
+            raise RecipeError(f"calibration data {data}: modality {modality} has {len(picked)} items, fewer than "
                              f"per_modality={per_modality} (packs: {report})")
         order = list(range(len(picked)))
         random.Random(seed).shuffle(order)

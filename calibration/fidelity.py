@@ -61,8 +61,10 @@ def graph_fidelity(graph: str, fp32_path: Path, quant_path: Path, feeds: list[di
             progress.update(1)
     if not cos:
         return {"n": 0, "judged_on": _judged_on(graph, head_rows)}
-    return {"n": len(cos), "cosine": min(cos), "cosine_mean": float(np.mean(cos)), "rel_l2": max(rel),
-            "rel_l2_mean": float(np.mean(rel)), "judged_on": _judged_on(graph, head_rows)}
+    bad = sum(1 for r in rel if not math.isfinite(r))  # non-finite outputs: cosine -1 fails any gate
+    return {"n": len(cos), "cosine": min(cos), "cosine_mean": float(np.mean(cos)),
+            "rel_l2": max(rel) if not bad else None, "rel_l2_mean": float(np.mean(rel)) if not bad else None,
+            "non_finite": bad, "judged_on": _judged_on(graph, head_rows)}
 
 
 def _judged_on(graph: str, head_rows) -> str:

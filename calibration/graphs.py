@@ -7,17 +7,42 @@ external-data file beside it when the result is too large for a single protobuf.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
 from pathlib import Path
 
 from ..export.onnx_io import PROTOBUF_LIMIT
-from .recipes import GraphPlan
+from .recipes import METHODS, GraphPlan
+
+
+def _toposort(model) -> None:
+    """Nodes in an order where every input is produced before it is read, as ONNX requires and TensorRT's parser
+    expects (onnxruntime's fp16 converter appends its input Casts at the end). Raises on a cycle."""
+    graph = model.graph
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise ValueError(f"graph {graph.name}: {len(rest)} nodes read tensors nothing produces (first: "
+                             f"{rest[0].op_type} {rest[0].name})")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 def _save(model, dest: Path, metadata: dict[str, str]) -> str | None:
     import onnx
+
+    _toposort(model)
 
     for key, value in metadata.items():
         entry = next((p for p in model.metadata_props if p.key == key), None) or model.metadata_props.add()
@@ -32,10 +57,27 @@ def _save(model, dest: Path, metadata: dict[str, str]) -> str | None:
     return None
 
 
+@contextlib.contextmanager
 def _quiet():
-    """onnxruntime's quantizers log a line per node at INFO and a pre-processing hint at WARNING."""
-    for name in ("root", "onnxruntime.quantization.matmul_nbits_quantizer"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    """onnxruntime's quantizers log a line per node at INFO and a pre-processing hint at WARNING, on the root
+    logger: raised to ERROR while they run, then restored (a host application keeps its own logging)."""
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _load(src: Path):
+    """The graph with its weights, in memory: onnxruntime's quantizers are handed the model, not its path, because
+    given a path they write a shape-inferred copy beside it (into the source bundle)."""
+    import onnx
+
+    return onnx.load(str(src), load_external_data=True)
 
 
 def int8_dynamic(src: Path, dest: Path, plan: GraphPlan, metadata: dict) -> tuple[str | None, dict]:
@@ -45,11 +87,10 @@ def int8_dynamic(src: Path, dest: Path, plan: GraphPlan, metadata: dict) -> tupl
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    _quiet()
     per_channel = bool(plan.params.get("per_channel", True))
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp, _quiet():
         out = Path(tmp) / dest.name
-        quantize_dynamic(str(src), str(out), op_types_to_quantize=["MatMul", "Gemm"], per_channel=per_channel,
+        quantize_dynamic(_load(src), str(out), op_types_to_quantize=["MatMul", "Gemm"], per_channel=per_channel,
                          weight_type=QuantType.QInt8, use_external_data_format=True,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True})
         model = onnx.load(str(out), load_external_data=True)
@@ -62,15 +103,13 @@ def int8_dynamic(src: Path, dest: Path, plan: GraphPlan, metadata: dict) -> tupl
 def int4_block(src: Path, dest: Path, plan: GraphPlan, metadata: dict) -> tuple[str | None, dict]:
     """INT4 weights in blocks of plan.params['block_size'] along K, one fp32 scale per block (symmetric), as
     onnxruntime's MatMulNBits; `accuracy_level` 4 lets the CPU kernel quantize activations to int8 per block."""
-    import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    _quiet()
     p = plan.params
-    model = onnx.load(str(src), load_external_data=True)
-    q = MatMulNBitsQuantizer(model, bits=4, block_size=int(p["block_size"]), is_symmetric=bool(p["symmetric"]),
+    q = MatMulNBitsQuantizer(_load(src), bits=4, block_size=int(p["block_size"]), is_symmetric=bool(p["symmetric"]),
                              accuracy_level=int(p["accuracy_level"]), op_types_to_quantize=("MatMul",))
-    q.process()
+    with _quiet():
+        q.process()
     model = q.model.model
     counts = _op_counts(model)
     if not counts.get("MatMulNBits"):
@@ -81,6 +120,132 @@ def int4_block(src: Path, dest: Path, plan: GraphPlan, metadata: dict) -> tuple[
                   "activations": "fp32 (int8 per block inside the kernel at accuracy_level 4)", "ops": counts}
 
 
+# Ops an fp16 graph keeps in fp32: normalisations (and the Pow/ReduceMean/Sqrt/Div of a decomposed RMSNorm, whose
+# squares overflow fp16 above 256), softmax, erf, and every Add (the residual stream and its biases); their fp16
+# neighbours get Casts at the boundary. The rotary tables are kept fp32 with everything they are computed from
+# (`_rotary_prologue`): in fp16 the angle position x frequency would lose up to a quarter radian at position 1000.
+FP16_KEEP_FP32 = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "Pow",
+                  "ReduceMean", "Sqrt", "Div", "Reciprocal", "Softmax", "Sin", "Cos", "Erf", "Add", "Sub", "Range",
+                  "CumSum", "Exp", "Log")
+
+
+def _rotary_prologue(model) -> list[str]:
+    """Names of the Sin/Cos nodes and of every node they depend on (up to the graph inputs)."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    todo = [n for n in model.graph.node if n.op_type in ("Sin", "Cos")]
+    seen: dict[str, object] = {}
+    while todo:
+        node = todo.pop()
+        if node.name in seen:
+            continue
+        seen[node.name] = node
+        todo += [producer[i] for i in node.input if i in producer]
+    return list(seen)
+
+
+def fp16(src, dest, plan, metadata) -> tuple[str | None, dict]:
+    """fp16 weights and activations, fp32 graph inputs and outputs, FP16_KEEP_FP32 ops and the rotary prologue in
+    fp32 (onnxruntime's float16 converter). The result is checked by onnx's checker before it is written."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = _load(src)
+    _type_infer(model, src)
+    kept_nodes = _rotary_prologue(model)
+    half = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(FP16_KEEP_FP32),
+                                    node_block_list=kept_nodes, disable_shape_infer=True)
+    counts = _op_counts(half)
+    data = _save(half, dest, metadata)
+    onnx.checker.check_model(str(dest))  # by path: a graph over 2 GB is checked with its external data
+    return data, {"method": "fp16", "weights": "fp16", "activations": "fp16", "io": "fp32",
+                  "kept_fp32": {"ops": list(FP16_KEEP_FP32), "rotary_prologue_nodes": len(kept_nodes)}, "ops": counts}
+
+
+def _type_infer(model, src) -> None:
+    """The value types of `model` (loaded with its weights) from shape inference on its structure alone: protobuf
+    cannot serialize a whole model over 2 GB, so inference runs on a copy without the weights."""
+    import onnx
+
+    skeleton = onnx.load(str(src), load_external_data=False)
+    inferred = onnx.shape_inference.infer_shapes(skeleton)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+
+
+def qdq_int8(src: Path, dest: Path, plan: GraphPlan, metadata: dict, calibration: list | None = None):
+    """Explicit quantization for TensorRT: QuantizeLinear/DequantizeLinear pairs (QDQ format) on every MatMul/Gemm
+    with a constant weight; INT8 symmetric, weights per output channel, activation scales from the min/max of the
+    calibration inputs (onnxruntime 1.32's percentile calibrator fails on inputs of varying shapes). TensorRT reads
+    these scales as they are (explicit quantization), with no calibrator of its own."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    if not calibration:
+        raise ValueError(f"{src.name}: explicit INT8 needs calibration inputs for its activation scales")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, feeds):
+            self._it = iter(feeds)
+
+        def get_next(self):
+            return next(self._it, None)
+
+    skeleton = onnx.load(str(src), load_external_data=False)
+    weights = {t.name for t in skeleton.graph.initializer}
+    producer = {o: n for n in skeleton.graph.node for o in n.output}
+
+    def constant(name):
+        while name not in weights and name in producer and producer[name].op_type in ("Identity", "Transpose"):
+            name = producer[name].input[0]
+        return name in weights
+
+    # MatMuls of two activations (attention scores, probabilities x values) stay fp32: onnxruntime's QDQ quantizer
+    # ignores MatMulConstBOnly, and per-tensor INT8 probabilities round to 0 over long contexts (measured on tiny:
+    # cosine 0.86 after the first layer's probabilities x values at 451 tokens)
+    activations = [n.name for n in skeleton.graph.node if n.op_type == "MatMul" and not constant(n.input[1])]
+    options = {"ActivationSymmetric": True, "WeightSymmetric": True, "DefaultTensorType": onnx.TensorProto.FLOAT}
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp, _quiet():
+        out = Path(tmp) / dest.name
+        quantize_static(_load(src), str(out), Reader(calibration), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=["MatMul", "Gemm"], per_channel=True, activation_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                        use_external_data_format=True, nodes_to_exclude=activations, extra_options=options)
+        model = onnx.load(str(out), load_external_data=True)
+    counts = _op_counts(model)
+    data = _save(model, dest, metadata)
+    return data, {"method": "qdq-int8", "weights": "int8 symmetric per output channel",
+                  "activations": f"int8 symmetric per tensor, min/max of {len(calibration)} calibration inputs",
+                  "format": "QDQ (explicit quantization)", "kept_fp32": {"activation_matmuls": len(activations)},
+                  "ops": counts}
+
+
+def int4_qdq(src: Path, dest: Path, plan: GraphPlan, metadata: dict, calibration=None):
+    """INT4 weight-only in a form TensorRT parses: each constant MatMul weight as an int4 initializer, blocked
+    along K (plan.params['block_size']), behind DequantizeLinear with its block_size attribute (opset 21), then a
+    plain MatMul. The graph is converted to opset 21 first (onnx's version converter, on the structure alone, so
+    graphs over 2 GB convert too)."""
+    import onnx
+    from onnx import external_data_helper, version_converter
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    skeleton = onnx.load(str(src), load_external_data=False)
+    model = version_converter.convert_version(skeleton, 21)
+    external_data_helper.load_external_data_for_model(model, str(src.parent))
+    q = MatMulNBitsQuantizer(model, bits=4, block_size=int(plan.params["block_size"]), is_symmetric=True,
+                             quant_format=QuantFormat.QDQ, op_types_to_quantize=("MatMul",))
+    with _quiet():
+        q.process()
+    model = q.model.model
+    counts = _op_counts(model)
+    if not counts.get("DequantizeLinear"):
+        raise RuntimeError(f"{src.name}: the INT4 quantizer inserted no DequantizeLinear (ops: {counts})")
+    data = _save(model, dest, metadata)
+    return data, {"method": "int4-qdq", "weights": "int4 symmetric", "block_size": int(plan.params["block_size"]),
+                  "activations": "fp32 (weight-only)", "format": "blocked DequantizeLinear, opset 21", "ops": counts}
+
+
 def _op_counts(model) -> dict[str, int]:
     out: dict[str, int] = {}
     for node in model.graph.node:
@@ -88,11 +253,16 @@ def _op_counts(model) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-METHODS = {"int8-dyn": int8_dynamic, "int4-block": int4_block}
+TRANSFORMS = {"int8-dyn": int8_dynamic, "int4-block": int4_block, "fp16": fp16, "qdq-int8": qdq_int8,
+              "int4-qdq": int4_qdq}
 
 
-def apply(src: Path, dest: Path, plan: GraphPlan, metadata: dict) -> tuple[str | None, dict]:
-    if plan.method not in METHODS:
+def apply(src: Path, dest: Path, plan: GraphPlan, metadata: dict, calibration: list | None = None
+          ) -> tuple[str | None, dict]:
+    """`calibration`: the graph's captured calibration inputs, for the methods that need them (recipes.METHODS)."""
+    if plan.method not in TRANSFORMS:
         raise ValueError(f"no graph transform for method {plan.method!r}")
     os.makedirs(dest.parent, exist_ok=True)
-    return METHODS[plan.method](src, dest, plan, metadata)
+    if METHODS[plan.method][1]:
+        return TRANSFORMS[plan.method](src, dest, plan, metadata, calibration)
+    return TRANSFORMS[plan.method](src, dest, plan, metadata)

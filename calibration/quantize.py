@@ -17,16 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runtime.errors import BundleError, OmniGuardError
+from ..runtime.errors import BundleError
 from ..runtime.manifest import MANIFEST_NAME, FileEntry, Manifest, load_manifest, sha256_file
 from . import calibset, fidelity, graphs
-from .recipes import Recipe, get_recipe
+from .recipes import Recipe, RecipeError, get_recipe
 
-GRAPH_PRECISION = {"int8-dyn": "int8", "int4-block": "int4", "keep": "fp32"}
-
-
-class RecipeError(OmniGuardError, ValueError):
-    """A recipe cannot be applied to this bundle (not built, wrong source, missing data); the message says why."""
 
 
 @dataclass
@@ -45,9 +40,11 @@ class QuantizeResult:
             gate = f">= {g['gate_cosine']}" if g.get("gate_cosine") is not None else "-"
             if g.get("n"):
                 lines.append(f"| {name} | {g['precision']} | {g['n']} | {g['cosine']:.5f} | {g['cosine_mean']:.5f} | "
-                             f"{g['rel_l2']:.4f} | {gate} {'ok' if g.get('passed', True) else 'FAILED'} |")
+                             f"{_f(g['rel_l2'])} | {gate} {'ok' if g.get('passed', True) else 'FAILED'} |")
+            elif g.get("gate_cosine") is None:
+                lines.append(f"| {name} | {g['precision']} | - | - | - | - | unchanged |")
             else:
-                lines.append(f"| {name} | {g['precision']} | 0 | - | - | - | {gate} (no held-out input) |")
+                lines.append(f"| {name} | {g['precision']} | 0 | - | - | - | {gate} FAILED (no held-out input) |")
         a = self.fidelity["agreement"]
         if a["n"]:
             lines.append(f"verdict agreement {a['verdict_agreement']:.1%} of {a['n']} requests ({a['errors']} without a "
@@ -55,7 +52,8 @@ class QuantizeResult:
                          f"requests: {a['source']}")
         s = self.sizes
         lines.append(f"size on disk {s['bytes'] / 1e6:,.1f} MB, {s['ratio']:.1%} of the fp32 bundle's "
-                     f"{s['fp32_bytes'] / 1e6:,.1f} MB")
+                     f"{s['fp32_bytes'] / 1e6:,.1f} MB ({s['ratio_of_shipped_graphs']:.1%} of the fp32 files of what it "
+                     "ships)")
         gate = self.fidelity["gate"]
         lines.append(f"gate: {'PASSED' if gate['passed'] else 'FAILED'}" +
                      ("" if gate["passed"] else ": " + "; ".join(gate["failures"])) +
@@ -66,6 +64,10 @@ class QuantizeResult:
 
 def _f(x) -> str:
     return "-" if x is None else f"{x:.4f}"
+
+
+FP16_ON_CPU = ("the fp16 graph as written, on onnxruntime's CPU provider: ops without an fp16 CPU kernel run in fp32 "
+               "between Casts that onnxruntime inserts, so fp16 storage is measured, not a GPU's fp16 arithmetic")
 
 
 def default_out(bundle: Path, recipe: str) -> Path:
@@ -119,20 +121,31 @@ def _source_of(manifest: Manifest, bundle: Path, recipe: Recipe) -> None:
 
 def quantize_bundle(bundle, recipe: str, out=None, calibration="auto", overwrite: bool = False,
                     allow_failing: bool = False, limit: int = 20, seed: int = 0, threads: int = 0,
-                    heldout_per_modality: int = 8, progress: bool = True, log=print) -> QuantizeResult:
+                    heldout_per_modality: int = 8, calibration_per_modality: int | None = None,
+                    progress: bool = True) -> QuantizeResult:
     """Apply `recipe` to the fp32 bundle at `bundle`; write the result at `out` (default: default_out) when it passes
     its gate. calibration: a data folder in ../shared/data's layout, "auto" (../shared/data when present) or None
     (requests made here: held-out inputs and agreement then come from `builtin_requests`). `limit`: requests per
-    evaluation pack for the verdict agreement."""
+    evaluation pack for the verdict agreement. `heldout_per_modality` held-out requests of each modality give the
+    graphs' held-out inputs; `calibration_per_modality` (default: all) calibration requests give activation scales to
+    recipes that calibrate them."""
     from ..runtime.bundle import SessionOptions
     from ..runtime.guard import Guard, GuardOptions
     from .capture import capture
 
     recipe_obj = get_recipe(recipe)
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise ValueError(f"limit must be an int >= 1, not {limit!r}")
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
-        raise ValueError(f"threads must be an int >= 0, not {threads!r}")
+
+    def whole(name, value, lo, optional=False):
+        if optional and value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise RecipeError(f"{name} must be an int >= {lo}{' or None' if optional else ''}, not {value!r}")
+
+    whole("limit", limit, 1)
+    whole("threads", threads, 0)
+    whole("seed", seed, 0)
+    whole("heldout_per_modality", heldout_per_modality, 1)
+    whole("calibration_per_modality", calibration_per_modality, 1, optional=True)
     bundle = Path(bundle)
     manifest = load_manifest(bundle)
     _source_of(manifest, bundle, recipe_obj)
@@ -140,34 +153,49 @@ def quantize_bundle(bundle, recipe: str, out=None, calibration="auto", overwrite
     if recipe_obj.needs_calibration and data is None:
         raise RecipeError(f"recipe {recipe_obj.name} needs calibration data: pass --calibration DIR (a folder laid "
                           "out like ../shared/data)")
+    if data is not None:
+        calibset.check_data_dir(data)
     out = Path(out) if out is not None else default_out(bundle, recipe_obj.name)
-    if out.exists() and not overwrite:
-        raise BundleError(f"{out} already exists: pass --overwrite or choose another --out")
+    if out.resolve() == bundle.resolve() or bundle.resolve() in out.resolve().parents:
+        raise RecipeError(f"--out {out} is the fp32 bundle or inside it: choose another folder")
+    if out.exists() and not (overwrite and out.is_dir()):
+        raise BundleError(f"{out} already exists: pass --overwrite or choose another --out" if out.is_dir() else
+                          f"{out} exists and is not a folder: choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed run; a live one is younger
+        if time.time() - stale.stat().st_mtime > 6 * 3600:
+            shutil.rmtree(stale, ignore_errors=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-scratch-", dir=out.parent))  # never in the bundle
     try:
-        return _quantize(bundle, manifest, recipe_obj, out, work, data, allow_failing, limit, seed, threads,
-                         heldout_per_modality, progress, log, Guard, GuardOptions, SessionOptions, capture)
+        return _quantize(bundle, manifest, recipe_obj, out, work, scratch, data, allow_failing, limit, seed, threads,
+                         heldout_per_modality, calibration_per_modality, progress, Guard, GuardOptions,
+                         SessionOptions, capture)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _quantize(bundle, manifest, recipe, out, work, data, allow_failing, limit, seed, threads, heldout_per_modality,
-              progress, log, Guard, GuardOptions, SessionOptions, capture) -> QuantizeResult:
+def _quantize(bundle, manifest, recipe, out, work, scratch, data, allow_failing, limit, seed, threads,
+              heldout_per_modality, calibration_per_modality, progress, Guard, GuardOptions, SessionOptions,
+              capture) -> QuantizeResult:
     from tqdm import tqdm
 
     started = time.perf_counter()
-    session = SessionOptions(intra_op_threads=threads)
+    # the decoder graph the recipe changes is the one whose inputs are captured and which the agreement runs
+    standard = recipe.graphs.get("decoder") is not None and recipe.graphs["decoder"].method not in ("drop", "keep")
+    session = SessionOptions(intra_op_threads=threads, decoder_graph="decoder" if standard else "auto")
     # 1. held-out inputs of every graph and the agreement requests, from the fp32 bundle
-    media_dir = work / ".media"
+    media_dir = scratch / "media"
     if data is not None:
         cset = calibset.build(data, seed=seed, progress=progress)
         heldout = cset.requests("heldout", heldout_per_modality)
         from . import evalpacks
 
-        items = evalpacks.load(evalpacks.PACKS, data, cset.root / "media", limit, seed + 1)
+        try:
+            items = evalpacks.load(evalpacks.PACKS, data, cset.root / "media", limit, seed + 1)
+        except SystemExit as exc:  # the packs' loaders stop a command line; here it is a typed error
+            raise RecipeError(f"evaluation packs of {data}: {exc}") from None
         calib_ids = {it["id"] for it in cset.items("calibration")}
         agree_requests = [(it.id, calibset.request_of(it)) for it in items]
         source = (f"{len(evalpacks.PACKS)} evaluation packs of {data}, at most {limit} each (seed {seed + 1}); "
@@ -180,11 +208,21 @@ def _quantize(bundle, manifest, recipe, out, work, data, allow_failing, limit, s
     fp32 = Guard.from_bundle(bundle, GuardOptions(session=session, encoder_cache_bytes=0))
     with tqdm(total=len(heldout), desc="held-out inputs (fp32)", unit="req", disable=not progress) as bar:
         captured = capture(fp32, [r for _, r in heldout], progress=bar)
+    heldout_failed = [{"request": heldout[n][0], "error": err} for n, err in captured.failed]
+    calib_feeds, calib_requests = {}, 0
+    if recipe.needs_calibration:
+        # the calibration split's inputs, for activation scales (the held-out split judges them, never these)
+        todo = cset.requests("calibration", calibration_per_modality)
+        calib_requests = len(todo)
+        with tqdm(total=len(todo), desc="calibration inputs (fp32)", unit="req", disable=not progress) as bar:
+            calib_feeds = capture(fp32, [r for _, r in todo], max_decoder_runs=2, progress=bar).feeds
+        calibration_summary["activation_scales_from"] = {
+            "requests": calib_requests, "inputs_per_graph": {g: len(v) for g, v in calib_feeds.items()}}
     # the fp32 Guard's sessions (the whole fp32 bundle in memory) go before any graph is quantized
     del fp32
     gc.collect()
     head = manifest.graphs.get("decoder_gqa_head")
-    head_rows = np.load(bundle / head.data_file, mmap_mode="r") if head is not None else None
+    head_rows = np.load(bundle / head.data_file, mmap_mode="r") if head is not None and not standard else None
     feeds = dict(captured.feeds)
     if "decoder_gqa" in feeds and head is not None:
         dec = fidelity._session(bundle / manifest.graphs["decoder_gqa"].file, threads)  # the head's inputs
@@ -206,15 +244,16 @@ def _quantize(bundle, manifest, recipe, out, work, data, allow_failing, limit, s
                 new_graphs[name] = spec
                 details[name] = {"method": "keep"}
             else:
-                meta = {"omniguard_edge.graph": name, "omniguard_edge.precision": GRAPH_PRECISION[plan.method],
+                meta = {"omniguard_edge.graph": name, "omniguard_edge.precision": plan.precision,
                         "omniguard_edge.recipe": recipe.name}
-                data_file, applied = graphs.apply(bundle / spec.file, work / spec.file, plan, meta)
+                data_file, applied = graphs.apply(bundle / spec.file, work / spec.file, plan, meta,
+                                                  calibration=calib_feeds.get(name))
                 keep_rows = name == "decoder_gqa_head"  # the fp32 rows the runtime reads at constrained positions
                 if keep_rows:
                     _copy(bundle / spec.data_file, work / spec.data_file)
                     data_file = spec.data_file
                 files = [f for f in (spec.file, data_file) if f]
-                new_graphs[name] = dataclasses.replace(spec, precision=GRAPH_PRECISION[plan.method],
+                new_graphs[name] = dataclasses.replace(spec, precision=plan.precision,
                                                        data_file=data_file, tolerance=None, validation=[])
                 details[name] = applied
             for f in files:
@@ -222,25 +261,30 @@ def _quantize(bundle, manifest, recipe, out, work, data, allow_failing, limit, s
                     "graph-data" if not f.endswith(".onnx") else "graph")
             bar.update(1)
 
-    # 3. fidelity per graph on the held-out inputs
-    report_graphs = {}
-    total = sum(len(feeds.get(n, [])) for n in names if recipe.graphs[n].method != "keep")
-    with tqdm(total=total, desc="fidelity (graphs)", unit="input", disable=not progress) as bar:
-        for name in names:
-            plan = recipe.graphs[name]
-            entry = {"precision": GRAPH_PRECISION[plan.method], "gate_cosine": plan.gate_cosine}
-            if plan.method != "keep":
-                entry.update(fidelity.graph_fidelity(name, bundle / manifest.graphs[name].file,
-                                                     work / new_graphs[name].file, feeds.get(name, []),
-                                                     head_rows=head_rows, threads=threads, progress=bar))
-            report_graphs[name] = entry
-
-    # 4. files and manifest (written before the agreement run, which opens the new bundle)
+    # the bundle's other files: embedding table, tokenizer, template, processor constants
     for f in ("embed_tokens.npy",) + tuple(f for f, e in manifest.files.items()
                                           if e.role not in ("graph", "graph-data", "embedding")):
         if f in manifest.files and f not in roles:
             _copy(bundle / f, work / f)
             roles[f] = manifest.files[f].role
+
+    # 3. fidelity per graph on the held-out inputs: every graph as written, on onnxruntime's CPU provider (an fp16
+    # op without an fp16 CPU kernel runs in fp32 between the Casts onnxruntime inserts for it)
+    report_graphs = {}
+    total = sum(len(feeds.get(n, [])) for n in names if recipe.graphs[n].method != "keep")
+    with tqdm(total=total, desc="fidelity (graphs)", unit="input", disable=not progress) as bar:
+        for name in names:
+            plan = recipe.graphs[name]
+            entry = {"precision": plan.precision, "gate_cosine": plan.gate_cosine}
+            if plan.method != "keep":
+                entry.update(fidelity.graph_fidelity(name, bundle / manifest.graphs[name].file,
+                                                     work / new_graphs[name].file, feeds.get(name, []),
+                                                     head_rows=head_rows, threads=threads, progress=bar))
+                if plan.method == "fp16":
+                    entry["judged_as"] = FP16_ON_CPU
+            report_graphs[name] = entry
+
+    # 4. the manifest (written before the agreement run, which opens the new bundle)
     files = {f: FileEntry(sha256=sha256_file(work / f), size=(work / f).stat().st_size, role=r)
              for f, r in sorted(roles.items())}
     from importlib.metadata import version
@@ -273,14 +317,18 @@ def _quantize(bundle, manifest, recipe, out, work, data, allow_failing, limit, s
             g["passed"] = g["cosine"] >= g["gate_cosine"]
             if not g["passed"]:
                 failures.append(f"{name}: min cosine {g['cosine']:.5f} < {g['gate_cosine']}")
+    for f in heldout_failed:  # a modality the fp32 bundle could not run was not judged either
+        failures.append(f"held-out request {f['request']} failed on the fp32 bundle: {f['error']}")
     enforced = not manifest.source.get("reference_checkpoint", False)
-    if agreement["n"] and agreement["verdict_agreement"] < 0.99:
-        msg = f"verdict agreement {agreement['verdict_agreement']:.1%} < 99%"
-        if enforced:
-            failures.append(msg)
+    if not agreement["n"]:
+        failures.append("no agreement request ran")
+    elif agreement["errors"]:  # fail closed: a bundle that cannot answer is no guard, whatever the weights
+        failures.append(f"{agreement['errors']} agreement requests without a verdict (error or unknown)")
+    elif enforced and agreement["verdict_agreement"] < 0.99:
+        failures.append(f"verdict agreement {agreement['verdict_agreement']:.1%} < 99%")
     passed = not failures
     sizes_fp32 = _bundle_bytes(bundle, manifest)
-    report = {"graphs": report_graphs, "agreement": agreement,
+    report = {"graphs": report_graphs, "agreement": agreement, "heldout_failed": heldout_failed,
               "gate": {"passed": passed, "failures": failures, "agreement_enforced": enforced,
                        "allowed_failing": bool(allow_failing and not passed)},
               "seconds": round(time.perf_counter() - started, 1),
@@ -289,7 +337,12 @@ def _quantize(bundle, manifest, recipe, out, work, data, allow_failing, limit, s
     new = dataclasses.replace(new, fidelity=report)
     (work / MANIFEST_NAME).write_text(new.to_json())
     size = _bundle_bytes(work, new)
-    report["sizes"] = {"fp32_bytes": sizes_fp32, "bytes": size, "ratio": size / sizes_fp32}
+    # against the fp32 files of what the recipe ships (a dropped graph is not a saving of quantization)
+    kept = {f for g in new_graphs for f in (manifest.graphs[g].file, manifest.graphs[g].data_file) if f}
+    kept |= {f for f, e in manifest.files.items() if e.role not in ("graph", "graph-data")}
+    kept_fp32 = sum(manifest.files[f].size for f in kept if f in manifest.files)
+    report["sizes"] = {"fp32_bytes": sizes_fp32, "bytes": size, "ratio": size / sizes_fp32,
+                       "fp32_bytes_of_shipped_graphs": kept_fp32, "ratio_of_shipped_graphs": size / kept_fp32}
     new = dataclasses.replace(new, fidelity=report)
     (work / MANIFEST_NAME).write_text(new.to_json())
     result = QuantizeResult(None, recipe.name, passed, report, report["sizes"])

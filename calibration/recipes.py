@@ -9,24 +9,43 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-# How one graph is treated:
+from ..runtime.errors import OmniGuardError
+
+# How one graph is treated: method -> (precision of the graph it writes, needs calibration data). The transforms
+# are calibration/graphs.py's, one per method.
 #   keep       : copied unchanged (fp32)
 #   drop       : not shipped (the runtime of the recipe's target does not open it)
 #   int8-dyn   : INT8 weights per output channel, activations quantized per run (onnxruntime
 #                DynamicQuantizeMatMul: u8 x s8 integer GEMM, VNNI/AMX where the CPU has them)
 #   int4-block : INT4 weights in blocks along K with one fp32 scale per block (onnxruntime MatMulNBits)
-METHODS = ("keep", "drop", "int8-dyn", "int4-block")
+#   fp16       : fp16 weights and activations, some ops kept fp32 (calibration/graphs.py FP16_KEEP_FP32), fp32 I/O
+#   qdq-int8   : explicit INT8 Q/DQ (TensorRT), symmetric, per-channel weights, calibrated activation scales
+#   int4-qdq   : INT4 weight-only as blocked DequantizeLinear (opset 21), for TensorRT
+METHODS: dict[str, tuple[str | None, bool]] = {
+    "keep": ("fp32", False), "drop": (None, False), "int8-dyn": ("int8", False), "int4-block": ("int4", False),
+    "fp16": ("fp16", False), "qdq-int8": ("int8", True), "int4-qdq": ("int4", False)}
+
+
+class RecipeError(OmniGuardError, ValueError):
+    """A recipe cannot be applied as asked (not built, wrong source bundle, missing or unusable data, a bad
+    parameter); the message says why and what to do. Raised before the work it would waste."""
 
 
 @dataclass(frozen=True)
 class GraphPlan:
     method: str
     params: dict = field(default_factory=dict)
-    gate_cosine: float | None = None  # minimum cosine against fp32 on every held-out input (None: no gate)
+    gate_cosine: float | None = None  # minimum cosine against fp32 on every held-out input
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(f"GraphPlan.method must be one of {METHODS}, not {self.method!r}")
+            raise ValueError(f"GraphPlan.method must be one of {tuple(METHODS)}, not {self.method!r}")
+        if self.method not in ("keep", "drop") and self.gate_cosine is None:
+            raise ValueError(f"GraphPlan({self.method!r}): a graph that is changed needs a gate_cosine")
+
+    @property
+    def precision(self) -> str | None:
+        return METHODS[self.method][0]
 
 
 @dataclass(frozen=True)
@@ -36,15 +55,20 @@ class Recipe:
     summary: str
     precision: str  # the bundle's precision label (manifest `precision`)
     graphs: dict[str, GraphPlan]  # every graph of the fp32 bundle: what happens to it
-    needs_calibration: bool = False  # activation scales come from calibration data
-    built: bool = True  # False: named and documented, not implemented yet (quantize refuses it, saying so)
-    runs_on: str = "onnxruntime CPU"  # where the bundle runs in this project's tests
+    built: bool = True  # False: named and documented, not implemented (quantize refuses it, saying so)
+    runs_on: str = "onnxruntime CPU"  # where the bundle runs, and how this project judges it
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether a graph's method takes activation scales from calibration data."""
+        return any(METHODS[p.method][1] for p in self.graphs.values())
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "needs_calibration": self.needs_calibration}
 
 
-INT8_COS, INT4_LOGITS_COS = 0.99, 0.98  # the precision issue's gates: per INT8 graph, the INT4 decoder's logits
+# the precision issue's gates: per fp16 graph, per INT8 graph, the INT4 decoder's logits
+FP16_COS, INT8_COS, INT4_LOGITS_COS = 0.999, 0.99, 0.98
 
 _CPU_INT8 = Recipe(
     name="cpu-int8", target="cpu", precision="int8",
@@ -71,26 +95,45 @@ _CPU_INT4 = Recipe(
         "decoder": GraphPlan("drop"),
     })
 
-_LATER = "not built yet (the precision issue, in progress): listed so its name and target are fixed"
-
 _GPU_FP16 = Recipe(
-    name="gpu-fp16", target="gpu", precision="fp16", built=False, runs_on="onnxruntime CUDA / TensorRT (not here)",
-    summary="fp16 weights and activations; norms, softmax, rotary and the residual stream kept fp32; fp32 I/O. "
-            + _LATER,
-    graphs={g: GraphPlan("keep") for g in ("vision", "audio", "decoder", "decoder_gqa", "decoder_gqa_head")})
+    name="gpu-fp16", target="gpu", precision="fp16",
+    runs_on="onnxruntime CUDA / TensorRT; judged here by onnxruntime's CPU provider running the fp16 graphs as written",
+    summary="fp16 weights and activations with norms, softmax, rotary tables, erf and the residual adds in fp32; "
+            "fp32 graph inputs and outputs; the standard-ops decoder",
+    graphs={
+        "vision": GraphPlan("fp16", {}, FP16_COS),
+        "audio": GraphPlan("fp16", {}, FP16_COS),
+        "decoder": GraphPlan("fp16", {}, FP16_COS),
+        # the fast decoder's in-place KV buffers are fp32 in the runtime today: its fp16 form waits for the GPU path
+        "decoder_gqa": GraphPlan("drop"),
+        "decoder_gqa_head": GraphPlan("drop"),
+    })
 
 _TRT_INT8 = Recipe(
-    name="trt-int8", target="gpu", precision="int8", needs_calibration=True, built=False,
-    runs_on="TensorRT (not here)",
-    summary="explicit symmetric Q/DQ, per-channel weights, calibrated activation scales, the standard-ops decoder. "
-            + _LATER,
-    graphs={g: GraphPlan("keep") for g in ("vision", "audio", "decoder", "decoder_gqa", "decoder_gqa_head")})
+    name="trt-int8", target="gpu", precision="int8",
+    runs_on="TensorRT (explicit quantization); judged here by onnxruntime's CPU provider running the Q/DQ graphs",
+    summary="explicit Q/DQ for TensorRT: INT8 symmetric, weights per channel, activation scales calibrated on the "
+            "calibration set; the standard-ops decoder",
+    graphs={
+        "vision": GraphPlan("qdq-int8", {}, INT8_COS),
+        "audio": GraphPlan("qdq-int8", {}, INT8_COS),
+        "decoder": GraphPlan("qdq-int8", {}, INT8_COS),
+        "decoder_gqa": GraphPlan("drop"),  # onnxruntime contrib ops: TensorRT parses the standard decoder
+        "decoder_gqa_head": GraphPlan("drop"),
+    })
 
 _ORIN = Recipe(
-    name="orin", target="jetson", precision="int4", built=False, runs_on="TensorRT on Jetson Orin (not here)",
-    summary="the standard-ops decoder INT4 weight-only as blocked DequantizeLinear (opset 21), encoders fp16. "
-            + _LATER,
-    graphs={g: GraphPlan("keep") for g in ("vision", "audio", "decoder", "decoder_gqa", "decoder_gqa_head")})
+    name="orin", target="jetson", precision="int4",
+    runs_on="TensorRT on Jetson Orin; judged here by onnxruntime's CPU provider running its graphs as written",
+    summary="the standard-ops decoder INT4 weight-only as blocked DequantizeLinear (opset 21, which TensorRT parses; "
+            "MatMulNBits is onnxruntime-only), encoders fp16",
+    graphs={
+        "vision": GraphPlan("fp16", {}, FP16_COS),
+        "audio": GraphPlan("fp16", {}, FP16_COS),
+        "decoder": GraphPlan("int4-qdq", {"block_size": 32}, INT4_LOGITS_COS),
+        "decoder_gqa": GraphPlan("drop"),
+        "decoder_gqa_head": GraphPlan("drop"),
+    })
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (_CPU_INT8, _CPU_INT4, _GPU_FP16, _TRT_INT8, _ORIN)}
 
@@ -98,5 +141,5 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (_CPU_INT8, _CPU_INT4, _GPU_FP1
 def get_recipe(name) -> Recipe:
     """The recipe called `name`; ValueError naming the parameter and the choices otherwise."""
     if not isinstance(name, str) or name not in RECIPES:
-        raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, not {name!r}")
+        raise RecipeError(f"recipe must be one of {', '.join(RECIPES)}, not {name!r}")
     return RECIPES[name]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,6 +125,11 @@ def open_bundle(path: str | os.PathLike, options: SessionOptions | None = None, 
     options = options or SessionOptions()
     path = Path(path)
     manifest = load_manifest(path, verify=verify)
+    gate = (manifest.fidelity or {}).get("gate", {})
+    if gate.get("passed") is False:  # written with `quantize --allow-failing`
+        warnings.warn(f"{path}: this {manifest.precision} bundle FAILED its fidelity gate against fp32 "
+                      f"({'; '.join(gate.get('failures', []))}); its verdicts may differ from the fp32 bundle's",
+                      RuntimeWarning, stacklevel=2)
     bundle = Bundle(path=path, manifest=manifest)
     for name in options.graphs:
         graph = name

@@ -332,10 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", type=_bundle_dir, required=True, help="the fp32 bundle")
     p.add_argument("--recipe", required=True, choices=RECIPE_NAMES, help="see `omniguard-edge recipes`")
     p.add_argument("--out", type=Path, help="bundle folder to create (default: BUNDLE-RECIPE beside the bundle)")
-    p.add_argument("--calibration", type=Path,
-                   help="calibration data folder laid out like ../shared/data (default: ../shared/data when present)")
-    p.add_argument("--no-calibration", action="store_true",
-                   help="use no data folder: held-out inputs and agreement from requests made here (cpu-int8, cpu-int4)")
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--calibration", type=Path,
+                      help="calibration data folder laid out like ../shared/data (default: ../shared/data when "
+                           "present)")
+    data.add_argument("--no-calibration", action="store_true",
+                      help="use no data folder: held-out inputs and agreement from requests made here (every recipe "
+                           "but trt-int8, whose activation scales need the data)")
     p.add_argument("--limit", type=_int_in(1, 1 << 20), default=20,
                    help="requests per evaluation pack for the verdict agreement (default 20)")
     p.add_argument("--seed", type=int, default=0)

@@ -75,9 +75,11 @@ def test_cpu_recipe_writes_a_quantized_bundle_that_passes_its_gate(quantized, ti
     want = "MatMulNBits" if recipe.graphs["decoder_gqa"].method == "int4-block" else "MatMulInteger"
     assert want in _onnx_ops(result.out / m.graphs["decoder_gqa"].file)
     assert "decoder.onnx" not in m.files and not (result.out / "decoder.onnx").exists()
+    # the bundle holds exactly what its manifest lists: no media, simulations or scratch files of the run
+    assert {p.name for p in result.out.iterdir()} == set(m.files) | {"manifest.json"}
     fp32 = load_manifest(tiny_bundle, verify="none")
     assert m.files["vision.onnx"].size < fp32.files["vision.onnx"].size
-    assert m.fidelity["sizes"]["ratio"] < 1
+    assert m.fidelity["sizes"]["ratio_of_shipped_graphs"] < 1  # smaller than the fp32 files of the same graphs
     assert m.fidelity["agreement"]["n"] == 7 and m.fidelity["agreement"]["verdict_agreement"] is not None
 
 
@@ -115,13 +117,20 @@ def test_quantize_refuses_what_it_cannot_do(tiny_bundle, quantized, tmp_path, mo
 
     with pytest.raises(RecipeError, match="recipes start from an fp32 bundle"):
         quantize_bundle(quantized["cpu-int8"].out, "cpu-int4", out=tmp_path / "x", calibration=None)
-    with pytest.raises(RecipeError, match="not built yet"):
-        quantize_bundle(tiny_bundle, "orin", out=tmp_path / "x", calibration=None)
-    needy = dataclasses.replace(recipes.RECIPES["cpu-int8"], needs_calibration=True)
+    unbuilt = dataclasses.replace(recipes.RECIPES["orin"], built=False)
     with monkeypatch.context() as mp:
-        mp.setitem(recipes.RECIPES, "cpu-int8", needy)
-        with pytest.raises(RecipeError, match="needs calibration data: pass --calibration"):
-            quantize_bundle(tiny_bundle, "cpu-int8", out=tmp_path / "x", calibration=None)
+        mp.setitem(recipes.RECIPES, "orin", unbuilt)
+        with pytest.raises(RecipeError, match="not built yet"):
+            quantize_bundle(tiny_bundle, "orin", out=tmp_path / "x", calibration=None)
+    with pytest.raises(RecipeError, match="heldout_per_modality must be an int >= 1"):
+        quantize_bundle(tiny_bundle, "cpu-int8", out=tmp_path / "x", calibration=None, heldout_per_modality=0)
+    with pytest.raises(RecipeError, match="is the fp32 bundle or inside it"):
+        quantize_bundle(tiny_bundle, "cpu-int8", out=Path(tiny_bundle) / "q", calibration=None, overwrite=True)
+    with pytest.raises(RecipeError, match="lacks text/ and image/"):
+        quantize_bundle(tiny_bundle, "cpu-int8", out=tmp_path / "x", calibration=tmp_path)
+    assert recipes.RECIPES["trt-int8"].needs_calibration  # its activation scales come from calibration data
+    with pytest.raises(RecipeError, match="needs calibration data: pass --calibration"):
+        quantize_bundle(tiny_bundle, "trt-int8", out=tmp_path / "x", calibration=None)
     (tmp_path / "taken").mkdir()
     with pytest.raises(BundleError, match="already exists"):
         quantize_bundle(tiny_bundle, "cpu-int8", out=tmp_path / "taken", calibration=None)
@@ -194,7 +203,7 @@ def test_calibration_set_from_real_data_is_split_counted_and_cached(tmp_path):
     assert other.sha256 != cset.sha256
     with pytest.raises(ValueError, match="per_modality"):
         calibset.build(SHARED, per_modality=1, cache=tmp_path)
-    with pytest.raises(FileNotFoundError, match="lacks text/ and image/"):
+    with pytest.raises(ValueError, match="lacks text/ and image/"):
         calibset.build(tmp_path, cache=tmp_path)
 
 
@@ -219,3 +228,72 @@ def test_recipe_with_the_real_calibration_set(tiny_bundle, tmp_path):
     assert graphs["audio"]["n"] >= 2 and graphs["decoder_gqa"]["n"] >= 8
     assert m.fidelity["agreement"]["n"] == 2 * len(evalpacks.PACKS)
     assert "evaluation packs" in m.fidelity["agreement"]["source"]
+
+
+def _initializer_types(path: Path) -> set[int]:
+    import onnx
+
+    return {t.data_type for t in onnx.load(str(path), load_external_data=False).graph.initializer}
+
+
+@pytest.fixture(scope="module")
+def gpu_quantized(tiny_bundle, tmp_path_factory):
+    """The GPU and Jetson recipes on the tiny bundle, judged on onnxruntime's CPU provider: gpu-fp16 and orin need
+    no data; trt-int8 calibrates on ../shared/data (skipped without it)."""
+    pytest.importorskip("onnx", reason="quantize needs onnx (the export extra)")
+    from omniguard_edge.calibration.quantize import quantize_bundle
+
+    root = tmp_path_factory.mktemp("gpu-recipes")
+    out = {name: quantize_bundle(tiny_bundle, name, out=root / name, calibration=None, progress=False,
+                                 allow_failing=True) for name in ("gpu-fp16", "orin")}
+    if SHARED.exists() and shutil.which("espeak-ng"):
+        out["trt-int8"] = quantize_bundle(tiny_bundle, "trt-int8", out=root / "trt-int8", calibration=SHARED,
+                                          limit=2, heldout_per_modality=2, calibration_per_modality=6,
+                                          progress=False, allow_failing=True)
+    return out
+
+
+@pytest.mark.parametrize("name", ["gpu-fp16", "orin", "trt-int8"])
+def test_gpu_recipe_passes_its_gate_judged_on_cpu(gpu_quantized, name):
+    import onnx
+    from onnx import TensorProto
+
+    if name not in gpu_quantized:
+        pytest.skip("trt-int8 calibrates on ../shared/data with espeak-ng speech: not both here")
+    result = gpu_quantized[name]
+    recipe = recipes.get_recipe(name)
+    m = load_manifest(result.out, verify="full")
+    assert m.fidelity["gate"]["passed"], result.table()
+    assert {p.name for p in result.out.iterdir()} == set(m.files) | {"manifest.json"}
+    assert set(m.graphs) == {"vision", "audio", "decoder"}  # TensorRT parses the standard-ops decoder
+    for graph, plan in recipe.graphs.items():
+        if plan.method == "drop":
+            continue
+        figures = m.fidelity["graphs"][graph]
+        assert figures["n"] > 0 and figures["cosine"] >= plan.gate_cosine, (graph, figures)
+        path = result.out / m.graphs[graph].file
+        if plan.method == "fp16":
+            assert TensorProto.FLOAT16 in _initializer_types(path)
+            assert "as written" in figures["judged_as"]
+            graph_io = onnx.load(str(path), load_external_data=False).graph
+            assert all(v.type.tensor_type.elem_type != TensorProto.FLOAT16 for v in list(graph_io.input) + list(graph_io.output))
+        elif plan.method == "qdq-int8":
+            assert {"QuantizeLinear", "DequantizeLinear"} <= _onnx_ops(path)
+            assert TensorProto.INT8 in _initializer_types(path)
+        elif plan.method == "int4-qdq":
+            model = onnx.load(str(path), load_external_data=False)
+            assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 21
+            assert TensorProto.INT4 in _initializer_types(path)
+            blocked = [n for n in model.graph.node if n.op_type == "DequantizeLinear"
+                       and any(a.name == "block_size" and a.i == 32 for a in n.attribute)]
+            assert blocked and "MatMulNBits" not in _onnx_ops(path)
+    if name == "trt-int8":
+        # attention's activation x activation MatMuls stay fp32 (per-tensor INT8 probabilities round to 0)
+        applied = m.recipe["graphs_applied"]["decoder"]
+        assert applied["kept_fp32"]["activation_matmuls"] == 4  # 2 per layer, 2 layers
+        model = onnx.load(str(result.out / m.graphs["decoder"].file), load_external_data=False)
+        producer = {o: n.op_type for n in model.graph.node for o in n.output}
+        attention = [n for n in model.graph.node if n.name == "/layers.0/MatMul_1"]
+        assert attention and all(producer.get(i) != "DequantizeLinear" for i in attention[0].input)
+        assert m.calibration["activation_scales_from"]["requests"] == 24  # 6 per modality
+        assert all(n > 0 for n in m.calibration["activation_scales_from"]["inputs_per_graph"].values())
