@@ -103,17 +103,10 @@ def int8_dynamic(src: Path, dest: Path, plan: GraphPlan, metadata: dict) -> tupl
 def int4_block(src: Path, dest: Path, plan: GraphPlan, metadata: dict) -> tuple[str | None, dict]:
     """INT4 weights in blocks of plan.params['block_size'] along K, one fp32 scale per block (symmetric), as
     onnxruntime's MatMulNBits; `accuracy_level` 4 lets the CPU kernel quantize activations to int8 per block."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     p = plan.params
-    q = MatMulNBitsQuantizer(_load(src), bits=4, block_size=int(p["block_size"]), is_symmetric=bool(p["symmetric"]),
-                             accuracy_level=int(p["accuracy_level"]), op_types_to_quantize=("MatMul",))
-    with _quiet():
-        q.process()
-    model = q.model.model
-    counts = _op_counts(model)
-    if not counts.get("MatMulNBits"):
-        raise RuntimeError(f"{src.name}: the INT4 quantizer replaced no MatMul (ops: {counts})")
+    model, counts = _int4(src, _load(src), "MatMulNBits", block_size=int(p["block_size"]),
+                          is_symmetric=bool(p["symmetric"]), accuracy_level=int(p["accuracy_level"]))
     data = _save(model, dest, metadata)
     return data, {"method": "int4-block", "weights": "int4 " + ("symmetric" if p["symmetric"] else "asymmetric"),
                   "block_size": int(p["block_size"]), "accuracy_level": int(p["accuracy_level"]),
@@ -228,22 +221,29 @@ def int4_qdq(src: Path, dest: Path, plan: GraphPlan, metadata: dict, calibration
     import onnx
     from onnx import external_data_helper, version_converter
     from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     skeleton = onnx.load(str(src), load_external_data=False)
     model = version_converter.convert_version(skeleton, 21)
     external_data_helper.load_external_data_for_model(model, str(src.parent))
-    q = MatMulNBitsQuantizer(model, bits=4, block_size=int(plan.params["block_size"]), is_symmetric=True,
-                             quant_format=QuantFormat.QDQ, op_types_to_quantize=("MatMul",))
-    with _quiet():
-        q.process()
-    model = q.model.model
-    counts = _op_counts(model)
-    if not counts.get("DequantizeLinear"):
-        raise RuntimeError(f"{src.name}: the INT4 quantizer inserted no DequantizeLinear (ops: {counts})")
+    model, counts = _int4(src, model, "DequantizeLinear", block_size=int(plan.params["block_size"]),
+                          is_symmetric=True, quant_format=QuantFormat.QDQ)
     data = _save(model, dest, metadata)
     return data, {"method": "int4-qdq", "weights": "int4 symmetric", "block_size": int(plan.params["block_size"]),
                   "activations": "fp32 (weight-only)", "format": "blocked DequantizeLinear, opset 21", "ops": counts}
+
+
+def _int4(src: Path, model, expect: str, **options):
+    """onnxruntime's INT4 weight quantizer on every MatMul of `model`; (the result, its op counts). RuntimeError
+    when no `expect` op came out of it (nothing was quantized)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    q = MatMulNBitsQuantizer(model, bits=4, op_types_to_quantize=("MatMul",), **options)
+    with _quiet():
+        q.process()
+    counts = _op_counts(q.model.model)
+    if not counts.get(expect):
+        raise RuntimeError(f"{src.name}: the INT4 quantizer made no {expect} (ops: {counts})")
+    return q.model.model, counts
 
 
 def _op_counts(model) -> dict[str, int]:

@@ -98,6 +98,19 @@ def _bundle_bytes(bundle: Path, manifest: Manifest) -> int:
     return sum(e.size for e in manifest.files.values()) + (bundle / MANIFEST_NAME).stat().st_size
 
 
+def _table(src: Path, dest: Path, dtype: str) -> None:
+    """A [rows, hidden] .npy table (embedding, output rows) copied at `dtype` (float32: as it is), a row block at a
+    time (a 7B table is 2.2 GB in fp32)."""
+    if dtype == "float32":
+        return _copy(src, dest)
+    table = np.load(src, mmap_mode="r")
+    out = np.lib.format.open_memmap(dest, mode="w+", dtype=np.dtype(dtype), shape=table.shape)
+    for start in range(0, table.shape[0], 16384):
+        out[start:start + 16384] = table[start:start + 16384]
+    out.flush()
+    del out
+
+
 def _copy(src: Path, dest: Path) -> None:
     """A copy, not a hard link: onnx refuses external data files with several links (its hardlink-attack check)."""
     shutil.copyfile(src, dest)
@@ -248,9 +261,11 @@ def _quantize(bundle, manifest, recipe, out, work, scratch, data, allow_failing,
                         "omniguard_edge.recipe": recipe.name}
                 data_file, applied = graphs.apply(bundle / spec.file, work / spec.file, plan, meta,
                                                   calibration=calib_feeds.get(name))
-                keep_rows = name == "decoder_gqa_head"  # the fp32 rows the runtime reads at constrained positions
-                if keep_rows:
-                    _copy(bundle / spec.data_file, work / spec.data_file)
+                if name == "decoder_gqa_head":  # the rows the runtime reads at constrained positions, as a table
+                    if data_file is not None:  # the quantized head must hold its weights: lm_head.npy is rows only
+                        raise RuntimeError(f"{spec.file}: the quantized output layer needs an external data file, "
+                                           "which this bundle layout has no place for")
+                    _table(bundle / spec.data_file, work / spec.data_file, recipe.tables)
                     data_file = spec.data_file
                 files = [f for f in (spec.file, data_file) if f]
                 new_graphs[name] = dataclasses.replace(spec, precision=plan.precision,
@@ -262,11 +277,14 @@ def _quantize(bundle, manifest, recipe, out, work, scratch, data, allow_failing,
             bar.update(1)
 
     # the bundle's other files: embedding table, tokenizer, template, processor constants
-    for f in ("embed_tokens.npy",) + tuple(f for f, e in manifest.files.items()
-                                          if e.role not in ("graph", "graph-data", "embedding")):
-        if f in manifest.files and f not in roles:
+    embedding = dict(manifest.embedding)
+    _table(bundle / embedding["file"], work / embedding["file"], recipe.tables)
+    roles[embedding["file"]] = manifest.files[embedding["file"]].role
+    embedding["dtype"] = str(np.load(work / embedding["file"], mmap_mode="r").dtype)
+    for f, e in manifest.files.items():
+        if e.role not in ("graph", "graph-data", "embedding") and f not in roles:
             _copy(bundle / f, work / f)
-            roles[f] = manifest.files[f].role
+            roles[f] = e.role
 
     # 3. fidelity per graph on the held-out inputs: every graph as written, on onnxruntime's CPU provider (an fp16
     # op without an fp16 CPU kernel runs in fp32 between the Casts onnxruntime inserts for it)
@@ -293,7 +311,7 @@ def _quantize(bundle, manifest, recipe, out, work, scratch, data, allow_failing,
                      "source_bundle": {"path": str(bundle.resolve()), "precision": manifest.precision,
                                        "files_sha256": _files_digest(manifest)},
                      "tools": {"onnxruntime": version("onnxruntime"), "onnx": version("onnx")}}
-    new = dataclasses.replace(manifest, precision=recipe.precision, graphs=new_graphs, files=files,
+    new = dataclasses.replace(manifest, precision=recipe.precision, graphs=new_graphs, files=files, embedding=embedding,
                               calibration=calibration_summary, recipe=recipe_record, fidelity=None)
     (work / MANIFEST_NAME).write_text(new.to_json())
 

@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from omniguard_edge.calibration import recipes
@@ -75,6 +76,10 @@ def test_cpu_recipe_writes_a_quantized_bundle_that_passes_its_gate(quantized, ti
     want = "MatMulNBits" if recipe.graphs["decoder_gqa"].method == "int4-block" else "MatMulInteger"
     assert want in _onnx_ops(result.out / m.graphs["decoder_gqa"].file)
     assert "decoder.onnx" not in m.files and not (result.out / "decoder.onnx").exists()
+    # the tables at the recipe's precision; the runtime reads them as they are (the moderation test below)
+    rows = np.load(result.out / m.graphs["decoder_gqa_head"].data_file, mmap_mode="r")
+    assert m.embedding["dtype"] == recipe.tables == str(rows.dtype)
+    assert str(np.load(result.out / m.embedding["file"], mmap_mode="r").dtype) == recipe.tables
     # the bundle holds exactly what its manifest lists: no media, simulations or scratch files of the run
     assert {p.name for p in result.out.iterdir()} == set(m.files) | {"manifest.json"}
     fp32 = load_manifest(tiny_bundle, verify="none")
@@ -258,6 +263,8 @@ def test_gpu_recipe_passes_its_gate_judged_on_cpu(gpu_quantized, name):
     import onnx
     from onnx import TensorProto
 
+    from omniguard_edge.runtime.guard import Guard
+
     if name not in gpu_quantized:
         pytest.skip("trt-int8 calibrates on ../shared/data with espeak-ng speech: not both here")
     result = gpu_quantized[name]
@@ -287,6 +294,12 @@ def test_gpu_recipe_passes_its_gate_judged_on_cpu(gpu_quantized, name):
             blocked = [n for n in model.graph.node if n.op_type == "DequantizeLinear"
                        and any(a.name == "block_size" and a.i == 32 for a in n.attribute)]
             assert blocked and "MatMulNBits" not in _onnx_ops(path)
+    # onnxruntime's CPU provider runs these graphs too (fp16 ops without a CPU kernel between inserted Casts): the
+    # bundle moderates here, on the standard decoder
+    guard = Guard.from_bundle(result.out)
+    assert guard.bundle.decoder_graph == "decoder"
+    verdict = guard.moderate(text="How do I bake bread?")
+    assert verdict.verdict in ("safe", "unsafe") and 0.0 <= verdict.p_unsafe <= 1.0, verdict.error
     if name == "trt-int8":
         # attention's activation x activation MatMuls stay fp32 (per-tensor INT8 probabilities round to 0)
         applied = m.recipe["graphs_applied"]["decoder"]
