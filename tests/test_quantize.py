@@ -117,6 +117,34 @@ def test_a_failing_gate_writes_no_bundle_unless_allowed(tiny_bundle, tmp_path, m
     assert m.fidelity["gate"] == {**m.fidelity["gate"], "passed": False, "allowed_failing": True}
 
 
+@pytest.mark.parametrize("reference, agree, errors, failure", [
+    (True, 9, 0, None),  # a random-weight source: agreement is reported, not enforced
+    (False, 9, 0, "verdict agreement 90.0% < 99%"),  # a real checkpoint: enforced
+    (False, 10, 0, None),
+    (True, 9, 1, "agreement requests without a verdict"),  # no verdict fails closed, whatever the weights
+])
+def test_the_gate_reads_verdict_agreement(tiny_bundle, tmp_path, monkeypatch, reference, agree, errors, failure):
+    """The agreement side of the gate, with the agreement figures given (the real runs are tested above)."""
+    pytest.importorskip("onnx", reason="quantize needs onnx (the export extra)")
+    from omniguard_edge.calibration import fidelity, quantize
+
+    source = tmp_path / "fp32"
+    shutil.copytree(tiny_bundle, source)
+    raw = json.loads((source / "manifest.json").read_text())
+    raw["source"]["reference_checkpoint"] = reference
+    (source / "manifest.json").write_text(json.dumps(raw))
+    monkeypatch.setattr(fidelity, "agreement", lambda a, b, requests, progress=None: fidelity.Agreement(
+        10, agree, errors, 0.01, 0.02, []))
+    result = quantize.quantize_bundle(source, "cpu-int8", out=tmp_path / "q", calibration=None, progress=False)
+    gate = result.fidelity["gate"]
+    assert gate["agreement_enforced"] is (not reference)
+    if failure is None:
+        assert result.passed and gate["failures"] == []
+    else:
+        assert not result.passed and result.out is None
+        assert any(failure in f for f in gate["failures"]), gate["failures"]
+
+
 def test_quantize_refuses_what_it_cannot_do(tiny_bundle, quantized, tmp_path, monkeypatch):
     from omniguard_edge.calibration.quantize import RecipeError, default_out, quantize_bundle
 
