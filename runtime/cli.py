@@ -105,7 +105,7 @@ _EXPORT_NEEDS = {
     "reference": ("torch", "transformers", "safetensors"),
     "export": ("torch", "transformers", "onnx", "onnxscript", "safetensors", "onnxruntime"),
     "demo": ("torch", "transformers", "onnx", "onnxscript", "safetensors", "onnxruntime"),
-    "quantize": ("onnx", "onnxruntime"),  # onnxruntime's quantization tools build on onnx
+    "quantize": ("onnx", "onnx_ir", "onnxruntime"),  # onnxruntime's quantization tools (INT4: onnx-ir)
 }
 EXPORT_INSTALL = "pip install 'omniguard-edge[cpu,export]'"
 
@@ -124,6 +124,8 @@ def missing_export_extra(command: str) -> str | None:
             reason = f"{module} fails to import: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         else:
             continue
+        if command == "quantize":
+            return f"omniguard-edge quantize: needs the quantize extra ({reason}): pip install 'omniguard-edge[cpu,quantize]'"
         return f"omniguard-edge {command}: needs the export extra ({reason}): {EXPORT_INSTALL}"
     return None
 
@@ -328,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser("quantize", help="apply a precision recipe to an fp32 bundle, with a fidelity report and gate "
-                                        "(needs onnx: [export])")
+                                        "(needs the quantize extra)")
     p.add_argument("--bundle", type=_bundle_dir, required=True, help="the fp32 bundle")
     p.add_argument("--recipe", required=True, choices=RECIPE_NAMES, help="see `omniguard-edge recipes`")
     p.add_argument("--out", type=Path, help="bundle folder to create (default: BUNDLE-RECIPE beside the bundle)")

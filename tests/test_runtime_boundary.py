@@ -68,6 +68,22 @@ def test_export_commands_without_the_export_extra(argv, tmp_path):
     assert list(work.iterdir()) == []  # no --out, no .partial sibling, no workdir
 
 
+def test_quantize_without_the_quantize_extra(tiny_bundle, tmp_path):
+    """Without onnx (a runtime-only install) `quantize` says which extra it needs, in one line, before any work."""
+    blocker = tmp_path / "blocker"
+    for name in ("onnx", "onnx_ir"):
+        (blocker / name).mkdir(parents=True)
+        (blocker / name / "__init__.py").write_text(f'raise ModuleNotFoundError("No module named {name!r}", name={name!r})\n')
+    env = dict(os.environ, PYTHONPATH=str(blocker))
+    out = tmp_path / "q"
+    proc = subprocess.run([sys.executable, "-m", "omniguard_edge.runtime.cli", "quantize", "--bundle", str(tiny_bundle),
+                           "--recipe", "cpu-int8", "--out", str(out)], capture_output=True, text=True, env=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "omniguard-edge quantize: needs the quantize extra (onnx is not installed)" in lines[0]
+    assert "omniguard-edge[cpu,quantize]" in lines[0] and not out.exists()
+
+
 MODERATE = """
 import json, sys
 from omniguard_edge.runtime.guard import Guard
