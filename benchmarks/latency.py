@@ -113,9 +113,9 @@ def run_runtime(bundle: Path, chosen: dict, args) -> tuple[list[dict], dict]:
     return rows, info
 
 
-def _compared_names(parser, base: Path, bundles: list[Path]) -> list[str]:
-    """Each --compare bundle's name (its recipe), after checking that it is a bundle of --bundle's model and that
-    no two share a name; a parser error otherwise."""
+def _compared_names(parser, base: Path, bundles: list[Path]) -> list[tuple[str, bool | None]]:
+    """Each --compare bundle's name (its recipe) and whether it passed its fidelity gate, after checking that it is
+    a bundle of --bundle's model and that no two share a name; a parser error otherwise."""
     from omniguard_edge.runtime.errors import BundleError
     from omniguard_edge.runtime.manifest import load_manifest
 
@@ -132,15 +132,13 @@ def _compared_names(parser, base: Path, bundles: list[Path]) -> list[str]:
         if name in names or name == "fp32":
             parser.error(f"--compare {b}: a second bundle named {name!r} (the table keys bundles by recipe)")
         names.append(name)
-    return names
+    return [(name, (m.fidelity or {}).get("gate", {}).get("passed")) for name, m in zip(names, manifests)]
 
 
-def compare_bundle(bundle: Path, name: str, chosen: dict, args) -> dict:
+def compare_bundle(bundle: Path, name: str, gate_passed: bool | None, chosen: dict, args) -> dict:
     """`run_runtime` on another bundle of the same model (a recipe of --bundle), its engines suffixed by its name
     (its recipe): runtime:cpu-int4, runtime-default:cpu-int4."""
     import gc
-
-    from omniguard_edge.runtime.manifest import load_manifest
 
     gc.collect()  # the previous bundle's sessions go before this one's peak RSS is measured
     rows, info = run_runtime(bundle, chosen, args)
@@ -148,9 +146,8 @@ def compare_bundle(bundle: Path, name: str, chosen: dict, args) -> dict:
         r["engine"] = f"{r['engine']}:{name}"
     info.pop("text_prompts", None)
     gc.collect()
-    gate = (load_manifest(bundle, verify="none").fidelity or {}).get("gate", {})
     return {"name": name, "path": str(bundle), "size_mb": benchlib.dir_size_mb(bundle), "rows": rows,
-            "gate_passed": gate.get("passed"), **info}
+            "gate_passed": gate_passed, **info}
 
 
 def recipes_table(doc: dict, compared: list[dict]) -> dict:
@@ -718,7 +715,7 @@ def main(argv=None) -> int:
         p.error(f"unknown scenarios {sorted(unknown)}; choose from {sorted(allowed)}")
     chosen = {k: v for k, v in allowed.items() if not args.scenarios or k in args.scenarios}
     rows, runtime_info = run_runtime(args.bundle, chosen, args)
-    compared = [compare_bundle(b, name, chosen, args) for b, name in zip(args.compare, names)]
+    compared = [compare_bundle(b, name, gate, chosen, args) for b, (name, gate) in zip(args.compare, names)]
     for c in compared:
         rows += c.pop("rows")
     # the runtime's whole run, compared bundles included (the PyTorch and peer sides run in their own processes)

@@ -134,7 +134,9 @@ def build(data: Path, per_modality: int = 64, heldout: float = 0.25, seed: int =
         if manifest.get("key") == key and all(Path(p).exists() for p in media):
             return CalibrationSet(root, manifest)
     items = []
-    bar = _bar(progress, len(MODALITIES) * per_modality)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(MODALITIES) * per_modality, desc="calibration set", unit="item", disable=not progress)
     for modality, packs in MODALITY_PACKS.items():
         share = math.ceil(per_modality / len(packs))
         try:
@@ -175,19 +177,3 @@ def build(data: Path, per_modality: int = 64, heldout: float = 0.25, seed: int =
     tmp.write_text(json.dumps(manifest, indent=1))
     tmp.replace(manifest_path)
     return CalibrationSet(root, manifest)
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
-
-
-def _bar(progress: bool, total: int, desc: str = "calibration set"):
-    if not progress:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="item")

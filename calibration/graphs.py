@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..export.onnx_io import PROTOBUF_LIMIT
+from ..export.onnx_io import save_graph
 from .recipes import METHODS, GraphPlan
 
 
@@ -40,21 +40,8 @@ def _toposort(model) -> None:
 
 
 def _save(model, dest: Path, metadata: dict[str, str]) -> str | None:
-    import onnx
-
     _toposort(model)
-
-    for key, value in metadata.items():
-        entry = next((p for p in model.metadata_props if p.key == key), None) or model.metadata_props.add()
-        entry.key, entry.value = key, str(value)
-    size = sum(t.ByteSize() for t in model.graph.initializer)
-    if size > PROTOBUF_LIMIT:
-        data = dest.name + ".data"
-        onnx.save_model(model, str(dest), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
-                        size_threshold=1024)
-        return data
-    onnx.save_model(model, str(dest))
-    return None
+    return save_graph(model, dest, metadata, sum(t.ByteSize() for t in model.graph.initializer))
 
 
 @contextlib.contextmanager

@@ -23,14 +23,16 @@ from . import calibset, fidelity, graphs
 from .recipes import Recipe, RecipeError, get_recipe
 
 
-
 @dataclass
 class QuantizeResult:
     out: Path | None  # the bundle written (None when the gate failed and nothing was written)
     recipe: str
     passed: bool
-    fidelity: dict
-    sizes: dict  # {"fp32_bytes", "bytes", "ratio"}
+    fidelity: dict  # the manifest's `fidelity`
+
+    @property
+    def sizes(self) -> dict:
+        return self.fidelity["sizes"]
 
     def table(self) -> str:
         """The report for people: per graph, then agreement, sizes and the gate."""
@@ -142,10 +144,6 @@ def quantize_bundle(bundle, recipe: str, out=None, calibration="auto", overwrite
     evaluation pack for the verdict agreement. `heldout_per_modality` held-out requests of each modality give the
     graphs' held-out inputs; `calibration_per_modality` (default: all) calibration requests give activation scales to
     recipes that calibrate them."""
-    from ..runtime.bundle import SessionOptions
-    from ..runtime.guard import Guard, GuardOptions
-    from .capture import capture
-
     recipe_obj = get_recipe(recipe)
 
     def whole(name, value, lo, optional=False):
@@ -182,17 +180,19 @@ def quantize_bundle(bundle, recipe: str, out=None, calibration="auto", overwrite
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-scratch-", dir=out.parent))  # never in the bundle
     try:
         return _quantize(bundle, manifest, recipe_obj, out, work, scratch, data, allow_failing, limit, seed, threads,
-                         heldout_per_modality, calibration_per_modality, progress, Guard, GuardOptions,
-                         SessionOptions, capture)
+                         heldout_per_modality, calibration_per_modality, progress)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _quantize(bundle, manifest, recipe, out, work, scratch, data, allow_failing, limit, seed, threads,
-              heldout_per_modality, calibration_per_modality, progress, Guard, GuardOptions, SessionOptions,
-              capture) -> QuantizeResult:
+              heldout_per_modality, calibration_per_modality, progress) -> QuantizeResult:
     from tqdm import tqdm
+
+    from ..runtime.bundle import SessionOptions
+    from ..runtime.guard import Guard, GuardOptions
+    from .capture import capture
 
     started = time.perf_counter()
     # the decoder graph the recipe changes is the one whose inputs are captured and which the agreement runs
@@ -238,8 +238,8 @@ def _quantize(bundle, manifest, recipe, out, work, scratch, data, allow_failing,
     head_rows = np.load(bundle / head.data_file, mmap_mode="r") if head is not None and not standard else None
     feeds = dict(captured.feeds)
     if "decoder_gqa" in feeds and head is not None:
-        dec = fidelity._session(bundle / manifest.graphs["decoder_gqa"].file, threads)  # the head's inputs
-        feeds["decoder_gqa_head"] = [{"hidden": dec.run(["hidden"], fidelity._fresh(f))[0]}
+        dec = fidelity.cpu_session(bundle / manifest.graphs["decoder_gqa"].file, threads)  # the head's inputs
+        feeds["decoder_gqa_head"] = [{"hidden": dec.run(["hidden"], fidelity.fresh_feeds(f))[0]}
                                      for f in feeds["decoder_gqa"]]
         del dec
 
@@ -363,7 +363,7 @@ def _quantize(bundle, manifest, recipe, out, work, scratch, data, allow_failing,
                        "fp32_bytes_of_shipped_graphs": kept_fp32, "ratio_of_shipped_graphs": size / kept_fp32}
     new = dataclasses.replace(new, fidelity=report)
     (work / MANIFEST_NAME).write_text(new.to_json())
-    result = QuantizeResult(None, recipe.name, passed, report, report["sizes"])
+    result = QuantizeResult(None, recipe.name, passed, report)
     if passed or allow_failing:
         if out.exists():
             shutil.rmtree(out)

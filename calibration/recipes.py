@@ -77,17 +77,22 @@ class Recipe:
 # the precision issue's gates: per fp16 graph, per INT8 graph, the INT4 decoder's logits
 FP16_COS, INT8_COS, INT4_LOGITS_COS = 0.999, 0.99, 0.98
 
+# the plans several recipes share
+_INT8_DYN = GraphPlan("int8-dyn", {"per_channel": True}, INT8_COS)
+_FP16 = GraphPlan("fp16", {}, FP16_COS)
+_DROP = GraphPlan("drop")
+
 _CPU_INT8 = Recipe(
     name="cpu-int8", target="cpu", precision="int8",
     summary="INT8 weights per channel in every graph, activations quantized per run (no calibration data needed)",
     graphs={
-        "vision": GraphPlan("int8-dyn", {"per_channel": True}, INT8_COS),
-        "audio": GraphPlan("int8-dyn", {"per_channel": True}, INT8_COS),
-        "decoder_gqa": GraphPlan("int8-dyn", {"per_channel": True}, INT8_COS),
+        "vision": _INT8_DYN,
+        "audio": _INT8_DYN,
+        "decoder_gqa": _INT8_DYN,
         # the output layer's rows are read in fp32 at the constrained positions (the verdict); the whole-vocabulary
         # graph (free decoding, the critique) is INT8
-        "decoder_gqa_head": GraphPlan("int8-dyn", {"per_channel": True}, INT8_COS),
-        "decoder": GraphPlan("drop"),  # the standard-ops decoder: for TensorRT; the CPU runtime opens decoder_gqa
+        "decoder_gqa_head": _INT8_DYN,
+        "decoder": _DROP,  # the standard-ops decoder: for TensorRT; the CPU runtime opens decoder_gqa
     })
 
 _CPU_INT4 = Recipe(
@@ -95,12 +100,9 @@ _CPU_INT4 = Recipe(
     summary="the decoder as INT4 blocks (MatMulNBits), encoders and the output layer INT8, the embedding table and "
             "output rows fp16 (no calibration data needed)",
     graphs={
-        "vision": GraphPlan("int8-dyn", {"per_channel": True}, INT8_COS),
-        "audio": GraphPlan("int8-dyn", {"per_channel": True}, INT8_COS),
+        **_CPU_INT8.graphs,  # encoders, output layer and the dropped standard decoder as cpu-int8
         "decoder_gqa": GraphPlan("int4-block", {"block_size": 32, "symmetric": True, "accuracy_level": 4},
                                  INT4_LOGITS_COS),
-        "decoder_gqa_head": GraphPlan("int8-dyn", {"per_channel": True}, INT8_COS),
-        "decoder": GraphPlan("drop"),
     },
     # measured on tiny, 180 requests: fp16 tables moved P(unsafe) by 1.7e-5 at most (the embedding alone), and the
     # whole recipe by 0.037 at most with them against 0.038 without
@@ -108,43 +110,30 @@ _CPU_INT4 = Recipe(
 
 # GPU and Jetson recipes ship the standard-ops decoder (TensorRT parses it; the fast one uses onnxruntime contrib
 # ops, and its in-place KV buffers are fp32 in the runtime today)
-_NO_FAST_DECODER = {"decoder_gqa": GraphPlan("drop"), "decoder_gqa_head": GraphPlan("drop")}
+_NO_FAST_DECODER = {"decoder_gqa": _DROP, "decoder_gqa_head": _DROP}
 
 _GPU_FP16 = Recipe(
     name="gpu-fp16", target="gpu", precision="fp16",
     runs_on="onnxruntime CUDA / TensorRT; judged here by onnxruntime's CPU provider running the fp16 graphs as written",
     summary="fp16 weights and activations with norms, softmax, rotary tables, erf and the residual adds in fp32; "
             "fp32 graph inputs and outputs; the standard-ops decoder",
-    graphs={
-        "vision": GraphPlan("fp16", {}, FP16_COS),
-        "audio": GraphPlan("fp16", {}, FP16_COS),
-        "decoder": GraphPlan("fp16", {}, FP16_COS),
-        **_NO_FAST_DECODER,
-    })
+    graphs={"vision": _FP16, "audio": _FP16, "decoder": _FP16, **_NO_FAST_DECODER})
 
+_QDQ_INT8 = GraphPlan("qdq-int8", {}, INT8_COS)
 _TRT_INT8 = Recipe(
     name="trt-int8", target="gpu", precision="int8",
     runs_on="TensorRT (explicit quantization); judged here by onnxruntime's CPU provider running the Q/DQ graphs",
     summary="explicit Q/DQ for TensorRT: INT8 symmetric, weights per channel, activation scales calibrated on the "
             "calibration set; the standard-ops decoder",
-    graphs={
-        "vision": GraphPlan("qdq-int8", {}, INT8_COS),
-        "audio": GraphPlan("qdq-int8", {}, INT8_COS),
-        "decoder": GraphPlan("qdq-int8", {}, INT8_COS),
-        **_NO_FAST_DECODER,
-    })
+    graphs={"vision": _QDQ_INT8, "audio": _QDQ_INT8, "decoder": _QDQ_INT8, **_NO_FAST_DECODER})
 
 _ORIN = Recipe(
     name="orin", target="jetson", precision="int4",
     runs_on="TensorRT on Jetson Orin; judged here by onnxruntime's CPU provider running its graphs as written",
     summary="the standard-ops decoder INT4 weight-only as blocked DequantizeLinear (opset 21, which TensorRT parses; "
             "MatMulNBits is onnxruntime-only), encoders fp16",
-    graphs={
-        "vision": GraphPlan("fp16", {}, FP16_COS),
-        "audio": GraphPlan("fp16", {}, FP16_COS),
-        "decoder": GraphPlan("int4-qdq", {"block_size": 32}, INT4_LOGITS_COS),
-        **_NO_FAST_DECODER,
-    })
+    graphs={"vision": _FP16, "audio": _FP16, "decoder": GraphPlan("int4-qdq", {"block_size": 32}, INT4_LOGITS_COS),
+            **_NO_FAST_DECODER})
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (_CPU_INT8, _CPU_INT4, _GPU_FP16, _TRT_INT8, _ORIN)}
 

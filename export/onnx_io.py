@@ -37,17 +37,23 @@ def finalize_onnx(traced: Path, dest: Path, metadata: dict[str, str]) -> str | N
     import onnx
 
     size = sum(os.path.getsize(p) for p in traced.parent.iterdir())
-    model = onnx.load(str(traced), load_external_data=True)
+    return save_graph(onnx.load(str(traced), load_external_data=True), dest, metadata, size)
+
+
+def save_graph(model, dest: Path, metadata: dict[str, str], size: int) -> str | None:
+    """Write `model` at `dest` with `metadata` (a key already there is replaced), its weights in one external-data
+    file `dest.name + ".data"` when `size` (bytes) passes the protobuf limit. Returns that file's name, or None."""
+    import onnx
+
     for key, value in metadata.items():
-        entry = model.metadata_props.add()
+        entry = next((p for p in model.metadata_props if p.key == key), None) or model.metadata_props.add()
         entry.key, entry.value = key, str(value)
-    data_name = None
-    if size > PROTOBUF_LIMIT:
-        data_name = dest.name + ".data"
-        onnx.save_model(model, str(dest), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-    else:
+    if size <= PROTOBUF_LIMIT:
         onnx.save_model(model, str(dest))
+        return None
+    data_name = dest.name + ".data"
+    onnx.save_model(model, str(dest), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name,
+                    size_threshold=1024)
     return data_name
 
 
