@@ -18,40 +18,8 @@ import numpy as np
 
 from ..runtime.manifest import GraphSpec, TensorSpec
 from .graphs.decoder import interface
-from .onnx_io import OPSET, run_onnx, trace_to_onnx
+from .onnx_io import OPSET, DataWriter, run_onnx, trace_to_onnx
 from .validate import FP32_TOLERANCE, record
-
-_ALIGN = 4096  # external tensors start on page boundaries (mmap-friendly)
-
-
-class _DataWriter:
-    """Appends initializers to one external-data file and points the tensors at it."""
-
-    def __init__(self, path: Path):
-        self.path, self.f, self.offset = path, open(path, "wb"), 0
-
-    def take(self, graph) -> None:
-        from onnx import TensorProto
-
-        for init in graph.initializer:
-            if not init.raw_data or len(init.raw_data) < 1024:
-                continue
-            pad = -self.offset % _ALIGN
-            self.f.write(b"\0" * pad)
-            self.offset += pad
-            raw = init.raw_data
-            self.f.write(raw)
-            del init.external_data[:]
-            for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(len(raw)))):
-                entry = init.external_data.add()
-                entry.key, entry.value = key, value
-            init.data_location = TensorProto.EXTERNAL
-            init.ClearField("raw_data")
-            self.offset += len(raw)
-
-    def close(self) -> None:
-        self.f.close()
-
 
 def _rename(graph, mapping: dict[str, str], prefix: str):
     """Rename every value of `graph`: names in `mapping` to their global name, the rest prefixed."""
@@ -72,7 +40,7 @@ def _rename(graph, mapping: dict[str, str], prefix: str):
     return graph
 
 
-def _stripped_graph(traced: Path, writer: _DataWriter):
+def _stripped_graph(traced: Path, writer: DataWriter):
     """Load a traced piece, stream its weights out, and return a copy of the graph that owns no weights.
 
     The copy matters: protobuf keeps a loaded model's memory in one arena for as long as any part of it
@@ -89,7 +57,7 @@ def _stripped_graph(traced: Path, writer: _DataWriter):
     return graph
 
 
-def _export_piece(name, module, inputs, outputs, axes, example, cases, work: Path, writer: _DataWriter,
+def _export_piece(name, module, inputs, outputs, axes, example, cases, work: Path, writer: DataWriter,
                   mapping: dict[str, str], report: list):
     """Trace one piece, validate it in onnxruntime, stream its weights out; returns its renamed graph."""
     scratch = Path(tempfile.mkdtemp(prefix=f"trace-{name}-", dir=work))
@@ -150,7 +118,7 @@ def export_decoder_layered(parts, work: Path, bar, rng, metadata: dict) -> tuple
     cfg = parts.ckpt.thinker_config.text_config
     n, head_dim = cfg.num_hidden_layers, cfg.hidden_size // cfg.num_attention_heads
     inputs, outputs, axes = interface(parts)
-    writer, report, graphs = _DataWriter(work / "decoder.onnx.data"), [], []
+    writer, report, graphs = DataWriter(work / "decoder.onnx.data"), [], []
     act = {0: "batch", 1: "seq"}
     rope_axes = {0: "batch", 2: "seq"}
     bias_axes = {0: "batch", 2: "seq", 3: "total"}

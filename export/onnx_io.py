@@ -40,14 +40,19 @@ def finalize_onnx(traced: Path, dest: Path, metadata: dict[str, str]) -> str | N
     return save_graph(onnx.load(str(traced), load_external_data=True), dest, metadata, size)
 
 
+def set_metadata(model, metadata: dict[str, str]) -> None:
+    """Set `model`'s metadata properties (a key already there is replaced)."""
+    for key, value in metadata.items():
+        entry = next((p for p in model.metadata_props if p.key == key), None) or model.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+
+
 def save_graph(model, dest: Path, metadata: dict[str, str], size: int) -> str | None:
     """Write `model` at `dest` with `metadata` (a key already there is replaced), its weights in one external-data
     file `dest.name + ".data"` when `size` (bytes) passes the protobuf limit. Returns that file's name, or None."""
     import onnx
 
-    for key, value in metadata.items():
-        entry = next((p for p in model.metadata_props if p.key == key), None) or model.metadata_props.add()
-        entry.key, entry.value = key, str(value)
+    set_metadata(model, metadata)
     if size <= PROTOBUF_LIMIT:
         onnx.save_model(model, str(dest))
         return None
@@ -55,6 +60,56 @@ def save_graph(model, dest: Path, metadata: dict[str, str], size: int) -> str | 
     onnx.save_model(model, str(dest), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name,
                     size_threshold=1024)
     return data_name
+
+
+class DataWriter:
+    """One external-data file, written as tensors come: each tensor's bytes are appended (page-aligned, so the file
+    maps well) and the tensor is pointed at them. A graph of any size is written this way with one tensor in memory
+    at a time (the low-memory export, the fast decoder's builder, the weight-by-weight quantizer)."""
+
+    ALIGN = 4096
+    MIN_BYTES = 1024  # smaller tensors stay inline in the graph
+
+    def __init__(self, path: Path):
+        self.path, self.f, self.offset, self.tensors = Path(path), open(path, "wb"), 0, []
+
+    def _append(self, tensor, raw) -> None:
+        from onnx import TensorProto
+
+        pad = -self.offset % self.ALIGN
+        self.f.write(b"\0" * pad)
+        self.offset += pad
+        self.f.write(raw)
+        del tensor.external_data[:]
+        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(len(raw)))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        tensor.data_location = TensorProto.EXTERNAL
+        tensor.ClearField("raw_data")
+        self.offset += len(raw)
+
+    def put(self, tensor) -> None:
+        """Move `tensor`'s raw_data to the file (in place); a tensor under MIN_BYTES keeps its data inline."""
+        if tensor.raw_data and len(tensor.raw_data) >= self.MIN_BYTES:
+            self._append(tensor, tensor.raw_data)
+
+    def take(self, graph) -> None:
+        """put() every initializer of `graph`."""
+        for init in graph.initializer:
+            self.put(init)
+
+    def add(self, name: str, array: np.ndarray):
+        """A new fp32 external tensor `name` holding `array`, kept in self.tensors; returns the name."""
+        from onnx import TensorProto
+
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(array.shape))
+        self._append(tensor, array.tobytes())
+        self.tensors.append(tensor)
+        return name
+
+    def close(self) -> None:
+        self.f.close()
 
 
 def run_onnx(path: Path, feeds_list: list[dict], threads: int = 0) -> list[list[np.ndarray]]:

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..onnx_io import DataWriter
+
 NAME = "decoder_gqa"
-_ALIGN = 4096
 
 
 def supported(cfg) -> str | None:
@@ -83,34 +84,6 @@ def build_head(parts, work: Path) -> list[str]:
     return [f"{HEAD_NAME}.onnx", HEAD_FILE]
 
 
-class _Weights:
-    """Initializers written to one external-data file as they are made (one layer in memory at a time)."""
-
-    def __init__(self, path: Path):
-        self.path, self.f, self.offset, self.tensors = path, open(path, "wb"), 0, []
-
-    def add(self, name: str, array: np.ndarray) -> str:
-        from onnx import TensorProto
-
-        array = np.ascontiguousarray(array, dtype=np.float32)
-        pad = -self.offset % _ALIGN
-        self.f.write(b"\0" * pad)
-        self.offset += pad
-        raw = array.tobytes()
-        self.f.write(raw)
-        t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(array.shape))
-        t.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(len(raw)))):
-            entry = t.external_data.add()
-            entry.key, entry.value = key, value
-        self.offset += len(raw)
-        self.tensors.append(t)
-        return name
-
-    def close(self) -> None:
-        self.f.close()
-
-
 def _np(t) -> np.ndarray:
     return t.detach().float().numpy()
 
@@ -127,7 +100,7 @@ def build(parts, dest: Path, progress=None) -> list[str]:
     head_dim, eps = hidden // heads, float(cfg.rms_norm_eps)
     inputs, outputs = io_names(layers)
     data = dest.with_name(dest.name + ".data")
-    w = _Weights(data)
+    w = DataWriter(data)
     nodes = []
 
     def node(op, ins, outs, domain="", **attrs):
