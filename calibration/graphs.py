@@ -3,6 +3,13 @@
 Every function reads the fp32 graph at `src` (with its external data) and writes the result at `dest`, with one
 external-data file beside it when the result is too large for a single protobuf. Returns the data file's name
 (or None) and the parameters that were applied, for the manifest.
+
+The weight-only methods (int4-block, int4-qdq, fp16) go weight by weight (`_Streamed`): the graph's structure is
+loaded without its weights, and each weight is read, transformed and appended to the result's data file before the
+next one is read, so their memory is a few times the largest weight (a 7B decoder's output layer: 2.2 GB in fp32),
+not the graph's (28 GB). The rewrites are onnxruntime's own, a node or a structure at a time; the tests compare the
+results with its whole-graph tools tensor by tensor. The methods with activation scales (int8-dyn, qdq-int8) hold
+the whole graph in memory, as onnxruntime's quantizers do.
 """
 
 from __future__ import annotations
@@ -13,7 +20,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..export.onnx_io import save_graph
+import numpy as np
+
+from ..export.onnx_io import PROTOBUF_LIMIT, DataWriter, save_graph, set_metadata
 from .recipes import METHODS, GraphPlan
 
 
@@ -89,15 +98,18 @@ def int8_dynamic(src: Path, dest: Path, plan: GraphPlan, metadata: dict) -> tupl
 
 def int4_block(src: Path, dest: Path, plan: GraphPlan, metadata: dict) -> tuple[str | None, dict]:
     """INT4 weights in blocks of plan.params['block_size'] along K, one fp32 scale per block (symmetric), as
-    onnxruntime's MatMulNBits; `accuracy_level` 4 lets the CPU kernel quantize activations to int8 per block."""
+    onnxruntime's MatMulNBits; `accuracy_level` 4 lets the CPU kernel quantize activations to int8 per block.
+    Weight by weight (`_Streamed`)."""
+    from onnxruntime.quantization import QuantFormat
 
     p = plan.params
-    model, counts = _int4(src, _load(src), "MatMulNBits", block_size=int(p["block_size"]),
-                          is_symmetric=bool(p["symmetric"]), accuracy_level=int(p["accuracy_level"]))
-    data = _save(model, dest, metadata)
+    data, counts = _int4(src, dest, metadata, "MatMulNBits", block_size=int(p["block_size"]),
+                         is_symmetric=bool(p["symmetric"]), accuracy_level=int(p["accuracy_level"]),
+                         quant_format=QuantFormat.QOperator)
     return data, {"method": "int4-block", "weights": "int4 " + ("symmetric" if p["symmetric"] else "asymmetric"),
                   "block_size": int(p["block_size"]), "accuracy_level": int(p["accuracy_level"]),
-                  "activations": "fp32 (int8 per block inside the kernel at accuracy_level 4)", "ops": counts}
+                  "activations": "fp32 (int8 per block inside the kernel at accuracy_level 4)", "ops": counts,
+                  "streamed": True}
 
 
 # Ops an fp16 graph keeps in fp32: normalisations (and the Pow/ReduceMean/Sqrt/Div of a decomposed RMSNorm, whose
@@ -125,31 +137,63 @@ def _rotary_prologue(model) -> list[str]:
 
 def fp16(src, dest, plan, metadata) -> tuple[str | None, dict]:
     """fp16 weights and activations, fp32 graph inputs and outputs, FP16_KEEP_FP32 ops and the rotary prologue in
-    fp32 (onnxruntime's float16 converter). The result is checked by onnx's checker before it is written."""
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    fp32 (onnxruntime's float16 converter). The result is checked by onnx's checker before it is written.
 
-    model = _load(src)
-    _type_infer(model, src)
+    Weight by weight: the converter rewrites the structure, in which every external weight stands in as a one-element
+    tensor of its type; it marks each fp16 or leaves it fp32, and each weight is then converted as marked, with the
+    converter's own clamping, while it is streamed to the result."""
+    import onnx
+    from onnx import TensorProto, external_data_helper, helper
+    from onnxruntime.transformers.float16 import convert_float_to_float16, convert_np_to_float16
+
+    g = _Streamed(src, dest)
+    model = g.model
+    inferred = onnx.shape_inference.infer_shapes(model)  # the structure alone: types for the converter
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    del inferred
+    stand_ins: dict[str, TensorProto] = {}
+    for t in model.graph.initializer:
+        if external_data_helper.uses_external_data(t):
+            original = TensorProto()
+            original.CopyFrom(t)
+            stand_ins[t.name] = original
+            del t.external_data[:], t.dims[:]
+            t.data_location = TensorProto.DEFAULT
+            t.dims.append(1)
+            t.raw_data = np.zeros(1, helper.tensor_dtype_to_np_dtype(t.data_type)).tobytes()
     kept_nodes = _rotary_prologue(model)
     half = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(FP16_KEEP_FP32),
                                     node_block_list=kept_nodes, disable_shape_infer=True)
+    for vi in half.graph.value_info:  # the converter described each fp16 weight by its stand-in's shape
+        if vi.name in stand_ins:
+            shape = vi.type.tensor_type.shape
+            del shape.dim[:]
+            for d in stand_ins[vi.name].dims:
+                shape.dim.add().dim_value = d
+    for t in half.graph.initializer:
+        original = stand_ins.get(t.name)
+        if original is None:
+            g.emit(t)
+            continue
+        full = g.load(original)
+        if t.data_type == TensorProto.FLOAT16 and original.data_type == TensorProto.FLOAT:
+            w = np.frombuffer(full.raw_data, np.float32)
+            out = np.empty(w.shape, np.float16)
+            for i in range(0, w.size, 1 << 24):  # elementwise: chunks bound the converter's temporaries
+                out[i:i + (1 << 24)] = convert_np_to_float16(w[i:i + (1 << 24)])
+            del w
+            full.data_type = TensorProto.FLOAT16
+            full.raw_data = out.tobytes()
+            del out
+        g.emit(full)
+        del full
+    g.model = half
     counts = _op_counts(half)
-    data = _save(half, dest, metadata)
+    data = g.finish(metadata)
     onnx.checker.check_model(str(dest))  # by path: a graph over 2 GB is checked with its external data
-    return data, {"method": "fp16", "weights": "fp16", "activations": "fp16", "io": "fp32",
+    return data, {"method": "fp16", "weights": "fp16", "activations": "fp16", "io": "fp32", "streamed": True,
                   "kept_fp32": {"ops": list(FP16_KEEP_FP32), "rotary_prologue_nodes": len(kept_nodes)}, "ops": counts}
-
-
-def _type_infer(model, src) -> None:
-    """The value types of `model` (loaded with its weights) from shape inference on its structure alone: protobuf
-    cannot serialize a whole model over 2 GB, so inference runs on a copy without the weights."""
-    import onnx
-
-    skeleton = onnx.load(str(src), load_external_data=False)
-    inferred = onnx.shape_inference.infer_shapes(skeleton)
-    del model.graph.value_info[:]
-    model.graph.value_info.extend(inferred.graph.value_info)
 
 
 def qdq_int8(src: Path, dest: Path, plan: GraphPlan, metadata: dict, calibration: list | None = None):
@@ -203,34 +247,121 @@ def qdq_int8(src: Path, dest: Path, plan: GraphPlan, metadata: dict, calibration
 def int4_qdq(src: Path, dest: Path, plan: GraphPlan, metadata: dict, calibration=None):
     """INT4 weight-only in a form TensorRT parses: each constant MatMul weight as an int4 initializer, blocked
     along K (plan.params['block_size']), behind DequantizeLinear with its block_size attribute (opset 21), then a
-    plain MatMul. The graph is converted to opset 21 first (onnx's version converter, on the structure alone, so
-    graphs over 2 GB convert too)."""
-    import onnx
-    from onnx import external_data_helper, version_converter
+    plain MatMul. The structure is converted to opset 21 first (onnx's version converter). Weight by weight."""
     from onnxruntime.quantization import QuantFormat
 
-    skeleton = onnx.load(str(src), load_external_data=False)
-    model = version_converter.convert_version(skeleton, 21)
-    external_data_helper.load_external_data_for_model(model, str(src.parent))
-    model, counts = _int4(src, model, "DequantizeLinear", block_size=int(plan.params["block_size"]),
-                          is_symmetric=True, quant_format=QuantFormat.QDQ)
-    data = _save(model, dest, metadata)
+    data, counts = _int4(src, dest, metadata, "DequantizeLinear", block_size=int(plan.params["block_size"]),
+                         is_symmetric=True, quant_format=QuantFormat.QDQ)
     return data, {"method": "int4-qdq", "weights": "int4 symmetric", "block_size": int(plan.params["block_size"]),
-                  "activations": "fp32 (weight-only)", "format": "blocked DequantizeLinear, opset 21", "ops": counts}
+                  "activations": "fp32 (weight-only)", "format": "blocked DequantizeLinear, opset 21", "ops": counts,
+                  "streamed": True}
 
 
-def _int4(src: Path, model, expect: str, **options):
-    """onnxruntime's INT4 weight quantizer on every MatMul of `model`; (the result, its op counts). RuntimeError
-    when no `expect` op came out of it (nothing was quantized)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+def _int4(src: Path, dest: Path, metadata: dict, expect: str, **config) -> tuple[str | None, dict]:
+    """onnxruntime's INT4 weight quantizer (its DefaultWeightOnlyQuantizer) on every MatMul with a constant weight,
+    one weight at a time; (the data file, the op counts). RuntimeError when no `expect` op came out (nothing was
+    quantized)."""
+    import onnx
+    from onnx import version_converter
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                 DefaultWeightOnlyQuantizer)
 
-    q = MatMulNBitsQuantizer(model, bits=4, op_types_to_quantize=("MatMul",), **options)
+    g = _Streamed(src, dest)
+    if config["quant_format"] == QuantFormat.QDQ:  # int4 tensors and blocked DequantizeLinear: opset 21, IR 10
+        g.model = version_converter.convert_version(g.model, 21)
+        g.model.ir_version = max(g.model.ir_version, 10)
+    elif not any(o.domain == "com.microsoft" for o in g.model.opset_import):  # MatMulNBits' domain
+        g.model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(bits=4, op_types_to_quantize=("MatMul",),
+                                                                        **config))
+    graph = g.model.graph
+    weights = {t.name: t for t in graph.initializer}
+    nodes = []
     with _quiet():
-        q.process()
-    counts = _op_counts(q.model.model)
+        for node in graph.node:
+            if node.op_type != "MatMul" or node.input[1] not in weights:
+                nodes.append(node)
+                continue
+            one = onnx.GraphProto()  # the quantizer's view: a graph holding this weight alone
+            one.initializer.append(g.load(weights[node.input[1]]))
+            nodes += quantizer.quantize(node, [one])
+            for t in one.initializer[1:]:  # what it made: the quantized weight, its scales (and zero points)
+                g.emit(t)
+            del one
+    used = {i for n in nodes for i in n.input}
+    for name, t in weights.items():
+        if name in used:
+            g.emit(g.load(t))
+    inputs = [i for i in graph.input if i.name not in weights or i.name in used]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    counts = _op_counts(g.model)
     if not counts.get(expect):
         raise RuntimeError(f"{src.name}: the INT4 quantizer made no {expect} (ops: {counts})")
-    return q.model.model, counts
+    return g.finish(metadata), counts
+
+
+class _Streamed:
+    """A graph's structure, loaded at `src` without its weights, and its result at `dest`, written weight by weight.
+
+    `load` reads one weight of the source (a copy holding its bytes); `emit` writes one weight of the result to
+    `dest`'s data file at once (a weight under DataWriter.MIN_BYTES stays inline) and keeps only its reference;
+    `finish` saves the structure, with the data file when the result passes the protobuf limit, else as one file.
+    Nothing keeps a weight's bytes alive after `emit`: protobuf frees a message's memory only with the message, so
+    the result keeps a copy of the reference, never the message that held the bytes."""
+
+    def __init__(self, src: Path, dest: Path):
+        import onnx
+
+        self.src, self.dest = Path(src), Path(dest)
+        self.model = onnx.load(str(src), load_external_data=False)
+        for node in self.model.graph.node:
+            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+                raise RuntimeError(f"{src.name}: node {node.name} has a subgraph; graphs are rewritten without them")
+        self.writer = DataWriter(self.dest.parent / (self.dest.name + ".data"))
+        self.out: list = []
+
+    def load(self, tensor):
+        import onnx
+        from onnx import external_data_helper
+
+        t = onnx.TensorProto()
+        t.CopyFrom(tensor)
+        if external_data_helper.uses_external_data(t):
+            external_data_helper.load_external_data_for_tensor(t, str(self.src.parent))  # onnx's checked reader
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+        return t
+
+    def emit(self, tensor) -> None:
+        import onnx
+
+        self.writer.put(tensor)
+        ref = onnx.TensorProto()
+        ref.CopyFrom(tensor)
+        self.out.append(ref)
+
+    def finish(self, metadata: dict) -> str | None:
+        import onnx
+        from onnx import external_data_helper
+
+        self.writer.close()
+        graph = self.model.graph
+        del graph.initializer[:]
+        graph.initializer.extend(self.out)
+        self.out = []
+        _toposort(self.model)
+        data = self.writer.path
+        if self.writer.offset > PROTOBUF_LIMIT:
+            set_metadata(self.model, metadata)
+            onnx.save_model(self.model, str(self.dest))
+            return data.name
+        external_data_helper.load_external_data_for_model(self.model, str(self.dest.parent))
+        data.unlink()
+        return save_graph(self.model, self.dest, metadata, self.writer.offset)
 
 
 def _op_counts(model) -> dict[str, int]:

@@ -45,6 +45,8 @@ class QuantizeResult:
                              f"{_f(g['rel_l2'])} | {gate} {'ok' if g.get('passed', True) else 'FAILED'} |")
             elif g.get("gate_cosine") is None:
                 lines.append(f"| {name} | {g['precision']} | - | - | - | - | unchanged |")
+            elif not self.fidelity.get("measured", True):
+                lines.append(f"| {name} | {g['precision']} | - | - | - | - | {gate} not measured |")
             else:
                 lines.append(f"| {name} | {g['precision']} | 0 | - | - | - | {gate} FAILED (no held-out input) |")
         a = self.fidelity["agreement"]
@@ -59,7 +61,7 @@ class QuantizeResult:
         gate = self.fidelity["gate"]
         lines.append(f"gate: {'PASSED' if gate['passed'] else 'FAILED'}" +
                      ("" if gate["passed"] else ": " + "; ".join(gate["failures"])) +
-                     ("" if gate["agreement_enforced"] else
+                     ("" if gate["agreement_enforced"] or not self.fidelity.get("measured", True) else
                       " (verdict agreement reported, not enforced: the source is a random-weight reference checkpoint)"))
         return "\n".join(lines)
 
@@ -137,13 +139,18 @@ def _source_of(manifest: Manifest, bundle: Path, recipe: Recipe) -> None:
 def quantize_bundle(bundle, recipe: str, out=None, calibration="auto", overwrite: bool = False,
                     allow_failing: bool = False, limit: int = 20, seed: int = 0, threads: int = 0,
                     heldout_per_modality: int = 8, calibration_per_modality: int | None = None,
-                    progress: bool = True) -> QuantizeResult:
+                    progress: bool = True, measure: bool = True) -> QuantizeResult:
     """Apply `recipe` to the fp32 bundle at `bundle`; write the result at `out` (default: default_out) when it passes
     its gate. calibration: a data folder in ../shared/data's layout, "auto" (../shared/data when present) or None
     (requests made here: held-out inputs and agreement then come from `builtin_requests`). `limit`: requests per
     evaluation pack for the verdict agreement. `heldout_per_modality` held-out requests of each modality give the
     graphs' held-out inputs; `calibration_per_modality` (default: all) calibration requests give activation scales to
-    recipes that calibrate them."""
+    recipes that calibrate them.
+
+    measure=False (--no-fidelity) skips everything that runs the fp32 bundle: held-out inputs, the graphs' fidelity
+    and the verdict agreement. For a bundle too large to run here (a 7B fp32 bundle needs about its size in memory);
+    the quantizing itself goes weight by weight. Such a recipe fails its gate ("not measured"), so it is written only
+    with allow_failing, and a recipe that calibrates activations (trt-int8) cannot skip the fp32 runs."""
     recipe_obj = get_recipe(recipe)
 
     def whole(name, value, lo, optional=False):
@@ -160,6 +167,14 @@ def quantize_bundle(bundle, recipe: str, out=None, calibration="auto", overwrite
     bundle = Path(bundle)
     manifest = load_manifest(bundle)
     _source_of(manifest, bundle, recipe_obj)
+    if not measure:
+        if recipe_obj.needs_calibration:
+            raise RecipeError(f"recipe {recipe_obj.name} takes its activation scales from runs of the fp32 bundle, "
+                              "which --no-fidelity skips")
+        if not allow_failing:
+            raise RecipeError("--no-fidelity needs --allow-failing: a recipe whose fidelity is not measured fails its "
+                              "gate, and only --allow-failing writes such a bundle")
+        calibration = None
     data = calibset.default_data_dir() if calibration == "auto" else (Path(calibration) if calibration else None)
     if recipe_obj.needs_calibration and data is None:
         raise RecipeError(f"recipe {recipe_obj.name} needs calibration data: pass --calibration DIR (a folder laid "
@@ -180,14 +195,14 @@ def quantize_bundle(bundle, recipe: str, out=None, calibration="auto", overwrite
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-scratch-", dir=out.parent))  # never in the bundle
     try:
         return _quantize(bundle, manifest, recipe_obj, out, work, scratch, data, allow_failing, limit, seed, threads,
-                         heldout_per_modality, calibration_per_modality, progress)
+                         heldout_per_modality, calibration_per_modality, progress, measure)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _quantize(bundle, manifest, recipe, out, work, scratch, data, allow_failing, limit, seed, threads,
-              heldout_per_modality, calibration_per_modality, progress) -> QuantizeResult:
+              heldout_per_modality, calibration_per_modality, progress, measure) -> QuantizeResult:
     from tqdm import tqdm
 
     from ..runtime.bundle import SessionOptions
@@ -200,7 +215,10 @@ def _quantize(bundle, manifest, recipe, out, work, scratch, data, allow_failing,
     session = SessionOptions(intra_op_threads=threads, decoder_graph="decoder" if standard else "auto")
     # 1. held-out inputs of every graph and the agreement requests, from the fp32 bundle
     media_dir = scratch / "media"
-    if data is not None:
+    if not measure:
+        heldout = agree_requests = []
+        source, calibration_summary = "not measured (--no-fidelity)", None
+    elif data is not None:
         cset = calibset.build(data, seed=seed, progress=progress)
         heldout = cset.requests("heldout", heldout_per_modality)
         from . import evalpacks
@@ -218,10 +236,10 @@ def _quantize(bundle, manifest, recipe, out, work, scratch, data, allow_failing,
         heldout = agree_requests = builtin_requests(media_dir)
         source = "requests made here (no calibration data: builtin_requests)"
         calibration_summary = None
-    fp32 = Guard.from_bundle(bundle, GuardOptions(session=session, encoder_cache_bytes=0))
+    fp32 = Guard.from_bundle(bundle, GuardOptions(session=session, encoder_cache_bytes=0)) if measure else None
     with tqdm(total=len(heldout), desc="held-out inputs (fp32)", unit="req", disable=not progress) as bar:
-        captured = capture(fp32, [r for _, r in heldout], progress=bar)
-    heldout_failed = [{"request": heldout[n][0], "error": err} for n, err in captured.failed]
+        captured = capture(fp32, [r for _, r in heldout], progress=bar) if measure else None
+    heldout_failed = [{"request": heldout[n][0], "error": err} for n, err in captured.failed] if measure else []
     calib_feeds, calib_requests = {}, 0
     if recipe.needs_calibration:
         # the calibration split's inputs, for activation scales (the held-out split judges them, never these)
@@ -236,7 +254,7 @@ def _quantize(bundle, manifest, recipe, out, work, scratch, data, allow_failing,
     gc.collect()
     head = manifest.graphs.get("decoder_gqa_head")
     head_rows = np.load(bundle / head.data_file, mmap_mode="r") if head is not None and not standard else None
-    feeds = dict(captured.feeds)
+    feeds = dict(captured.feeds) if measure else {}
     if "decoder_gqa" in feeds and head is not None:
         dec = fidelity.cpu_session(bundle / manifest.graphs["decoder_gqa"].file, threads)  # the head's inputs
         feeds["decoder_gqa_head"] = [{"hidden": dec.run(["hidden"], fidelity.fresh_feeds(f))[0]}
@@ -316,19 +334,25 @@ def _quantize(bundle, manifest, recipe, out, work, scratch, data, allow_failing,
     (work / MANIFEST_NAME).write_text(new.to_json())
 
     # 5. verdict agreement with the fp32 bundle, through the runtime on each
-    fp32 = Guard.from_bundle(bundle, GuardOptions(session=session))
-    quant = Guard.from_bundle(work, GuardOptions(session=session))
-    with tqdm(total=len(agree_requests), desc="verdict agreement", unit="req", disable=not progress) as bar:
-        agreed = fidelity.agreement(fp32, quant, agree_requests, progress=bar)
-    del fp32, quant
+    if measure:
+        fp32 = Guard.from_bundle(bundle, GuardOptions(session=session))
+        quant = Guard.from_bundle(work, GuardOptions(session=session))
+        with tqdm(total=len(agree_requests), desc="verdict agreement", unit="req", disable=not progress) as bar:
+            agreed = fidelity.agreement(fp32, quant, agree_requests, progress=bar)
+        del fp32, quant
+    else:
+        agreed = fidelity.Agreement(0, 0, 0, None, None, [])
     agreement = {**agreed.to_dict(), "source": source}
 
     # 6. the gate
-    failures = []
+    failures = [] if measure else ["fidelity not measured (--no-fidelity): no graph was compared with fp32 and no "
+                                   "verdict with the fp32 bundle's"]
     for name, g in report_graphs.items():
         if g.get("gate_cosine") is None:
             continue
-        if not g.get("n"):
+        if not measure:
+            g["passed"] = False
+        elif not g.get("n"):
             failures.append(f"{name}: no held-out input reached it, so its fidelity is unmeasured")
             g["passed"] = False
         else:
@@ -338,7 +362,9 @@ def _quantize(bundle, manifest, recipe, out, work, scratch, data, allow_failing,
     for f in heldout_failed:  # a modality the fp32 bundle could not run was not judged either
         failures.append(f"held-out request {f['request']} failed on the fp32 bundle: {f['error']}")
     enforced = not manifest.source.get("reference_checkpoint", False)
-    if not agreement["n"]:
+    if not measure:
+        pass  # the one failure above says it all
+    elif not agreement["n"]:
         failures.append("no agreement request ran")
     elif agreement["errors"]:  # fail closed: a bundle that cannot answer is no guard, whatever the weights
         failures.append(f"{agreement['errors']} agreement requests without a verdict (error or unknown)")
@@ -347,6 +373,7 @@ def _quantize(bundle, manifest, recipe, out, work, scratch, data, allow_failing,
     passed = not failures
     sizes_fp32 = _bundle_bytes(bundle, manifest)
     report = {"graphs": report_graphs, "agreement": agreement, "heldout_failed": heldout_failed,
+              "measured": measure,
               "gate": {"passed": passed, "failures": failures, "agreement_enforced": enforced,
                        "allowed_failing": bool(allow_failing and not passed)},
               "seconds": round(time.perf_counter() - started, 1),

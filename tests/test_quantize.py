@@ -117,6 +117,33 @@ def test_a_failing_gate_writes_no_bundle_unless_allowed(tiny_bundle, tmp_path, m
     assert m.fidelity["gate"] == {**m.fidelity["gate"], "passed": False, "allowed_failing": True}
 
 
+def test_no_fidelity_writes_only_a_failing_bundle_that_says_it_was_not_measured(tiny_bundle, tmp_path):
+    """--no-fidelity (a bundle too large to run here) never passes a gate: it needs --allow-failing, it cannot serve
+    a recipe that calibrates on fp32 runs, and the bundle it writes says it is unmeasured, and warns when opened."""
+    pytest.importorskip("onnx", reason="quantize needs onnx (the export extra)")
+    from omniguard_edge.calibration.quantize import RecipeError, quantize_bundle
+    from omniguard_edge.runtime.guard import Guard
+
+    with pytest.raises(RecipeError, match="--no-fidelity needs --allow-failing"):
+        quantize_bundle(tiny_bundle, "orin", out=tmp_path / "x", calibration=None, measure=False)
+    with pytest.raises(RecipeError, match="trt-int8 takes its activation scales from runs of the fp32 bundle"):
+        quantize_bundle(tiny_bundle, "trt-int8", out=tmp_path / "x", measure=False, allow_failing=True)
+    assert not (tmp_path / "x").exists()
+    result = quantize_bundle(tiny_bundle, "orin", out=tmp_path / "o", calibration=None, measure=False,
+                             allow_failing=True, progress=False)
+    assert not result.passed and result.out == tmp_path / "o"
+    m = load_manifest(result.out, verify="full")
+    assert m.fidelity["measured"] is False and m.fidelity["agreement"]["n"] == 0
+    assert m.fidelity["gate"]["allowed_failing"] and len(m.fidelity["gate"]["failures"]) == 1
+    assert m.fidelity["gate"]["failures"][0].startswith("fidelity not measured (--no-fidelity)")
+    assert all("cosine" not in g and not g.get("passed", True) for g in m.fidelity["graphs"].values()
+               if g["gate_cosine"] is not None)
+    assert "| decoder | int4 | - | - | - | - | >= 0.98 not measured |" in result.table()
+    with pytest.warns(RuntimeWarning, match="FAILED its fidelity gate.*fidelity not measured"):
+        guard = Guard.from_bundle(result.out)
+    assert guard.moderate(text="How do I bake bread?").verdict in ("safe", "unsafe")
+
+
 @pytest.mark.parametrize("reference, agree, errors, failure", [
     (True, 9, 0, None),  # a random-weight source: agreement is reported, not enforced
     (False, 9, 0, "verdict agreement 90.0% < 99%"),  # a real checkpoint: enforced
