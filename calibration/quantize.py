@@ -136,6 +136,54 @@ def _source_of(manifest: Manifest, bundle: Path, recipe: Recipe) -> None:
         raise RecipeError(f"{bundle} has graphs {sorted(unknown)} that recipe {recipe.name} does not cover")
 
 
+def check_options(recipe: str, calibration="auto", allow_failing: bool = False, measure: bool = True,
+                  low_memory_source: bool = False, **counts) -> tuple[Recipe, Path | None]:
+    """Everything about a quantize request that needs no bundle, checked before any work (`export --recipe` checks
+    it before exporting): (the recipe, the calibration data folder or None). `counts`: the integer options of
+    quantize_bundle, by name (calibration_per_modality may be None). low_memory_source: the fp32 bundle is (to be)
+    a --low-memory export, which has no fast decoder."""
+    recipe_obj = get_recipe(recipe)
+    fast = [g for g, plan in recipe_obj.graphs.items() if g.startswith("decoder_gqa") and plan.method != "drop"]
+    if low_memory_source and fast:
+        raise RecipeError(f"recipe {recipe_obj.name} quantizes the fast decoder, which --low-memory exports do not "
+                          "build yet: export without --low-memory, or choose gpu-fp16, trt-int8 or orin")
+    lowest = {"limit": 1, "threads": 0, "seed": 0, "heldout_per_modality": 1, "calibration_per_modality": 1}
+    for name, value in counts.items():
+        if name == "calibration_per_modality" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < lowest[name]:
+            optional = " or None" if name == "calibration_per_modality" else ""
+            raise RecipeError(f"{name} must be an int >= {lowest[name]}{optional}, not {value!r}")
+    if not measure:
+        if recipe_obj.needs_calibration:
+            raise RecipeError(f"recipe {recipe_obj.name} takes its activation scales from runs of the fp32 bundle, "
+                              "which --no-fidelity skips")
+        if not allow_failing:
+            raise RecipeError("--no-fidelity needs --allow-failing: a recipe whose fidelity is not measured fails its "
+                              "gate, and only --allow-failing writes such a bundle")
+        calibration = None
+    data = calibset.default_data_dir() if calibration == "auto" else (Path(calibration) if calibration else None)
+    if recipe_obj.needs_calibration and data is None:
+        raise RecipeError(f"recipe {recipe_obj.name} needs calibration data: pass --calibration DIR (a folder laid "
+                          "out like ../shared/data)")
+    if data is not None:
+        calibset.check_data_dir(data)
+    return recipe_obj, data
+
+
+def check_out(bundle, out, recipe: str, overwrite: bool = False) -> Path:
+    """The folder the recipe's bundle goes to (default: default_out), refused when it is the fp32 bundle or inside
+    it, or already exists (unless overwrite and a folder)."""
+    bundle = Path(bundle)
+    out = Path(out) if out is not None else default_out(bundle, recipe)
+    if out.resolve() == bundle.resolve() or bundle.resolve() in out.resolve().parents:
+        raise RecipeError(f"--out {out} is the fp32 bundle or inside it: choose another folder")
+    if out.exists() and not (overwrite and out.is_dir()):
+        raise BundleError(f"{out} already exists: pass --overwrite or choose another --out" if out.is_dir() else
+                          f"{out} exists and is not a folder: choose another --out")
+    return out
+
+
 def quantize_bundle(bundle, recipe: str, out=None, calibration="auto", overwrite: bool = False,
                     allow_failing: bool = False, limit: int = 20, seed: int = 0, threads: int = 0,
                     heldout_per_modality: int = 8, calibration_per_modality: int | None = None,
@@ -151,42 +199,13 @@ def quantize_bundle(bundle, recipe: str, out=None, calibration="auto", overwrite
     and the verdict agreement. For a bundle too large to run here (a 7B fp32 bundle needs about its size in memory);
     the quantizing itself goes weight by weight. Such a recipe fails its gate ("not measured"), so it is written only
     with allow_failing, and a recipe that calibrates activations (trt-int8) cannot skip the fp32 runs."""
-    recipe_obj = get_recipe(recipe)
-
-    def whole(name, value, lo, optional=False):
-        if optional and value is None:
-            return
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-            raise RecipeError(f"{name} must be an int >= {lo}{' or None' if optional else ''}, not {value!r}")
-
-    whole("limit", limit, 1)
-    whole("threads", threads, 0)
-    whole("seed", seed, 0)
-    whole("heldout_per_modality", heldout_per_modality, 1)
-    whole("calibration_per_modality", calibration_per_modality, 1, optional=True)
+    recipe_obj, data = check_options(recipe, calibration, allow_failing, measure, limit=limit, threads=threads,
+                                     seed=seed, heldout_per_modality=heldout_per_modality,
+                                     calibration_per_modality=calibration_per_modality)
     bundle = Path(bundle)
     manifest = load_manifest(bundle)
     _source_of(manifest, bundle, recipe_obj)
-    if not measure:
-        if recipe_obj.needs_calibration:
-            raise RecipeError(f"recipe {recipe_obj.name} takes its activation scales from runs of the fp32 bundle, "
-                              "which --no-fidelity skips")
-        if not allow_failing:
-            raise RecipeError("--no-fidelity needs --allow-failing: a recipe whose fidelity is not measured fails its "
-                              "gate, and only --allow-failing writes such a bundle")
-        calibration = None
-    data = calibset.default_data_dir() if calibration == "auto" else (Path(calibration) if calibration else None)
-    if recipe_obj.needs_calibration and data is None:
-        raise RecipeError(f"recipe {recipe_obj.name} needs calibration data: pass --calibration DIR (a folder laid "
-                          "out like ../shared/data)")
-    if data is not None:
-        calibset.check_data_dir(data)
-    out = Path(out) if out is not None else default_out(bundle, recipe_obj.name)
-    if out.resolve() == bundle.resolve() or bundle.resolve() in out.resolve().parents:
-        raise RecipeError(f"--out {out} is the fp32 bundle or inside it: choose another folder")
-    if out.exists() and not (overwrite and out.is_dir()):
-        raise BundleError(f"{out} already exists: pass --overwrite or choose another --out" if out.is_dir() else
-                          f"{out} exists and is not a folder: choose another --out")
+    out = check_out(bundle, out, recipe_obj.name, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed run; a live one is younger
         if time.time() - stale.stat().st_mtime > 6 * 3600:

@@ -150,11 +150,39 @@ def cmd_reference(args) -> int:
     return 0
 
 
+def _recipe_options(p) -> None:
+    """The options of a recipe run, shared by `quantize` and `export --recipe`."""
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--calibration", type=Path,
+                      help="calibration data folder laid out like ../shared/data (default: ../shared/data when "
+                           "present)")
+    data.add_argument("--no-calibration", action="store_true",
+                      help="use no data folder: held-out inputs and agreement from requests made here (every recipe "
+                           "but trt-int8, whose activation scales need the data)")
+    p.add_argument("--allow-failing", action="store_true",
+                   help="write the bundle even when it fails its gate (the manifest says so)")
+    p.add_argument("--no-fidelity", action="store_true",
+                   help="do not run the fp32 bundle (one too large for this machine's memory): no fidelity report, so "
+                        "the gate fails and --allow-failing is required; not for trt-int8")
+
+
 def cmd_export(args) -> int:
     if rc := _check_export_extra("export"):
         return rc
     from ..export.bundle import export_bundle
 
+    given = [f"--{o.replace('_', '-')}" for o in ("calibration", "no_calibration", "allow_failing", "no_fidelity")
+             if getattr(args, o)]
+    if given and not args.recipe:
+        print(f"omniguard-edge export: {', '.join(given)} apply to a recipe: add --recipe NAME", file=sys.stderr)
+        return EXIT_ERROR
+    if args.recipe:  # the recipe's request is checked before the export's work
+        if rc := _check_export_extra("quantize"):
+            return rc
+        from ..calibration.quantize import check_options, check_out, quantize_bundle
+
+        check_options(args.recipe, _calibration(args), args.allow_failing, not args.no_fidelity, args.low_memory)
+        check_out(args.out, None, args.recipe, args.overwrite)
     start = time.perf_counter()
     path = export_bundle(args.checkpoint, args.out, overwrite=args.overwrite, embed_dtype=args.embed_dtype,
                          progress=not args.quiet, low_memory=args.low_memory)
@@ -170,7 +198,11 @@ def cmd_export(args) -> int:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     print(f"bundle written to {path} in {elapsed:.1f} s (peak RSS {peak_mb:.0f} MB); "
           f"every graph matches PyTorch:\n" + "\n".join(rows))
-    return 0
+    if not args.recipe:
+        return 0
+    result = quantize_bundle(path, args.recipe, calibration=_calibration(args), overwrite=args.overwrite,
+                             allow_failing=args.allow_failing, progress=not args.quiet, measure=not args.no_fidelity)
+    return _quantize_report(result, False)
 
 
 def _format_result(result) -> str:
@@ -235,12 +267,19 @@ def cmd_quantize(args) -> int:
         return rc
     from ..calibration.quantize import quantize_bundle
 
-    calibration = None if args.no_calibration else (args.calibration or "auto")
-    result = quantize_bundle(args.bundle, args.recipe, out=args.out, calibration=calibration,
+    result = quantize_bundle(args.bundle, args.recipe, out=args.out, calibration=_calibration(args),
                              overwrite=args.overwrite, allow_failing=args.allow_failing, limit=args.limit,
                              seed=args.seed, threads=args.threads, progress=not args.quiet,
                              measure=not args.no_fidelity)
-    if args.json:
+    return _quantize_report(result, args.json)
+
+
+def _calibration(args):
+    return None if args.no_calibration else (args.calibration or "auto")
+
+
+def _quantize_report(result, as_json: bool) -> int:
+    if as_json:
         print(json.dumps({"out": str(result.out) if result.out else None, "recipe": result.recipe,
                           "passed": result.passed, "fidelity": result.fidelity}, indent=2))
     else:
@@ -293,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage dtype of embed_tokens.npy (float16 halves it: 1.1 GB instead of 2.2 GB for 7B)")
     p.add_argument("--low-memory", action="store_true",
                    help="export and validate the decoder layer by layer (7B on a 24 GiB machine)")
+    p.add_argument("--recipe", choices=RECIPE_NAMES,
+                   help="then apply this precision recipe, as `quantize` does (to OUT-RECIPE beside the fp32 bundle)")
+    _recipe_options(p)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export)
@@ -335,23 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", type=_bundle_dir, required=True, help="the fp32 bundle")
     p.add_argument("--recipe", required=True, choices=RECIPE_NAMES, help="see `omniguard-edge recipes`")
     p.add_argument("--out", type=Path, help="bundle folder to create (default: BUNDLE-RECIPE beside the bundle)")
-    data = p.add_mutually_exclusive_group()
-    data.add_argument("--calibration", type=Path,
-                      help="calibration data folder laid out like ../shared/data (default: ../shared/data when "
-                           "present)")
-    data.add_argument("--no-calibration", action="store_true",
-                      help="use no data folder: held-out inputs and agreement from requests made here (every recipe "
-                           "but trt-int8, whose activation scales need the data)")
+    _recipe_options(p)
     p.add_argument("--limit", type=_int_in(1, 1 << 20), default=20,
                    help="requests per evaluation pack for the verdict agreement (default 20)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_int_in(0, MAX_THREADS), default=0,
                    help=f"intra-op threads, 0..{MAX_THREADS} (0: onnxruntime default)")
-    p.add_argument("--allow-failing", action="store_true",
-                   help="write the bundle even when it fails its gate (the manifest says so)")
-    p.add_argument("--no-fidelity", action="store_true",
-                   help="do not run the fp32 bundle (one too large for this machine's memory): no fidelity report, so "
-                        "the gate fails and --allow-failing is required; not for trt-int8")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

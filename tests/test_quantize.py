@@ -290,6 +290,32 @@ def test_recipe_with_the_real_calibration_set(tiny_bundle, tmp_path):
     assert "evaluation packs" in m.fidelity["agreement"]["source"]
 
 
+def test_export_with_a_recipe_exports_then_quantizes_and_checks_the_recipe_first(tiny_checkpoint, tmp_path, capsys):
+    """`export --recipe R` is export then quantize (to OUT-R); what would make the recipe fail is refused before the
+    export spends its time."""
+    pytest.importorskip("onnx", reason="quantize needs onnx (the export extra)")
+    from omniguard_edge.runtime.cli import main
+
+    out = tmp_path / "b"
+    for argv, message in [(["--low-memory", "--recipe", "cpu-int4", "--no-calibration"],
+                           "quantizes the fast decoder, which --low-memory exports do not build yet"),
+                          (["--recipe", "trt-int8", "--no-calibration"], "trt-int8 needs calibration data"),
+                          (["--recipe", "orin", "--no-calibration", "--no-fidelity"],
+                           "--no-fidelity needs --allow-failing"),
+                          (["--no-calibration"], "--no-calibration apply to a recipe: add --recipe NAME")]:
+        rc = main(["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--quiet", *argv])
+        assert rc == 1 and message in capsys.readouterr().err, argv
+        assert not out.exists() and not list(tmp_path.iterdir()), argv
+    rc = main(["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--quiet", "--recipe", "cpu-int8",
+               "--no-calibration"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "every graph matches PyTorch" in printed and "gate: PASSED" in printed
+    assert load_manifest(out).precision == "fp32"
+    quantized = load_manifest(tmp_path / "b-cpu-int8", verify="full")
+    assert quantized.recipe["name"] == "cpu-int8" and quantized.fidelity["gate"]["passed"]
+
+
 def _initializer_types(path: Path) -> set[int]:
     import onnx
 
