@@ -47,6 +47,8 @@ def graph_fidelity(graph: str, fp32_path: Path, quant_path: Path, feeds: list[di
     """Cosine and rel_l2 of the quantized graph's primary output against fp32's over `feeds`: min/mean cosine,
     max/mean rel_l2, n. The fast decoder is judged on its logits: hidden @ head_rows.T (fp32 rows)."""
     output = PRIMARY[graph]
+    if not feeds:  # nothing to judge: neither graph is opened (--no-fidelity on a 7B: its fp32 decoder is 28 GB)
+        return {"n": 0, "judged_on": _judged_on(graph, head_rows)}
     ref_s, q_s = cpu_session(fp32_path, threads), cpu_session(quant_path, threads)
     cos, rel = [], []
     for f in feeds:
@@ -60,8 +62,6 @@ def graph_fidelity(graph: str, fp32_path: Path, quant_path: Path, feeds: list[di
         rel.append(r)
         if progress is not None:
             progress.update(1)
-    if not cos:
-        return {"n": 0, "judged_on": _judged_on(graph, head_rows)}
     bad = sum(1 for r in rel if not math.isfinite(r))  # non-finite outputs: cosine -1 fails any gate
     return {"n": len(cos), "cosine": min(cos), "cosine_mean": float(np.mean(cos)),
             "rel_l2": max(rel) if not bad else None, "rel_l2_mean": float(np.mean(rel)) if not bad else None,

@@ -165,29 +165,26 @@ def fp16(src, dest, plan, metadata) -> tuple[str | None, dict]:
     kept_nodes = _rotary_prologue(model)
     half = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(FP16_KEEP_FP32),
                                     node_block_list=kept_nodes, disable_shape_infer=True)
-    for vi in half.graph.value_info:  # the converter described each fp16 weight by its stand-in's shape
-        if vi.name in stand_ins:
+    # the converter described each converted weight by its stand-in's shape, and so the Cast back to fp32 it puts
+    # between a weight and an fp32 node: both get the weight's real shape
+    shapes = {name: t.dims for name, t in stand_ins.items()}
+    shapes.update({n.output[0]: shapes[n.input[0]] for n in half.graph.node
+                   if n.op_type == "Cast" and n.input and n.input[0] in stand_ins})
+    for vi in half.graph.value_info:
+        if vi.name in shapes:
             shape = vi.type.tensor_type.shape
             del shape.dim[:]
-            for d in stand_ins[vi.name].dims:
+            for d in shapes[vi.name]:
                 shape.dim.add().dim_value = d
     for t in half.graph.initializer:
         original = stand_ins.get(t.name)
         if original is None:
             g.emit(t)
             continue
-        full = g.load(original)
         if t.data_type == TensorProto.FLOAT16 and original.data_type == TensorProto.FLOAT:
-            w = np.frombuffer(full.raw_data, np.float32)
-            out = np.empty(w.shape, np.float16)
-            for i in range(0, w.size, 1 << 24):  # elementwise: chunks bound the converter's temporaries
-                out[i:i + (1 << 24)] = convert_np_to_float16(w[i:i + (1 << 24)])
-            del w
-            full.data_type = TensorProto.FLOAT16
-            full.raw_data = out.tobytes()
-            del out
-        g.emit(full)
-        del full
+            g.emit(_to_fp16(g.load(original), convert_np_to_float16))
+        else:
+            g.emit(g.load(original))
     g.model = half
     counts = _op_counts(half)
     data = g.finish(metadata)
@@ -257,6 +254,22 @@ def int4_qdq(src: Path, dest: Path, plan: GraphPlan, metadata: dict, calibration
                   "streamed": True}
 
 
+def _to_fp16(full, convert):
+    """A new fp16 tensor from the fp32 tensor `full` (holding its bytes), converted by onnxruntime's `convert`
+    (which clamps to fp16's finite range) in chunks; `full`'s bytes are read once and dropped with it."""
+    from onnx import TensorProto
+
+    w = np.frombuffer(full.raw_data, np.float32)  # the one copy of the bytes
+    half = TensorProto(name=full.name, data_type=TensorProto.FLOAT16, dims=list(full.dims))
+    del full
+    out = np.empty(w.shape, np.float16)
+    for i in range(0, w.size, 1 << 24):  # elementwise: chunks bound the converter's temporaries
+        out[i:i + (1 << 24)] = convert(w[i:i + (1 << 24)])
+    del w
+    half.raw_data = out.tobytes()
+    return half
+
+
 def _int4(src: Path, dest: Path, metadata: dict, expect: str, **config) -> tuple[str | None, dict]:
     """onnxruntime's INT4 weight quantizer (its DefaultWeightOnlyQuantizer) on every MatMul with a constant weight,
     one weight at a time; (the data file, the op counts). RuntimeError when no `expect` op came out (nothing was
@@ -277,19 +290,30 @@ def _int4(src: Path, dest: Path, metadata: dict, expect: str, **config) -> tuple
                                                                         **config))
     graph = g.model.graph
     weights = {t.name: t for t in graph.initializer}
+    def quantize(node) -> list:
+        """One MatMul's weight through the quantizer: the nodes that replace it. The graph it sees holds this weight
+        alone, and nothing of it outlives the call (protobuf frees a message's memory only with the whole message)."""
+        one = onnx.GraphProto()
+        one.initializer.append(g.load(weights[node.input[1]]))
+        made = quantizer.quantize(node, [one])
+        for i in range(1, len(one.initializer)):  # what it made: the quantized weight, its scales (and zero points)
+            g.emit(one.initializer[i])
+        # a weight two MatMuls share gets one DequantizeLinear: onnxruntime's tool writes a second with the same
+        # output name, which makes the graph invalid
+        made = [n for n in made if not set(n.output) <= defined]
+        defined.update(o for n in made for o in n.output)
+        return made
+
+    defined: set[str] = set()
+
     nodes = []
     with _quiet():
         for node in graph.node:
-            if node.op_type != "MatMul" or node.input[1] not in weights:
+            if node.op_type == "MatMul" and node.input[1] in weights:
+                nodes += quantize(node)
+            else:
                 nodes.append(node)
-                continue
-            one = onnx.GraphProto()  # the quantizer's view: a graph holding this weight alone
-            one.initializer.append(g.load(weights[node.input[1]]))
-            nodes += quantizer.quantize(node, [one])
-            for t in one.initializer[1:]:  # what it made: the quantized weight, its scales (and zero points)
-                g.emit(t)
-            del one
-    used = {i for n in nodes for i in n.input}
+    used = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
     for name, t in weights.items():
         if name in used:
             g.emit(g.load(t))
@@ -316,13 +340,23 @@ class _Streamed:
     def __init__(self, src: Path, dest: Path):
         import onnx
 
+        from onnx import external_data_helper
+
         self.src, self.dest = Path(src), Path(dest)
+        data = self.dest.parent / (self.dest.name + ".data")
+        if self.dest.resolve() == self.src.resolve() or data.exists():  # never truncate a source's data
+            raise ValueError(f"{dest}: the result would overwrite {src if not data.exists() else data}")
         self.model = onnx.load(str(src), load_external_data=False)
         for node in self.model.graph.node:
             if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
                 raise RuntimeError(f"{src.name}: node {node.name} has a subgraph; graphs are rewritten without them")
-        self.writer = DataWriter(self.dest.parent / (self.dest.name + ".data"))
+            if any(a.type == onnx.AttributeProto.TENSOR and external_data_helper.uses_external_data(a.t)
+                   for a in node.attribute):
+                raise RuntimeError(f"{src.name}: node {node.name} holds a constant in external data; only "
+                                   "initializers are streamed")
+        self.writer = DataWriter(data)
         self.out: list = []
+        self._emitted: set[str] = set()
 
     def load(self, tensor):
         import onnx
@@ -337,8 +371,13 @@ class _Streamed:
         return t
 
     def emit(self, tensor) -> None:
+        """Write `tensor` (once: a weight two nodes share is quantized for each, as onnxruntime does, and kept once,
+        as its clean-up keeps it)."""
         import onnx
 
+        if tensor.name in self._emitted:
+            return
+        self._emitted.add(tensor.name)
         self.writer.put(tensor)
         ref = onnx.TensorProto()
         ref.CopyFrom(tensor)

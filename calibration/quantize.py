@@ -157,10 +157,12 @@ def check_options(recipe: str, calibration="auto", allow_failing: bool = False, 
     if not measure:
         if recipe_obj.needs_calibration:
             raise RecipeError(f"recipe {recipe_obj.name} takes its activation scales from runs of the fp32 bundle, "
-                              "which --no-fidelity skips")
+                              "which --no-fidelity (measure=False) skips")
         if not allow_failing:
-            raise RecipeError("--no-fidelity needs --allow-failing: a recipe whose fidelity is not measured fails its "
-                              "gate, and only --allow-failing writes such a bundle")
+            raise RecipeError("--no-fidelity (measure=False) needs --allow-failing: a recipe whose fidelity is not "
+                              "measured fails its gate, and only --allow-failing writes such a bundle")
+        if calibration not in (None, "auto"):
+            raise RecipeError("--no-fidelity (measure=False) runs nothing on calibration data: drop --calibration")
         calibration = None
     data = calibset.default_data_dir() if calibration == "auto" else (Path(calibration) if calibration else None)
     if recipe_obj.needs_calibration and data is None:

@@ -90,8 +90,9 @@ class DataWriter:
 
     def put(self, tensor) -> None:
         """Move `tensor`'s raw_data to the file (in place); a tensor under MIN_BYTES keeps its data inline."""
-        if tensor.raw_data and len(tensor.raw_data) >= self.MIN_BYTES:
-            self._append(tensor, tensor.raw_data)
+        raw = tensor.raw_data  # one read: each read of a protobuf bytes field is a copy
+        if len(raw) >= self.MIN_BYTES:
+            self._append(tensor, raw)
 
     def take(self, graph) -> None:
         """put() every initializer of `graph`."""

@@ -117,20 +117,31 @@ def test_a_failing_gate_writes_no_bundle_unless_allowed(tiny_bundle, tmp_path, m
     assert m.fidelity["gate"] == {**m.fidelity["gate"], "passed": False, "allowed_failing": True}
 
 
-def test_no_fidelity_writes_only_a_failing_bundle_that_says_it_was_not_measured(tiny_bundle, tmp_path):
+def test_no_fidelity_writes_only_a_failing_bundle_that_says_it_was_not_measured(tiny_bundle, tmp_path, monkeypatch):
     """--no-fidelity (a bundle too large to run here) never passes a gate: it needs --allow-failing, it cannot serve
-    a recipe that calibrates on fp32 runs, and the bundle it writes says it is unmeasured, and warns when opened."""
+    a recipe that calibrates on fp32 runs, it opens no graph and no Guard (a 7B fp32 decoder would not fit), and the
+    bundle it writes says it is unmeasured, and warns when opened."""
     pytest.importorskip("onnx", reason="quantize needs onnx (the export extra)")
+    from omniguard_edge.calibration import fidelity
     from omniguard_edge.calibration.quantize import RecipeError, quantize_bundle
     from omniguard_edge.runtime.guard import Guard
 
-    with pytest.raises(RecipeError, match="--no-fidelity needs --allow-failing"):
+    def refuse(*args, **kwargs):
+        raise AssertionError("--no-fidelity ran a graph or a Guard")
+
+    with pytest.raises(RecipeError, match=r"--no-fidelity \(measure=False\) needs --allow-failing"):
         quantize_bundle(tiny_bundle, "orin", out=tmp_path / "x", calibration=None, measure=False)
     with pytest.raises(RecipeError, match="trt-int8 takes its activation scales from runs of the fp32 bundle"):
         quantize_bundle(tiny_bundle, "trt-int8", out=tmp_path / "x", measure=False, allow_failing=True)
+    with pytest.raises(RecipeError, match="runs nothing on calibration data: drop --calibration"):
+        quantize_bundle(tiny_bundle, "orin", out=tmp_path / "x", calibration=tmp_path, measure=False,
+                        allow_failing=True)
     assert not (tmp_path / "x").exists()
-    result = quantize_bundle(tiny_bundle, "orin", out=tmp_path / "o", calibration=None, measure=False,
-                             allow_failing=True, progress=False)
+    with monkeypatch.context() as mp:
+        mp.setattr(fidelity, "cpu_session", refuse)
+        mp.setattr(Guard, "from_bundle", refuse)
+        result = quantize_bundle(tiny_bundle, "orin", out=tmp_path / "o", calibration=None, measure=False,
+                                 allow_failing=True, progress=False)
     assert not result.passed and result.out == tmp_path / "o"
     m = load_manifest(result.out, verify="full")
     assert m.fidelity["measured"] is False and m.fidelity["agreement"]["n"] == 0
@@ -301,7 +312,7 @@ def test_export_with_a_recipe_exports_then_quantizes_and_checks_the_recipe_first
                            "quantizes the fast decoder, which --low-memory exports do not build yet"),
                           (["--recipe", "trt-int8", "--no-calibration"], "trt-int8 needs calibration data"),
                           (["--recipe", "orin", "--no-calibration", "--no-fidelity"],
-                           "--no-fidelity needs --allow-failing"),
+                           "--no-fidelity (measure=False) needs --allow-failing"),
                           (["--no-calibration"], "--no-calibration apply to a recipe: add --recipe NAME")]:
         rc = main(["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--quiet", *argv])
         assert rc == 1 and message in capsys.readouterr().err, argv
