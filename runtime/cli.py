@@ -202,7 +202,10 @@ def cmd_export(args) -> int:
         return 0
     result = quantize_bundle(path, args.recipe, calibration=_calibration(args), overwrite=args.overwrite,
                              allow_failing=args.allow_failing, progress=not args.quiet, measure=not args.no_fidelity)
-    return _quantize_report(result, False)
+    rc = _quantize_report(result, False)
+    if not result.out:
+        print(f"the fp32 bundle at {path} is kept")
+    return rc
 
 
 def _format_result(result) -> str:
@@ -291,6 +294,44 @@ def _quantize_report(result, as_json: bool) -> int:
     return 0 if result.passed else EXIT_ERROR
 
 
+def cmd_plan(args) -> int:
+    from . import plan as P
+
+    if args.bundle:
+        shapes = P.BundleShapes.from_bundle(args.bundle)
+    elif args.checkpoint:
+        shapes = P.Shapes.from_checkpoint(args.checkpoint)
+    else:
+        shapes = P.Shapes.from_profile(args.profile)
+    limits = {k: getattr(args, k) for k in ("max_prompt_tokens", "max_image_tokens", "max_audio_seconds")
+              if getattr(args, k) is not None}
+    kw = {"reserve_gb": args.reserve_gb, "device_memory_gb": args.device_memory}
+    recipe = args.recipe or (shapes.recipe if isinstance(shapes, P.BundleShapes) else "gpu-fp16")
+    chosen = P.plan(shapes, recipe, args.device, limits, **kw)
+    better = None
+    if not chosen.fits and not isinstance(shapes, P.BundleShapes):
+        better = P.suggest(shapes, args.device, limits, **kw)
+    if args.json:
+        print(json.dumps({"fits": chosen.fits, "source": shapes.source, "plan": chosen.to_dict(),
+                          "fits_with": better.to_dict() if better else None,
+                          "assumptions": {k: {"bytes": b, "why": why} for k, (b, why) in P.DEVICE_COSTS.items()}},
+                         indent=2))
+        return 0
+    name, mem = P.DEVICES[args.device]
+    print(f"{name} ({chosen.memory / P.GiB:.1f} GiB, {chosen.reserve / P.GiB:.1f} GiB kept for the OS), "
+          f"{shapes.source}, recipe {recipe}:")
+    for item, nbytes in chosen.items.items():
+        print(f"  {item:58s} {nbytes / P.GiB:8.2f} GiB")
+    print(f"  {'needed':58s} {chosen.needed / P.GiB:8.2f} GiB of {chosen.available / P.GiB:.2f} GiB available: "
+          f"{'FITS' if chosen.fits else 'DOES NOT FIT'}")
+    if not chosen.fits:
+        print(("fits with: " + P.table([better]).splitlines()[-1]) if better else
+              "nothing fits this device: no GPU recipe, even with 256 image tokens and 512 prompt tokens")
+    print("assumed (not measured on a device): " + "; ".join(f"{k.replace('_', ' ')} {b / P.MiB:.0f} MiB"
+                                                            for k, (b, _) in P.DEVICE_COSTS.items()))
+    return 0
+
+
 def cmd_verify(args) -> int:
     from .manifest import load_manifest
 
@@ -333,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--low-memory", action="store_true",
                    help="export and validate the decoder layer by layer (7B on a 24 GiB machine)")
     p.add_argument("--recipe", choices=RECIPE_NAMES,
-                   help="then apply this precision recipe, as `quantize` does (to OUT-RECIPE beside the fp32 bundle)")
+                   help="then apply this precision recipe, as `quantize` does (to OUT-RECIPE beside the fp32 bundle; "
+                        "--overwrite then replaces both)")
     _recipe_options(p)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -387,6 +429,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_quantize)
+
+    from ..export.profiles import PROFILES  # a table of numbers (no torch): the reference profiles plan reads
+    from .plan import DEVICES, GPU_RECIPES
+
+    p = sub.add_parser("plan", help="memory plan on a Jetson device: does the guard fit, at which recipe and limits")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bundle", type=_bundle_dir, help="a bundle: its files are the weights")
+    src.add_argument("--profile", choices=list(PROFILES), help="a reference profile's geometry (no bundle needed)")
+    src.add_argument("--checkpoint", type=Path, help="a checkpoint folder: its config.json's geometry")
+    p.add_argument("--recipe", choices=GPU_RECIPES,
+                   help="precision (default: a bundle's own, else gpu-fp16)")
+    p.add_argument("--device", required=True, choices=list(DEVICES))
+    p.add_argument("--device-memory", type=float, help="the device's memory in GiB (default: the module's)")
+    p.add_argument("--reserve-gb", type=float, default=1.5, help="memory kept for the OS, GiB (default 1.5)")
+    p.add_argument("--max-prompt-tokens", type=_int_in(1, 1 << 20), help="default 2048")
+    p.add_argument("--max-image-tokens", type=_int_in(0, 1 << 20), help="per request, after merging (default 1024)")
+    p.add_argument("--max-audio-seconds", type=float, help="default 30")
+    p.add_argument("--json", action="store_true", help="only JSON on stdout (`fits` at the top level)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("verify", help="re-hash every file of a bundle against its manifest")
     p.add_argument("bundle", type=Path)
