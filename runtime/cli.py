@@ -430,13 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_quantize)
 
-    from ..export.profiles import PROFILES  # a table of numbers (no torch): the reference profiles plan reads
     from .plan import DEVICES, GPU_RECIPES
 
     p = sub.add_parser("plan", help="memory plan on a Jetson device: does the guard fit, at which recipe and limits")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--bundle", type=_bundle_dir, help="a bundle: its files are the weights")
-    src.add_argument("--profile", choices=list(PROFILES), help="a reference profile's geometry (no bundle needed)")
+    src.add_argument("--profile", choices=PROFILE_NAMES, help="a reference profile's geometry (no bundle needed)")
     src.add_argument("--checkpoint", type=Path, help="a checkpoint folder: its config.json's geometry")
     p.add_argument("--recipe", choices=GPU_RECIPES,
                    help="precision (default: a bundle's own, else gpu-fp16)")

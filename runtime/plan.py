@@ -55,7 +55,7 @@ class Shapes:
 
     @classmethod
     def from_profile(cls, name: str) -> Shapes:
-        from ..export.profiles import PROFILES  # a table of numbers: no torch import
+        from ..export.profiles import PROFILES  # a table of numbers (no torch); the runtime never imports it otherwise
 
         if name not in PROFILES:
             raise InputError(f"--profile must be one of {', '.join(PROFILES)}, not {name!r}")
