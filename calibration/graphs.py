@@ -294,8 +294,8 @@ def _int4(src: Path, dest: Path, metadata: dict, expect: str, **config) -> tuple
         """One MatMul's weight through the quantizer: the nodes that replace it. The graph it sees holds this weight
         alone, and nothing of it outlives the call (protobuf frees a message's memory only with the whole message)."""
         one = onnx.GraphProto()
-        one.initializer.append(g.load(weights[node.input[1]]))
-        made = quantizer.quantize(node, [one])
+        g.load(weights[node.input[1]], into=one.initializer.add())  # in place: append() would serialize a copy,
+        made = quantizer.quantize(node, [one])  # which protobuf refuses over 2 GiB (a 7B output layer: 2.18 GB)
         for i in range(1, len(one.initializer)):  # what it made: the quantized weight, its scales (and zero points)
             g.emit(one.initializer[i])
         # a weight two MatMuls share gets one DequantizeLinear: onnxruntime's tool writes a second with the same
@@ -358,11 +358,13 @@ class _Streamed:
         self.out: list = []
         self._emitted: set[str] = set()
 
-    def load(self, tensor):
+    def load(self, tensor, into=None):
+        """A copy of `tensor` holding its bytes: a new message, or `into` (an empty message, e.g. a repeated field's
+        new element)."""
         import onnx
         from onnx import external_data_helper
 
-        t = onnx.TensorProto()
+        t = onnx.TensorProto() if into is None else into
         t.CopyFrom(tensor)
         if external_data_helper.uses_external_data(t):
             external_data_helper.load_external_data_for_tensor(t, str(self.src.parent))  # onnx's checked reader
