@@ -257,25 +257,25 @@ def _quantize(bundle, manifest, recipe, out, work, scratch, data, allow_failing,
         heldout = agree_requests = builtin_requests(media_dir)
         source = "requests made here (no calibration data: builtin_requests)"
         calibration_summary = None
-    fp32 = Guard.from_bundle(bundle, GuardOptions(session=session, encoder_cache_bytes=0)) if measure else None
-    with tqdm(total=len(heldout), desc="held-out inputs (fp32)", unit="req", disable=not progress) as bar:
-        captured = capture(fp32, [r for _, r in heldout], progress=bar) if measure else None
-    heldout_failed = [{"request": heldout[n][0], "error": err} for n, err in captured.failed] if measure else []
-    calib_feeds, calib_requests = {}, 0
-    if recipe.needs_calibration:
-        # the calibration split's inputs, for activation scales (the held-out split judges them, never these)
-        todo = cset.requests("calibration", calibration_per_modality)
-        calib_requests = len(todo)
-        with tqdm(total=len(todo), desc="calibration inputs (fp32)", unit="req", disable=not progress) as bar:
-            calib_feeds = capture(fp32, [r for _, r in todo], max_decoder_runs=2, progress=bar).feeds
-        calibration_summary["activation_scales_from"] = {
-            "requests": calib_requests, "inputs_per_graph": {g: len(v) for g, v in calib_feeds.items()}}
-    # the fp32 Guard's sessions (the whole fp32 bundle in memory) go before any graph is quantized
-    del fp32
-    gc.collect()
+    feeds, calib_feeds, heldout_failed = {}, {}, []
+    if measure:  # --no-fidelity runs nothing of the fp32 bundle
+        fp32 = Guard.from_bundle(bundle, GuardOptions(session=session, encoder_cache_bytes=0))
+        with tqdm(total=len(heldout), desc="held-out inputs (fp32)", unit="req", disable=not progress) as bar:
+            captured = capture(fp32, [r for _, r in heldout], progress=bar)
+        heldout_failed = [{"request": heldout[n][0], "error": err} for n, err in captured.failed]
+        feeds = dict(captured.feeds)
+        if recipe.needs_calibration:
+            # the calibration split's inputs, for activation scales (the held-out split judges them, never these)
+            todo = cset.requests("calibration", calibration_per_modality)
+            with tqdm(total=len(todo), desc="calibration inputs (fp32)", unit="req", disable=not progress) as bar:
+                calib_feeds = capture(fp32, [r for _, r in todo], max_decoder_runs=2, progress=bar).feeds
+            calibration_summary["activation_scales_from"] = {
+                "requests": len(todo), "inputs_per_graph": {g: len(v) for g, v in calib_feeds.items()}}
+        # the fp32 Guard's sessions (the whole fp32 bundle in memory) go before any graph is quantized
+        del fp32, captured
+        gc.collect()
     head = manifest.graphs.get("decoder_gqa_head")
     head_rows = np.load(bundle / head.data_file, mmap_mode="r") if head is not None and not standard else None
-    feeds = dict(captured.feeds) if measure else {}
     if "decoder_gqa" in feeds and head is not None:
         dec = fidelity.cpu_session(bundle / manifest.graphs["decoder_gqa"].file, threads)  # the head's inputs
         feeds["decoder_gqa_head"] = [{"hidden": dec.run(["hidden"], fidelity.fresh_feeds(f))[0]}
@@ -366,31 +366,9 @@ def _quantize(bundle, manifest, recipe, out, work, scratch, data, allow_failing,
     agreement = {**agreed.to_dict(), "source": source}
 
     # 6. the gate
-    failures = [] if measure else ["fidelity not measured (--no-fidelity): no graph was compared with fp32 and no "
-                                   "verdict with the fp32 bundle's"]
-    for name, g in report_graphs.items():
-        if g.get("gate_cosine") is None:
-            continue
-        if not measure:
-            g["passed"] = False
-        elif not g.get("n"):
-            failures.append(f"{name}: no held-out input reached it, so its fidelity is unmeasured")
-            g["passed"] = False
-        else:
-            g["passed"] = g["cosine"] >= g["gate_cosine"]
-            if not g["passed"]:
-                failures.append(f"{name}: min cosine {g['cosine']:.5f} < {g['gate_cosine']}")
-    for f in heldout_failed:  # a modality the fp32 bundle could not run was not judged either
-        failures.append(f"held-out request {f['request']} failed on the fp32 bundle: {f['error']}")
     enforced = not manifest.source.get("reference_checkpoint", False)
-    if not measure:
-        pass  # the one failure above says it all
-    elif not agreement["n"]:
-        failures.append("no agreement request ran")
-    elif agreement["errors"]:  # fail closed: a bundle that cannot answer is no guard, whatever the weights
-        failures.append(f"{agreement['errors']} agreement requests without a verdict (error or unknown)")
-    elif enforced and agreement["verdict_agreement"] < 0.99:
-        failures.append(f"verdict agreement {agreement['verdict_agreement']:.1%} < 99%")
+    failures = _gate(report_graphs, heldout_failed, agreement, enforced) if measure else \
+        _unmeasured(report_graphs)
     passed = not failures
     sizes_fp32 = _bundle_bytes(bundle, manifest)
     report = {"graphs": report_graphs, "agreement": agreement, "heldout_failed": heldout_failed,
@@ -418,6 +396,39 @@ def _quantize(bundle, manifest, recipe, out, work, scratch, data, allow_failing,
         work.rename(out)
         result.out = out
     return result
+
+
+def _gate(report_graphs: dict, heldout_failed: list, agreement: dict, enforced: bool) -> list[str]:
+    """The gate's failures (none: passed); sets each gated graph's `passed`."""
+    failures = []
+    for name, g in report_graphs.items():
+        if g.get("gate_cosine") is None:
+            continue
+        if not g.get("n"):
+            failures.append(f"{name}: no held-out input reached it, so its fidelity is unmeasured")
+            g["passed"] = False
+        else:
+            g["passed"] = g["cosine"] >= g["gate_cosine"]
+            if not g["passed"]:
+                failures.append(f"{name}: min cosine {g['cosine']:.5f} < {g['gate_cosine']}")
+    for f in heldout_failed:  # a modality the fp32 bundle could not run was not judged either
+        failures.append(f"held-out request {f['request']} failed on the fp32 bundle: {f['error']}")
+    if not agreement["n"]:
+        failures.append("no agreement request ran")
+    elif agreement["errors"]:  # fail closed: a bundle that cannot answer is no guard, whatever the weights
+        failures.append(f"{agreement['errors']} agreement requests without a verdict (error or unknown)")
+    elif enforced and agreement["verdict_agreement"] < 0.99:
+        failures.append(f"verdict agreement {agreement['verdict_agreement']:.1%} < 99%")
+    return failures
+
+
+def _unmeasured(report_graphs: dict) -> list[str]:
+    """--no-fidelity: one failure, and every gated graph not passed."""
+    for g in report_graphs.values():
+        if g.get("gate_cosine") is not None:
+            g["passed"] = False
+    return ["fidelity not measured (--no-fidelity): no graph was compared with fp32 and no verdict with the fp32 "
+            "bundle's"]
 
 
 def _files_digest(manifest: Manifest) -> str:
