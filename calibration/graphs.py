@@ -394,15 +394,15 @@ class _Streamed:
         del graph.initializer[:]
         graph.initializer.extend(self.out)
         self.out = []
-        _toposort(self.model)
         data = self.writer.path
-        if self.writer.offset > PROTOBUF_LIMIT:
-            set_metadata(self.model, metadata)
-            onnx.save_model(self.model, str(self.dest))
-            return data.name
-        external_data_helper.load_external_data_for_model(self.model, str(self.dest.parent))
-        data.unlink()
-        return save_graph(self.model, self.dest, metadata, self.writer.offset)
+        if self.writer.offset <= PROTOBUF_LIMIT:  # small enough for one file: as every other method writes it
+            external_data_helper.load_external_data_for_model(self.model, str(self.dest.parent))
+            data.unlink()
+            return _save(self.model, self.dest, metadata)
+        _toposort(self.model)  # the weights are already in `data`: only the structure is written
+        set_metadata(self.model, metadata)
+        onnx.save_model(self.model, str(self.dest))
+        return data.name
 
 
 def _op_counts(model) -> dict[str, int]:
