@@ -317,16 +317,17 @@ def cmd_plan(args) -> int:
                           "assumptions": {k: {"bytes": b, "why": why} for k, (b, why) in P.DEVICE_COSTS.items()}},
                          indent=2))
         return 0
-    name, mem = P.DEVICES[args.device]
-    print(f"{name} ({chosen.memory / P.GiB:.1f} GiB, {chosen.reserve / P.GiB:.1f} GiB kept for the OS), "
+    print(f"{P.DEVICES[args.device][0]} ({chosen.memory / P.GiB:.1f} GiB, {chosen.reserve / P.GiB:.1f} GiB kept for the OS), "
           f"{shapes.source}, recipe {recipe}:")
     for item, nbytes in chosen.items.items():
         print(f"  {item:58s} {nbytes / P.GiB:8.2f} GiB")
     print(f"  {'needed':58s} {chosen.needed / P.GiB:8.2f} GiB of {chosen.available / P.GiB:.2f} GiB available: "
           f"{'FITS' if chosen.fits else 'DOES NOT FIT'}")
     if not chosen.fits:
+        floor = P.SUGGEST_FLOOR
         print(("fits with: " + P.table([better]).splitlines()[-1]) if better else
-              "nothing fits this device: no GPU recipe, even with 256 image tokens and 512 prompt tokens")
+              f"nothing fits this device: no GPU recipe, even with {floor['max_image_tokens']} image tokens and "
+              f"{floor['max_prompt_tokens']} prompt tokens")
     print("assumed (not measured on a device): " + "; ".join(f"{k.replace('_', ' ')} {b / P.MiB:.0f} MiB"
                                                             for k, (b, _) in P.DEVICE_COSTS.items()))
     return 0
@@ -430,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_quantize)
 
-    from .plan import DEVICES, GPU_RECIPES
+    from .plan import DEFAULT_RESERVE_GB, DEVICES, GPU_RECIPES
 
     p = sub.add_parser("plan", help="memory plan on a Jetson device: does the guard fit, at which recipe and limits")
     src = p.add_mutually_exclusive_group(required=True)
@@ -441,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precision (default: a bundle's own, else gpu-fp16)")
     p.add_argument("--device", required=True, choices=list(DEVICES))
     p.add_argument("--device-memory", type=float, help="the device's memory in GiB (default: the module's)")
-    p.add_argument("--reserve-gb", type=float, default=1.5, help="memory kept for the OS, GiB (default 1.5)")
+    p.add_argument("--reserve-gb", type=float, default=DEFAULT_RESERVE_GB,
+                   help=f"memory kept for the OS, GiB (default {DEFAULT_RESERVE_GB})")
     p.add_argument("--max-prompt-tokens", type=_int_in(1, 1 << 20), help="default 2048")
     p.add_argument("--max-image-tokens", type=_int_in(0, 1 << 20), help="per request, after merging (default 1024)")
     p.add_argument("--max-audio-seconds", type=float, help="default 30")

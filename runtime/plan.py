@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
-from .memory import ALLOCATOR_SLACK, GiB, MiB, Geometry, RequestSizes, estimate
+from .memory import GiB, MiB, Geometry, RequestSizes, estimate
 
 # marketed memory of each module (GiB: the modules carry 4/8/16/32/64 GiB of LPDDR5)
 DEVICES = {
@@ -41,6 +41,7 @@ DEVICE_COSTS = {
 
 # default limits of a plan (the same names as build-engines' options)
 DEFAULT_LIMITS = {"max_prompt_tokens": 2048, "max_image_tokens": 1024, "max_audio_seconds": 30.0, "new_tokens": 32}
+SUGGEST_FLOOR = {"max_image_tokens": 256, "max_prompt_tokens": 512}  # the lowest limits `suggest` tries
 MEL_FRAMES_PER_SECOND = 100  # Whisper-style features: hop 160 at 16 kHz
 
 
@@ -91,6 +92,11 @@ def _get(section: dict, key: str, default=None):
     return value
 
 
+def _patch_row(v: dict) -> int:
+    """Values in one vision patch: channels x temporal patch x patch^2 (1176 for Qwen2.5-Omni)."""
+    return v.get("in_channels", 3) * v.get("temporal_patch_size", 2) * v.get("patch_size", 14) ** 2
+
+
 def matrices(s: Shapes) -> dict[str, dict]:
     """Per graph: `mm`, the constant MatMul weights as (K, N, count) (what the recipes quantize), and `other`, the
     count of every other parameter (norms, biases, convolutions, the audio positions). The decoder graph holds its
@@ -104,7 +110,7 @@ def matrices(s: Shapes) -> dict[str, dict]:
                "other": layers * (h + 2 * kv + 2 * h) + h}  # q/k/v biases, two norms per layer; the final norm
     c, f, depth = _get(v, "hidden_size"), _get(v, "intermediate_size"), _get(v, "depth")
     merged = c * v.get("spatial_merge_size", 2) ** 2
-    patch = v.get("in_channels", 3) * v.get("temporal_patch_size", 2) * v.get("patch_size", 14) ** 2
+    patch = _patch_row(v)
     out = v.get("out_hidden_size", h)
     vision = {"mm": [(c, c, 4 * depth), (c, f, 2 * depth), (f, c, depth), (merged, merged, 1), (merged, out, 1)],
               "other": c * patch + depth * (4 * c + 2 * f + c + 2 * c) + c + merged + out}
@@ -173,15 +179,15 @@ class BundleShapes:
 def geometry(s: Shapes) -> Geometry:
     """The runtime's memory Geometry from the same shapes."""
     t, v, a = s.text, s.vision, s.audio
-    h, heads = t["hidden_size"], t["num_attention_heads"]
-    return Geometry(layers=t["num_hidden_layers"], heads=heads, kv_heads=t["num_key_value_heads"], head_dim=h // heads,
-                    hidden=h, vocab=t["vocab_size"], ffn=t["intermediate_size"], vision_depth=v["depth"],
-                    vision_width=v["hidden_size"], vision_heads=v["num_heads"], vision_ffn=v["intermediate_size"],
-                    vision_out=v.get("out_hidden_size", h),
-                    patch_row=v.get("in_channels", 3) * v.get("temporal_patch_size", 2) * v.get("patch_size", 14) ** 2,
+    h, heads = _get(t, "hidden_size"), _get(t, "num_attention_heads")
+    return Geometry(layers=_get(t, "num_hidden_layers"), heads=heads, kv_heads=_get(t, "num_key_value_heads"),
+                    head_dim=h // heads, hidden=h, vocab=_get(t, "vocab_size"), ffn=_get(t, "intermediate_size"),
+                    vision_depth=_get(v, "depth"), vision_width=_get(v, "hidden_size"),
+                    vision_heads=_get(v, "num_heads"), vision_ffn=_get(v, "intermediate_size"),
+                    vision_out=v.get("out_hidden_size", h), patch_row=_patch_row(v),
                     patch_size=v.get("patch_size", 14), merge=v.get("spatial_merge_size", 2),
-                    audio_layers=a["encoder_layers"], audio_width=a["d_model"],
-                    audio_heads=a["encoder_attention_heads"], audio_ffn=a["encoder_ffn_dim"],
+                    audio_layers=_get(a, "encoder_layers"), audio_width=_get(a, "d_model"),
+                    audio_heads=_get(a, "encoder_attention_heads"), audio_ffn=_get(a, "encoder_ffn_dim"),
                     audio_bins=a.get("num_mel_bins", 128), audio_window=a.get("n_window", 100))
 
 
@@ -269,8 +275,8 @@ def plan(s, recipe: str, device: str, limits: dict | None = None, reserve_gb: fl
 
 def suggest(s: Shapes, device: str, limits: dict | None = None, **kw) -> DevicePlan | None:
     """The first plan that fits: recipes from the most to the least precise, each with an fp32 then an fp16
-    embedding table (`export --embed-dtype float16`), then the image and prompt limits halved (down to 256 image
-    tokens and 512 prompt tokens). None when nothing fits."""
+    embedding table (`export --embed-dtype float16`), then the image and prompt limits halved (down to
+    SUGGEST_FLOOR). None when nothing fits."""
     lim = {**DEFAULT_LIMITS, **(limits or {})}
     kw.pop("embed_dtype", None)
     while True:
@@ -279,9 +285,9 @@ def suggest(s: Shapes, device: str, limits: dict | None = None, **kw) -> DeviceP
                 p = plan(s, recipe, device, lim, embed_dtype=embed, **kw)
                 if p.fits:
                     return p
-        if lim["max_image_tokens"] > 256:
+        if lim["max_image_tokens"] > SUGGEST_FLOOR["max_image_tokens"]:
             lim["max_image_tokens"] //= 2
-        elif lim["max_prompt_tokens"] > 512:
+        elif lim["max_prompt_tokens"] > SUGGEST_FLOOR["max_prompt_tokens"]:
             lim["max_prompt_tokens"] //= 2
         else:
             return None
@@ -302,4 +308,4 @@ def table(plans: list[DevicePlan]) -> str:
 
 
 __all__ = ["DEVICES", "DEVICE_COSTS", "DEFAULT_LIMITS", "Shapes", "matrices", "params", "weight_bytes", "plan",
-           "suggest", "table", "ALLOCATOR_SLACK"]
+           "suggest", "table"]
