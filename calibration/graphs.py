@@ -197,21 +197,19 @@ def qdq_int8(src: Path, dest: Path, plan: GraphPlan, metadata: dict, calibration
     """Explicit quantization for TensorRT: QuantizeLinear/DequantizeLinear pairs (QDQ format) on every MatMul/Gemm
     with a constant weight; INT8 symmetric, weights per output channel, activation scales from the min/max of the
     calibration inputs (onnxruntime 1.32's percentile calibrator fails on inputs of varying shapes). TensorRT reads
-    these scales as they are (explicit quantization), with no calibrator of its own."""
+    these scales as they are (explicit quantization), with no calibrator of its own. The ranges are computed one
+    input at a time (calibration/ranges.py), then onnxruntime's quantize_static applies them as its calibration
+    cache."""
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
+    from .ranges import activation_ranges, check_cache_support
 
     if not calibration:
         raise ValueError(f"{src.name}: explicit INT8 needs calibration inputs for its activation scales")
-
-    class Reader(CalibrationDataReader):
-        def __init__(self, feeds):
-            self._it = iter(feeds)
-
-        def get_next(self):
-            return next(self._it, None)
-
+    check_cache_support()
+    op_types = ["MatMul", "Gemm"]
     skeleton = onnx.load(str(src), load_external_data=False)
     weights = {t.name for t in skeleton.graph.initializer}
     producer = {o: n for n in skeleton.graph.node for o in n.output}
@@ -225,18 +223,22 @@ def qdq_int8(src: Path, dest: Path, plan: GraphPlan, metadata: dict, calibration
     # ignores MatMulConstBOnly, and per-tensor INT8 probabilities round to 0 over long contexts (measured on tiny:
     # cosine 0.86 after the first layer's probabilities x values at 451 tokens)
     activations = [n.name for n in skeleton.graph.node if n.op_type == "MatMul" and not constant(n.input[1])]
+    del skeleton, producer
+    ranges = activation_ranges(src, calibration, op_types)
     options = {"ActivationSymmetric": True, "WeightSymmetric": True, "DefaultTensorType": onnx.TensorProto.FLOAT}
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp, _quiet():
-        out = Path(tmp) / dest.name
-        quantize_static(_load(src), str(out), Reader(calibration), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=["MatMul", "Gemm"], per_channel=True, activation_type=QuantType.QInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                        use_external_data_format=True, nodes_to_exclude=activations, extra_options=options)
+        out, cache = Path(tmp) / dest.name, Path(tmp) / "ranges.json"
+        save_tensors_data(ranges, cache)
+        quantize_static(_load(src), str(out), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
+                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
+                        nodes_to_exclude=activations, extra_options=options, calibration_cache_path=cache)
         model = onnx.load(str(out), load_external_data=True)
     counts = _op_counts(model)
     data = _save(model, dest, metadata)
     return data, {"method": "qdq-int8", "weights": "int8 symmetric per output channel",
                   "activations": f"int8 symmetric per tensor, min/max of {len(calibration)} calibration inputs",
+                  "calibrated": "one input at a time, weights read in place (calibration/ranges.py)",
                   "format": "QDQ (explicit quantization)", "kept_fp32": {"activation_matmuls": len(activations)},
                   "ops": counts}
 

@@ -143,6 +143,13 @@ def check_options(recipe: str, calibration="auto", allow_failing: bool = False, 
     quantize_bundle, by name (calibration_per_modality may be None). low_memory_source: the fp32 bundle is (to be)
     a --low-memory export, which has no fast decoder."""
     recipe_obj = get_recipe(recipe)
+    if any(plan.method == "qdq-int8" for plan in recipe_obj.graphs.values()):
+        from .ranges import check_cache_support
+
+        try:
+            check_cache_support()
+        except RuntimeError as exc:
+            raise RecipeError(f"recipe {recipe_obj.name}: {exc}") from None
     fast = [g for g, plan in recipe_obj.graphs.items() if g.startswith("decoder_gqa") and plan.method != "drop"]
     if low_memory_source and fast:
         raise RecipeError(f"recipe {recipe_obj.name} quantizes the fast decoder, which --low-memory exports do not "

@@ -1,0 +1,119 @@
+"""Activation ranges for static INT8, one calibration input at a time, with the weights read where they lie.
+
+onnxruntime's `quantize_static` calibrates in one step that holds the whole graph several times over: a copy with
+shape inference, the augmented copy written out and opened in a session, each run's outputs kept until the end.
+On `small`'s 2 GB standard decoder it was killed at 23.2 GiB (README, "On `small`"). Here the graph's structure,
+without its weights, gets a ReduceMin and a ReduceMax on each tensor onnxruntime's MinMax calibrator would select,
+as extra outputs; onnxruntime opens that structure with its weights read from the source's own data file, runs one
+input, and the running min/max keeps two numbers per tensor. The ranges are then handed to `quantize_static` as its
+calibration cache, so the quantization itself is onnxruntime's, unchanged (tests/test_quantize.py compares the
+result with its whole-graph calibration tensor by tensor).
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+_FLOAT = (1, 10)  # TensorProto.FLOAT, FLOAT16: the element types onnxruntime's calibrator selects
+
+
+def selected(model, op_types: Sequence[str]) -> list[str]:
+    """The tensors onnxruntime's MinMax calibrator calibrates for `op_types` (CalibraterBase.select_tensors_to_
+    calibrate): every input and output of those nodes with a float type known after shape inference that is not an
+    initializer, in graph order."""
+    known = {vi.name: vi for vi in itertools.chain(model.graph.value_info, model.graph.output, model.graph.input)}
+    weights = {t.name for t in model.graph.initializer}
+    out: dict[str, None] = {}
+    for node in model.graph.node:
+        if node.op_type not in op_types:
+            continue
+        for name in itertools.chain(node.input, node.output):
+            vi = known.get(name)
+            if (vi is not None and vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type in _FLOAT
+                    and name not in weights):
+                out[name] = None
+    return list(out)
+
+
+def _augmented(src: Path, op_types: Sequence[str]):
+    """(the structure of `src` with a ReduceMin and a ReduceMax output per selected tensor, [(tensor, min output,
+    max output)]). Weights in external data stay there, unread."""
+    import onnx
+
+    model = onnx.load(str(src), load_external_data=False)
+    model = onnx.shape_inference.infer_shapes(model)
+    tensors = selected(model, op_types)
+    taken = {n for node in model.graph.node for n in node.output} | {i.name for i in model.graph.input}
+    pairs = []
+    for k, name in enumerate(tensors):
+        lo, hi = f"omniguard_range_{k}_min", f"omniguard_range_{k}_max"
+        if lo in taken or hi in taken:
+            raise ValueError(f"{src.name}: the graph already has a tensor named {lo} or {hi}")
+        elem = next(vi for vi in itertools.chain(model.graph.value_info, model.graph.output, model.graph.input)
+                    if vi.name == name).type.tensor_type.elem_type
+        # no axes: every axis is reduced (opset < 18 and >= 18 alike); keepdims=1 as onnxruntime's calibrator
+        # keeps them (a dimension of 0 cannot be reduced without it)
+        model.graph.node.append(onnx.helper.make_node("ReduceMin", [name], [lo], keepdims=1))
+        model.graph.node.append(onnx.helper.make_node("ReduceMax", [name], [hi], keepdims=1))
+        model.graph.output.append(onnx.helper.make_tensor_value_info(lo, elem, None))
+        model.graph.output.append(onnx.helper.make_tensor_value_info(hi, elem, None))
+        pairs.append((name, lo, hi))
+    return model, pairs
+
+
+def activation_ranges(src: Path, feeds: Iterable[dict], op_types: Sequence[str] = ("MatMul", "Gemm"),
+                      threads: int = 0, progress=None):
+    """onnxruntime's TensorsData (MinMax) for the graph at `src` over `feeds` (its captured inputs), computed one
+    input at a time: for each selected tensor the min of its minima and the max of its maxima, as onnxruntime's
+    calibrator merges them. A non-finite value in any range is an error naming the tensor and the input (a scale
+    from it would be garbage). `progress`: a tqdm-like bar, updated per input."""
+    import onnxruntime as ort
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
+
+    src = Path(src)
+    model, pairs = _augmented(src, op_types)
+    if not pairs:
+        raise ValueError(f"{src.name}: no float tensor of {', '.join(op_types)} nodes to calibrate")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as onnxruntime's calibrator runs
+    so.intra_op_num_threads = threads
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(src.parent))
+    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    del model
+    wanted = [n for _, lo, hi in pairs for n in (lo, hi)]
+    low: dict[str, np.ndarray] = {}
+    high: dict[str, np.ndarray] = {}
+    count = 0
+    for n, feed in enumerate(feeds):
+        # the in-place decoder writes its KV inputs: a copy keeps the caller's feeds as captured
+        values = session.run(wanted, {k: np.array(v, copy=True) for k, v in feed.items()})
+        for (name, _, _), lo, hi in zip(pairs, values[0::2], values[1::2]):
+            lo, hi = np.min(lo).reshape(1), np.max(hi).reshape(1)
+            if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+                raise ValueError(f"{src.name}: calibration input {n} gives tensor {name!r} a non-finite range "
+                                 f"[{lo[0]}, {hi[0]}]")
+            low[name] = lo if name not in low else np.minimum(low[name], lo)
+            high[name] = hi if name not in high else np.maximum(high[name], hi)
+        count += 1
+        if progress is not None:
+            progress.update(1)
+    if not count:
+        raise ValueError(f"{src.name}: static INT8 needs calibration inputs for its activation scales")
+    return TensorsData(CalibrationMethod.MinMax, {name: TensorData(lowest=low[name], highest=high[name])
+                                                  for name, _, _ in pairs})
+
+
+def check_cache_support() -> None:
+    """quantize_static reads precomputed ranges from `calibration_cache_path` (added to onnxruntime in 2026,
+    microsoft/onnxruntime#28221; 1.32 has it); an onnxruntime without it is refused before anything is computed."""
+    import onnxruntime
+    from onnxruntime.quantization import quantize_static
+
+    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        raise RuntimeError(f"onnxruntime {onnxruntime.__version__}'s quantize_static takes no calibration_cache_path: "
+                           "explicit INT8 (trt-int8) needs one that does (1.32 does: pip install 'onnxruntime==1.32.*')")

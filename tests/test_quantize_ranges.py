@@ -1,0 +1,143 @@
+"""trt-int8's activation ranges are computed one calibration input at a time with the weights read in place
+(calibration/ranges.py), because onnxruntime's whole-graph calibrator could not do `small`'s decoder in 24 GiB. The
+ranges must be exactly those of onnxruntime's MinMax calibrator, and the quantized graph exactly what quantize_static
+makes when it calibrates itself: checked here on the tiny bundle's graphs with captured inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx", reason="quantizing needs onnx (the quantize extra)")
+
+
+@pytest.fixture(scope="module")
+def captured(tiny_bundle, tmp_path_factory):
+    """Each graph's inputs from the fp32 tiny bundle (standard decoder), on requests with text, an image, audio."""
+    from omniguard_edge.calibration.capture import capture
+    from omniguard_edge.calibration.quantize import builtin_requests
+    from omniguard_edge.runtime.bundle import SessionOptions
+    from omniguard_edge.runtime.guard import Guard, GuardOptions
+
+    requests = dict(builtin_requests(tmp_path_factory.mktemp("media")))
+    guard = Guard.from_bundle(tiny_bundle, GuardOptions(session=SessionOptions(decoder_graph="decoder"),
+                                                        encoder_cache_bytes=0))
+    got = capture(guard, [requests[k] for k in ("builtin-text-1", "builtin-image-448", "builtin-audio")],
+                  max_decoder_runs=2)
+    assert not got.failed and {"vision", "audio", "decoder"} <= set(got.feeds)
+    return got.feeds
+
+
+def _external_copy(src: Path, folder: Path) -> Path:
+    """`src` with its weights in an external-data file beside it, as a large bundle stores them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dest = folder / src.name
+    onnx.save_model(onnx.load(str(src)), str(dest), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=src.name + ".data", size_threshold=1024)
+    return dest
+
+
+class _Reader:
+    def __init__(self, feeds):
+        self._it = iter([{k: np.array(v, copy=True) for k, v in f.items()} for f in feeds])
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+@pytest.mark.parametrize("graph", ["decoder", "vision", "audio"])
+def test_ranges_equal_onnxruntime_calibrator(tiny_bundle, captured, tmp_path, graph):
+    from onnxruntime.quantization import CalibrationMethod, create_calibrator
+
+    from omniguard_edge.calibration.ranges import activation_ranges
+
+    src = _external_copy(tiny_bundle / f"{graph}.onnx", tmp_path / "src")
+    before = sorted(p.name for p in src.parent.iterdir())
+    ours = activation_ranges(src, captured[graph])
+    assert sorted(p.name for p in src.parent.iterdir()) == before  # nothing written beside the source
+
+    calibrator = create_calibrator(src, ["MatMul", "Gemm"], augmented_model_path=str(tmp_path / "aug.onnx"),
+                                   calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True)
+    calibrator.collect_data(_Reader(captured[graph]))
+    theirs = calibrator.compute_data()
+    assert set(ours.keys()) == set(theirs.keys()) and len(ours.keys()) > 4
+    for name in theirs.keys():
+        lo, hi = theirs[name].range_value
+        np.testing.assert_array_equal(ours[name].range_value[0], lo, err_msg=name)
+        np.testing.assert_array_equal(ours[name].range_value[1], hi, err_msg=name)
+
+
+def test_qdq_int8_equals_quantize_static_calibrating_itself(tiny_bundle, captured, tmp_path):
+    from onnx import numpy_helper
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from omniguard_edge.calibration import graphs, recipes
+
+    src = _external_copy(tiny_bundle / "decoder.onnx", tmp_path / "src")
+    plan = recipes.get_recipe("trt-int8").graphs["decoder"]
+    (tmp_path / "ours").mkdir()
+    graphs.qdq_int8(src, tmp_path / "ours" / "decoder.onnx", plan, {}, calibration=captured["decoder"])
+    ours = onnx.load(str(tmp_path / "ours" / "decoder.onnx"))
+
+    # the same call as before the ranges were computed here: quantize_static with its own calibrator
+    skeleton = onnx.load(str(src), load_external_data=False)
+    weights = {t.name for t in skeleton.graph.initializer}
+    producer = {o: n for n in skeleton.graph.node for o in n.output}
+
+    def constant(name):
+        while name not in weights and name in producer and producer[name].op_type in ("Identity", "Transpose"):
+            name = producer[name].input[0]
+        return name in weights
+
+    activations = [n.name for n in skeleton.graph.node if n.op_type == "MatMul" and not constant(n.input[1])]
+    quantize_static(onnx.load(str(src)), str(tmp_path / "theirs.onnx"), _Reader(captured["decoder"]),
+                    quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
+                    nodes_to_exclude=activations,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                   "DefaultTensorType": onnx.TensorProto.FLOAT})
+    theirs = onnx.load(str(tmp_path / "theirs.onnx"))
+
+    def nodes(m):
+        return sorted((n.op_type, tuple(n.input), tuple(n.output)) for n in m.graph.node)
+
+    assert nodes(ours) == nodes(theirs)
+    assert sum(op == "QuantizeLinear" for op, _, _ in nodes(ours)) > 4
+    mine = {t.name: numpy_helper.to_array(t) for t in ours.graph.initializer}
+    other = {t.name: numpy_helper.to_array(t) for t in theirs.graph.initializer}
+    assert mine.keys() == other.keys()
+    for name, value in other.items():
+        assert mine[name].dtype == value.dtype, name
+        np.testing.assert_array_equal(mine[name], value, err_msg=name)
+
+
+def test_ranges_refuse_a_non_finite_input_and_no_inputs(tiny_bundle, captured, tmp_path):
+    from omniguard_edge.calibration.ranges import activation_ranges
+
+    feed = {k: np.array(v, copy=True) for k, v in captured["decoder"][0].items()}
+    feed["inputs_embeds"][0, -1, 0] = np.nan
+    with pytest.raises(ValueError, match=r"calibration input 1 gives tensor '.+' a non-finite range"):
+        activation_ranges(tiny_bundle / "decoder.onnx", [captured["decoder"][0], feed])
+    with pytest.raises(ValueError, match="needs calibration inputs"):
+        activation_ranges(tiny_bundle / "decoder.onnx", [])
+
+
+def test_old_onnxruntime_is_refused_with_what_to_install(monkeypatch):
+    import onnxruntime.quantization as q
+
+    from omniguard_edge.calibration import ranges
+    from omniguard_edge.calibration.quantize import RecipeError, check_options
+
+    def quantize_static(model_input, model_output, calibration_data_reader=None):  # an older signature
+        raise AssertionError("not to be called")
+
+    monkeypatch.setattr(q, "quantize_static", quantize_static)
+    with pytest.raises(RuntimeError, match="takes no calibration_cache_path.*onnxruntime==1.32"):
+        ranges.check_cache_support()
+    # refused before anything is done, as a recipe error; the other recipes do not need it
+    with pytest.raises(RecipeError, match="trt-int8: onnxruntime .* takes no calibration_cache_path"):
+        check_options("trt-int8", calibration=None)
+    assert check_options("orin", calibration=None)[0].name == "orin"
