@@ -65,7 +65,10 @@ def run_runtime(bundle: Path, chosen: dict, args) -> tuple[list[dict], dict]:
     from omniguard_edge.runtime.bundle import SessionOptions
     from omniguard_edge.runtime.guard import Guard, GuardOptions
 
-    session = SessionOptions(intra_op_threads=args.threads)
+    from omniguard_edge.runtime.gpu import provider_chain
+
+    # --provider cuda|tensorrt: the runtime's graphs on the GPU (tensorrt: engines from build-engines, default limits)
+    session = SessionOptions(providers=provider_chain(args.provider), intra_op_threads=args.threads)
     fixed = GuardOptions(mode="full", constrain_verdict=False, prefix_cache=False, encoder_cache_bytes=0,
                          critique_max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, session=session)
     guard = Guard.from_bundle(bundle, fixed)
@@ -661,6 +664,9 @@ def main(argv=None) -> int:
     # MALLOC_MMAP_THRESHOLD_ the tail after the first call is gone). Three warm-up calls per scenario reach that.
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per scenario and engine first (default 3)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads, both engines")
+    p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu",
+                   help="where the runtime's graphs run (default cpu; tensorrt needs build-engines first); the rows "
+                        "record the providers actually used")
     p.add_argument("--new-tokens", type=int, default=32, help="answer length budget (full critique)")
     p.add_argument("--verdict-tokens", type=int, default=4, help="tokens that carry the verdict and categories")
     p.add_argument("--media-dir", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))

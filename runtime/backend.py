@@ -103,14 +103,16 @@ def _exact_arena() -> bool:
         return False
 
 
-def open_session(path: Path, opts, name: str, spin: bool | None = None) -> OrtSession:
+def open_session(path: Path, opts, name: str, spin: bool | None = None, providers: list | None = None) -> OrtSession:
     """Open one graph with the bundle's SessionOptions (`name`: its role, vision | audio | decoder). `spin`:
-    whether its threads keep spinning after a run (default: `name in opts.spin_after_run`)."""
+    whether its threads keep spinning after a run (default: `name in opts.spin_after_run`). `providers`: the
+    providers with their options ([(name, options)], runtime/gpu.py), in place of opts.providers' names."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    wanted = [p for p in opts.providers if p in available]
-    missing = [p for p in opts.providers if p not in available]
+    chosen = {p: o for p, o in providers} if providers else {}
+    wanted = [p for p in (list(chosen) or opts.providers) if p in available]
+    missing = [p for p in (list(chosen) or opts.providers) if p not in available]
     if missing:
         warnings.warn(f"{name}.onnx: execution provider(s) {missing} are not available in this onnxruntime "
                       f"build (available: {available}); running on {wanted or ['CPUExecutionProvider']}",
@@ -125,7 +127,8 @@ def open_session(path: Path, opts, name: str, spin: bool | None = None) -> OrtSe
     if not (name in opts.spin_after_run if spin is None else spin):
         so.add_session_config_entry("session.force_spinning_stop", "1")
     try:
-        sess = ort.InferenceSession(str(path), so, providers=wanted or ["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(path), so, providers=[(p, chosen[p]) if p in chosen else p for p in wanted]
+                                    or ["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for unloadable graphs
         raise BundleError(f"{path}: onnxruntime cannot load it ({exc}); re-export the bundle") from exc
     used = sess.get_providers()

@@ -51,10 +51,21 @@ class SessionOptions:
     # GroupQueryAttention with in-place KV buffers, README "Time to verdict") when the bundle has one and the first
     # provider is onnxruntime's CPU one, else the standard-ops `decoder`; or name one of the two.
     decoder_graph: str = "auto"
+    # GPU providers (runtime/gpu.py): the limits TensorRT's optimization profiles are built for (build-engines'
+    # names and defaults: max_prompt_tokens, max_image_tokens, max_audio_seconds, new_tokens); the engine cache
+    # folder (None: beside the bundle, B.engines); the CUDA device
+    limits: dict | None = None
+    engine_cache: str | os.PathLike | None = None
+    device_id: int = 0
 
     def __post_init__(self):
         if not self.providers:
             raise ValueError("SessionOptions.providers must name at least one execution provider")
+        from .plan import check_limits
+
+        check_limits(self.limits)
+        if isinstance(self.device_id, bool) or not isinstance(self.device_id, int) or self.device_id < 0:
+            raise ValueError(f"SessionOptions.device_id must be an int >= 0, not {self.device_id!r}")
         if self.intra_op_threads < 0 or self.inter_op_threads < 0:
             raise ValueError("SessionOptions thread counts must be >= 0")
         if self.arena_shrink_above is not None and (isinstance(self.arena_shrink_above, bool)
@@ -131,6 +142,10 @@ def open_bundle(path: str | os.PathLike, options: SessionOptions | None = None, 
                       f"({'; '.join(gate.get('failures', []))}); its verdicts may differ from the fp32 bundle's",
                       RuntimeWarning, stacklevel=2)
     bundle = Bundle(path=path, manifest=manifest)
+    from .gpu import Profiled, default_cache, session_providers
+
+    cache = Path(options.engine_cache) if options.engine_cache is not None else default_cache(path)
+    gpu_providers, gpu_profiles = session_providers(manifest, cache, options)
     for name in options.graphs:
         graph = name
         if name == "decoder":
@@ -140,7 +155,10 @@ def open_bundle(path: str | os.PathLike, options: SessionOptions | None = None, 
         # The fast decoder's body and output layer alternate within every step: threads of one left spinning slow the
         # other on few cores (measured on `small`, 2 threads: body 80.8 + head 38.8 ms spinning, 58.2 + 19.7 not)
         bundle.sessions[name] = open_session(path / manifest.graphs[graph].file, options, name,
-                                             spin=False if graph == "decoder_gqa" else None)
+                                             spin=False if graph == "decoder_gqa" else None,
+                                             providers=gpu_providers.get(graph))
+        if graph in gpu_profiles:  # a request outside the engines' profile is refused, not built for mid-request
+            bundle.sessions[name] = Profiled(bundle.sessions[name], gpu_profiles[graph])
         bundle.providers[name] = bundle.sessions[name].providers
         if graph == "decoder_gqa":  # its output layer: a graph for every row (opened on first use), the rows for a few
             head = manifest.graphs["decoder_gqa_head"]

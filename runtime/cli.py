@@ -229,7 +229,11 @@ def cmd_moderate(args) -> int:
     from .bundle import SessionOptions
     from .guard import Guard, GuardOptions
 
-    session = SessionOptions(providers=tuple(args.providers), intra_op_threads=args.threads)
+    from .gpu import provider_chain
+
+    providers = tuple(args.providers) if args.providers else provider_chain(args.provider)
+    session = SessionOptions(providers=providers, intra_op_threads=args.threads, limits=_limits(args),
+                             engine_cache=args.engines, device_id=args.device_id)
     budget = {"max_new_tokens": args.max_new_tokens} if args.mode != "full" else \
         {"critique_max_new_tokens": args.max_new_tokens or 256}
     options = GuardOptions(mode=args.mode, threshold=args.threshold, constrain_verdict=not args.no_constrain,
@@ -303,8 +307,7 @@ def cmd_plan(args) -> int:
         shapes = P.Shapes.from_checkpoint(args.checkpoint)
     else:
         shapes = P.Shapes.from_profile(args.profile)
-    limits = {k: getattr(args, k) for k in ("max_prompt_tokens", "max_image_tokens", "max_audio_seconds")
-              if getattr(args, k) is not None}
+    limits = _limits(args)
     kw = {"reserve_gb": args.reserve_gb, "device_memory_gb": args.device_memory}
     recipe = args.recipe or (shapes.recipe if isinstance(shapes, P.BundleShapes) else "gpu-fp16")
     chosen = P.plan(shapes, recipe, args.device, limits, **kw)
@@ -331,6 +334,40 @@ def cmd_plan(args) -> int:
     print("assumed (not measured on a device): " + "; ".join(f"{k.replace('_', ' ')} {b / P.MiB:.0f} MiB"
                                                             for k, (b, _) in P.DEVICE_COSTS.items()))
     return 0
+
+
+def cmd_build_engines(args) -> int:
+    from .gpu import build_engines
+
+    records = build_engines(args.bundle, args.out, _limits(args), native=args.native, rebuild=args.rebuild,
+                            device_id=args.device_id, dry_run=args.dry_run, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    for r in records:
+        if args.dry_run:
+            print(f"{r['graph']} ({r['precision']}): would build into {r['cache']}/<key>\n"
+                  + "".join(f"  {k}: {v}\n" for k, v in r["profile"].items()), end="")
+        else:
+            print(f"{r['graph']} ({r['precision']}): {r['status']} in {r['folder']} "
+                  f"(sm {r['compute_capability']}, TensorRT {r['tensorrt']})")
+    return 0
+
+
+def _limit_args(p, prefix: str = "") -> None:
+    """The limits, under the same names in plan, build-engines and moderate (runtime/plan.py DEFAULT_LIMITS)."""
+    from .plan import DEFAULT_LIMITS as D
+
+    p.add_argument("--max-prompt-tokens", type=_int_in(1, 1 << 20),
+                   help=f"{prefix}prompt tokens, media included (default {D['max_prompt_tokens']})")
+    p.add_argument("--max-image-tokens", type=_int_in(0, 1 << 20),
+                   help=f"{prefix}image and video tokens per request, after merging (default {D['max_image_tokens']})")
+    p.add_argument("--max-audio-seconds", type=float, help=f"{prefix}default {D['max_audio_seconds']:g}")
+
+
+def _limits(args) -> dict:
+    return {k: getattr(args, k) for k in ("max_prompt_tokens", "max_image_tokens", "max_audio_seconds")
+            if getattr(args, k, None) is not None}
 
 
 def cmd_verify(args) -> int:
@@ -398,8 +435,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="free greedy decoding instead of the answer grammar (parity checks; P(unsafe) still read)")
     p.add_argument("--max-new-tokens", type=_int_in(1, 1 << 20), default=None,
                    help="generation budget, >= 1 (default 32; 256 with --mode full)")
-    p.add_argument("--providers", nargs="+", type=_utf8, default=["CPUExecutionProvider"],
-                   help="onnxruntime providers")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu",
+                       help="where the graphs run (default cpu); tensorrt runs engines built by build-engines")
+    which.add_argument("--providers", nargs="+", type=_utf8, help="onnxruntime provider names, in preference order")
+    _limit_args(p, "tensorrt: the limits the engines were built for; ")
+    p.add_argument("--engines", type=Path, help="tensorrt: the engine cache folder (default: BUNDLE.engines)")
+    p.add_argument("--device-id", type=_int_in(0, 1023), default=0, help="cuda/tensorrt: the GPU (default 0)")
     p.add_argument("--threads", type=_int_in(0, MAX_THREADS), default=0,
                    help=f"intra-op threads, 0..{MAX_THREADS} (0: onnxruntime default)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -444,11 +486,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-memory", type=float, help="the device's memory in GiB (default: the module's)")
     p.add_argument("--reserve-gb", type=float, default=DEFAULT_RESERVE_GB,
                    help=f"memory kept for the OS, GiB (default {DEFAULT_RESERVE_GB})")
-    p.add_argument("--max-prompt-tokens", type=_int_in(1, 1 << 20), help="default 2048")
-    p.add_argument("--max-image-tokens", type=_int_in(0, 1 << 20), help="per request, after merging (default 1024)")
-    p.add_argument("--max-audio-seconds", type=float, help="default 30")
+    _limit_args(p)
     p.add_argument("--json", action="store_true", help="only JSON on stdout (`fits` at the top level)")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("build-engines", help="build TensorRT engines for this GPU from a bundle, ahead of time")
+    p.add_argument("--bundle", required=True, type=_bundle_dir)
+    p.add_argument("--out", type=Path, help="engine cache folder (default: BUNDLE.engines beside the bundle)")
+    _limit_args(p)
+    p.add_argument("--native", action="store_true",
+                   help="also TensorRT plans through TensorRT's Python API (experimental)")
+    p.add_argument("--rebuild", action="store_true", help="replace engines built for another key (stale or foreign)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the profiles and provider options only (no GPU needed)")
+    p.add_argument("--device-id", type=_int_in(0, 1023), default=0)
+    p.add_argument("--json", action="store_true", help="print the records as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_build_engines)
 
     p = sub.add_parser("verify", help="re-hash every file of a bundle against its manifest")
     p.add_argument("bundle", type=Path)

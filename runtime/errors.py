@@ -43,6 +43,16 @@ class MemoryBudgetError(InputError):
     its smallest plan: refused before any graph runs, never an onnxruntime allocation failure."""
 
 
+class GpuError(OmniGuardError):
+    """A GPU target that cannot be used on this machine: no NVIDIA GPU, no onnxruntime build with the provider,
+    no TensorRT or a TensorRT version this package does not support. The message says what to install."""
+
+
+class EngineError(GpuError):
+    """TensorRT engines that do not belong to this bundle, GPU, TensorRT version or precision (stale or foreign),
+    or none built: refused, never rebuilt silently. The message says what differs and how to build them."""
+
+
 def describe(exc: BaseException) -> str:
     """`"TypeName: message"` for any exception, never raising: a caller's exception whose __str__ (or whose
     type's name) fails to format is described as such, so reporting an error cannot itself escape."""

@@ -85,6 +85,21 @@ class Shapes:
                              "(a Qwen2.5-Omni / OmniGuard checkpoint has them under thinker_config)") from None
 
 
+def check_limits(limits: dict | None) -> dict:
+    """DEFAULT_LIMITS updated by `limits`, each checked (InputError naming the option): the limits of a plan, of
+    build-engines' optimization profiles and of a GPU session, under the same names."""
+    lim = {**DEFAULT_LIMITS, **(limits or {})}
+    for key, value in lim.items():
+        if key not in DEFAULT_LIMITS:
+            raise InputError(f"unknown limit {key!r} (known: {', '.join(DEFAULT_LIMITS)})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 2**31 or \
+                (key != "max_audio_seconds" and value != int(value)):
+            raise InputError(f"--{key.replace('_', '-')} must be a whole number >= 0, not {value!r}"
+                             if key != "max_audio_seconds" else f"--max-audio-seconds must be a number of seconds "
+                             f">= 0, not {value!r}")
+    return lim
+
+
 def _get(section: dict, key: str, default=None):
     value = section.get(key, default)
     if value is None:
@@ -236,13 +251,7 @@ def plan(s, recipe: str, device: str, limits: dict | None = None, reserve_gb: fl
         raise InputError(f"--reserve-gb must be a number of GB in [0, 1024), not {reserve_gb!r}")
     if device_memory_gb is not None and not (isinstance(device_memory_gb, (int, float)) and 0 < device_memory_gb < 4096):
         raise InputError(f"--device-memory must be a number of GB in (0, 4096), not {device_memory_gb!r}")
-    lim = {**DEFAULT_LIMITS, **(limits or {})}
-    for key, value in lim.items():
-        if key not in DEFAULT_LIMITS:
-            raise InputError(f"unknown limit {key!r} (known: {', '.join(DEFAULT_LIMITS)})")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or \
-                (key != "max_audio_seconds" and value != int(value)):
-            raise InputError(f"--{key.replace('_', '-')} must be a whole number >= 0, not {value!r}")
+    lim = check_limits(limits)
     memory = int((device_memory_gb if device_memory_gb is not None else DEVICES[device][1]) * GiB)
     out = DevicePlan(device, recipe, memory, int(reserve_gb * GiB), limits=lim)
     if isinstance(s, BundleShapes):
@@ -307,5 +316,5 @@ def table(plans: list[DevicePlan]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DEVICES", "DEVICE_COSTS", "DEFAULT_LIMITS", "Shapes", "matrices", "params", "weight_bytes", "plan",
+__all__ = ["DEVICES", "DEVICE_COSTS", "DEFAULT_LIMITS", "Shapes", "check_limits", "matrices", "params", "weight_bytes", "plan",
            "suggest", "table"]

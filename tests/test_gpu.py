@@ -1,0 +1,365 @@
+"""The GPU targets without a GPU (runtime/gpu.py): optimization profiles against the manifest and the limits, the
+providers' options, engine keys and the refusal of stale or foreign engines, and the error paths (no GPU, no
+TensorRT, a TensorRT version not supported, no GPU provider in this onnxruntime). What needs a GPU is not run here:
+building and running engines (README "Jetson and GPU")."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from omniguard_edge.runtime import gpu
+from omniguard_edge.runtime.errors import BundleError, EngineError, GpuError, InputError
+from omniguard_edge.runtime.manifest import load_manifest
+
+
+@pytest.fixture(scope="module")
+def manifest(tiny_bundle):
+    return load_manifest(tiny_bundle, verify="none")
+
+
+def _dims(profile, which):
+    return {name: shapes[which] for name, shapes in profile.shapes.items()}
+
+
+def test_profiles_cover_every_input_of_the_manifest_with_its_fixed_dimensions(manifest):
+    profs = gpu.profiles(manifest)
+    assert set(profs) == {"vision", "audio", "decoder"}
+    for graph, prof in profs.items():
+        spec = manifest.graphs[graph]
+        assert list(prof.shapes) == [i.name for i in spec.inputs]  # binding names, in the manifest's order
+        for inp in spec.inputs:
+            lo, opt, hi = prof.shapes[inp.name]
+            assert len(lo) == len(opt) == len(hi) == len(inp.shape)
+            for k, d in enumerate(inp.shape):
+                if isinstance(d, int):
+                    assert lo[k] == opt[k] == hi[k] == d, (graph, inp.name)
+                assert 0 <= lo[k] <= opt[k] <= hi[k]
+
+
+def test_profiles_from_the_limits_hand_computed(manifest):
+    # tiny: merge 2 (4 patches per token), n_window 100 (chunks of 200 mel frames), 100 mel frames per second
+    profs = gpu.profiles(manifest, {"max_prompt_tokens": 1000, "max_image_tokens": 300, "max_audio_seconds": 7.5,
+                                    "new_tokens": 24})
+    v = profs["vision"].shapes
+    assert v["pixel_values"] == ((4, 1176), (1024, 1176), (1200, 1176))  # 1 token, opt 256, max 300 tokens
+    assert v["window_index"] == ((1,), (256,), (300,))
+    a = profs["audio"].shapes
+    # 750 frames: 4 chunks of at most 200; opt 5 s = 500 frames = 3 chunks; tokens <= 750 // 4 + 4
+    assert a["padded_feature"] == ((1, 128, 4), (3, 128, 200), (4, 128, 200))
+    assert a["pool_index"] == ((1,), (125,), (191,))
+    d = profs["decoder"].shapes
+    assert d["inputs_embeds"] == ((1, 1, 64), (1, 256, 64), (1, 1000, 64))
+    assert d["past_key_0"] == ((1, 2, 0, 16), (1, 2, 384, 16), (1, 2, 1023, 16))
+    # TensorRT checks every layer at min, opt and max: the mask's length is past + seq at each of them
+    for which in range(3):
+        assert d["attention_mask"][which][1] == d["past_key_1"][which][2] + d["inputs_embeds"][which][1]
+
+
+def test_a_modality_limited_to_zero_has_no_profile_and_bad_limits_are_refused(manifest):
+    assert set(gpu.profiles(manifest, {"max_image_tokens": 0, "max_audio_seconds": 0})) == {"decoder"}
+    for bad, match in [({"max_prompt_tokens": 0}, "--max-prompt-tokens must be >= 1"),
+                       ({"max_prompt_tokens": 1.5}, "--max-prompt-tokens must be a whole number"),
+                       ({"max_audio_seconds": float("nan")}, "--max-audio-seconds must be a number"),
+                       ({"max_image_tokens": -1}, "--max-image-tokens must be a whole number"),
+                       ({"max_tokens": 5}, "unknown limit 'max_tokens'")]:
+        with pytest.raises(InputError, match=match):
+            gpu.profiles(manifest, bad)
+
+
+def test_an_input_dimension_no_profile_bounds_is_a_bundle_error(manifest):
+    spec = manifest.graphs["decoder"]
+    inputs = [types.SimpleNamespace(name=i.name, shape=["batch", "chunk", 64] if i.name == "inputs_embeds" else
+                                    i.shape) for i in spec.inputs]
+    fake = types.SimpleNamespace(graphs={"decoder": types.SimpleNamespace(file=spec.file, inputs=inputs)},
+                                 vision=manifest.vision, audio=manifest.audio)
+    with pytest.raises(BundleError, match="input inputs_embeds has a dimension 'chunk' no profile bounds"):
+        gpu.profiles(fake)
+    no_decoder = types.SimpleNamespace(graphs={"decoder_gqa": spec}, vision=manifest.vision, audio=manifest.audio)
+    with pytest.raises(BundleError, match="no standard-ops decoder"):
+        gpu.profiles(no_decoder)
+
+
+def test_profile_option_strings_parse_back_to_the_shapes(manifest):
+    prof = gpu.profiles(manifest)["decoder"]
+    strings = prof.option_strings()
+    for which, key in enumerate(("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")):
+        parsed = {}
+        for item in strings[key].split(","):
+            name, dims = item.split(":")
+            parsed[name] = tuple(int(x) for x in dims.split("x"))
+        assert parsed == _dims(prof, which)
+
+
+def test_a_run_outside_the_profile_is_refused_naming_the_limit(manifest):
+    prof = gpu.profiles(manifest, {"max_prompt_tokens": 100})["decoder"]
+    ok = {name: np.zeros(shape, np.float32) for name, shape in _dims(prof, 1).items()}
+    prof.check(ok)
+    long = dict(ok, inputs_embeds=np.zeros((1, 101, 64), np.float32))
+    with pytest.raises(InputError, match=r"inputs_embeds has shape \[1, 101, 64\], outside .*\(seq: --max-prompt-tokens 100\)"):
+        prof.check(long)
+    with pytest.raises(InputError, match="outside its TensorRT profile"):
+        prof.check(dict(ok, inputs_embeds=np.zeros((101, 64), np.float32)))  # wrong rank
+
+    class Inner:
+        input_names, runs = ("inputs_embeds",), []
+
+        def run(self, feeds, outputs=None, run_options=None):
+            self.runs.append(feeds)
+            return {}
+
+    wrapped = gpu.Profiled(Inner(), prof)
+    wrapped.run(ok)
+    with pytest.raises(InputError):
+        wrapped.run(long)
+    assert len(Inner.runs) == 1 and wrapped.input_names == ("inputs_embeds",)  # the refused run never ran
+
+
+def test_provider_options(manifest, tmp_path):
+    prof = gpu.profiles(manifest)["decoder"]
+    chain = gpu.provider_options("tensorrt", "decoder", "int8", prof, tmp_path / "c", device_id=1)
+    assert [name for name, _ in chain] == ["TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                           "CPUExecutionProvider"]
+    trt = chain[0][1]
+    assert trt["device_id"] == 1 and trt["trt_int8_enable"] is True and trt["trt_fp16_enable"] is False
+    assert trt["trt_engine_cache_enable"] and trt["trt_engine_cache_path"] == str(tmp_path / "c")
+    assert trt["trt_timing_cache_path"] == str(tmp_path / "c")
+    assert trt["trt_profile_max_shapes"] == prof.option_strings()["trt_profile_max_shapes"]
+    # an fp16 or INT4 graph carries its precision in its types: no flag that would lower fp32 islands to fp16
+    for precision in ("fp16", "int4", "fp32"):
+        opts = gpu.provider_options("tensorrt", "decoder", precision, prof, tmp_path)[0][1]
+        assert not opts["trt_fp16_enable"] and not opts["trt_int8_enable"]
+    cuda = gpu.provider_options("cuda", "vision", "fp32")
+    assert [n for n, _ in cuda] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert cuda[0][1]["use_tf32"] is False and cuda[0][1]["arena_extend_strategy"] == "kSameAsRequested"
+    assert gpu.provider_options("cpu", "vision", "fp32") == [("CPUExecutionProvider", {})]
+    with pytest.raises(InputError, match="--provider must be one of cpu, cuda, tensorrt, not 'rocm'"):
+        gpu.provider_options("rocm", "vision", "fp32")
+    with pytest.raises(InputError, match="--device-id must be an int >= 0"):
+        gpu.provider_options("cuda", "vision", "fp32", device_id=-1)
+    with pytest.raises(ValueError, match="needs the graph's profile and an engine cache folder"):
+        gpu.provider_options("tensorrt", "decoder", "fp32", prof)
+
+
+def test_graph_precision_of_every_gpu_recipe():
+    from omniguard_edge.calibration.recipes import RECIPES
+
+    expected = {"gpu-fp16": {"fp16"}, "trt-int8": {"int8"}, "orin": {"fp16", "int4"}}
+    for name, want in expected.items():
+        got = {gpu.graph_precision(types.SimpleNamespace(precision=p.precision, file=g))
+               for g, p in RECIPES[name].graphs.items() if g in gpu.GRAPHS}
+        assert got == want, name
+    with pytest.raises(BundleError, match="precision 'bf16' is none of"):
+        gpu.graph_precision(types.SimpleNamespace(precision="bf16", file="x.onnx"))
+
+
+def _key(manifest, **change):
+    prof = gpu.profiles(manifest)["decoder"]
+    key = gpu.engine_key(manifest, "decoder", prof, "8.7", "10.3.0", "1.20.0")
+    return gpu.EngineKey(**{**key.__dict__, **change})
+
+
+def _built(cache: Path, key) -> Path:
+    folder = cache / key.folder
+    folder.mkdir(parents=True)
+    (folder / "x.engine").write_bytes(b"engine")
+    (folder / gpu.ENGINE_FILE).write_text(json.dumps({**key.to_json(), "status": "built"}))
+    return folder
+
+
+def test_engine_keys_change_with_every_field_and_name_the_graph(manifest):
+    base = _key(manifest)
+    assert base.folder.startswith("decoder-fp32-sm87-trt10.3.0-")
+    assert base.onnx_sha256 == gpu.graph_sha256(manifest, "decoder") and len(base.onnx_sha256) == 64
+    changes = {"onnx_sha256": "0" * 64, "compute_capability": "8.9", "tensorrt": "10.7.0", "onnxruntime": "1.22.0",
+               "precision": "fp16", "profile": {"x": [[1], [1], [2]]}}
+    folders = {_key(manifest, **{k: v}).folder for k, v in changes.items()}
+    assert len(folders) == len(changes) and base.folder not in folders
+
+
+def test_engines_built_for_this_key_are_used(manifest, tmp_path):
+    key = _key(manifest)
+    folder = _built(tmp_path, key)
+    assert gpu.check_engine(tmp_path, key) == folder
+
+
+@pytest.mark.parametrize("field,value", [("onnx_sha256", "f" * 64), ("compute_capability", "8.9"),
+                                         ("tensorrt", "10.7.0"), ("onnxruntime", "1.22.0"), ("precision", "int8")])
+def test_stale_or_foreign_engines_are_refused_saying_what_differs(manifest, tmp_path, field, value):
+    _built(tmp_path, _key(manifest, **{field: value}))
+    with pytest.raises(EngineError, match=rf"no decoder engine for this bundle.*refused, not rebuilt.*differs in "
+                                          rf"{field}.*build-engines"):
+        gpu.check_engine(tmp_path, _key(manifest))
+
+
+def test_engines_for_other_limits_are_refused(manifest, tmp_path):
+    other = gpu.profiles(manifest, {"max_prompt_tokens": 512})["decoder"]
+    key = gpu.engine_key(manifest, "decoder", other, "8.7", "10.3.0", "1.20.0")
+    _built(tmp_path, key)
+    with pytest.raises(EngineError, match="differs in profile"):
+        gpu.check_engine(tmp_path, _key(manifest))
+
+
+def test_a_record_that_does_not_match_its_folder_or_cannot_be_read_is_refused(manifest, tmp_path):
+    key = _key(manifest)
+    folder = _built(tmp_path, key)
+    (folder / gpu.ENGINE_FILE).write_text(json.dumps({**key.to_json(), "tensorrt": "10.4.0"}))  # copied over
+    with pytest.raises(EngineError, match="built for another tensorrt; run build-engines --rebuild"):
+        gpu.check_engine(tmp_path, key)
+    (folder / gpu.ENGINE_FILE).write_text("{not json")
+    with pytest.raises(EngineError, match="unreadable"):
+        gpu.check_engine(tmp_path, key)
+
+
+def test_no_engines_at_all_says_to_build_them(manifest, tmp_path):
+    with pytest.raises(EngineError, match="no decoder engine built; build them first with `omniguard-edge "
+                                          "build-engines"):
+        gpu.check_engine(tmp_path / "absent", _key(manifest))
+
+
+@pytest.mark.parametrize("version,ok", [("10.3.0", True), ("10.3.0.26", True), ("10.7.0", True), ("11.0.1", True),
+                                        ("10.2.0", False), ("8.6.1", False), ("12.0", False), ("ten", False)])
+def test_tensorrt_versions(version, ok):
+    if ok:
+        assert gpu.check_tensorrt_version(version) == version
+    else:
+        with pytest.raises(GpuError, match="TensorRT 10.3 or later|not a version number"):
+            gpu.check_tensorrt_version(version)
+
+
+def test_no_tensorrt_says_where_it_comes_from(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_trt(name, *a, **k):
+        if name == "tensorrt":
+            raise ImportError("No module named 'tensorrt'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_trt)
+    with pytest.raises(GpuError, match="TensorRT's Python bindings are not installed: on a Jetson they come with "
+                                       "JetPack"):
+        gpu.tensorrt_version()
+
+
+def _fake_smi(folder: Path, body: str) -> None:
+    folder.mkdir(exist_ok=True)
+    smi = folder / "nvidia-smi"
+    smi.write_text("#!/bin/sh\n" + body)
+    smi.chmod(smi.stat().st_mode | stat.S_IEXEC)
+
+
+def _no_cuda_python(monkeypatch):
+    import sys
+
+    for name in ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart"):
+        monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
+
+
+def test_probe_reads_nvidia_smi(monkeypatch, tmp_path):
+    _no_cuda_python(monkeypatch)
+    _fake_smi(tmp_path / "bin", 'echo "Orin (nvgpu), 8.7, 7620"\n')
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    info = gpu.probe_gpu()
+    assert (info.name, info.compute_capability, info.memory_bytes, info.source) == \
+        ("Orin (nvgpu)", "8.7", 7620 * 2**20, "nvidia-smi")
+
+
+def test_no_gpu_is_a_clear_error(monkeypatch, tmp_path):
+    _no_cuda_python(monkeypatch)
+    _fake_smi(tmp_path / "bin", 'echo "No devices were found" >&2; exit 6\n')
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(GpuError, match="no NVIDIA GPU 0 found .*cuda-python: not installed; nvidia-smi: exit 6 No "
+                                       "devices were found"):
+        gpu.probe_gpu()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(GpuError, match="nvidia-smi: not found"):
+        gpu.probe_gpu()
+
+
+def test_an_onnxruntime_without_the_provider_is_named():
+    import onnxruntime as ort
+
+    if "TensorrtExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the TensorRT provider")
+    with pytest.raises(GpuError, match="has no TensorrtExecutionProvider .*install onnxruntime-gpu"):
+        gpu.check_provider("tensorrt")
+    assert "onnxruntime-gpu" in gpu.environment_error("cuda")
+    assert gpu.environment_error("cpu") is None
+
+
+def test_open_bundle_checks_engines_before_any_session(tiny_bundle, tmp_path, monkeypatch):
+    """With a TensorRT provider present, a bundle without engines for this GPU is refused at open, before a session
+    exists: never built mid-request. (The provider, GPU and TensorRT are stood in for: there are none here.)"""
+    import onnxruntime as ort
+
+    from omniguard_edge.runtime.bundle import SessionOptions, open_bundle
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: list(gpu.PROVIDERS["tensorrt"]))
+    monkeypatch.setattr(gpu, "probe_gpu", lambda device_id=0: gpu.GpuInfo("stand-in", "8.7", None, "test"))
+    monkeypatch.setattr(gpu, "tensorrt_version", lambda: "10.3.0")
+    opened = []
+
+    def no_session(*args, **kwargs):
+        opened.append(args)
+        raise AssertionError("a session was opened")
+
+    monkeypatch.setattr(ort, "InferenceSession", no_session)
+    options = SessionOptions(providers=gpu.PROVIDERS["tensorrt"], engine_cache=tmp_path / "engines")
+    with pytest.raises(EngineError, match="no vision engine built"):
+        open_bundle(tiny_bundle, options)
+    assert not opened
+
+    # engines for every graph under this key: the sessions get TensorRT options pointing at them
+    m = load_manifest(tiny_bundle, verify="none")
+    folders = {g: _built(tmp_path / "engines", gpu.engine_key(m, g, p, "8.7", "10.3.0", ort.__version__))
+               for g, p in gpu.profiles(m).items()}
+    providers, profs = gpu.session_providers(m, tmp_path / "engines", options)
+    assert set(providers) == set(profs) == {"vision", "audio", "decoder"}
+    for g, chain in providers.items():
+        assert chain[0][0] == "TensorrtExecutionProvider"
+        assert chain[0][1]["trt_engine_cache_path"] == str(folders[g])
+
+
+def test_cpu_path_is_unchanged_and_unavailable_gpu_providers_warn_and_fall_back(tiny_bundle):
+    from omniguard_edge.runtime.bundle import SessionOptions
+    from omniguard_edge.runtime.guard import Guard, GuardOptions
+
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    with pytest.warns(RuntimeWarning, match="not available in this onnxruntime build"):
+        guard = Guard.from_bundle(tiny_bundle, GuardOptions(session=SessionOptions(providers=gpu.PROVIDERS["cuda"])))
+    assert guard.bundle.decoder_graph == "decoder"  # a GPU chain runs the standard-ops decoder
+    assert all(p == ["CPUExecutionProvider"] for p in guard.bundle.providers.values())
+    result = guard.moderate(text="How do I bake bread?")
+    assert result.verdict in ("safe", "unsafe"), result.error
+
+
+def test_build_engines_dry_run_and_refusals(tiny_bundle, tmp_path, capsys):
+    from omniguard_edge.runtime.cli import main
+
+    assert main(["build-engines", "--bundle", str(tiny_bundle), "--dry-run", "--json", "--max-prompt-tokens",
+                 "512"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [r["graph"] for r in records] == ["vision", "audio", "decoder"]
+    dec = records[2]
+    assert dec["cache"] == str(gpu.default_cache(tiny_bundle))
+    assert "inputs_embeds:1x512x64" in dec["profile"]["trt_profile_max_shapes"]
+    assert main(["build-engines", "--bundle", str(tiny_bundle), "--out", str(tiny_bundle / "eng"), "--dry-run"]) == 1
+    assert "engines go beside the bundle, not inside it" in capsys.readouterr().err
+    import onnxruntime as ort
+
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        assert main(["build-engines", "--bundle", str(tiny_bundle), "--out", str(tmp_path / "e")]) == 1
+        err = capsys.readouterr().err
+        assert "GpuError: onnxruntime" in err and "has no TensorrtExecutionProvider" in err
+        assert not (tmp_path / "e").exists()  # refused before anything was written
