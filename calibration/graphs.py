@@ -193,6 +193,25 @@ def fp16(src, dest, plan, metadata) -> tuple[str | None, dict]:
                   "kept_fp32": {"ops": list(FP16_KEEP_FP32), "rotary_prologue_nodes": len(kept_nodes)}, "ops": counts}
 
 
+def _activation_matmuls(src: Path) -> list[str]:
+    """The MatMuls of two activations (attention scores, probabilities x values): they stay fp32 under qdq-int8.
+    onnxruntime's QDQ quantizer ignores MatMulConstBOnly, and per-tensor INT8 probabilities round to 0 over long
+    contexts (measured on tiny: cosine 0.86 after the first layer's probabilities x values at 451 tokens). A graph
+    with inline weights is read whole here: its structure is freed on return, before quantizing."""
+    import onnx
+
+    skeleton = onnx.load(str(src), load_external_data=False)
+    weights = {t.name for t in skeleton.graph.initializer}
+    producer = {o: n for n in skeleton.graph.node for o in n.output}
+
+    def constant(name):
+        while name not in weights and name in producer and producer[name].op_type in ("Identity", "Transpose"):
+            name = producer[name].input[0]
+        return name in weights
+
+    return [n.name for n in skeleton.graph.node if n.op_type == "MatMul" and not constant(n.input[1])]
+
+
 def qdq_int8(src: Path, dest: Path, plan: GraphPlan, metadata: dict, calibration: list | None = None):
     """Explicit quantization for TensorRT: QuantizeLinear/DequantizeLinear pairs (QDQ format) on every MatMul/Gemm
     with a constant weight; INT8 symmetric, weights per output channel, activation scales from the min/max of the
@@ -210,20 +229,7 @@ def qdq_int8(src: Path, dest: Path, plan: GraphPlan, metadata: dict, calibration
         raise ValueError(f"{src.name}: explicit INT8 needs calibration inputs for its activation scales")
     check_cache_support()
     op_types = ["MatMul", "Gemm"]
-    skeleton = onnx.load(str(src), load_external_data=False)
-    weights = {t.name for t in skeleton.graph.initializer}
-    producer = {o: n for n in skeleton.graph.node for o in n.output}
-
-    def constant(name):
-        while name not in weights and name in producer and producer[name].op_type in ("Identity", "Transpose"):
-            name = producer[name].input[0]
-        return name in weights
-
-    # MatMuls of two activations (attention scores, probabilities x values) stay fp32: onnxruntime's QDQ quantizer
-    # ignores MatMulConstBOnly, and per-tensor INT8 probabilities round to 0 over long contexts (measured on tiny:
-    # cosine 0.86 after the first layer's probabilities x values at 451 tokens)
-    activations = [n.name for n in skeleton.graph.node if n.op_type == "MatMul" and not constant(n.input[1])]
-    del skeleton, producer
+    activations = _activation_matmuls(src)
     ranges = activation_ranges(src, calibration, op_types)
     options = {"ActivationSymmetric": True, "WeightSymmetric": True, "DefaultTensorType": onnx.TensorProto.FLOAT}
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp, _quiet():

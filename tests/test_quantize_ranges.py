@@ -82,16 +82,7 @@ def test_qdq_int8_equals_quantize_static_calibrating_itself(tiny_bundle, capture
     ours = onnx.load(str(tmp_path / "ours" / "decoder.onnx"))
 
     # the same call as before the ranges were computed here: quantize_static with its own calibrator
-    skeleton = onnx.load(str(src), load_external_data=False)
-    weights = {t.name for t in skeleton.graph.initializer}
-    producer = {o: n for n in skeleton.graph.node for o in n.output}
-
-    def constant(name):
-        while name not in weights and name in producer and producer[name].op_type in ("Identity", "Transpose"):
-            name = producer[name].input[0]
-        return name in weights
-
-    activations = [n.name for n in skeleton.graph.node if n.op_type == "MatMul" and not constant(n.input[1])]
+    activations = graphs._activation_matmuls(src)
     quantize_static(onnx.load(str(src)), str(tmp_path / "theirs.onnx"), _Reader(captured["decoder"]),
                     quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
