@@ -228,6 +228,7 @@ def run_reference(checkpoint: Path, chosen: dict, args, guard_texts: dict) -> tu
     """Same scenarios through PyTorch, in a separate process."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = {"threads": args.threads or os.cpu_count(), "warmup": args.warmup, "runs": args.runs,
+                "device": args.reference_device, "dtype": args.reference_dtype,
                 "new_tokens": args.new_tokens, "verdict_tokens": args.verdict_tokens,
                 "scenarios": [{"name": s.name, "prompt_text": guard_texts[s.name], "image": s.image, "audio": s.audio,
                                "video": s.video} for s in chosen.values()]}
@@ -242,8 +243,9 @@ def run_reference(checkpoint: Path, chosen: dict, args, guard_texts: dict) -> tu
              "staged_prefill_matches_generate": r["staged_matches_generate"],
              "stages": {k: benchlib.summarize(v) for k, v in r["samples"].items()}} for r in out["rows"]]
     return rows, {"peak_rss_mb": out["peak_rss_mb"], "torch_threads": out["torch_threads"],
-                  "config": "fp32, sdpa attention, greedy thinker.generate, PIL image processor, qwen-omni-utils "
-                            "preprocessing (omniguard_edge.export.torch_reference)"}
+                  "config": f"{args.reference_dtype} on {args.reference_device}, sdpa attention, greedy "
+                            "thinker.generate, PIL image processor, qwen-omni-utils preprocessing "
+                            "(omniguard_edge.export.torch_reference)"}
 
 
 def guard_prompt_texts(chosen: dict) -> dict:
@@ -664,6 +666,9 @@ def main(argv=None) -> int:
     # MALLOC_MMAP_THRESHOLD_ the tail after the first call is gone). Three warm-up calls per scenario reach that.
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per scenario and engine first (default 3)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads, both engines")
+    p.add_argument("--reference-device", default="cpu", help="torch device of the PyTorch reference (cpu, cuda)")
+    p.add_argument("--reference-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="the PyTorch reference's precision (default float32, the parity reference)")
     p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu",
                    help="where the runtime's graphs run (default cpu; tensorrt needs build-engines first); the rows "
                         "record the providers actually used")

@@ -10,6 +10,9 @@ measures the stages of latency.STAGE_DEFINITIONS:
 It also records whether the staged prefill chose the same first token as generate (a check that the staged
 pieces compute what generate computes).
 
+On a GPU (the spec's device and dtype: latency.py --reference-device cuda --reference-dtype bfloat16) each stage's
+timer is read after the device's queue is drained (`Reference.sync`).
+
 Usage (by latency.py): python reference_worker.py CHECKPOINT SCENARIOS_JSON OUT_JSON
 """
 
@@ -43,7 +46,8 @@ def main(checkpoint: str, scenarios_json: str, out_json: str) -> None:
     from omniguard_edge.export.torch_reference import Media, Reference
 
     cfg = json.loads(Path(scenarios_json).read_text())
-    ref = Reference(checkpoint, threads=cfg["threads"])
+    ref = Reference(checkpoint, threads=cfg["threads"], device=cfg.get("device", "cpu"),
+                    dtype=cfg.get("dtype", "float32"))
     eos = ref.model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     rows = []

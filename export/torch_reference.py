@@ -88,14 +88,25 @@ def _paths(value) -> list:
 class Reference:
     """A loaded thinker and its processor (`Qwen2_5OmniProcessor`, PIL image processor)."""
 
-    def __init__(self, checkpoint, threads: int | None = None, model=None):
+    DTYPES = ("float32", "bfloat16", "float16")
+
+    def __init__(self, checkpoint, threads: int | None = None, model=None, device: str = "cpu",
+                 dtype: str = "float32"):
+        """`device`: a torch device ("cpu", "cuda", "cuda:1"); `dtype`: the weights' and features' precision
+        (float32, the parity reference; bfloat16 and float16 as PyTorch users run the model on a GPU)."""
         import torch
         from transformers import Qwen2_5OmniProcessor, Qwen2_5OmniThinkerForConditionalGeneration
 
+        if dtype not in self.DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(self.DTYPES)}, not {dtype!r}")
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r}: this torch has no CUDA device (torch {torch.__version__})")
         if threads:
             torch.set_num_threads(threads)
+        self.device, self.dtype = torch.device(device), getattr(torch, dtype)
         self.model = model if model is not None else Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
-            Path(checkpoint), dtype=torch.float32, attn_implementation="sdpa").eval()
+            Path(checkpoint), dtype=self.dtype, attn_implementation="sdpa").eval()
+        self.model.to(self.device)
         # the slow PIL image processor: what the transformers versions OmniGuard used default to (DESIGN 1)
         self.processor = Qwen2_5OmniProcessor.from_pretrained(Path(checkpoint), use_fast=False)
         self.tokenizer = self.processor.tokenizer
@@ -104,16 +115,28 @@ class Reference:
 
     def inputs(self, guard_text: str, media: Media):
         """Processor inputs for one user turn: the guard text, then the media (chat template, tokenization,
-        placeholder expansion, pixel and mel features)."""
+        placeholder expansion, pixel and mel features), on the model's device and in its dtype."""
+        import torch
+
         content = [{"type": "text", "text": guard_text}] + [{"type": k} for k in media.kinds()]
         text = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                                   tokenize=False)
         if len(set(media.video_fps)) > 1:
             raise ValueError(f"the Qwen2.5-Omni processor takes one fps for all videos, got {media.video_fps}")
         kw = {"fps": media.video_fps[0]} if media.videos else {}
-        return self.processor(text=[text], images=media.images or None, videos=media.videos or None,
-                              audio=media.audios or None, return_tensors="pt", padding=True, use_audio_in_video=False,
-                              **kw)
+        out = self.processor(text=[text], images=media.images or None, videos=media.videos or None,
+                             audio=media.audios or None, return_tensors="pt", padding=True, use_audio_in_video=False,
+                             **kw)
+        out = out.to(self.device)
+        # BatchFeature.to(dtype) casts the floating tensors only (pixels, mel features); ids and masks stay int
+        return out.to(self.dtype) if self.dtype is not torch.float32 else out
+
+    def sync(self) -> None:
+        """Wait for the device's queued work (CUDA runs asynchronously: a timer read without it measures nothing)."""
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def generate(self, inputs, max_new_tokens: int, min_new_tokens: int = 0, streamer=None, logits: bool = False):
         """Greedy `thinker.generate`; returns (new token ids, the first step's raw logits [vocab] or None).
@@ -155,12 +178,14 @@ class Reference:
                 video = torch.cat(m.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"],
                                                        return_dict=True).pooler_output, 0)
             if image is not None or video is not None:
+                self.sync()
                 secs["vision"] = time.perf_counter() - t
             audio = None
             if "input_features" in inputs:
                 t = time.perf_counter()
                 audio = m.get_audio_features(inputs["input_features"], inputs["feature_attention_mask"],
                                              return_dict=True).last_hidden_state
+                self.sync()
                 secs["audio"] = time.perf_counter() - t
             t = time.perf_counter()
             ids = inputs["input_ids"]
@@ -174,11 +199,13 @@ class Reference:
             positions, _ = m.get_rope_index(ids, inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
                                             inputs["attention_mask"], False, lengths,
                                             inputs.get("video_second_per_grid"))
+            self.sync()
             secs["embed"] = time.perf_counter() - t
             t = time.perf_counter()
             hidden = m.language_model(inputs_embeds=embeds, position_ids=positions,
                                       attention_mask=inputs["attention_mask"], use_cache=True,
                                       return_dict=True).last_hidden_state
             logits = self.model.lm_head(hidden[:, -1])[0]
+            self.sync()
             secs["prefill"] = time.perf_counter() - t
         return secs, logits

@@ -363,3 +363,41 @@ def test_build_engines_dry_run_and_refusals(tiny_bundle, tmp_path, capsys):
         err = capsys.readouterr().err
         assert "GpuError: onnxruntime" in err and "has no TensorrtExecutionProvider" in err
         assert not (tmp_path / "e").exists()  # refused before anything was written
+
+
+def test_gpu_check_reports_every_gpu_step_skipped_here_with_the_reason(tiny_bundle, tmp_path):
+    """benchmarks/gpu_check.py on a machine without a GPU: nothing fails, every GPU step says why it skipped."""
+    import subprocess
+    import sys
+
+    import onnxruntime as ort
+
+    if {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(ort.get_available_providers()):
+        pytest.skip("this onnxruntime has a GPU provider")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, str(script), "--bundle", str(tiny_bundle), "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    steps = report["steps"]
+    assert steps["environment"]["status"] == "ok" and report["passed"]
+    for name in ("engines", "parity_cuda", "parity_tensorrt"):
+        assert steps[name]["status"] == "skipped" and "onnxruntime" in steps[name]["reason"], (name, steps[name])
+    assert "PASSED" in proc.stdout
+
+
+def test_gpu_check_parity_step_against_the_cpu_itself(tiny_bundle, tmp_path, monkeypatch):
+    """The parity step, run with the CPU as the 'other' provider (what a GPU machine runs with cuda/tensorrt):
+    every built-in request answered by both, equal verdicts, |dP(unsafe)| 0."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_check
+
+    got = gpu_check.parity(tiny_bundle, "cpu", tmp_path)
+    assert got["status"] == "ok", got
+    assert got["agreement"] == "7/7" and got["max_abs_dp"] == 0.0
+    assert all(r["error"] is None and r["verdict_cpu"] == r["verdict_checked"] in ("safe", "unsafe")
+               for r in got["rows"])
+    sys.modules.pop("gpu_check", None)

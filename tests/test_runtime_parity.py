@@ -131,3 +131,26 @@ def test_64_decode_steps_match_transformers(guard, hf):
     result = g.moderate("hello")
     assert result.generated_ids == expected
     assert len(result.generated_ids) == 64 and len(result.token_times) == 64
+
+
+def test_the_reference_in_bfloat16_computes_the_same_model(tiny_checkpoint, media_dir, hf):
+    """latency.py --reference-dtype bfloat16 (the PyTorch GPU baseline of benchmarks/gpu_check.py): the same
+    pieces in bf16, with the processor's float features cast to it and the ids kept int. Checked on the CPU (no GPU
+    here): its prompt logits follow fp32's (bf16 keeps 8 bits of mantissa) and a bad dtype or a missing CUDA device
+    is refused by name."""
+    from omniguard_edge.export.torch_reference import Media, Reference
+
+    media = Media.load(image=str(media_dir / "colour_517x333.png"))
+    bf16 = Reference(tiny_checkpoint, dtype="bfloat16")
+    inputs = bf16.inputs("Is this image safe?", media)
+    assert inputs["pixel_values"].dtype == torch.bfloat16 and inputs["input_ids"].dtype == torch.int64
+    assert bf16.model.dtype == torch.bfloat16
+    _, low = bf16.staged(inputs)
+    _, ref = hf.staged(hf.inputs("Is this image safe?", media))
+    cos = torch.nn.functional.cosine_similarity(low.float(), ref.float(), dim=0).item()
+    assert cos > 0.99, cos
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16, not 'int8'"):
+        Reference(tiny_checkpoint, dtype="int8")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="device 'cuda': this torch has no CUDA device"):
+            Reference(tiny_checkpoint, device="cuda")
