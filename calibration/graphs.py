@@ -221,16 +221,16 @@ def qdq_int8(src: Path, dest: Path, plan: GraphPlan, metadata: dict, calibration
     cache."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import save_tensors_data
 
     from .ranges import activation_ranges, check_cache_support
 
     if not calibration:
         raise ValueError(f"{src.name}: explicit INT8 needs calibration inputs for its activation scales")
     check_cache_support()
+    from onnxruntime.quantization.calibrate import save_tensors_data  # after the check: older builds lack it
     op_types = ["MatMul", "Gemm"]
     activations = _activation_matmuls(src)
-    ranges = activation_ranges(src, calibration, op_types)
+    ranges = activation_ranges(src, calibration, op_types, excluded=activations)
     options = {"ActivationSymmetric": True, "WeightSymmetric": True, "DefaultTensorType": onnx.TensorProto.FLOAT}
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp, _quiet():
         out, cache = Path(tmp) / dest.name, Path(tmp) / "ranges.json"

@@ -6,8 +6,10 @@ On `small`'s 2 GB standard decoder it was killed at 23.2 GiB (README, "On `small
 without its weights, gets a ReduceMin and a ReduceMax on each tensor onnxruntime's MinMax calibrator would select,
 as extra outputs; onnxruntime opens that structure with its weights read from the source's own data file, runs one
 input, and the running min/max keeps two numbers per tensor. The ranges are then handed to `quantize_static` as its
-calibration cache, so the quantization itself is onnxruntime's, unchanged (tests/test_quantize.py compares the
-result with its whole-graph calibration tensor by tensor).
+calibration cache, so the quantization itself is onnxruntime's, unchanged (tests/test_quantize_ranges.py compares
+the result with its whole-graph calibration tensor by tensor). Only the tensors the quantizer reads are observed
+(`quantized_inputs`), and each is reduced right after it is made, so the pass holds little more than a run of the
+graph without optimizations (how onnxruntime's calibrator runs it).
 """
 
 from __future__ import annotations
@@ -19,69 +21,84 @@ from pathlib import Path
 
 import numpy as np
 
-_FLOAT = (1, 10)  # TensorProto.FLOAT, FLOAT16: the element types onnxruntime's calibrator selects
-
-
 def selected(model, op_types: Sequence[str]) -> list[str]:
-    """The tensors onnxruntime's MinMax calibrator calibrates for `op_types` (CalibraterBase.select_tensors_to_
-    calibrate): every input and output of those nodes with a float type known after shape inference that is not an
-    initializer, in graph order."""
-    known = {vi.name: vi for vi in itertools.chain(model.graph.value_info, model.graph.output, model.graph.input)}
-    weights = {t.name for t in model.graph.initializer}
-    out: dict[str, None] = {}
-    for node in model.graph.node:
-        if node.op_type not in op_types:
-            continue
-        for name in itertools.chain(node.input, node.output):
-            vi = known.get(name)
-            if (vi is not None and vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type in _FLOAT
-                    and name not in weights):
-                out[name] = None
-    return list(out)
+    """The tensors onnxruntime's MinMax calibrator calibrates for `op_types`: its own selection
+    (CalibraterBase.select_tensors_to_calibrate: every float input and output of those nodes, known after shape
+    inference, that is not an initializer), in graph order."""
+    from types import SimpleNamespace
+
+    from onnxruntime.quantization.calibrate import CalibraterBase
+
+    chosen, _ = CalibraterBase.select_tensors_to_calibrate(SimpleNamespace(op_types_to_calibrate=list(op_types)),
+                                                          model)
+    order = [n for node in model.graph.node for n in itertools.chain(node.input, node.output)]
+    return sorted(chosen, key=order.index)
 
 
-def _augmented(src: Path, op_types: Sequence[str]):
-    """(the structure of `src` with a ReduceMin and a ReduceMax output per selected tensor, [(tensor, min output,
-    max output)]). Weights in external data stay there, unread."""
+def quantized_inputs(model, op_types: Sequence[str], excluded: Sequence[str]) -> list[str]:
+    """Of `selected`, the ones a QDQ quantizer reads: the inputs and outputs of the `op_types` nodes it quantizes
+    (not in `excluded`; onnxruntime's QDQ quantizer wants both). The rest (the attention scores and probabilities
+    of an excluded activation x activation MatMul) are never read: not observing them keeps them from being held
+    for their reductions."""
+    skip = set(excluded)
+    wanted = {n for node in model.graph.node if node.op_type in op_types and node.name not in skip
+              for n in itertools.chain(node.input, node.output)}
+    return [n for n in selected(model, op_types) if n in wanted]
+
+
+def _augmented(src: Path, op_types: Sequence[str], excluded: Sequence[str] | None):
+    """(the structure of `src` with a ReduceMin and a ReduceMax output per tensor (`selected`, or with `excluded`
+    the `quantized_inputs`), each pair
+    right after the node that makes the tensor, so it is reduced and can be freed as early as the graph allows;
+    [(tensor, min output, max output)]). Weights in external data stay there, unread."""
     import onnx
 
-    model = onnx.load(str(src), load_external_data=False)
-    model = onnx.shape_inference.infer_shapes(model)
-    tensors = selected(model, op_types)
-    taken = {n for node in model.graph.node for n in node.output} | {i.name for i in model.graph.input}
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(src), load_external_data=False))
+    tensors = selected(model, op_types) if excluded is None else quantized_inputs(model, op_types, excluded)
+    known = {vi.name: vi for vi in itertools.chain(model.graph.value_info, model.graph.output, model.graph.input)}
+    unknown = [t for t in tensors if t not in known]
+    if unknown:
+        raise ValueError(f"{src.name}: no type known for tensor(s) {unknown[:3]} to calibrate")
+    taken = {n for node in model.graph.node for n in node.output} | set(known)
+    reduce_of: dict[str, list] = {}
     pairs = []
     for k, name in enumerate(tensors):
         lo, hi = f"omniguard_range_{k}_min", f"omniguard_range_{k}_max"
         if lo in taken or hi in taken:
             raise ValueError(f"{src.name}: the graph already has a tensor named {lo} or {hi}")
-        elem = next(vi for vi in itertools.chain(model.graph.value_info, model.graph.output, model.graph.input)
-                    if vi.name == name).type.tensor_type.elem_type
+        elem = known[name].type.tensor_type.elem_type
         # no axes: every axis is reduced (opset < 18 and >= 18 alike); keepdims=1 as onnxruntime's calibrator
         # keeps them (a dimension of 0 cannot be reduced without it)
-        model.graph.node.append(onnx.helper.make_node("ReduceMin", [name], [lo], keepdims=1))
-        model.graph.node.append(onnx.helper.make_node("ReduceMax", [name], [hi], keepdims=1))
-        model.graph.output.append(onnx.helper.make_tensor_value_info(lo, elem, None))
-        model.graph.output.append(onnx.helper.make_tensor_value_info(hi, elem, None))
+        reduce_of[name] = [onnx.helper.make_node("ReduceMin", [name], [lo], keepdims=1),
+                           onnx.helper.make_node("ReduceMax", [name], [hi], keepdims=1)]
+        model.graph.output.extend([onnx.helper.make_tensor_value_info(lo, elem, None),
+                                   onnx.helper.make_tensor_value_info(hi, elem, None)])
         pairs.append((name, lo, hi))
+    nodes = [r for i in model.graph.input for r in reduce_of.pop(i.name, [])]
+    for node in model.graph.node:
+        nodes.append(node)
+        nodes.extend(r for out in node.output for r in reduce_of.pop(out, []))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes + [r for rs in reduce_of.values() for r in rs])
     return model, pairs
 
 
 def activation_ranges(src: Path, feeds: Iterable[dict], op_types: Sequence[str] = ("MatMul", "Gemm"),
-                      threads: int = 0, progress=None):
+                      excluded: Sequence[str] | None = None):
     """onnxruntime's TensorsData (MinMax) for the graph at `src` over `feeds` (its captured inputs), computed one
-    input at a time: for each selected tensor the min of its minima and the max of its maxima, as onnxruntime's
-    calibrator merges them. A non-finite value in any range is an error naming the tensor and the input (a scale
-    from it would be garbage). `progress`: a tqdm-like bar, updated per input."""
+    input at a time: for each tensor (onnxruntime's selection for `op_types`; with `excluded`, the names of the
+    nodes the quantizer leaves alone, only the inputs it quantizes) the min of its minima and the
+    max of its maxima, as onnxruntime's calibrator merges them. Unlike it (np.nanmin), a non-finite value is an
+    error naming the tensor and the input: a scale from it would be garbage."""
     import onnxruntime as ort
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
 
     src = Path(src)
-    model, pairs = _augmented(src, op_types)
+    model, pairs = _augmented(src, op_types, excluded)
     if not pairs:
         raise ValueError(f"{src.name}: no float tensor of {', '.join(op_types)} nodes to calibrate")
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as onnxruntime's calibrator runs
-    so.intra_op_num_threads = threads
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(src.parent))
     session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     del model
@@ -100,8 +117,6 @@ def activation_ranges(src: Path, feeds: Iterable[dict], op_types: Sequence[str] 
             low[name] = lo if name not in low else np.minimum(low[name], lo)
             high[name] = hi if name not in high else np.maximum(high[name], hi)
         count += 1
-        if progress is not None:
-            progress.update(1)
     if not count:
         raise ValueError(f"{src.name}: static INT8 needs calibration inputs for its activation scales")
     return TensorsData(CalibrationMethod.MinMax, {name: TensorData(lowest=low[name], highest=high[name])

@@ -53,10 +53,18 @@ def test_ranges_equal_onnxruntime_calibrator(tiny_bundle, captured, tmp_path, gr
 
     from omniguard_edge.calibration.ranges import activation_ranges
 
+    from omniguard_edge.calibration import graphs
+
     src = _external_copy(tiny_bundle / f"{graph}.onnx", tmp_path / "src")
     before = sorted(p.name for p in src.parent.iterdir())
     ours = activation_ranges(src, captured[graph])
+    # what qdq_int8 observes: the inputs of the MatMuls/Gemms it quantizes, a subset with the same ranges
+    quantized = activation_ranges(src, captured[graph], excluded=graphs._activation_matmuls(src))
     assert sorted(p.name for p in src.parent.iterdir()) == before  # nothing written beside the source
+    assert 0 < len(quantized.keys()) < len(ours.keys())
+    for name in quantized.keys():
+        np.testing.assert_array_equal(quantized[name].range_value[0], ours[name].range_value[0], err_msg=name)
+        np.testing.assert_array_equal(quantized[name].range_value[1], ours[name].range_value[1], err_msg=name)
 
     calibrator = create_calibrator(src, ["MatMul", "Gemm"], augmented_model_path=str(tmp_path / "aug.onnx"),
                                    calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True)
