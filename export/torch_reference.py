@@ -104,9 +104,11 @@ class Reference:
         if threads:
             torch.set_num_threads(threads)
         self.device, self.dtype = torch.device(device), getattr(torch, dtype)
-        self.model = model if model is not None else Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
-            Path(checkpoint), dtype=self.dtype, attn_implementation="sdpa").eval()
-        self.model.to(self.device)
+        if model is not None:  # a loaded model (shared by tests) is used as it is: its own dtype and device
+            self.model, self.dtype, self.device = model, model.dtype, model.device
+        else:
+            self.model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
+                Path(checkpoint), dtype=self.dtype, attn_implementation="sdpa").eval().to(self.device)
         # the slow PIL image processor: what the transformers versions OmniGuard used default to (DESIGN 1)
         self.processor = Qwen2_5OmniProcessor.from_pretrained(Path(checkpoint), use_fast=False)
         self.tokenizer = self.processor.tokenizer

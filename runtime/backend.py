@@ -19,6 +19,9 @@ import numpy as np
 from .errors import BundleError
 
 
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
 class GraphSession(Protocol):
     """What the runtime needs of one graph's session."""
 
@@ -37,18 +40,27 @@ class GraphSession(Protocol):
                   run_options=None) -> dict[str, np.ndarray]:
         """Inputs: arrays or buffers; outputs: a buffer to write into, or None for a new array, returned by name."""
 
+    def run_device(self, inputs: Mapping[str, object], host_outputs: Sequence[str], device_outputs: Sequence[str],
+                   run_options=None) -> tuple[dict, dict]:
+        """(host outputs as arrays, device outputs left on the session's device), by name."""
+
 
 class OrtSession:
     """An onnxruntime InferenceSession behind `GraphSession`."""
 
-    def __init__(self, session, name: str):
-        self.session, self.name = session, name
+    def __init__(self, session, name: str, device_id: int = 0):
+        self.session, self.name, self.device_id = session, name, device_id
         self.input_names = tuple(i.name for i in session.get_inputs())
         self.output_names = tuple(o.name for o in session.get_outputs())
 
     @property
     def providers(self) -> list[str]:
         return self.session.get_providers()
+
+    @property
+    def device(self) -> str:
+        """Where this session's outputs can stay between runs: "cuda" under a GPU provider, else "cpu"."""
+        return "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"
 
     @property
     def options(self):
@@ -64,7 +76,7 @@ class OrtSession:
 
         return ort.OrtValue.ortvalue_from_numpy(array)
 
-    def run_bound(self, inputs, outputs, run_options=None) -> dict[str, np.ndarray]:
+    def _bind_inputs(self, inputs):
         import onnxruntime as ort
 
         io = self.session.io_binding()
@@ -73,16 +85,38 @@ class OrtSession:
                 io.bind_ortvalue_input(name, value)
             else:
                 io.bind_cpu_input(name, np.ascontiguousarray(value))
+        return io
+
+    def _run_io(self, io, run_options) -> None:
+        if run_options is not None:
+            self.session.run_with_iobinding(io, run_options)
+        else:
+            self.session.run_with_iobinding(io)
+
+    def run_device(self, inputs, host_outputs, device_outputs, run_options=None) -> tuple[dict, dict]:
+        """Run with `device_outputs` left where the session computed them (onnxruntime OrtValues on `device`, to be
+        fed back as inputs: a KV cache that never crosses to the host) and `host_outputs` as arrays. Inputs: arrays
+        (copied to the device by onnxruntime) or OrtValues."""
+        io = self._bind_inputs(inputs)
+        for name in host_outputs:
+            io.bind_output(name, "cpu")
+        for name in device_outputs:
+            io.bind_output(name, self.device, self.device_id)
+        self._run_io(io, run_options)
+        got = io.get_outputs()  # in binding order
+        n = len(host_outputs)
+        return ({name: got[i].numpy() for i, name in enumerate(host_outputs)},
+                {name: got[n + i] for i, name in enumerate(device_outputs)})
+
+    def run_bound(self, inputs, outputs, run_options=None) -> dict[str, np.ndarray]:
+        io = self._bind_inputs(inputs)
         fresh = [name for name, value in outputs.items() if value is None]
         for name in fresh:  # first: get_outputs() lists outputs in binding order
             io.bind_output(name)
         for name, value in outputs.items():
             if value is not None:
                 io.bind_ortvalue_output(name, value)
-        if run_options is not None:
-            self.session.run_with_iobinding(io, run_options)
-        else:
-            self.session.run_with_iobinding(io)
+        self._run_io(io, run_options)
         got = io.get_outputs()
         return {name: got[i].numpy() for i, name in enumerate(fresh)}
 
@@ -135,4 +169,4 @@ def open_session(path: Path, opts, name: str, spin: bool | None = None, provider
     if wanted and wanted[0] not in used:
         warnings.warn(f"{name}.onnx: asked for {wanted[0]} but onnxruntime runs it on {used}", RuntimeWarning,
                       stacklevel=3)
-    return OrtSession(sess, name)
+    return OrtSession(sess, name, opts.device_id)

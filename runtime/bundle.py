@@ -54,9 +54,12 @@ class SessionOptions:
     # GPU providers (runtime/gpu.py): the limits TensorRT's optimization profiles are built for (build-engines'
     # names and defaults: max_prompt_tokens, max_image_tokens, max_audio_seconds, new_tokens); the engine cache
     # folder (None: beside the bundle, B.engines); the CUDA device
-    limits: dict | None = None
+    limits: dict | None = field(default=None, hash=False)
     engine_cache: str | os.PathLike | None = None
     device_id: int = 0
+    # The standard decoder's KV cache (and the cached policy prefix) kept on the session's device between runs,
+    # bound as the next run's past (runtime/decode.py): None, on under a GPU provider; True/False to choose
+    kv_on_device: bool | None = None
 
     def __post_init__(self):
         if not self.providers:
@@ -64,6 +67,8 @@ class SessionOptions:
         from .plan import check_limits
 
         check_limits(self.limits)
+        if self.kv_on_device not in (None, True, False):
+            raise ValueError(f"SessionOptions.kv_on_device must be None, True or False, not {self.kv_on_device!r}")
         if isinstance(self.device_id, bool) or not isinstance(self.device_id, int) or self.device_id < 0:
             raise ValueError(f"SessionOptions.device_id must be an int >= 0, not {self.device_id!r}")
         if self.intra_op_threads < 0 or self.inter_op_threads < 0:
@@ -142,10 +147,22 @@ def open_bundle(path: str | os.PathLike, options: SessionOptions | None = None, 
                       f"({'; '.join(gate.get('failures', []))}); its verdicts may differ from the fp32 bundle's",
                       RuntimeWarning, stacklevel=2)
     bundle = Bundle(path=path, manifest=manifest)
-    from .gpu import Profiled, default_cache, session_providers
+    from . import gpu
 
-    cache = Path(options.engine_cache) if options.engine_cache is not None else default_cache(path)
-    gpu_providers, gpu_profiles = session_providers(manifest, cache, options)
+    cache = Path(options.engine_cache) if options.engine_cache is not None else gpu.default_cache(path)
+    setup = gpu.session_providers(manifest, cache, options)
+
+    def opened(graph: str, role: str, spin=None):
+        """A session of `graph` under the GPU setup: its providers, its engine folder unchanged by the opening
+        (never a silent rebuild), runs checked against its profile."""
+        folder = setup.folders.get(graph)
+        before = gpu.engine_files(folder) if folder else None
+        session = open_session(path / manifest.graphs[graph].file, options, role, spin=spin,
+                               providers=setup.providers.get(graph))
+        if folder:
+            gpu.check_unchanged(folder, before, graph)
+        return gpu.Profiled(session, setup.profiles[graph]) if graph in setup.profiles else session
+
     for name in options.graphs:
         graph = name
         if name == "decoder":
@@ -154,17 +171,12 @@ def open_bundle(path: str | os.PathLike, options: SessionOptions | None = None, 
             raise BundleError(f"{path}: the bundle has no {graph} graph (it has {sorted(manifest.graphs)})")
         # The fast decoder's body and output layer alternate within every step: threads of one left spinning slow the
         # other on few cores (measured on `small`, 2 threads: body 80.8 + head 38.8 ms spinning, 58.2 + 19.7 not)
-        bundle.sessions[name] = open_session(path / manifest.graphs[graph].file, options, name,
-                                             spin=False if graph == "decoder_gqa" else None,
-                                             providers=gpu_providers.get(graph))
-        if graph in gpu_profiles:  # a request outside the engines' profile is refused, not built for mid-request
-            bundle.sessions[name] = Profiled(bundle.sessions[name], gpu_profiles[graph])
+        bundle.sessions[name] = opened(graph, name, spin=False if graph == "decoder_gqa" else None)
         bundle.providers[name] = bundle.sessions[name].providers
         if graph == "decoder_gqa":  # its output layer: a graph for every row (opened on first use), the rows for a few
             head = manifest.graphs["decoder_gqa_head"]
             bundle.head_rows = np.load(bundle.file(head.data_file), mmap_mode="r")
-            bundle.lazy_sessions["decoder_head"] = lambda h=head: open_session(path / h.file, options, "decoder",
-                                                                               spin=False)
+            bundle.lazy_sessions["decoder_head"] = lambda: opened("decoder_gqa_head", "decoder", spin=False)
     emb = manifest.embedding
     bundle.embedding = np.load(bundle.file(emb["file"]), mmap_mode="r")
     if list(bundle.embedding.shape) != list(emb["shape"]):

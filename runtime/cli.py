@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from ..calibration.recipes import RECIPES
-from .errors import OmniGuardError, describe
+from .errors import InputError, OmniGuardError, describe
 
 PROFILE_NAMES = ["tiny", "small", "3b-shape", "7b-shape"]
 RECIPE_NAMES = list(RECIPES)
@@ -231,6 +231,14 @@ def cmd_moderate(args) -> int:
 
     from .gpu import provider_chain
 
+    if args.provider != "tensorrt" or args.providers:  # what only TensorRT's engines use is refused, not ignored
+        given = [f"--{k.replace('_', '-')}" for k in LIMITS if getattr(args, k) is not None] + \
+            (["--engines"] if args.engines else [])
+        if given:
+            raise InputError(f"{', '.join(given)}: only with --provider tensorrt (the limits its engines were "
+                             "built for)")
+    if args.provider == "cpu" and not args.providers and args.device_id:
+        raise InputError("--device-id: only with --provider cuda or tensorrt")
     providers = tuple(args.providers) if args.providers else provider_chain(args.provider)
     session = SessionOptions(providers=providers, intra_op_threads=args.threads, limits=_limits(args),
                              engine_cache=args.engines, device_id=args.device_id)
@@ -363,11 +371,15 @@ def _limit_args(p, prefix: str = "") -> None:
     p.add_argument("--max-image-tokens", type=_int_in(0, 1 << 20),
                    help=f"{prefix}image and video tokens per request, after merging (default {D['max_image_tokens']})")
     p.add_argument("--max-audio-seconds", type=float, help=f"{prefix}default {D['max_audio_seconds']:g}")
+    p.add_argument("--new-tokens", type=_int_in(1, 1 << 20),
+                   help=f"{prefix}tokens an answer may take (default {D['new_tokens']}; 256 for --mode full)")
+
+
+LIMITS = ("max_prompt_tokens", "max_image_tokens", "max_audio_seconds", "new_tokens")
 
 
 def _limits(args) -> dict:
-    return {k: getattr(args, k) for k in ("max_prompt_tokens", "max_image_tokens", "max_audio_seconds")
-            if getattr(args, k, None) is not None}
+    return {k: getattr(args, k) for k in LIMITS if getattr(args, k, None) is not None}
 
 
 def cmd_verify(args) -> int:

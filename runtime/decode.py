@@ -11,6 +11,10 @@ attention scores of one graph run are chunk x length instead of length x length.
 
 The graph returns new present arrays and never writes to its inputs, so a state is forked by copying its list of
 arrays (`fork`): the category scores continue a hypothetical answer from the verdict position that way.
+
+Resident KV (`Decoder(resident=True)`, the default under a GPU provider): the present tensors stay where the
+session computed them (onnxruntime OrtValues, `GraphSession.run_device`) and are bound as the next run's past, so
+the cache, and the cached policy prefix, never cross to the host; only the logits do.
 """
 
 from __future__ import annotations
@@ -74,10 +78,20 @@ def finite_logits(logits: np.ndarray, what: str) -> None:
                              "infinite); nothing was judged")
 
 
+def kv_nbytes(value) -> int:
+    """Bytes of one cache tensor: an array, or an OrtValue (on any device)."""
+    if hasattr(value, "nbytes"):
+        return int(value.nbytes)
+    itemsize = {"tensor(float)": 4, "tensor(float16)": 2, "tensor(bfloat16)": 2}[value.data_type()]
+    return int(np.prod(value.shape(), dtype=np.int64)) * itemsize
+
+
 class Decoder:
-    def __init__(self, session, decoder: dict, prefill_chunk: int | None = None):
-        """`prefill_chunk`: default chunk size of the prefill in tokens (None: the whole prompt in one run)."""
+    def __init__(self, session, decoder: dict, prefill_chunk: int | None = None, resident: bool = False):
+        """`prefill_chunk`: default chunk size of the prefill in tokens (None: the whole prompt in one run).
+        `resident`: keep the KV cache on the session's device between runs (module docstring)."""
         self.session = session
+        self.resident = bool(resident)
         self.prefill_chunk = _check_chunk(prefill_chunk)
         self.layers, self.kv_heads, self.head_dim = decoder["num_layers"], decoder["num_kv_heads"], decoder["head_dim"]
         self.names = [f"past_{part}_{i}" for i in range(self.layers) for part in ("key", "value")]
@@ -86,6 +100,9 @@ class Decoder:
     def _run(self, embeds: np.ndarray, positions: np.ndarray, state: DecodeState):
         feeds = {"inputs_embeds": embeds.astype(np.float32, copy=False), "attention_mask": state.mask,
                  "position_ids": positions, **dict(zip(self.names, state.past))}
+        if self.resident:
+            host, kept = self.session.run_device(feeds, ["logits"], self.present, state.run_options)
+            return host["logits"], [kept[n] for n in self.present]
         out = self.session.run(feeds, ["logits", *self.present], state.run_options)
         return out["logits"], [out[n] for n in self.present]
 
@@ -99,8 +116,21 @@ class Decoder:
         return DecodeState(list(past), np.ones((1, length), np.int64), length, rope_delta, run_options=run_options)
 
     def cache(self, state: DecodeState) -> list[np.ndarray]:
-        """The filled cache, [1, kv_heads, length, head_dim] per layer and part (shared: never written to)."""
+        """The filled cache, [1, kv_heads, length, head_dim] per layer and part (shared: never written to; OrtValues
+        on the device when resident)."""
         return list(state.past)
+
+    @staticmethod
+    def first(cache: list, m: int) -> list:
+        """The first `m` positions of a cache from `cache()`. A resident cache is used as it is when whole; a part of
+        it comes to the host once (onnxruntime cannot slice a device tensor), and goes back as the next run's past."""
+        out = []
+        for p in cache:
+            if hasattr(p, "nbytes"):
+                out.append(p[:, :, :m])
+            else:
+                out.append(p if p.shape()[2] == m else p.numpy()[:, :, :m])
+        return out
 
     def logits(self, out: np.ndarray, rows: list[int] | None = None) -> np.ndarray:
         """What `extend` returned as logits [vocab]. `rows`: only these tokens can be chosen (a decoder that can

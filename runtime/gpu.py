@@ -23,12 +23,14 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import BundleError, EngineError, GpuError, InputError
+from .decode import SCORE_MARGIN
 from .plan import DEVICE_COSTS, MEL_FRAMES_PER_SECOND, check_limits
 
 PROVIDERS = {
@@ -40,6 +42,7 @@ GRAPHS = ("vision", "audio", "decoder")  # a GPU runs the standard-ops decoder: 
 # the opt shapes TensorRT tunes its kernels for: a typical request (each clipped to its limit): a prompt of 256
 # tokens after a cached policy prefix of up to 384, a 448x448 image (256 tokens), 5 s of audio
 OPT = {"prompt_tokens": 256, "past_tokens": 384, "image_tokens": 256, "audio_seconds": 5.0}
+AUDIO_CLIPS = 4  # audio clips of one request (their chunks run in one call) the audio profile has room for
 TENSORRT_SUPPORTED = "TensorRT 10.3 or later 10.x (JetPack 6.1/6.2 ship 10.3), or 11.x"
 ENGINE_FILE = "engine.json"
 
@@ -62,6 +65,7 @@ class Profile:
     shapes: dict
     dims: dict = field(default_factory=dict)  # input -> its manifest dimensions (ints and symbols)
     bounds: dict = field(default_factory=dict)  # symbol -> (min, opt, max, the limit that bounds it)
+    limits: dict = field(default_factory=dict)  # the checked limits it was made from
 
     def option_strings(self) -> dict[str, str]:
         """onnxruntime's TensorRT provider options: "name:d0xd1x...,name2:..." for min, opt and max."""
@@ -74,7 +78,8 @@ class Profile:
         for name, (lo, _, hi) in self.shapes.items():
             if name not in feeds:
                 continue
-            shape = tuple(int(d) for d in getattr(feeds[name], "shape", ()))
+            shape = getattr(feeds[name], "shape", ())
+            shape = tuple(int(d) for d in (shape() if callable(shape) else shape))  # an OrtValue's is a method
             if len(shape) != len(lo) or any(not a <= d <= b for d, a, b in zip(shape, lo, hi)):
                 outside = [k for k, (d, a, b) in enumerate(zip(shape, lo, hi)) if not a <= d <= b]
                 symbol = self.dims.get(name, ())[outside[0]] if outside and len(self.dims.get(name, ())) > \
@@ -102,30 +107,81 @@ class Profiled:
         self.profile.check(inputs)
         return self.inner.run_bound(inputs, outputs, run_options)
 
+    def run_device(self, inputs, host_outputs, device_outputs, run_options=None):
+        self.profile.check(inputs)
+        return self.inner.run_device(inputs, host_outputs, device_outputs, run_options)
 
-def session_providers(manifest, cache: Path, options) -> tuple[dict, dict]:
-    """For open_bundle, when the first provider asked for is a GPU one that this onnxruntime has: (graph -> the
-    providers argument, graph -> Profile to check runs against (TensorRT only)). TensorRT engines are checked here,
-    before any session opens (EngineError when missing, stale or foreign). Empty dicts otherwise: the CPU path, or
-    a provider this build lacks (open_session warns and falls back, as for any unavailable provider)."""
+
+@dataclass
+class GpuSetup:
+    """What open_bundle needs under a GPU provider, per manifest graph: the providers argument, the TensorRT profile
+    to check runs against, and the engine folder whose files must not change when the session opens."""
+
+    providers: dict = field(default_factory=dict)
+    profiles: dict = field(default_factory=dict)
+    folders: dict = field(default_factory=dict)
+
+
+def _opened(manifest, options) -> list[str]:
+    """The manifest graphs open_bundle may open for options.graphs (the decoder role: either decoder graph and the
+    fast one's output layer)."""
+    roles = {"vision": ("vision",), "audio": ("audio",), "decoder": ("decoder", "decoder_gqa", "decoder_gqa_head")}
+    return [g for role in options.graphs for g in roles.get(role, ()) if g in manifest.graphs]
+
+
+def session_providers(manifest, cache: Path, options) -> GpuSetup:
+    """For open_bundle, when the first of options.providers that this onnxruntime has is a GPU one: providers with
+    their options for every graph it may open. Under TensorRT, the graphs with a profile (vision, audio and the
+    standard decoder, at limits above 0) get their engines, checked here before any session opens (EngineError
+    when missing, stale or foreign); a graph without one runs on CUDA. Empty on the CPU path; a provider this build
+    lacks is skipped (open_session warns, as for any unavailable provider)."""
     import onnxruntime as ort
 
-    first = options.providers[0]
-    kind = {"TensorrtExecutionProvider": "tensorrt", "CUDAExecutionProvider": "cuda"}.get(first)
-    if kind is None or first not in ort.get_available_providers():
-        return {}, {}
-    graphs = [g for g in GRAPHS if g in manifest.graphs]
+    available = set(ort.get_available_providers())
+    chain = [p for p in options.providers if p in available]
+    kind = {"TensorrtExecutionProvider": "tensorrt", "CUDAExecutionProvider": "cuda"}.get(chain[0] if chain else "")
+    setup = GpuSetup()
+    if kind is None:
+        return setup
+    graphs = _opened(manifest, options)
+    cuda = "cuda" if "CUDAExecutionProvider" in available else "cpu"
+    for g in graphs:
+        setup.providers[g] = provider_options(cuda, g, graph_precision(manifest.graphs[g]),
+                                              device_id=options.device_id)
     if kind == "cuda":
-        return {g: provider_options("cuda", g, graph_precision(manifest.graphs[g]), device_id=options.device_id)
-                for g in graphs}, {}
-    profs = profiles(manifest, options.limits)
+        return setup
+    profs = {g: p for g, p in profiles(manifest, options.limits).items() if g in graphs}
+    if not profs:
+        return setup
     gpu, trt_version = probe_gpu(options.device_id), tensorrt_version()
-    providers = {}
     for g, prof in profs.items():
         key = engine_key(manifest, g, prof, gpu.compute_capability, trt_version, ort.__version__)
-        folder = check_engine(cache, key)
-        providers[g] = provider_options("tensorrt", g, key.precision, prof, folder, options.device_id)
-    return providers, profs
+        setup.folders[g] = check_engine(cache, key)
+        setup.providers[g] = provider_options("tensorrt", g, key.precision, prof, setup.folders[g],
+                                              options.device_id)
+        if cuda == "cpu":  # an onnxruntime with TensorRT but no CUDA provider: TensorRT, then the CPU
+            setup.providers[g] = [setup.providers[g][0], setup.providers[g][2]]
+        setup.profiles[g] = prof
+    return setup
+
+
+def engine_files(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file of an engine folder but its record: name -> (size, mtime_ns)."""
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(folder).iterdir())
+            if p.is_file() and p.name != ENGINE_FILE}
+
+
+def check_unchanged(folder: Path, before: dict, graph: str) -> None:
+    """EngineError when opening the session wrote into the engine folder: onnxruntime found its cached engine
+    unusable for this onnxruntime, TensorRT or CUDA (its own cache name covers what our key may not) and built a
+    new one."""
+    after = {n: v for n, v in engine_files(folder).items() if n.endswith(".engine")}
+    before = {n: v for n, v in before.items() if n.endswith(".engine")}
+    if after != before:
+        changed = sorted(n for n in set(after) | set(before) if after.get(n) != before.get(n))
+        raise EngineError(f"{folder}: onnxruntime built a new {graph} engine as the session opened ({', '.join(changed)}"
+                          "): the engines there do not match this onnxruntime, TensorRT or CUDA; run build-engines "
+                          "--rebuild on this machine")
 
 
 def _symbols(manifest, lim: dict) -> dict[str, dict]:
@@ -145,8 +201,9 @@ def _symbols(manifest, lim: dict) -> dict[str, dict]:
     if frames >= MIN_FRAMES:
         size = 2 * int(manifest.audio.n_window)
         opt_frames = min(frames, math.ceil(OPT["audio_seconds"] * MEL_FRAMES_PER_SECOND))
-        chunks = math.ceil(frames / size)
-        why = f"--max-audio-seconds {secs:g}"
+        # the clips of a request run in one call: sum of ceil(n_i / size) <= ceil(frames / size) + clips - 1
+        chunks = math.ceil(frames / size) + AUDIO_CLIPS - 1
+        why = f"--max-audio-seconds {secs:g} in up to {AUDIO_CLIPS} clips"
         # tokens over clips that share the frames: sum of audio_output_length(n_i) <= frames // 4 + one per chunk
         out["audio"] = {"chunks": (1, math.ceil(opt_frames / size), chunks, why),
                         "frames": (MIN_FRAMES, min(size, opt_frames), min(size, frames), why),
@@ -155,8 +212,12 @@ def _symbols(manifest, lim: dict) -> dict[str, dict]:
     p, n = int(lim["max_prompt_tokens"]), int(lim["new_tokens"])
     if p < 1:
         raise InputError("--max-prompt-tokens must be >= 1 for a decoder profile")
+    if n < 1:
+        raise InputError("--new-tokens must be >= 1 for a decoder profile")
+    # the answer's budget, and the category scores' continuation past it (decode.SCORE_MARGIN rows)
+    n += SCORE_MARGIN
     seq_o, past_o = min(OPT["prompt_tokens"], p), min(OPT["past_tokens"], p + n - 1)
-    why_p, why_k = f"--max-prompt-tokens {p}", f"--max-prompt-tokens {p} + --new-tokens {n}"
+    why_p, why_k = f"--max-prompt-tokens {p}", f"--max-prompt-tokens {p} + --new-tokens {n - SCORE_MARGIN}"
     out["decoder"] = {"batch": (1, 1, 1, "one request per decoder run"), "seq": (1, seq_o, p, why_p),
                       "past": (0, past_o, p + n - 1, why_k), "total": (1, seq_o + past_o, p + (p + n - 1), why_k)}
     return out
@@ -187,7 +248,7 @@ def profiles(manifest, limits: dict | None = None) -> dict[str, Profile]:
                     raise BundleError(f"{spec.file}: input {inp.name} has a dimension {d!r} no profile bounds "
                                       f"(known for {graph}: {', '.join(symbols)})")
             shapes[inp.name] = tuple(tuple(x[k] for x in dims) for k in range(3))
-        out[graph] = Profile(graph, shapes, names, dict(symbols))
+        out[graph] = Profile(graph, shapes, names, dict(symbols), dict(lim))
     return out
 
 
@@ -281,6 +342,17 @@ def default_cache(bundle: Path) -> Path:
     return bundle.parent / f"{bundle.name}.engines"
 
 
+def _records(cache: Path, graph: str) -> list[tuple[Path, dict | None]]:
+    """(folder, its engine.json or None when unreadable) of every engine folder of `graph` under `cache`."""
+    out = []
+    for p in sorted(Path(cache).glob(f"{graph}-*/{ENGINE_FILE}")) if Path(cache).is_dir() else []:
+        try:
+            out.append((p.parent, json.loads(p.read_text())))
+        except (OSError, ValueError):
+            out.append((p.parent, None))
+    return out
+
+
 def check_engine(cache: Path, key: EngineKey) -> Path:
     """The folder of `key`'s engine under `cache`, checked: EngineError when it is missing, or when the graph's
     engines there were built for something else (listing what differs)."""
@@ -292,20 +364,23 @@ def check_engine(cache: Path, key: EngineKey) -> Path:
         except (OSError, ValueError) as exc:
             raise EngineError(f"{record}: unreadable ({exc}); run build-engines --rebuild") from None
         diff = [k for k, v in key.to_json().items() if stored.get(k) != v]
-        if not diff:
-            return folder
-        raise EngineError(f"{record}: built for another {', '.join(diff)}; run build-engines --rebuild")
-    others = sorted(p for p in Path(cache).glob(f"{key.graph}-*/{ENGINE_FILE}")) if Path(cache).is_dir() else []
+        if diff:
+            raise EngineError(f"{record}: built for another {', '.join(diff)}; run build-engines --rebuild")
+        files = stored.get("files")
+        have = {n: size for n, (size, _) in engine_files(folder).items()}
+        if not isinstance(files, dict) or not files or have != files:
+            raise EngineError(f"{folder}: its engine files are not the ones built ({sorted(have)} against "
+                              f"{sorted(files) if isinstance(files, dict) else files}); run build-engines --rebuild")
+        return folder
+    others = _records(cache, key.graph)
     if others:
         diffs = []
-        for p in others:
-            try:
-                stored = json.loads(p.read_text())
-            except (OSError, ValueError):
-                diffs.append(f"{p.parent.name} (unreadable)")
+        for folder_, stored in others:
+            if stored is None:
+                diffs.append(f"{folder_.name} (unreadable)")
                 continue
             changed = [k for k, v in key.to_json().items() if k != "folder" and stored.get(k) != v]
-            diffs.append(f"{p.parent.name} (differs in {', '.join(changed) or 'its folder name'})")
+            diffs.append(f"{folder_.name} (differs in {', '.join(changed) or 'its folder name'})")
         raise EngineError(f"{cache}: no {key.graph} engine for this bundle, GPU (sm {key.compute_capability}), "
                           f"TensorRT {key.tensorrt}, onnxruntime {key.onnxruntime}, precision {key.precision} and "
                           f"limits; refused, not rebuilt: {'; '.join(diffs)}. Build it with `omniguard-edge "
@@ -325,6 +400,14 @@ class GpuInfo:
     source: str
 
 
+def _gpu_info(name: str, capability: str, memory: int | None, source: str) -> GpuInfo:
+    """GpuError unless `capability` reads as MAJOR.MINOR (it names engine folders: nothing else may get in)."""
+    if not re.fullmatch(r"\d{1,2}\.\d{1,2}", capability):
+        raise GpuError(f"{source} gives the GPU's compute capability as {capability!r}, not MAJOR.MINOR: install "
+                       "cuda-python (pip install cuda-python), which reads it from the driver")
+    return GpuInfo(name, capability, memory, source)
+
+
 def probe_gpu(device_id: int = 0) -> GpuInfo:
     """The GPU at `device_id`: through cuda-python when installed, else nvidia-smi. GpuError when neither finds
     one (Jetson: nvidia-smi may be absent; `pip install cuda-python` gives the first way)."""
@@ -337,15 +420,21 @@ def probe_gpu(device_id: int = 0) -> GpuInfo:
         except ImportError:
             cudart = None
     if cudart is not None:
-        err, count = cudart.cudaGetDeviceCount()
-        if int(err) == 0 and count > device_id:
-            attr = cudart.cudaDeviceAttr
-            _, major = cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMajor, device_id)
-            _, minor = cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMinor, device_id)
-            _, props = cudart.cudaGetDeviceProperties(device_id)
-            name = props.name.decode(errors="replace").rstrip("\x00") if isinstance(props.name, bytes) else str(props.name)
-            return GpuInfo(name, f"{major}.{minor}", int(props.totalGlobalMem), "cuda-python")
-        tried.append(f"cuda-python: {count if int(err) == 0 else 'error ' + str(err)} device(s)")
+        try:
+            err, count = cudart.cudaGetDeviceCount()
+            if int(err) == 0 and count > device_id:
+                attr = cudart.cudaDeviceAttr
+                _, major = cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMajor, device_id)
+                _, minor = cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMinor, device_id)
+                _, props = cudart.cudaGetDeviceProperties(device_id)
+                name = props.name.decode(errors="replace").rstrip("\x00") if isinstance(props.name, bytes) \
+                    else str(props.name)
+                return _gpu_info(name, f"{int(major)}.{int(minor)}", int(props.totalGlobalMem), "cuda-python")
+            tried.append(f"cuda-python: {count if int(err) == 0 else 'error ' + str(err)} device(s)")
+        except GpuError:
+            raise
+        except Exception as exc:  # a driver or binding failure is a missing GPU to this check, said as such
+            tried.append(f"cuda-python: {type(exc).__name__}: {exc}")
     else:
         tried.append("cuda-python: not installed")
     smi = shutil.which("nvidia-smi")
@@ -359,7 +448,7 @@ def probe_gpu(device_id: int = 0) -> GpuInfo:
             parts = [p.strip() for p in got.stdout.strip().split(",")]
             if got.returncode == 0 and len(parts) == 3 and parts[1]:
                 mem = int(float(parts[2]) * 2**20) if parts[2].replace(".", "").isdigit() else None
-                return GpuInfo(parts[0], parts[1], mem, "nvidia-smi")
+                return _gpu_info(parts[0], parts[1], mem, "nvidia-smi")
             tried.append(f"nvidia-smi: exit {got.returncode} {got.stderr.strip()[:200]}")
     else:
         tried.append("nvidia-smi: not found")
@@ -445,37 +534,38 @@ def build_engines(bundle, out=None, limits: dict | None = None, native: bool = F
     trt_version = tensorrt_version()
     import onnxruntime as ort
 
-    records = []
-    for graph, prof in tqdm(profs.items(), desc="engines", unit="graph", disable=not progress):
-        key = engine_key(m, graph, prof, gpu.compute_capability, trt_version, ort.__version__)
-        folder = cache / key.folder
-        if (folder / ENGINE_FILE).is_file() and not rebuild:
-            check_engine(cache, key)
-            records.append({**key.to_json(), "status": "up to date"})
+    keys = {g: engine_key(m, g, p, gpu.compute_capability, trt_version, ort.__version__) for g, p in profs.items()}
+    here = str(bundle.resolve())
+    todo = {}
+    for graph, key in keys.items():  # every graph is checked before anything is built or removed
+        if (cache / key.folder / ENGINE_FILE).is_file() and not rebuild:
+            check_engine(cache, key)  # raises when its files are not the ones built
             continue
-        others = [p.parent for p in cache.glob(f"{graph}-*/{ENGINE_FILE}")] if cache.is_dir() else []
-        if others and not rebuild:
-            check_engine(cache, key)  # raises: the other key's engines, and what differs
-        for old in set(others) | ({folder} if folder.exists() else set()):
-            shutil.rmtree(old)
+        stale = [f for f, rec in _records(cache, graph) if f.name != key.folder]
+        if stale and not rebuild:
+            check_engine(cache, key)  # raises: the other keys' engines, and what differs
+        # --rebuild replaces this bundle's engines (by its path): never another bundle's in a shared folder
+        todo[graph] = [f for f, rec in _records(cache, graph) if rec is None or rec.get("bundle") == here
+                       or f.name == key.folder] + ([cache / key.folder] if (cache / key.folder).exists() else [])
+    records = [{**keys[g].to_json(), "status": "up to date"} for g in keys if g not in todo]
+    for graph in tqdm(list(todo), desc="engines", unit="graph", disable=not progress):
+        key, prof, spec = keys[graph], profs[graph], m.graphs[graph]
+        for old in set(todo[graph]):
+            shutil.rmtree(old, ignore_errors=True)
+        folder = cache / key.folder
         folder.mkdir(parents=True)
-        spec = m.graphs[graph]
-        so = ort.SessionOptions()
-        sess = ort.InferenceSession(str(bundle / spec.file), so,
+        sess = ort.InferenceSession(str(bundle / spec.file), ort.SessionOptions(),
                                     providers=provider_options("tensorrt", graph, key.precision, prof, folder,
                                                                device_id))
         if sess.get_providers()[0] != "TensorrtExecutionProvider":
             raise GpuError(f"{spec.file}: onnxruntime did not run it on TensorRT ({sess.get_providers()})")
         del sess  # with complete explicit profiles the engines are built as the session is created
-        engines = sorted(p.name for p in folder.glob("*.engine"))
-        if not engines:
+        if not any(p.suffix == ".engine" for p in folder.iterdir()):
             raise GpuError(f"{spec.file}: onnxruntime's TensorRT provider wrote no engine into {folder}")
-        files = list(engines)
         if native:
-            plan = folder / f"{graph}.plan"
-            build_native_plan(bundle / spec.file, prof, plan, folder / "native.timing")
-            files.append(plan.name)
-        record = {**key.to_json(), "gpu": gpu.name, "files": files, "status": "built"}
+            build_native_plan(bundle / spec.file, prof, folder / f"{graph}.plan", folder / "native.timing")
+        record = {**key.to_json(), "bundle": here, "gpu": gpu.name,
+                  "files": {n: size for n, (size, _) in engine_files(folder).items()}, "status": "built"}
         tmp = folder / (ENGINE_FILE + ".tmp")
         tmp.write_text(json.dumps(record, indent=1))
         os.replace(tmp, folder / ENGINE_FILE)  # last: a build that stopped part-way has no record, so is not used

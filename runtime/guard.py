@@ -338,8 +338,21 @@ class Guard:
         m = bundle.manifest
         self.prompt = PromptTokenizer(bundle.tokenizer, bundle.chat_template)
         fast = bundle.decoder_graph == "decoder_gqa"
-        self.decoder = FastDecoder(bundle.sessions["decoder"], m.decoder, head=lambda: bundle.session("decoder_head"),
-                                   head_rows=bundle.head_rows) if fast else Decoder(bundle.sessions["decoder"], m.decoder)
+        session = bundle.sessions["decoder"]
+        profile = getattr(session, "profile", None)  # TensorRT engines: built for a budget of new tokens
+        budget = options.critique_max_new_tokens if options.mode == "full" else options.max_new_tokens
+        if profile is not None and budget > profile.limits["new_tokens"]:
+            raise InputError(f"mode {options.mode!r} answers in up to {budget} tokens, but the TensorRT engines are "
+                             f"for --new-tokens {profile.limits['new_tokens']}: build and open them with "
+                             f"--new-tokens {budget}")
+        vision = getattr(bundle.sessions.get("vision"), "profile", None)
+        # TensorRT's vision profile: images are fitted to its patches, as to the memory budget
+        self._profile_patches = vision.shapes["pixel_values"][2][0] if vision is not None else None
+        resident = options.session.kv_on_device
+        resident = getattr(session, "device", "cpu") != "cpu" if resident is None else resident
+        self.decoder = FastDecoder(session, m.decoder, head=lambda: bundle.session("decoder_head"),
+                                   head_rows=bundle.head_rows) if fast else Decoder(session, m.decoder,
+                                                                                     resident=resident)
         self.geometry = Geometry.from_manifest(m)
         self.image_cfg = ImageConfig.from_preprocess(m.preprocess)
         self.mel_filters = np.load(bundle.file("mel_filters.npy"))
@@ -379,6 +392,8 @@ class Guard:
         tokens = 0  # prompt tokens of the items preprocessed so far
         visual = sum(kind in ("image", "video") for kind, _, _ in media)
         share = max_vision_patches(self.geometry, opts.memory.bytes) // max(1, visual)  # patches per visual item
+        if self._profile_patches is not None:
+            share = min(share, self._profile_patches // max(1, visual))
         for kind, label, payload in media:
             try:
                 if kind == "image":
@@ -558,8 +573,7 @@ class Guard:
         m = reusable(ids, entry, self._media_ids)
         if m < 1:
             return None, 0
-        past = [p[:, :, :m] for p in entry.past]
-        return past, m
+        return self.decoder.first(list(entry.past), m), m
 
     def _build_prefix(self, kind: str, run_options):
         """The template's fixed opening: the common ids of two probe requests, up to the first media token."""

@@ -25,7 +25,9 @@ class CachedPrefix:
 
     @property
     def nbytes(self) -> int:
-        return sum(int(p.nbytes) for p in self.past)
+        from .decode import kv_nbytes
+
+        return sum(kv_nbytes(p) for p in self.past)
 
 
 def common_prefix(a, b) -> int:

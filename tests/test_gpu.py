@@ -51,12 +51,14 @@ def test_profiles_from_the_limits_hand_computed(manifest):
     assert v["pixel_values"] == ((4, 1176), (1024, 1176), (1200, 1176))  # 1 token, opt 256, max 300 tokens
     assert v["window_index"] == ((1,), (256,), (300,))
     a = profs["audio"].shapes
-    # 750 frames: 4 chunks of at most 200; opt 5 s = 500 frames = 3 chunks; tokens <= 750 // 4 + 4
-    assert a["padded_feature"] == ((1, 128, 4), (3, 128, 200), (4, 128, 200))
-    assert a["pool_index"] == ((1,), (125,), (191,))
+    # 750 frames in up to 4 clips: ceil(750 / 200) + 3 = 7 chunks of at most 200 frames; opt 5 s = 500 frames = 3
+    # chunks; tokens <= 750 // 4 + 7
+    assert a["padded_feature"] == ((1, 128, 4), (3, 128, 200), (7, 128, 200))
+    assert a["pool_index"] == ((1,), (125,), (194,))
     d = profs["decoder"].shapes
     assert d["inputs_embeds"] == ((1, 1, 64), (1, 256, 64), (1, 1000, 64))
-    assert d["past_key_0"] == ((1, 2, 0, 16), (1, 2, 384, 16), (1, 2, 1023, 16))
+    # past: the prompt, the answer's 24 tokens and the 32 rows the category scores continue into, less the last
+    assert d["past_key_0"] == ((1, 2, 0, 16), (1, 2, 384, 16), (1, 2, 1000 + 24 + 32 - 1, 16))
     # TensorRT checks every layer at min, opt and max: the mask's length is past + seq at each of them
     for which in range(3):
         assert d["attention_mask"][which][1] == d["past_key_1"][which][2] + d["inputs_embeds"][which][1]
@@ -68,6 +70,7 @@ def test_a_modality_limited_to_zero_has_no_profile_and_bad_limits_are_refused(ma
                        ({"max_prompt_tokens": 1.5}, "--max-prompt-tokens must be a whole number"),
                        ({"max_audio_seconds": float("nan")}, "--max-audio-seconds must be a number"),
                        ({"max_image_tokens": -1}, "--max-image-tokens must be a whole number"),
+                       ({"new_tokens": 0}, "--new-tokens must be >= 1"),
                        ({"max_tokens": 5}, "unknown limit 'max_tokens'")]:
         with pytest.raises(InputError, match=match):
             gpu.profiles(manifest, bad)
@@ -166,10 +169,11 @@ def _key(manifest, **change):
 
 
 def _built(cache: Path, key) -> Path:
+    """An engine folder as build-engines leaves it (its engine a stand-in: none can be built here)."""
     folder = cache / key.folder
     folder.mkdir(parents=True)
     (folder / "x.engine").write_bytes(b"engine")
-    (folder / gpu.ENGINE_FILE).write_text(json.dumps({**key.to_json(), "status": "built"}))
+    (folder / gpu.ENGINE_FILE).write_text(json.dumps({**key.to_json(), "files": {"x.engine": 6}, "status": "built"}))
     return folder
 
 
@@ -183,10 +187,17 @@ def test_engine_keys_change_with_every_field_and_name_the_graph(manifest):
     assert len(folders) == len(changes) and base.folder not in folders
 
 
-def test_engines_built_for_this_key_are_used(manifest, tmp_path):
+def test_engines_built_for_this_key_are_used_only_with_their_files(manifest, tmp_path):
     key = _key(manifest)
     folder = _built(tmp_path, key)
     assert gpu.check_engine(tmp_path, key) == folder
+    # onnxruntime would rebuild a missing or changed engine as the session opens: refused instead
+    (folder / "x.engine").write_bytes(b"truncated engine")
+    with pytest.raises(EngineError, match="its engine files are not the ones built"):
+        gpu.check_engine(tmp_path, key)
+    (folder / "x.engine").unlink()
+    with pytest.raises(EngineError, match="its engine files are not the ones built"):
+        gpu.check_engine(tmp_path, key)
 
 
 @pytest.mark.parametrize("field,value", [("onnx_sha256", "f" * 64), ("compute_capability", "8.9"),
@@ -295,37 +306,105 @@ def test_an_onnxruntime_without_the_provider_is_named():
     assert gpu.environment_error("cpu") is None
 
 
-def test_open_bundle_checks_engines_before_any_session(tiny_bundle, tmp_path, monkeypatch):
-    """With a TensorRT provider present, a bundle without engines for this GPU is refused at open, before a session
-    exists: never built mid-request. (The provider, GPU and TensorRT are stood in for: there are none here.)"""
-    import onnxruntime as ort
+class _FakeSession:
+    """Stands in for onnxruntime's InferenceSession under a GPU provider (there is none here): records the
+    providers each graph was opened with, and `rebuild` writes a new engine into the cache as it opens (what
+    onnxruntime's TensorRT provider does when it finds its cached engine unusable)."""
 
-    from omniguard_edge.runtime.bundle import SessionOptions, open_bundle
+    opened: list = []
+    rebuild = False
+
+    def __init__(self, path, so=None, providers=None):
+        type(self).opened.append((Path(path).name, providers))
+        self.providers = [p if isinstance(p, str) else p[0] for p in providers]
+        first = providers[0]
+        if type(self).rebuild and not isinstance(first, str) and "trt_engine_cache_path" in first[1]:
+            (Path(first[1]["trt_engine_cache_path"]) / "rebuilt.engine").write_bytes(b"new")
+
+    def get_providers(self):
+        return self.providers
+
+    def get_inputs(self):
+        return []
+
+    get_outputs = get_inputs
+
+
+@pytest.fixture
+def stand_in_gpu(monkeypatch):
+    """onnxruntime with the TensorRT and CUDA providers, a GPU (sm 8.7) and TensorRT 10.3: stand-ins, so that what
+    open_bundle does with them can be checked here."""
+    import onnxruntime as ort
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: list(gpu.PROVIDERS["tensorrt"]))
     monkeypatch.setattr(gpu, "probe_gpu", lambda device_id=0: gpu.GpuInfo("stand-in", "8.7", None, "test"))
     monkeypatch.setattr(gpu, "tensorrt_version", lambda: "10.3.0")
-    opened = []
+    monkeypatch.setattr(ort, "InferenceSession", _FakeSession)
+    monkeypatch.setattr(_FakeSession, "opened", [])
+    monkeypatch.setattr(_FakeSession, "rebuild", False)
+    return _FakeSession
 
-    def no_session(*args, **kwargs):
-        opened.append(args)
-        raise AssertionError("a session was opened")
 
-    monkeypatch.setattr(ort, "InferenceSession", no_session)
-    options = SessionOptions(providers=gpu.PROVIDERS["tensorrt"], engine_cache=tmp_path / "engines")
+def test_open_bundle_checks_engines_before_any_session(tiny_bundle, tmp_path, stand_in_gpu):
+    """Under TensorRT, a bundle without engines for this GPU is refused at open, before a session exists (never built
+    mid-request); with them, each graph opens on its engine folder, behind its profile; a graph with no profile (a
+    limit of 0) opens on CUDA, never on a bare TensorRT provider; an engine onnxruntime rebuilds as the session opens
+    is refused."""
+    import onnxruntime as ort
+
+    from omniguard_edge.runtime.bundle import SessionOptions, open_bundle
+
+    cache = tmp_path / "engines"
+    options = SessionOptions(providers=gpu.PROVIDERS["tensorrt"], engine_cache=cache)
     with pytest.raises(EngineError, match="no vision engine built"):
         open_bundle(tiny_bundle, options)
-    assert not opened
+    assert not stand_in_gpu.opened
 
-    # engines for every graph under this key: the sessions get TensorRT options pointing at them
     m = load_manifest(tiny_bundle, verify="none")
-    folders = {g: _built(tmp_path / "engines", gpu.engine_key(m, g, p, "8.7", "10.3.0", ort.__version__))
+    folders = {g: _built(cache, gpu.engine_key(m, g, p, "8.7", "10.3.0", ort.__version__))
                for g, p in gpu.profiles(m).items()}
-    providers, profs = gpu.session_providers(m, tmp_path / "engines", options)
-    assert set(providers) == set(profs) == {"vision", "audio", "decoder"}
-    for g, chain in providers.items():
-        assert chain[0][0] == "TensorrtExecutionProvider"
-        assert chain[0][1]["trt_engine_cache_path"] == str(folders[g])
+    bundle = open_bundle(tiny_bundle, options)
+    chains = {name: providers for name, providers in stand_in_gpu.opened}
+    assert set(chains) == {"vision.onnx", "audio.onnx", "decoder.onnx"}
+    for graph, folder in folders.items():
+        chain = chains[f"{graph}.onnx"]
+        assert [p for p, _ in chain] == list(gpu.PROVIDERS["tensorrt"])
+        assert chain[0][1]["trt_engine_cache_path"] == str(folder)
+        assert isinstance(bundle.sessions[graph], gpu.Profiled)
+
+    stand_in_gpu.opened.clear()
+    no_images = SessionOptions(providers=gpu.PROVIDERS["tensorrt"], engine_cache=cache, limits={"max_image_tokens": 0})
+    bundle = open_bundle(tiny_bundle, no_images)
+    chains = dict(stand_in_gpu.opened)
+    assert [p for p, _ in chains["vision.onnx"]] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert not isinstance(bundle.sessions["vision"], gpu.Profiled)
+
+    stand_in_gpu.rebuild = True
+    with pytest.raises(EngineError, match="onnxruntime built a new vision engine as the session opened"):
+        open_bundle(tiny_bundle, options)
+
+
+def test_a_guard_over_engines_keeps_within_their_budget_and_fits_images_to_them(tiny_bundle, media_dir):
+    """A Guard whose decoder runs TensorRT engines refuses an answer budget larger than the engines were built for
+    (decoding would leave the profile part-way), and fits an image to the vision profile as to the memory budget.
+    The engines' profiles are put on CPU sessions here (Profiled checks every run)."""
+    from omniguard_edge.runtime.bundle import SessionOptions, open_bundle
+    from omniguard_edge.runtime.guard import Guard, GuardOptions
+
+    bundle = open_bundle(tiny_bundle, SessionOptions(decoder_graph="decoder"))
+    profs = gpu.profiles(bundle.manifest, {"max_image_tokens": 64})
+    for g in ("vision", "audio", "decoder"):
+        bundle.sessions[g] = gpu.Profiled(bundle.sessions[g], profs[g])
+    with pytest.raises(InputError, match="mode 'full' answers in up to 256 tokens, but the TensorRT engines are for "
+                                         "--new-tokens 32: build and open them with --new-tokens 256"):
+        Guard(bundle, GuardOptions(mode="full"))
+    guard = Guard(bundle, GuardOptions())
+    result = guard.moderate(text="What is this?", image=str(media_dir / "colour_640x480.jpg"))
+    assert result.verdict in ("safe", "unsafe"), result.error
+    assert any("downscaled" in n for n in result.notes), result.notes
+    many = guard.moderate(text="x" * 10, audio=[str(media_dir / n) for n in sorted(os.listdir(media_dir))
+                                                 if n.endswith(".wav")])
+    assert many.verdict in ("safe", "unsafe"), many.error
 
 
 def test_cpu_path_is_unchanged_and_unavailable_gpu_providers_warn_and_fall_back(tiny_bundle):
@@ -401,3 +480,55 @@ def test_gpu_check_parity_step_against_the_cpu_itself(tiny_bundle, tmp_path, mon
     assert all(r["error"] is None and r["verdict_cpu"] == r["verdict_checked"] in ("safe", "unsafe")
                for r in got["rows"])
     sys.modules.pop("gpu_check", None)
+
+
+def test_a_resident_kv_cache_answers_exactly_as_the_host_one(tiny_bundle, media_dir):
+    """kv_on_device: the standard decoder's present tensors stay OrtValues on the session's device and are bound as
+    the next past, the policy prefix cache too (on a GPU that is device memory; here the CPU's, the same code). The
+    answers, scores and cached-prefix reuse are those of the host path, token for token."""
+    import onnxruntime as ort
+
+    from omniguard_edge.runtime.bundle import SessionOptions
+    from omniguard_edge.runtime.decode import Decoder, kv_nbytes
+    from omniguard_edge.runtime.guard import Guard, GuardOptions
+
+    def guard(resident, mode):
+        return Guard.from_bundle(tiny_bundle, GuardOptions(mode=mode, session=SessionOptions(
+            decoder_graph="decoder", kv_on_device=resident)), verify="none")
+
+    requests = [{"text": "How do I bake bread?"}, {"text": "How do I pick a lock?", "response": "Use a pick."},
+                {"text": "What is this?", "image": str(media_dir / "colour_517x333.png")},
+                {"text": "How do I bake bread?"}]
+    for mode in ("categories", "full"):
+        host, res = guard(False, mode), guard(True, mode)
+        assert res.decoder.resident and not host.decoder.resident
+        for req in requests:
+            a, b = host.moderate(**req), res.moderate(**req)
+            assert b.error is None and b.verdict in ("safe", "unsafe"), b.error
+            assert (a.verdict, a.generated_ids, a.category_scores, a.cached_prompt_tokens) == \
+                (b.verdict, b.generated_ids, b.category_scores, b.cached_prompt_tokens)
+            assert a.p_unsafe == pytest.approx(b.p_unsafe, abs=1e-6)
+        entry = res.prefixes.get("text")
+        assert entry is not None and all(isinstance(p, ort.OrtValue) for p in entry.past)
+        assert entry.nbytes == host.prefixes.get("text").nbytes > 0
+    # a part of a resident cache comes to the host; the whole of it stays as it is
+    whole = [ort.OrtValue.ortvalue_from_numpy(np.arange(24, dtype=np.float32).reshape(1, 2, 3, 4))]
+    assert Decoder.first(whole, 3)[0] is whole[0]
+    part = Decoder.first(whole, 2)[0]
+    np.testing.assert_array_equal(part, np.arange(24, dtype=np.float32).reshape(1, 2, 3, 4)[:, :, :2])
+    assert kv_nbytes(whole[0]) == 96
+    with pytest.raises(ValueError, match="kv_on_device must be None, True or False"):
+        SessionOptions(kv_on_device="yes")
+
+
+def test_moderate_refuses_what_only_tensorrt_uses_on_other_providers(tiny_bundle, capsys):
+    from omniguard_edge.runtime.cli import main
+
+    base = ["moderate", "--bundle", str(tiny_bundle), "--text", "How do I bake bread?"]
+    for extra, message in [(["--max-prompt-tokens", "100"], "--max-prompt-tokens: only with --provider tensorrt"),
+                           (["--provider", "cuda", "--new-tokens", "8", "--engines", "e"],
+                            "--new-tokens, --engines: only with --provider tensorrt"),
+                           (["--device-id", "1"], "--device-id: only with --provider cuda or tensorrt")]:
+        assert main(base + extra) == 1, extra
+        assert message in capsys.readouterr().err
+    assert main(base) == 0  # the CPU default answers
