@@ -479,6 +479,14 @@ def test_gpu_check_parity_step_against_the_cpu_itself(tiny_bundle, tmp_path, mon
     assert got["agreement"] == "7/7" and got["max_abs_dp"] == 0.0
     assert all(r["error"] is None and r["verdict_cpu"] == r["verdict_checked"] in ("safe", "unsafe")
                for r in got["rows"])
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        # asked to check CUDA where onnxruntime falls back to the CPU: equal answers, and still a failure
+        with pytest.warns(RuntimeWarning, match="not available"):
+            fell = gpu_check.parity(tiny_bundle, "cuda", tmp_path)
+        assert fell["status"] == "failed" and fell["max_abs_dp"] == 0.0
+        assert set(fell["not_on_the_provider"]) == {"vision", "audio", "decoder"}
     sys.modules.pop("gpu_check", None)
 
 
