@@ -669,7 +669,7 @@ def main(argv=None) -> int:
     p.add_argument("--reference-device", default="cpu", help="torch device of the PyTorch reference (cpu, cuda)")
     p.add_argument("--reference-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="the PyTorch reference's precision (default float32, the parity reference)")
-    p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu",
+    p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt", "tensorrt-native"], default="cpu",
                    help="where the runtime's graphs run (default cpu; tensorrt needs build-engines first); the rows "
                         "record the providers actually used")
     p.add_argument("--new-tokens", type=int, default=32, help="answer length budget (full critique)")

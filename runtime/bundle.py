@@ -156,6 +156,10 @@ def open_bundle(path: str | os.PathLike, options: SessionOptions | None = None, 
         """A session of `graph` under the GPU setup: its providers, its engine folder unchanged by the opening
         (never a silent rebuild), runs checked against its profile."""
         folder = setup.folders.get(graph)
+        if folder and setup.native:  # experimental: the plan through TensorRT's own runtime
+            from .trt_native import TrtSession
+
+            return gpu.Profiled(TrtSession(folder / f"{graph}.plan", role, options.device_id), setup.profiles[graph])
         before = gpu.engine_files(folder) if folder else None
         session = open_session(path / manifest.graphs[graph].file, options, role, spin=spin,
                                providers=setup.providers.get(graph))

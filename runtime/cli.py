@@ -231,7 +231,7 @@ def cmd_moderate(args) -> int:
 
     from .gpu import provider_chain
 
-    if args.provider != "tensorrt" or args.providers:  # what only TensorRT's engines use is refused, not ignored
+    if not args.provider.startswith("tensorrt") or args.providers:  # what only engines use is refused, not ignored
         given = [f"--{k.replace('_', '-')}" for k in LIMITS if getattr(args, k) is not None] + \
             (["--engines"] if args.engines else [])
         if given:
@@ -448,8 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_int_in(1, 1 << 20), default=None,
                    help="generation budget, >= 1 (default 32; 256 with --mode full)")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu",
-                       help="where the graphs run (default cpu); tensorrt runs engines built by build-engines")
+    which.add_argument("--provider", choices=["cpu", "cuda", "tensorrt", "tensorrt-native"], default="cpu",
+                       help="where the graphs run (default cpu); tensorrt runs engines built by build-engines; "
+                            "tensorrt-native (experimental, never run) their --native plans")
     which.add_argument("--providers", nargs="+", type=_utf8, help="onnxruntime provider names, in preference order")
     _limit_args(p, "tensorrt: the limits the engines were built for; ")
     p.add_argument("--engines", type=Path, help="tensorrt: the engine cache folder (default: BUNDLE.engines)")

@@ -80,7 +80,7 @@ def finite_logits(logits: np.ndarray, what: str) -> None:
 
 def kv_nbytes(value) -> int:
     """Bytes of one cache tensor: an array, or an OrtValue (on any device)."""
-    if hasattr(value, "nbytes"):
+    if isinstance(value, np.ndarray):
         return int(value.nbytes)
     itemsize = {"tensor(float)": 4, "tensor(float16)": 2, "tensor(bfloat16)": 2}[value.data_type()]
     return int(np.prod(value.shape(), dtype=np.int64)) * itemsize
@@ -126,7 +126,7 @@ class Decoder:
         it comes to the host once (onnxruntime cannot slice a device tensor), and goes back as the next run's past."""
         out = []
         for p in cache:
-            if hasattr(p, "nbytes"):
+            if isinstance(p, np.ndarray):
                 out.append(p[:, :, :m])
             else:
                 out.append(p if p.shape()[2] == m else p.numpy()[:, :, :m])

@@ -37,6 +37,8 @@ PROVIDERS = {
     "cpu": ("CPUExecutionProvider",),
     "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
     "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+    # experimental, never run: build-engines --native's plans through TensorRT's Python API (runtime/trt_native.py)
+    "tensorrt-native": ("TensorrtNative", "CUDAExecutionProvider", "CPUExecutionProvider"),
 }
 GRAPHS = ("vision", "audio", "decoder")  # a GPU runs the standard-ops decoder: TensorRT parses it
 # the opt shapes TensorRT tunes its kernels for: a typical request (each clipped to its limit): a prompt of 256
@@ -120,6 +122,7 @@ class GpuSetup:
     providers: dict = field(default_factory=dict)
     profiles: dict = field(default_factory=dict)
     folders: dict = field(default_factory=dict)
+    native: bool = False  # the graphs with a folder run its TensorRT plan (runtime/trt_native.py)
 
 
 def _opened(manifest, options) -> list[str]:
@@ -137,10 +140,13 @@ def session_providers(manifest, cache: Path, options) -> GpuSetup:
     lacks is skipped (open_session warns, as for any unavailable provider)."""
     import onnxruntime as ort
 
-    available = set(ort.get_available_providers())
+    from .trt_native import NAME as NATIVE
+
+    available = set(ort.get_available_providers()) | {NATIVE}
     chain = [p for p in options.providers if p in available]
-    kind = {"TensorrtExecutionProvider": "tensorrt", "CUDAExecutionProvider": "cuda"}.get(chain[0] if chain else "")
-    setup = GpuSetup()
+    kind = {"TensorrtExecutionProvider": "tensorrt", "CUDAExecutionProvider": "cuda",
+            NATIVE: "tensorrt-native"}.get(chain[0] if chain else "")
+    setup = GpuSetup(native=kind == "tensorrt-native")
     if kind is None:
         return setup
     graphs = _opened(manifest, options)
@@ -157,11 +163,16 @@ def session_providers(manifest, cache: Path, options) -> GpuSetup:
     for g, prof in profs.items():
         key = engine_key(manifest, g, prof, gpu.compute_capability, trt_version, ort.__version__)
         setup.folders[g] = check_engine(cache, key)
+        setup.profiles[g] = prof
+        if setup.native:
+            if not (setup.folders[g] / f"{g}.plan").is_file():
+                raise EngineError(f"{setup.folders[g]}: no native TensorRT plan ({g}.plan); build it with "
+                                  "`omniguard-edge build-engines --native --rebuild`")
+            continue
         setup.providers[g] = provider_options("tensorrt", g, key.precision, prof, setup.folders[g],
                                               options.device_id)
         if cuda == "cpu":  # an onnxruntime with TensorRT but no CUDA provider: TensorRT, then the CPU
             setup.providers[g] = [setup.providers[g][0], setup.providers[g][2]]
-        setup.profiles[g] = prof
     return setup
 
 
@@ -480,9 +491,16 @@ def tensorrt_version() -> str:
 
 
 def check_provider(provider: str) -> None:
-    """GpuError when this onnxruntime build lacks the provider (the CPU wheel has neither GPU provider)."""
+    """GpuError when this onnxruntime build lacks the provider (the CPU wheel has neither GPU provider), or for the
+    native backend when cuda-python or TensorRT is missing."""
     import onnxruntime as ort
 
+    if provider == "tensorrt-native":
+        from .trt_native import _cudart
+
+        _cudart()
+        tensorrt_version()
+        return
     wanted = provider_chain(provider)[0]
     if wanted not in ort.get_available_providers():
         raise GpuError(f"onnxruntime {ort.__version__} here has no {wanted} (available: "
@@ -496,7 +514,7 @@ def environment_error(provider: str) -> str | None:
         check_provider(provider)
         if provider != "cpu":
             probe_gpu()
-        if provider == "tensorrt":
+        if provider.startswith("tensorrt"):
             tensorrt_version()
     except GpuError as exc:
         return str(exc)

@@ -142,7 +142,7 @@ def test_provider_options(manifest, tmp_path):
     assert [n for n, _ in cuda] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert cuda[0][1]["use_tf32"] is False and cuda[0][1]["arena_extend_strategy"] == "kSameAsRequested"
     assert gpu.provider_options("cpu", "vision", "fp32") == [("CPUExecutionProvider", {})]
-    with pytest.raises(InputError, match="--provider must be one of cpu, cuda, tensorrt, not 'rocm'"):
+    with pytest.raises(InputError, match="--provider must be one of cpu, cuda, tensorrt, tensorrt-native, not .rocm."):
         gpu.provider_options("rocm", "vision", "fp32")
     with pytest.raises(InputError, match="--device-id must be an int >= 0"):
         gpu.provider_options("cuda", "vision", "fp32", device_id=-1)
@@ -540,3 +540,30 @@ def test_moderate_refuses_what_only_tensorrt_uses_on_other_providers(tiny_bundle
         assert main(base + extra) == 1, extra
         assert message in capsys.readouterr().err
     assert main(base) == 0  # the CPU default answers
+
+
+def test_the_native_backend_refuses_clearly_without_a_gpu_or_its_plans(tiny_bundle, tmp_path, monkeypatch):
+    """--provider tensorrt-native (experimental, never run): it cannot fall back as onnxruntime's providers do, so
+    no GPU is an error at open; with a GPU (stood in for) but engines built without --native, the missing plan is."""
+    import onnxruntime as ort
+
+    from omniguard_edge.runtime.bundle import SessionOptions, open_bundle
+
+    options = SessionOptions(providers=gpu.PROVIDERS["tensorrt-native"], engine_cache=tmp_path)
+    if gpu.environment_error("cuda") is not None:
+        with pytest.raises(GpuError, match="no NVIDIA GPU 0 found"):
+            open_bundle(tiny_bundle, options)
+    assert gpu.environment_error("tensorrt-native") is not None or importlib_has("tensorrt")
+    monkeypatch.setattr(gpu, "probe_gpu", lambda device_id=0: gpu.GpuInfo("stand-in", "8.7", None, "test"))
+    monkeypatch.setattr(gpu, "tensorrt_version", lambda: "10.3.0")
+    m = load_manifest(tiny_bundle, verify="none")
+    for g, p in gpu.profiles(m).items():
+        _built(tmp_path, gpu.engine_key(m, g, p, "8.7", "10.3.0", ort.__version__))
+    with pytest.raises(EngineError, match=r"no native TensorRT plan \(vision.plan\); build it with .*--native"):
+        open_bundle(tiny_bundle, options)
+
+
+def importlib_has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
