@@ -12,12 +12,12 @@ setup: $(VENV)/.installed
 
 # torch and torchvision first, as the pinned pair that installs from the machine's disk (DESIGN section 8);
 # then the package with the CPU runtime, the export tools, the test runner, the latency benchmark's peer engine and
-# the quantization tools.
+# the quantization tools and the service.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[cpu,export,dev,peer,quantize]'
+	$(PY) -m pip install -q -e '.[cpu,export,dev,peer,quantize,serve]'
 	touch $@
 
 # Main job on the embedded default: the tiny reference checkpoint (RANDOM weights) -> validated bundle ->

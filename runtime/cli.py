@@ -344,6 +344,20 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:
+        from omniguard_edge.serve.app import ServeConfig, serve
+    except ImportError as exc:
+        print(f"omniguard-edge serve needs the serve extra: pip install 'omniguard-edge[serve]' ({exc})",
+              file=sys.stderr)
+        return EXIT_USAGE
+    config = ServeConfig(max_body_bytes=args.max_body_mb * 2**20, queue_size=args.queue_size,
+                         max_batch=args.max_batch, timeout_s=args.timeout, max_concurrent=args.max_concurrent,
+                         api_key=os.environ.get("OMNIGUARD_API_KEY") or None)
+    serve(args.bundle, args.host, args.port, config, insecure_no_auth=args.insecure_no_auth)
+    return 0
+
+
 def cmd_build_engines(args) -> int:
     from .gpu import build_engines
 
@@ -502,6 +516,21 @@ def build_parser() -> argparse.ArgumentParser:
     _limit_args(p)
     p.add_argument("--json", action="store_true", help="only JSON on stdout (`fits` at the top level)")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("serve", help="the guard as an HTTP service: /v1/moderations (OpenAI-shaped), /v1/guard, "
+                                     "/health, /ready, /metrics (needs [serve])")
+    p.add_argument("--bundle", required=True, type=_bundle_dir)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_int_in(1, 65535), default=8080)
+    p.add_argument("--max-body-mb", type=_int_in(1, 1024), default=32, help="largest request body, MiB (default 32)")
+    p.add_argument("--queue-size", type=_int_in(1, 1 << 16), default=64, help="waiting requests before 429 (64)")
+    p.add_argument("--max-batch", type=_int_in(1, 256), default=8, help="requests judged together (default 8)")
+    p.add_argument("--max-concurrent", type=_int_in(1, 1 << 16), default=256,
+                   help="requests in the service at once before 429 (default 256)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds a request may wait and run (default 60)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="allow a non-loopback --host without an API key (OMNIGUARD_API_KEY)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("build-engines", help="build TensorRT engines for this GPU from a bundle, ahead of time")
     p.add_argument("--bundle", required=True, type=_bundle_dir)

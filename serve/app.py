@@ -1,0 +1,312 @@
+"""`omniguard-edge serve`: the guard as an HTTP service (FastAPI on uvicorn, Prometheus metrics).
+
+- POST /v1/moderations: OpenAI's moderation API shape (serve/inputs.py); POST /v1/guard: the native request and
+  the full result; GET /health (the process answers), /ready (200 once warm: bundle open, policy prefix built),
+  /metrics (Prometheus text).
+- Fail closed: a result that is not `safe` is flagged; bad input is a 4xx with the reason, never a 500 with a
+  traceback; a request over a limit is refused before any work (body bytes, inputs, parts; the Guard's own limits
+  on pixels, seconds and frames); a full queue is 429 with Retry-After; a request past its timeout is 504.
+- Requests are queued (bounded) and judged in micro-batches by one thread (serve/batcher.py); shutdown finishes
+  the queued ones. User content is never logged. An API key (constant-time comparison) is required when one is set,
+  and a non-loopback bind needs one unless explicitly disabled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' annotations from here
+
+from omniguard_edge.runtime.errors import InputError, OmniGuardError, describe
+
+from . import inputs
+from .batcher import Batcher, Closed, QueueFull
+
+log = logging.getLogger("omniguard_edge.serve")
+# the Guard's errors that are the request's fault: a 400 with the reason
+CLIENT_ERRORS = ("InputError", "MemoryBudgetError")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    max_body_bytes: int = 32 * 2**20  # a request body; media come inside it, base64
+    max_concurrent: int = 256  # requests in the service at once (queued or running); more: 429
+    queue_size: int = 64  # jobs waiting for the batcher; more: 429
+    max_batch: int = 8  # requests judged in one moderate_batch call
+    batch_wait_s: float = 0.005  # how long the batcher waits for more requests to join a batch
+    timeout_s: float = 60.0  # a request not judged within this: 504
+    api_key: str | None = None  # required as `Authorization: Bearer KEY` when set
+    warmup: bool = True  # one moderation before /ready: the policy prefix and the sessions' first runs
+    guards: int = 8  # Guards kept for distinct (mode, categories) of /v1/guard, least recently used dropped
+
+    def __post_init__(self):
+        for name in ("max_body_bytes", "max_concurrent", "queue_size", "max_batch", "guards"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ServeConfig.{name} must be an int >= 1, not {value!r}")
+        if not (self.timeout_s > 0 and self.batch_wait_s >= 0):
+            raise ValueError("ServeConfig needs timeout_s > 0 and batch_wait_s >= 0")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Metrics:
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("omniguard_requests", "HTTP requests answered", ["endpoint", "status"],
+                                registry=self.registry)
+        self.errors = Counter("omniguard_errors", "requests refused or failed, by kind", ["kind"],
+                              registry=self.registry)
+        self.latency = Histogram("omniguard_request_seconds", "time from receipt to answer", ["endpoint"],
+                                 registry=self.registry)
+        self.stages = Histogram("omniguard_stage_seconds", "the Guard's stage timings", ["stage"],
+                                registry=self.registry)
+        self.queue = Gauge("omniguard_queue_depth", "jobs waiting for the batcher", registry=self.registry)
+        self.batch = Histogram("omniguard_batch_size", "requests per moderate_batch call",
+                               buckets=(1, 2, 4, 8, 16, 32), registry=self.registry)
+        self.verdicts = Counter("omniguard_verdicts", "results by verdict", ["verdict"], registry=self.registry)
+
+
+class Service:
+    """The Guard(s), the batcher and the metrics of one served bundle."""
+
+    def __init__(self, bundle: Path, config: ServeConfig, guard_options=None):
+        self.bundle, self.config = Path(bundle), config
+        self.guard_options = guard_options
+        self.metrics = _Metrics()
+        self.ready = threading.Event()
+        self.inflight = 0
+        self._lock = threading.Lock()
+        self._guards: OrderedDict = OrderedDict()
+        self.base = None
+        self.batcher: Batcher | None = None
+
+    def start(self) -> None:
+        from omniguard_edge.runtime.guard import Guard, GuardOptions
+
+        self.base = Guard.from_bundle(self.bundle, self.guard_options or GuardOptions())
+        self._guards[(self.base.options.mode, None)] = self.base
+        self.batcher = Batcher(self.guard_for, self.config.max_batch, self.config.batch_wait_s,
+                               self.config.queue_size, on_batch=lambda n, s: self.metrics.batch.observe(n))
+        if self.config.warmup:
+            self.base.moderate(text="warm-up")  # builds the policy prefix, runs every session once
+        self.ready.set()
+
+    def stop(self) -> None:
+        self.ready.clear()
+        if self.batcher is not None:
+            self.batcher.close(drain=True)
+
+    def guard_for(self, key: tuple):
+        """The Guard for (mode, categories): the served one's options with that mode and policy subset."""
+        import dataclasses
+
+        from omniguard_edge.runtime.guard import Guard
+        from omniguard_edge.runtime.prompt.policy import Policy
+
+        with self._lock:
+            if key in self._guards:
+                self._guards.move_to_end(key)
+                return self._guards[key]
+            mode, codes = key
+            options = dataclasses.replace(self.base.options, mode=mode,
+                                          policy=Policy.subset(list(codes)) if codes else self.base.options.policy)
+            guard = Guard(self.base.bundle, options)  # the same sessions: only the prompt and the budget differ
+            self._guards[key] = guard
+            while len(self._guards) > self.config.guards:
+                self._guards.popitem(last=False)
+            return guard
+
+
+def create_app(bundle, config: ServeConfig | None = None, guard_options=None):
+    from contextlib import asynccontextmanager
+
+    from fastapi.responses import JSONResponse, PlainTextResponse
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    config = config or ServeConfig()
+    service = Service(bundle, config, guard_options)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await asyncio.to_thread(service.start)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(service.stop)
+
+    app = FastAPI(title="omniguard-edge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+
+    def problem(status: int, kind: str, message: str, endpoint: str, headers=None):
+        service.metrics.errors.labels(kind).inc()
+        service.metrics.requests.labels(endpoint, str(status)).inc()
+        return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
+
+    async def body_json(request: Request, endpoint: str):
+        """The parsed JSON body, or the 4xx response that refuses it (checked in this order: auth, type, size,
+        JSON)."""
+        if config.api_key is not None:
+            given = request.headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), config.api_key.encode()):
+                return None, problem(401, "unauthorized", "a valid `Authorization: Bearer <key>` is required",
+                                     endpoint, {"WWW-Authenticate": "Bearer"})
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            return None, problem(415, "unsupported_media_type",
+                                 f"Content-Type must be application/json, not {ctype or 'none'!r}", endpoint)
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > config.max_body_bytes):
+            return None, problem(413, "too_large", f"the body is over {config.max_body_bytes} bytes", endpoint)
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw.extend(chunk)
+            if len(raw) > config.max_body_bytes:
+                return None, problem(413, "too_large", f"the body is over {config.max_body_bytes} bytes", endpoint)
+        try:
+            return json.loads(bytes(raw)), None
+        except (ValueError, UnicodeDecodeError) as exc:
+            return None, problem(400, "invalid_json", f"the body is not valid JSON ({exc})", endpoint)
+
+    async def judge(key: tuple, requests: list, endpoint: str):
+        """The Guard's results for `requests`, through the queue; or the response that says why not."""
+        if not service.ready.is_set():
+            return None, problem(503, "not_ready", "the service is starting or stopping", endpoint,
+                                 {"Retry-After": "1"})
+        with service._lock:
+            if service.inflight >= config.max_concurrent:
+                full = True
+            else:
+                full = False
+                service.inflight += 1
+        if full:
+            return None, problem(429, "busy", "too many requests in the service", endpoint, {"Retry-After": "1"})
+        try:
+            try:
+                future = service.batcher.submit(key, requests)
+            except QueueFull:
+                return None, problem(429, "busy", "the queue is full", endpoint, {"Retry-After": "1"})
+            except Closed:
+                return None, problem(503, "not_ready", "the service is stopping", endpoint)
+            service.metrics.queue.set(service.batcher.depth)
+            try:
+                results = await asyncio.wait_for(asyncio.wrap_future(future), config.timeout_s)
+            except asyncio.TimeoutError:
+                future.cancel()
+                return None, problem(504, "timeout", f"not judged within {config.timeout_s:g} s", endpoint)
+            except Exception as exc:  # the Guard failed as a whole: fail closed, say why, no traceback
+                log.error("guard failure: %s", describe(exc))
+                return None, problem(500, "guard_failure", f"the guard failed: {describe(exc)}", endpoint)
+        finally:
+            with service._lock:
+                service.inflight -= 1
+        bad = next((r for r in results if r.error and r.error.split(":")[0] in CLIENT_ERRORS), None)
+        if bad is not None:
+            return None, problem(400, "invalid_request", bad.error, endpoint)
+        for r in results:
+            service.metrics.verdicts.labels(r.verdict).inc()
+            for stage, seconds in (r.timings or {}).items():
+                if isinstance(seconds, (int, float)):
+                    service.metrics.stages.labels(stage).observe(seconds)
+        return results, None
+
+    @app.post("/v1/moderations")
+    async def moderations(request: Request):
+        start = time.perf_counter()
+        body, refused = await body_json(request, "moderations")
+        if refused is not None:
+            return refused
+        try:
+            requests = inputs.moderation_requests(body)
+        except InputError as exc:
+            return problem(400, "invalid_request", str(exc), "moderations")
+        results, refused = await judge((service.base.options.mode, None), requests, "moderations")
+        if refused is not None:
+            return refused
+        service.metrics.requests.labels("moderations", "200").inc()
+        service.metrics.latency.labels("moderations").observe(time.perf_counter() - start)
+        model = service.base.bundle.manifest.source.get("checkpoint", "omniguard")
+        return {"id": f"modr-{uuid.uuid4().hex}", "model": f"{model} ({service.base.bundle.manifest.precision})",
+                "results": [inputs.openai_result(r) for r in results]}
+
+    @app.post("/v1/guard")
+    async def guard(request: Request):
+        start = time.perf_counter()
+        body, refused = await body_json(request, "guard")
+        if refused is not None:
+            return refused
+        try:
+            req, mode, codes = inputs.guard_request(body)
+        except InputError as exc:
+            return problem(400, "invalid_request", str(exc), "guard")
+        results, refused = await judge((mode, codes), [req], "guard")
+        if refused is not None:
+            return refused
+        service.metrics.requests.labels("guard", "200").inc()
+        service.metrics.latency.labels("guard").observe(time.perf_counter() - start)
+        result = results[0]
+        out = result.to_dict()
+        out["flagged"] = result.verdict != "safe"  # fail closed: unknown and error are flagged
+        return out
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if service.ready.is_set():
+            return {"status": "ready"}
+        return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "1"})
+
+    @app.get("/metrics")
+    async def metrics():
+        if service.batcher is not None:
+            service.metrics.queue.set(service.batcher.depth)
+        return PlainTextResponse(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):  # never a traceback to the client
+        log.error("unexpected failure on %s: %s", request.url.path, describe(exc))
+        return JSONResponse({"error": {"type": "internal", "message": "the service failed on this request"}},
+                            status_code=500)
+
+    @app.exception_handler(OmniGuardError)
+    async def guard_error(request: Request, exc: OmniGuardError):
+        return JSONResponse({"error": {"type": "invalid_request", "message": str(exc)}}, status_code=400)
+
+    return app
+
+
+def serve(bundle, host: str = "127.0.0.1", port: int = 8080, config: ServeConfig | None = None,
+          insecure_no_auth: bool = False, guard_options=None) -> None:
+    """Run the service until SIGINT/SIGTERM (uvicorn's), then finish the queued requests."""
+    import uvicorn
+
+    config = config or ServeConfig()
+    if not is_loopback(host) and config.api_key is None and not insecure_no_auth:
+        raise InputError(f"--host {host} is not loopback: set an API key (OMNIGUARD_API_KEY) or pass "
+                         "--insecure-no-auth")
+    app = create_app(bundle, config, guard_options)
+    # access log off: a request's path and status are in the metrics; no user content is ever logged
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=30)
