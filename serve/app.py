@@ -230,43 +230,43 @@ def create_app(bundle, config: ServeConfig | None = None, guard_options=None):
                     service.metrics.stages.labels(stage).observe(seconds)
         return results, None
 
+    async def answer(request: Request, endpoint: str, parse):
+        """The results of a request whose body `parse` turns into (Guard key, requests); or the refusal."""
+        start = time.perf_counter()
+        body, refused = await body_json(request, endpoint)
+        if refused is not None:
+            return None, refused
+        try:
+            key, requests = parse(body)
+        except InputError as exc:
+            return None, problem(400, "invalid_request", str(exc), endpoint)
+        results, refused = await judge(key, requests, endpoint)
+        if refused is None:
+            service.metrics.requests.labels(endpoint, "200").inc()
+            service.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+        return results, refused
+
     @app.post("/v1/moderations")
     async def moderations(request: Request):
-        start = time.perf_counter()
-        body, refused = await body_json(request, "moderations")
+        results, refused = await answer(request, "moderations", lambda body: (
+            (service.base.options.mode, None), inputs.moderation_requests(body)))
         if refused is not None:
             return refused
-        try:
-            requests = inputs.moderation_requests(body)
-        except InputError as exc:
-            return problem(400, "invalid_request", str(exc), "moderations")
-        results, refused = await judge((service.base.options.mode, None), requests, "moderations")
-        if refused is not None:
-            return refused
-        service.metrics.requests.labels("moderations", "200").inc()
-        service.metrics.latency.labels("moderations").observe(time.perf_counter() - start)
-        model = service.base.bundle.manifest.source.get("checkpoint", "omniguard")
-        return {"id": f"modr-{uuid.uuid4().hex}", "model": f"{model} ({service.base.bundle.manifest.precision})",
+        m = service.base.bundle.manifest
+        return {"id": f"modr-{uuid.uuid4().hex}", "model": f"{m.source.get('checkpoint', 'omniguard')} ({m.precision})",
                 "results": [inputs.openai_result(r) for r in results]}
+
+    def native(body):
+        req, mode, codes = inputs.guard_request(body)
+        return (mode, codes), [req]
 
     @app.post("/v1/guard")
     async def guard(request: Request):
-        start = time.perf_counter()
-        body, refused = await body_json(request, "guard")
+        results, refused = await answer(request, "guard", native)
         if refused is not None:
             return refused
-        try:
-            req, mode, codes = inputs.guard_request(body)
-        except InputError as exc:
-            return problem(400, "invalid_request", str(exc), "guard")
-        results, refused = await judge((mode, codes), [req], "guard")
-        if refused is not None:
-            return refused
-        service.metrics.requests.labels("guard", "200").inc()
-        service.metrics.latency.labels("guard").observe(time.perf_counter() - start)
-        result = results[0]
-        out = result.to_dict()
-        out["flagged"] = result.verdict != "safe"  # fail closed: unknown and error are flagged
+        out = results[0].to_dict()
+        out["flagged"] = results[0].verdict != "safe"  # fail closed: unknown and error are flagged
         return out
 
     @app.get("/health")

@@ -5,12 +5,13 @@ makes when it calibrates itself: checked here on the tiny bundle's graphs with c
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 onnx = pytest.importorskip("onnx", reason="quantizing needs onnx (the quantize extra)")
+
+from test_quantize_stream import _external_copy  # noqa: E402  (the weights in an external-data file, as large bundles)
 
 
 @pytest.fixture(scope="module")
@@ -28,15 +29,6 @@ def captured(tiny_bundle, tmp_path_factory):
                   max_decoder_runs=2)
     assert not got.failed and {"vision", "audio", "decoder"} <= set(got.feeds)
     return got.feeds
-
-
-def _external_copy(src: Path, folder: Path) -> Path:
-    """`src` with its weights in an external-data file beside it, as a large bundle stores them."""
-    folder.mkdir(parents=True, exist_ok=True)
-    dest = folder / src.name
-    onnx.save_model(onnx.load(str(src)), str(dest), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=src.name + ".data", size_threshold=1024)
-    return dest
 
 
 class _Reader:
