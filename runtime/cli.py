@@ -358,6 +358,16 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_export_triton(args) -> int:
+    from omniguard_edge.serve.triton import export_triton
+
+    written = export_triton(args.bundle, args.out, instances=args.instances, max_batch=args.max_batch,
+                            graphs=args.graphs, mode=args.mode, overwrite=args.overwrite)
+    for path in written:
+        print(path)
+    return 0
+
+
 def cmd_build_engines(args) -> int:
     from .gpu import build_engines
 
@@ -531,6 +541,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure-no-auth", action="store_true",
                    help="allow a non-loopback --host without an API key (OMNIGUARD_API_KEY)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export-triton", help="a Triton Inference Server model repository: the guard as a Python-"
+                                             "backend model (and the graphs as ONNX Runtime models)")
+    p.add_argument("--bundle", required=True, type=_bundle_dir)
+    p.add_argument("--out", required=True, type=Path, help="the repository folder to write")
+    p.add_argument("--instances", type=_int_in(1, 256), default=1, help="guard model instances (default 1)")
+    p.add_argument("--max-batch", type=_int_in(1, 1024), default=8, help="requests per execute (default 8)")
+    p.add_argument("--graphs", choices=["onnxruntime"], help="also the graphs as ONNX Runtime backend models")
+    p.add_argument("--mode", choices=["verdict", "categories", "full"], default="categories")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export_triton)
 
     p = sub.add_parser("build-engines", help="build TensorRT engines for this GPU from a bundle, ahead of time")
     p.add_argument("--bundle", required=True, type=_bundle_dir)
