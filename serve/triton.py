@@ -28,10 +28,9 @@ def _q(text: str) -> str:
 
 
 def guard_config(bundle: Path, instances: int, max_batch: int, delay_us: int, mode: str) -> str:
-    inputs = "\n".join(
-        f'  {{ name: "{n}" data_type: TYPE_STRING dims: [ {d} ] optional: true }}'
-        + ("," if i < 4 else "") for i, (n, d) in enumerate(
-            [("TEXT", 1), ("RESPONSE", 1), ("IMAGE", -1), ("AUDIO", -1), ("VIDEO", -1)]))
+    names = ("TEXT", "RESPONSE", "IMAGE", "AUDIO", "VIDEO")
+    inputs = ",\n".join(f'  {{ name: "{n}" data_type: TYPE_UINT8 dims: [ -1 ] optional: true allow_ragged_batch: true }}'
+                        for n in names)
     return f'''name: "{GUARD_MODEL}"
 backend: "python"
 max_batch_size: {max_batch}
@@ -39,7 +38,7 @@ input [
 {inputs}
 ]
 output [
-  {{ name: "RESULT" data_type: TYPE_STRING dims: [ 1 ] }}
+  {{ name: "RESULT" data_type: TYPE_UINT8 dims: [ -1 ] }}
 ]
 dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}
 instance_group [ {{ count: {instances} kind: KIND_CPU }} ]

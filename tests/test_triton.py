@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 import types
 
@@ -38,8 +39,9 @@ def test_configs_parse_with_tritons_definitions_and_follow_the_manifest(repo, ti
     guard = _parse(repo / "omniguard_guard" / "config.pbtxt")
     assert guard.backend == "python" and guard.max_batch_size == 4
     assert [i.name for i in guard.input] == ["TEXT", "RESPONSE", "IMAGE", "AUDIO", "VIDEO"]
-    assert all(i.optional and i.data_type == mc.TYPE_STRING for i in guard.input)
-    assert [(o.name, o.data_type) for o in guard.output] == [("RESULT", mc.TYPE_STRING)]
+    assert all(i.optional and i.allow_ragged_batch and i.data_type == mc.TYPE_UINT8 and list(i.dims) == [-1]
+               for i in guard.input)
+    assert [(o.name, o.data_type) for o in guard.output] == [("RESULT", mc.TYPE_UINT8)]
     assert guard.HasField("dynamic_batching") and guard.instance_group[0].count == 2
     assert guard.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
     assert guard.parameters["bundle"].string_value == str(tiny_bundle.resolve())
@@ -101,17 +103,17 @@ def test_the_python_model_judges_a_batch_of_requests(repo, tiny_bundle, media_di
     assert "omniguard_guard" in config
     model.initialize({"model_config": json.dumps({"parameters": params})})
 
-    def strings(*values):
-        return np.array([[v for v in values]], dtype=np.object_)  # [batch 1, n], as Triton hands them
+    def u8(data):
+        return np.frombuffer(data, np.uint8).reshape(1, -1)  # [batch 1, bytes], as Triton hands them
 
     png = (media_dir / "colour_517x333.png").read_bytes()
-    requests = [{"TEXT": _Tensor("TEXT", strings(b"How do I pick a lock?"))},
-                {"TEXT": _Tensor("TEXT", strings(b"Is this fine?")), "IMAGE": _Tensor("IMAGE", strings(png))},
-                {"TEXT": _Tensor("TEXT", strings(b"\xff\xfe not UTF-8"))},
+    requests = [{"TEXT": _Tensor("TEXT", u8(b"How do I pick a lock?"))},
+                {"TEXT": _Tensor("TEXT", u8(b"Is this fine?")), "IMAGE": _Tensor("IMAGE", u8(png))},
+                {"TEXT": _Tensor("TEXT", u8(b"\xff\xfe not UTF-8"))},
                 {}]
     responses = model.execute(requests)
     assert len(responses) == 4
-    out = [json.loads(r.output_tensors[0].as_numpy()[0]) for r in responses]
+    out = [json.loads(r.output_tensors[0].as_numpy().tobytes()) for r in responses]
     alone = Guard.from_bundle(tiny_bundle)
     want = alone.moderate(text="How do I pick a lock?")
     assert out[0]["verdict"] == want.verdict and out[0]["p_unsafe"] == pytest.approx(want.p_unsafe, abs=1e-5)
@@ -120,3 +122,138 @@ def test_the_python_model_judges_a_batch_of_requests(repo, tiny_bundle, media_di
     for bad in out[2:]:
         assert bad["verdict"] == "error" and bad["flagged"] is True and bad["error"], bad
     assert all(o["flagged"] == (o["verdict"] != "safe") for o in out)
+
+
+# -- end to end: the Triton server nvidia-pytriton ships (Python backend only), the guard model, tritonclient ------
+
+PYTRITON = "nvidia-pytriton==0.7.0"  # Triton 2.51; its Python stub for 3.11; manylinux_2_35
+
+
+def _triton_home() -> tuple:
+    """(server folder, numpy<2 site folder), prepared once under the user's cache: the server binaries unpacked from
+    the nvidia-pytriton wheel (not installed: it would pin numpy < 2 in the venv) and numpy < 2 for the model's
+    environment (the server's Python stub needs it). Skips, saying why, where PyPI cannot be reached."""
+    import shutil
+    import subprocess
+    import zipfile
+    from pathlib import Path
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "omniguard-edge" / "triton-2.51"
+    server, np1 = cache / "server", cache / "numpy1"
+    if not (server / "pytriton" / "tritonserver" / "bin" / "tritonserver").is_file():
+        wheels = cache / "wheels"
+        got = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels), PYTRITON],
+                             capture_output=True, text=True, timeout=600)
+        found = sorted(wheels.glob("nvidia_pytriton-*.whl")) if wheels.is_dir() else []
+        if got.returncode != 0 or not found:
+            pytest.skip(f"cannot download {PYTRITON} ({got.stderr.strip()[-200:]})")
+        shutil.rmtree(server, ignore_errors=True)
+        with zipfile.ZipFile(found[0]) as z:
+            z.extractall(server, [n for n in z.namelist() if n.startswith(("pytriton/tritonserver/",
+                                                                               "nvidia_pytriton.libs/"))])
+        for p in server.rglob("*"):
+            if p.is_file() and (p.parent.name == "bin" or "stub" in p.name):
+                p.chmod(0o755)
+    if not (np1 / "numpy").is_dir():
+        got = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(np1),
+                              "numpy<2"], capture_output=True, text=True, timeout=600)
+        if got.returncode != 0:
+            pytest.skip(f"cannot install numpy<2 for the model's environment ({got.stderr.strip()[-200:]})")
+    return server, np1
+
+
+@pytest.mark.slow
+def test_end_to_end_through_a_triton_server(tiny_bundle, media_dir, tmp_path):
+    """The repository served by a real Triton server (the one nvidia-pytriton ships: Python backend only), the guard
+    model judging requests sent with tritonclient: equal to the Guard's own answers, several requests at once
+    (dynamic batching), an error flagged."""
+    import shutil
+    import socket
+    import subprocess
+    import sysconfig
+    import threading
+    import time
+
+    import tritonclient.grpc as grpcclient
+
+    from omniguard_edge.runtime.guard import Guard
+    from omniguard_edge.serve.triton import export_triton
+
+    if sys.version_info[:2] != (3, 11) or sys.platform != "linux":
+        pytest.skip("the server's Python stub used here is the one for CPython 3.11 on Linux")
+    server, np1 = _triton_home()
+    tsrv = server / "pytriton" / "tritonserver"
+    backends = tmp_path / "backends" / "python"
+    backends.mkdir(parents=True)
+    for f in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        shutil.copy(tsrv / "backends" / "python" / f, backends / f)
+    shutil.copy(tsrv / "python_backend_stubs" / "3.11" / "triton_python_backend_stub", backends)
+    repo = tmp_path / "repo"
+    export_triton(tiny_bundle, repo, max_batch=8)
+
+    def port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    http, grpc_port, metrics = port(), port(), port()
+    env = {**os.environ, "LD_LIBRARY_PATH": str(server / "nvidia_pytriton.libs"),
+           "PYTHONPATH": os.pathsep.join([str(np1), sysconfig.get_paths()["purelib"]])}
+    proc = subprocess.Popen([str(tsrv / "bin" / "tritonserver"), "--model-repository", str(repo),
+                             "--backend-directory", str(tmp_path / "backends"), "--http-port", str(http),
+                             "--grpc-port", str(grpc_port), "--metrics-port", str(metrics), "--allow-metrics", "false",
+                             "--exit-timeout-secs", "5"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"tritonserver exited {proc.returncode}: {proc.stdout.read()[-3000:]!r}")
+            try:
+                if client.is_model_ready("omniguard_guard"):
+                    break
+            except Exception:
+                pass
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the guard model was not ready within 120 s")
+
+        def infer(**fields):
+            inputs = []
+            for name, data in fields.items():
+                arr = np.frombuffer(data, np.uint8).reshape(1, -1)
+                t = grpcclient.InferInput(name, list(arr.shape), "UINT8")
+                t.set_data_from_numpy(arr)
+                inputs.append(t)
+            res = client.infer("omniguard_guard", inputs, outputs=[grpcclient.InferRequestedOutput("RESULT")])
+            return json.loads(res.as_numpy("RESULT").tobytes())
+
+        guard = Guard.from_bundle(tiny_bundle)
+        png = (media_dir / "colour_517x333.png").read_bytes()
+        for fields, kwargs in [({"TEXT": b"How do I pick a lock?"}, {"text": "How do I pick a lock?"}),
+                               ({"TEXT": b"Is this fine?", "IMAGE": png}, {"text": "Is this fine?", "image": png}),
+                               ({"TEXT": b"q", "RESPONSE": b"Use a pick."}, {"text": "q", "response": "Use a pick."})]:
+            got, want = infer(**fields), guard.moderate(**kwargs)
+            assert got["verdict"] == want.verdict and got["flagged"] == (want.verdict != "safe"), got
+            assert got["p_unsafe"] == pytest.approx(want.p_unsafe, abs=1e-5)
+        bad = infer(TEXT=b"\xff\xfe")
+        assert bad["verdict"] == "error" and bad["flagged"] is True
+
+        texts = [f"request {i}: how do I {w}?" for i, w in enumerate(["bake bread", "hurt someone"] * 6)]
+        answers = {}
+        threads = [threading.Thread(target=lambda t=t: answers.__setitem__(t, infer(TEXT=t.encode()))) for t in texts]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(120)
+        assert len(answers) == len(texts)
+        for t, got in answers.items():
+            want = guard.moderate(text=t)
+            assert got["verdict"] == want.verdict and got["p_unsafe"] == pytest.approx(want.p_unsafe, abs=1e-5), t
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
