@@ -193,6 +193,11 @@ def fp16(src, dest, plan, metadata) -> tuple[str | None, dict]:
                   "kept_fp32": {"ops": list(FP16_KEEP_FP32), "rotary_prologue_nodes": len(kept_nodes)}, "ops": counts}
 
 
+# the ranges pass runs the graph optimized, as the runtime does (calibration/ranges.py: attention fused, not ~20 GiB of
+# materialized scores on small's vision encoder); False reproduces onnxruntime's calibrator bit for bit (the tests)
+RANGES_OPTIMIZED = True
+
+
 def _activation_matmuls(src: Path) -> list[str]:
     """The MatMuls of two activations (attention scores, probabilities x values): they stay fp32 under qdq-int8.
     onnxruntime's QDQ quantizer ignores MatMulConstBOnly, and per-tensor INT8 probabilities round to 0 over long
@@ -230,7 +235,7 @@ def qdq_int8(src: Path, dest: Path, plan: GraphPlan, metadata: dict, calibration
     from onnxruntime.quantization.calibrate import save_tensors_data  # after the check: older builds lack it
     op_types = ["MatMul", "Gemm"]
     activations = _activation_matmuls(src)
-    ranges = activation_ranges(src, calibration, op_types, excluded=activations)
+    ranges = activation_ranges(src, calibration, op_types, excluded=activations, optimized=RANGES_OPTIMIZED)
     options = {"ActivationSymmetric": True, "WeightSymmetric": True, "DefaultTensorType": onnx.TensorProto.FLOAT}
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp, _quiet():
         out, cache = Path(tmp) / dest.name, Path(tmp) / "ranges.json"

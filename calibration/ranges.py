@@ -8,8 +8,8 @@ as extra outputs; onnxruntime opens that structure with its weights read from th
 input, and the running min/max keeps two numbers per tensor. The ranges are then handed to `quantize_static` as its
 calibration cache, so the quantization itself is onnxruntime's, unchanged (tests/test_quantize_ranges.py compares
 the result with its whole-graph calibration tensor by tensor). Only the tensors the quantizer reads are observed
-(`quantized_inputs`), and each is reduced right after it is made, so the pass holds little more than a run of the
-graph without optimizations (how onnxruntime's calibrator runs it).
+(`quantized_inputs`), each is reduced right after it is made, and the graph runs optimized as in the runtime, so
+the pass holds little more than a plain run of the graph.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def _augmented(src: Path, op_types: Sequence[str], excluded: Sequence[str] | Non
         raise ValueError(f"{src.name}: no type known for tensor(s) {unknown[:3]} to calibrate")
     taken = {n for node in model.graph.node for n in node.output} | set(known)
     reduce_of: dict[str, list] = {}
-    pairs = []
+    pairs, outputs = [], []
     for k, name in enumerate(tensors):
         lo, hi = f"omniguard_range_{k}_min", f"omniguard_range_{k}_max"
         if lo in taken or hi in taken:
@@ -71,8 +71,8 @@ def _augmented(src: Path, op_types: Sequence[str], excluded: Sequence[str] | Non
         # keeps them (a dimension of 0 cannot be reduced without it)
         reduce_of[name] = [onnx.helper.make_node("ReduceMin", [name], [lo], keepdims=1),
                            onnx.helper.make_node("ReduceMax", [name], [hi], keepdims=1)]
-        model.graph.output.extend([onnx.helper.make_tensor_value_info(lo, elem, None),
-                                   onnx.helper.make_tensor_value_info(hi, elem, None)])
+        outputs.extend([onnx.helper.make_tensor_value_info(lo, elem, None),
+                        onnx.helper.make_tensor_value_info(hi, elem, None)])
         pairs.append((name, lo, hi))
     nodes = [r for i in model.graph.input for r in reduce_of.pop(i.name, [])]
     for node in model.graph.node:
@@ -80,16 +80,25 @@ def _augmented(src: Path, op_types: Sequence[str], excluded: Sequence[str] | Non
         nodes.extend(r for out in node.output for r in reduce_of.pop(out, []))
     del model.graph.node[:]
     model.graph.node.extend(nodes + [r for rs in reduce_of.values() for r in rs])
+    # the reductions are the only outputs: nothing they do not need (the decoder's logits) is computed
+    del model.graph.output[:]
+    model.graph.output.extend(outputs)
     return model, pairs
 
 
 def activation_ranges(src: Path, feeds: Iterable[dict], op_types: Sequence[str] = ("MatMul", "Gemm"),
-                      excluded: Sequence[str] | None = None):
+                      excluded: Sequence[str] | None = None, optimized: bool = True):
     """onnxruntime's TensorsData (MinMax) for the graph at `src` over `feeds` (its captured inputs), computed one
     input at a time: for each tensor (onnxruntime's selection for `op_types`; with `excluded`, the names of the
     nodes the quantizer leaves alone, only the inputs it quantizes) the min of its minima and the
     max of its maxima, as onnxruntime's calibrator merges them. Unlike it (np.nanmin), a non-finite value is an
-    error naming the tensor and the input: a scale from it would be garbage."""
+    error naming the tensor and the input: a scale from it would be garbage.
+
+    `optimized`: run the graph as the runtime does, with onnxruntime's graph optimizations. Its calibrator runs it
+    without (`optimized=False` gives its ranges bit for bit), which on `small`'s vision encoder materializes every
+    full-attention block's scores: a 1411x1411 calibration photo's 10,000 patches make each such tensor 6.4 GB, and
+    the pass reached 23.8 GiB before it was stopped. With optimizations, attention runs fused (as in the runtime) and the observed
+    tensors differ from the unoptimized run's by float rounding only (tests/test_quantize_ranges.py)."""
     import onnxruntime as ort
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
 
@@ -98,7 +107,17 @@ def activation_ranges(src: Path, feeds: Iterable[dict], op_types: Sequence[str] 
     if not pairs:
         raise ValueError(f"{src.name}: no float tensor of {', '.join(op_types)} nodes to calibrate")
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as onnxruntime's calibrator runs
+    if not optimized:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as onnxruntime's calibrator runs
+    # no arena: onnxruntime's grows by powers of two and keeps every block; a vision encoder's scores (6.4 GB per
+    # full-attention block at 10,000 patches) would stay held several times over (the runtime's vision session
+    # avoids it the same way, runtime/bundle.py exact_arena_graphs)
+    so.enable_cpu_mem_arena = False
+    # nodes in graph order as they become ready, so each reduction runs right after its tensor is made: onnxruntime's
+    # default order ran the whole graph before most reductions and held every observed tensor (on small's vision
+    # encoder, one 4,900-patch image: killed at 24 GiB; with this order 12.1 GiB peak, the plain graph 7.6 GiB)
+    if hasattr(ort, "ExecutionOrder"):
+        so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(src.parent))
     session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     del model
