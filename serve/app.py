@@ -27,7 +27,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' annotations from here
 
-from omniguard_edge.runtime.errors import InputError, OmniGuardError, describe
+from omniguard_edge.runtime.errors import InputError, describe
 
 from . import inputs
 from .batcher import Batcher, Closed, QueueFull
@@ -56,6 +56,9 @@ class ServeConfig:
                 raise ValueError(f"ServeConfig.{name} must be an int >= 1, not {value!r}")
         if not (self.timeout_s > 0 and self.batch_wait_s >= 0):
             raise ValueError("ServeConfig needs timeout_s > 0 and batch_wait_s >= 0")
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
+            raise ValueError("ServeConfig.api_key must be a non-empty string or None (an empty key would accept "
+                             "requests without one)")
 
 
 def is_loopback(host: str) -> bool:
@@ -107,8 +110,10 @@ class Service:
         self._guards[(self.base.options.mode, None)] = self.base
         self.batcher = Batcher(self.guard_for, self.config.max_batch, self.config.batch_wait_s,
                                self.config.queue_size, on_batch=lambda n, s: self.metrics.batch.observe(n))
-        if self.config.warmup:
-            self.base.moderate(text="warm-up")  # builds the policy prefix, runs every session once
+        if self.config.warmup:  # builds the policy prefix, runs every session once
+            result = self.base.moderate(text="warm-up")
+            if result.verdict not in ("safe", "unsafe"):  # a service that cannot judge is not ready
+                raise RuntimeError(f"the warm-up moderation gave {result.verdict}: {result.error}")
         self.ready.set()
 
     def stop(self) -> None:
@@ -184,42 +189,30 @@ def create_app(bundle, config: ServeConfig | None = None, guard_options=None):
             if len(raw) > config.max_body_bytes:
                 return None, problem(413, "too_large", f"the body is over {config.max_body_bytes} bytes", endpoint)
         try:
-            return json.loads(bytes(raw)), None
-        except (ValueError, UnicodeDecodeError) as exc:
-            return None, problem(400, "invalid_json", f"the body is not valid JSON ({exc})", endpoint)
+            return await asyncio.to_thread(json.loads, bytes(raw)), None  # off the event loop: up to the body limit
+        except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
+            return None, problem(400, "invalid_json", f"the body is not valid JSON ({type(exc).__name__})", endpoint)
 
     async def judge(key: tuple, requests: list, endpoint: str):
         """The Guard's results for `requests`, through the queue; or the response that says why not."""
-        if not service.ready.is_set():
-            return None, problem(503, "not_ready", "the service is starting or stopping", endpoint,
-                                 {"Retry-After": "1"})
-        with service._lock:
-            if service.inflight >= config.max_concurrent:
-                full = True
-            else:
-                full = False
-                service.inflight += 1
-        if full:
-            return None, problem(429, "busy", "too many requests in the service", endpoint, {"Retry-After": "1"})
         try:
-            try:
-                future = service.batcher.submit(key, requests)
-            except QueueFull:
-                return None, problem(429, "busy", "the queue is full", endpoint, {"Retry-After": "1"})
-            except Closed:
-                return None, problem(503, "not_ready", "the service is stopping", endpoint)
-            service.metrics.queue.set(service.batcher.depth)
-            try:
-                results = await asyncio.wait_for(asyncio.wrap_future(future), config.timeout_s)
-            except asyncio.TimeoutError:
-                future.cancel()
-                return None, problem(504, "timeout", f"not judged within {config.timeout_s:g} s", endpoint)
-            except Exception as exc:  # the Guard failed as a whole: fail closed, say why, no traceback
-                log.error("guard failure: %s", describe(exc))
-                return None, problem(500, "guard_failure", f"the guard failed: {describe(exc)}", endpoint)
-        finally:
-            with service._lock:
-                service.inflight -= 1
+            future = service.batcher.submit(key, requests)
+        except QueueFull:
+            return None, problem(429, "busy", "the queue is full", endpoint, {"Retry-After": "1"})
+        except Closed:
+            return None, problem(503, "not_ready", "the service is stopping", endpoint)
+        service.metrics.queue.set(service.batcher.depth)
+        try:
+            results = await asyncio.wait_for(asyncio.wrap_future(future), config.timeout_s)
+        except asyncio.TimeoutError:
+            future.cancel()
+            return None, problem(504, "timeout", f"not judged within {config.timeout_s:g} s", endpoint)
+        except InputError as exc:  # the request's settings cannot be served (e.g. a budget over the engines')
+            return None, problem(400, "invalid_request", str(exc), endpoint)
+        except Exception as exc:  # the Guard failed as a whole: fail closed; the details stay in the log
+            log.error("guard failure: %s", describe(exc))
+            return None, problem(500, "guard_failure", "the guard failed on this request; nothing was judged",
+                                 endpoint)
         bad = next((r for r in results if r.error and r.error.split(":")[0] in CLIENT_ERRORS), None)
         if bad is not None:
             return None, problem(400, "invalid_request", bad.error, endpoint)
@@ -231,16 +224,30 @@ def create_app(bundle, config: ServeConfig | None = None, guard_options=None):
         return results, None
 
     async def answer(request: Request, endpoint: str, parse):
-        """The results of a request whose body `parse` turns into (Guard key, requests); or the refusal."""
+        """The results of a request whose body `parse` turns into (Guard key, requests); or the refusal. A slot of
+        max_concurrent is taken before the body is read, so no more than that many bodies are ever held."""
         start = time.perf_counter()
-        body, refused = await body_json(request, endpoint)
-        if refused is not None:
-            return None, refused
+        if not service.ready.is_set():
+            return None, problem(503, "not_ready", "the service is starting or stopping", endpoint,
+                                 {"Retry-After": "1"})
+        with service._lock:
+            full = service.inflight >= config.max_concurrent
+            if not full:
+                service.inflight += 1
+        if full:
+            return None, problem(429, "busy", "too many requests in the service", endpoint, {"Retry-After": "1"})
         try:
-            key, requests = parse(body)
-        except InputError as exc:
-            return None, problem(400, "invalid_request", str(exc), endpoint)
-        results, refused = await judge(key, requests, endpoint)
+            body, refused = await body_json(request, endpoint)
+            if refused is not None:
+                return None, refused
+            try:
+                key, requests = await asyncio.to_thread(parse, body)  # base64 decoding: off the event loop
+            except InputError as exc:
+                return None, problem(400, "invalid_request", str(exc), endpoint)
+            results, refused = await judge(key, requests, endpoint)
+        finally:
+            with service._lock:
+                service.inflight -= 1
         if refused is None:
             service.metrics.requests.labels(endpoint, "200").inc()
             service.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
@@ -275,7 +282,7 @@ def create_app(bundle, config: ServeConfig | None = None, guard_options=None):
 
     @app.get("/ready")
     async def ready():
-        if service.ready.is_set():
+        if service.ready.is_set() and service.batcher is not None and service.batcher.alive:
             return {"status": "ready"}
         return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "1"})
 
@@ -287,12 +294,14 @@ def create_app(bundle, config: ServeConfig | None = None, guard_options=None):
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):  # never a traceback to the client
+        service.metrics.errors.labels("internal").inc()
         log.error("unexpected failure on %s: %s", request.url.path, describe(exc))
         return JSONResponse({"error": {"type": "internal", "message": "the service failed on this request"}},
                             status_code=500)
 
-    @app.exception_handler(OmniGuardError)
-    async def guard_error(request: Request, exc: OmniGuardError):
+    @app.exception_handler(InputError)
+    async def input_error(request: Request, exc: InputError):
+        service.metrics.errors.labels("invalid_request").inc()
         return JSONResponse({"error": {"type": "invalid_request", "message": str(exc)}}, status_code=400)
 
     return app
@@ -309,4 +318,7 @@ def serve(bundle, host: str = "127.0.0.1", port: int = 8080, config: ServeConfig
                          "--insecure-no-auth")
     app = create_app(bundle, config, guard_options)
     # access log off: a request's path and status are in the metrics; no user content is ever logged
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=30)
+    # graceful shutdown waits as long as a request may: the queued ones are answered, not cut off. Connections are
+    # not limited here: past max_concurrent a request is answered 429 before its body is read
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=int(config.timeout_s) + 5)

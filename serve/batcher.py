@@ -45,6 +45,7 @@ class Batcher:
         self.on_batch = on_batch
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._closed = threading.Event()
+        self._held = None  # a job taken from the queue for the next batch
         self._thread = threading.Thread(target=self._loop, name="omniguard-batcher", daemon=True)
         self._thread.start()
 
@@ -66,6 +67,8 @@ class Batcher:
         """No new job; the queued ones run (drain) or are cancelled; returns when the thread has stopped."""
         self._closed.set()
         if not drain:
+            if self._held is not None and self._held is not _STOP:
+                self._held.future.cancel()
             while True:
                 try:
                     job = self.queue.get_nowait()
@@ -77,43 +80,63 @@ class Batcher:
         self._thread.join(timeout)
 
     def _take(self) -> list[Job] | None:
-        first = self.queue.get()
+        """The next batch: jobs in arrival order, at most max_batch requests in all (a job with more, alone)."""
+        first, self._held = (self._held, None) if self._held is not None else (self.queue.get(), None)
         if first is _STOP:
             return None
         jobs, deadline = [first], time.monotonic() + self.max_wait_s
         while sum(len(j.requests) for j in jobs) < self.max_batch:
+            if self.queue.empty() and deadline <= time.monotonic():
+                break
             left = deadline - time.monotonic()
             try:
                 job = self.queue.get(timeout=left) if left > 0 else self.queue.get_nowait()
             except queue.Empty:
                 break
-            if job is _STOP:
-                self.queue.put(_STOP)  # seen again once this batch is done
+            if job is _STOP or sum(len(j.requests) for j in jobs) + len(job.requests) > self.max_batch:
+                self._held = job  # the next batch starts with it: this one stays within max_batch
                 break
             jobs.append(job)
         return jobs
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def _loop(self) -> None:
         while True:
             jobs = self._take()
             if jobs is None:
                 return
-            live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
-            groups: OrderedDict = OrderedDict()
-            for job in live:
-                groups.setdefault(job.key, []).append(job)
-            for key, group in groups.items():
-                start = time.perf_counter()
-                try:
-                    guard = self.guard_for(key)
-                    results = guard.moderate_batch([r for j in group for r in j.requests])
-                except BaseException as exc:  # the Guard itself failed (not a request): every job hears it
-                    for job in group:
+            try:
+                self._run(jobs)
+            except BaseException as exc:  # never a job left waiting: whatever failed, every caller hears it
+                for job in jobs:
+                    if job.future.running():
                         job.future.set_exception(exc)
-                    continue
-                at = 0
+                    elif not job.future.done():
+                        job.future.cancel()
+
+    def _run(self, jobs: list[Job]) -> None:
+        live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+        groups: OrderedDict = OrderedDict()
+        for job in live:
+            groups.setdefault(job.key, []).append(job)
+        for key, group in groups.items():
+            start = time.perf_counter()
+            try:
+                guard = self.guard_for(key)
+                results = guard.moderate_batch([r for j in group for r in j.requests])
+                if len(results) != sum(len(j.requests) for j in group):
+                    raise RuntimeError(f"moderate_batch gave {len(results)} results for "
+                                       f"{sum(len(j.requests) for j in group)} requests")
+            except Exception as exc:  # the Guard itself failed (not a request): every job hears it
                 for job in group:
-                    job.future.set_result(results[at:at + len(job.requests)])
-                    at += len(job.requests)
-                if self.on_batch is not None:
-                    self.on_batch(at, time.perf_counter() - start)
+                    job.future.set_exception(exc)
+                continue
+            at = 0
+            for job in group:
+                job.future.set_result(results[at:at + len(job.requests)])
+                at += len(job.requests)
+            if self.on_batch is not None:
+                self.on_batch(at, time.perf_counter() - start)

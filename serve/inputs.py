@@ -19,6 +19,7 @@ from omniguard_edge.runtime.prompt.policy import DEFAULT_CATEGORIES
 
 MAX_INPUTS = 32  # strings in one `input` array
 MAX_PARTS = 16  # parts in one multimodal `input`
+MAX_TURNS = 64  # turns in one /v1/guard conversation
 
 # S-codes (the default policy: Llama Guard 3's S1-S12) -> OpenAI's moderation categories. A category is flagged
 # when any of its codes is among the result's violated categories; its score is the largest of their scores.
@@ -134,8 +135,8 @@ def guard_request(body) -> tuple[dict, str, tuple[str, ...] | None]:
             request[key] = body[name]
     if body.get("conversation") is not None:
         conv = body["conversation"]
-        if not isinstance(conv, list) or not all(isinstance(t, str) for t in conv):
-            raise InputError("conversation must be an array of strings (user, agent, user, ...)")
+        if not isinstance(conv, list) or len(conv) > MAX_TURNS or not all(isinstance(t, str) for t in conv):
+            raise InputError(f"conversation must be an array of at most {MAX_TURNS} strings (user, agent, user, ...)")
         request["conversation"] = conv
     media = body.get("media") or []
     if not isinstance(media, list) or len(media) > MAX_PARTS:

@@ -84,11 +84,14 @@ def export_triton(bundle, out, instances: int = 1, max_batch: int = 8, delay_us:
     if mode not in ("verdict", "categories", "full"):
         raise InputError(f"--mode must be verdict, categories or full, not {mode!r}")
     manifest = load_manifest(bundle, verify="full")
+    if out.resolve() == bundle.resolve() or bundle.resolve() in out.resolve().parents \
+            or out.resolve() in bundle.resolve().parents:
+        raise InputError(f"--out {out} is the bundle, inside it or holds it")
     if out.exists():
         if not overwrite:
             raise InputError(f"--out {out} exists (--overwrite replaces it)")
-        if out.resolve() == bundle.resolve() or bundle.resolve() in out.resolve().parents:
-            raise InputError(f"--out {out} is the bundle or inside it")
+        if not (out / GUARD_MODEL / "config.pbtxt").is_file():  # --overwrite replaces an export, nothing else
+            raise InputError(f"--out {out} exists and is not a repository export-triton wrote: not removed")
         shutil.rmtree(out)
     written = []
     model = out / GUARD_MODEL

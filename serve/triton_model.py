@@ -34,7 +34,10 @@ def _bytes(request, name):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
         return None
-    return np.ascontiguousarray(tensor.as_numpy(), dtype=np.uint8).tobytes()
+    array = tensor.as_numpy()
+    if array.ndim != 2 or array.shape[0] != 1:  # one request, one item: never two prompts judged as one
+        raise ValueError(f"{name} has shape {list(array.shape)}: send one item per request, shape [1, bytes]")
+    return np.ascontiguousarray(array, dtype=np.uint8).tobytes()
 
 
 def request_of(request) -> dict:

@@ -1,7 +1,7 @@
 """`omniguard-edge export-triton`: the model repository's configs parse with Triton's own protobuf definitions
 (tritonclient's model_config_pb2) and say what the manifest says; the Python-backend model judges requests through
-the runtime. No Triton server runs here: the model's `execute` is driven through a stand-in for the
-`triton_python_backend_utils` module that Triton provides (what Triton itself does with it is not checked)."""
+the runtime, driven here through a stand-in for Triton's `triton_python_backend_utils` and, in the slow test, by a
+real Triton server (the one nvidia-pytriton ships) through tritonclient."""
 
 from __future__ import annotations
 
@@ -71,6 +71,13 @@ def test_refusals(tiny_bundle, repo, tmp_path):
         export_triton(tiny_bundle, tmp_path / "r", graphs="tensorrt")
     with pytest.raises(InputError, match="--instances must be an int >= 1"):
         export_triton(tiny_bundle, tmp_path / "r", instances=0)
+    other = tmp_path / "not-a-repo"
+    (other / "keep").mkdir(parents=True)
+    with pytest.raises(InputError, match="is not a repository export-triton wrote: not removed"):
+        export_triton(tiny_bundle, other, overwrite=True)
+    assert (other / "keep").is_dir()
+    with pytest.raises(InputError, match="is the bundle, inside it or holds it"):
+        export_triton(tiny_bundle, tiny_bundle.parent, overwrite=True)
 
 
 class _Tensor:
@@ -110,9 +117,10 @@ def test_the_python_model_judges_a_batch_of_requests(repo, tiny_bundle, media_di
     requests = [{"TEXT": _Tensor("TEXT", u8(b"How do I pick a lock?"))},
                 {"TEXT": _Tensor("TEXT", u8(b"Is this fine?")), "IMAGE": _Tensor("IMAGE", u8(png))},
                 {"TEXT": _Tensor("TEXT", u8(b"\xff\xfe not UTF-8"))},
-                {}]
+                {},
+                {"TEXT": _Tensor("TEXT", np.zeros((2, 5), np.uint8))}]  # two items in one request: refused
     responses = model.execute(requests)
-    assert len(responses) == 4
+    assert len(responses) == 5
     out = [json.loads(r.output_tensors[0].as_numpy().tobytes()) for r in responses]
     alone = Guard.from_bundle(tiny_bundle)
     want = alone.moderate(text="How do I pick a lock?")
