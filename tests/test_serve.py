@@ -411,3 +411,18 @@ def test_the_batcher_keeps_within_max_batch_and_never_leaves_a_caller_waiting():
     b.close()
     with pytest.raises(Exception):
         b.submit(("full", None), [{"text": "a"}])  # closed: refused, not queued forever
+
+
+def test_serve_load_benchmark_on_tiny(tiny_bundle, tmp_path):
+    """benchmarks/serve_load.py starts the service, runs two concurrency levels and reports every figure."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
+    out = tmp_path / "load.json"
+    proc = subprocess.run([sys.executable, str(script), "--bundle", str(tiny_bundle), "--concurrency", "1", "3",
+                           "--requests", "6", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert [lv["concurrency"] for lv in doc["levels"]] == [1, 3]
+    for lv in doc["levels"]:
+        assert lv["errors"] == 0 and lv["statuses"] == {"200": 6}, lv
+        assert lv["throughput_rps"] > 0 and 0 < lv["p50_s"] <= lv["p95_s"] <= lv["p99_s"]
+    assert doc["system"]["cpu_flags"]
