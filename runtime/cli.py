@@ -362,7 +362,7 @@ def cmd_export_triton(args) -> int:
     from omniguard_edge.serve.triton import export_triton
 
     written = export_triton(args.bundle, args.out, instances=args.instances, max_batch=args.max_batch,
-                            graphs=args.graphs, mode=args.mode, overwrite=args.overwrite)
+                            graphs=args.graphs, mode=args.mode, overwrite=args.overwrite, engines=args.engines)
     for path in written:
         print(path)
     return 0
@@ -548,7 +548,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="the repository folder to write")
     p.add_argument("--instances", type=_int_in(1, 256), default=1, help="guard model instances (default 1)")
     p.add_argument("--max-batch", type=_int_in(1, 1024), default=8, help="requests per execute (default 8)")
-    p.add_argument("--graphs", choices=["onnxruntime"], help="also the graphs as ONNX Runtime backend models")
+    p.add_argument("--graphs", choices=["onnxruntime", "tensorrt"],
+                   help="also the graphs as ONNX Runtime backend models, or as TensorRT ones over the native plans of "
+                        "build-engines --native")
+    p.add_argument("--engines", type=Path, help="--graphs tensorrt: the engine folder (default: BUNDLE.engines)")
     p.add_argument("--mode", choices=["verdict", "categories", "full"], default="categories")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export_triton)

@@ -67,8 +67,8 @@ def test_refusals(tiny_bundle, repo, tmp_path):
 
     with pytest.raises(InputError, match="exists"):
         export_triton(tiny_bundle, repo)
-    with pytest.raises(InputError, match="--graphs must be onnxruntime"):
-        export_triton(tiny_bundle, tmp_path / "r", graphs="tensorrt")
+    with pytest.raises(InputError, match="--graphs must be onnxruntime or tensorrt"):
+        export_triton(tiny_bundle, tmp_path / "r", graphs="openvino")
     with pytest.raises(InputError, match="--instances must be an int >= 1"):
         export_triton(tiny_bundle, tmp_path / "r", instances=0)
     other = tmp_path / "not-a-repo"
@@ -265,3 +265,39 @@ def test_end_to_end_through_a_triton_server(tiny_bundle, media_dir, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_tensorrt_backend_models_over_native_plans(tiny_bundle, tmp_path):
+    """--graphs tensorrt: TensorRT backend models over the plans `build-engines --native` wrote (stand-in plan files
+    here: none can be built without a GPU, and Triton's TensorRT backend cannot run here). Checked statically: the
+    configs parse with Triton's definitions, name the manifest's tensors, and each links this bundle's plan; a plan
+    of another bundle's graph, or none, is refused before anything is written."""
+    from omniguard_edge.runtime import gpu
+    from omniguard_edge.runtime.errors import InputError
+    from omniguard_edge.serve.triton import export_triton
+
+    m = load_manifest(tiny_bundle, verify="none")
+    engines = tmp_path / "engines"
+    with pytest.raises(InputError, match="no native TensorRT plan"):
+        export_triton(tiny_bundle, tmp_path / "none", graphs="tensorrt", engines=engines)
+    assert not (tmp_path / "none").exists()
+    plans = {}
+    for graph, prof in gpu.profiles(m).items():
+        key = gpu.engine_key(m, graph, prof, "8.7", "10.3.0", "1.20.0")
+        folder = engines / key.folder
+        folder.mkdir(parents=True)
+        plans[graph] = folder / f"{graph}.plan"
+        plans[graph].write_bytes(b"plan")
+        (folder / gpu.ENGINE_FILE).write_text(json.dumps(key.to_json()))
+    stale = engines / "decoder-fp32-sm87-trt10.3.0-000000000000"  # another bundle's decoder: ignored
+    stale.mkdir()
+    (stale / "decoder.plan").write_bytes(b"other")
+    (stale / gpu.ENGINE_FILE).write_text(json.dumps({"onnx_sha256": "0" * 64}))
+    repo = tmp_path / "repo"
+    export_triton(tiny_bundle, repo, graphs="tensorrt", engines=engines)
+    for graph in ("vision", "audio", "decoder"):
+        cfg = _parse(repo / graph / "config.pbtxt")
+        assert cfg.platform == "tensorrt_plan" and cfg.max_batch_size == 0
+        assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+        assert [t.name for t in cfg.input] == [t.name for t in m.graphs[graph].inputs]
+        assert (repo / graph / "1" / "model.plan").resolve() == plans[graph].resolve()
