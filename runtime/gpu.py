@@ -82,10 +82,10 @@ class Profile:
                 continue
             shape = getattr(feeds[name], "shape", ())
             shape = tuple(int(d) for d in (shape() if callable(shape) else shape))  # an OrtValue's is a method
-            if len(shape) != len(lo) or any(not a <= d <= b for d, a, b in zip(shape, lo, hi)):
-                outside = [k for k, (d, a, b) in enumerate(zip(shape, lo, hi)) if not a <= d <= b]
-                symbol = self.dims.get(name, ())[outside[0]] if outside and len(self.dims.get(name, ())) > \
-                    outside[0] else None
+            outside = [k for k, (d, a, b) in enumerate(zip(shape, lo, hi)) if not a <= d <= b]
+            if len(shape) != len(lo) or outside:
+                dims = self.dims.get(name, ())
+                symbol = dims[outside[0]] if outside and outside[0] < len(dims) else None
                 limit = f" ({symbol}: {self.bounds[symbol][3]})" if symbol in self.bounds else ""
                 raise InputError(f"{self.graph} input {name} has shape {list(shape)}, outside its TensorRT "
                                  f"profile {list(lo)}..{list(hi)}{limit}: raise the limit and run build-engines "
@@ -353,7 +353,7 @@ def default_cache(bundle: Path) -> Path:
     return bundle.parent / f"{bundle.name}.engines"
 
 
-def _records(cache: Path, graph: str) -> list[tuple[Path, dict | None]]:
+def engine_records(cache: Path, graph: str) -> list[tuple[Path, dict | None]]:
     """(folder, its engine.json or None when unreadable) of every engine folder of `graph` under `cache`."""
     out = []
     for p in sorted(Path(cache).glob(f"{graph}-*/{ENGINE_FILE}")) if Path(cache).is_dir() else []:
@@ -383,7 +383,7 @@ def check_engine(cache: Path, key: EngineKey) -> Path:
             raise EngineError(f"{folder}: its engine files are not the ones built ({sorted(have)} against "
                               f"{sorted(files) if isinstance(files, dict) else files}); run build-engines --rebuild")
         return folder
-    others = _records(cache, key.graph)
+    others = engine_records(cache, key.graph)
     if others:
         diffs = []
         for folder_, stored in others:
@@ -419,17 +419,23 @@ def _gpu_info(name: str, capability: str, memory: int | None, source: str) -> Gp
     return GpuInfo(name, capability, memory, source)
 
 
-def probe_gpu(device_id: int = 0) -> GpuInfo:
-    """The GPU at `device_id`: through cuda-python when installed, else nvidia-smi. GpuError when neither finds
-    one (Jetson: nvidia-smi may be absent; `pip install cuda-python` gives the first way)."""
-    tried = []
+def cuda_runtime():
+    """cuda-python's runtime module (`cuda.bindings.runtime`, or `cuda.cudart` in older releases), or None."""
     try:
         from cuda.bindings import runtime as cudart  # cuda-python 12.x
     except ImportError:
         try:
             from cuda import cudart  # older cuda-python
         except ImportError:
-            cudart = None
+            return None
+    return cudart
+
+
+def probe_gpu(device_id: int = 0) -> GpuInfo:
+    """The GPU at `device_id`: through cuda-python when installed, else nvidia-smi. GpuError when neither finds
+    one (Jetson: nvidia-smi may be absent; `pip install cuda-python` gives the first way)."""
+    tried = []
+    cudart = cuda_runtime()
     if cudart is not None:
         try:
             err, count = cudart.cudaGetDeviceCount()
@@ -559,16 +565,16 @@ def build_engines(bundle, out=None, limits: dict | None = None, native: bool = F
         if (cache / key.folder / ENGINE_FILE).is_file() and not rebuild:
             check_engine(cache, key)  # raises when its files are not the ones built
             continue
-        stale = [f for f, rec in _records(cache, graph) if f.name != key.folder]
-        if stale and not rebuild:
+        found = engine_records(cache, graph)
+        if found and not rebuild:
             check_engine(cache, key)  # raises: the other keys' engines, and what differs
-        # --rebuild replaces this bundle's engines (by its path): never another bundle's in a shared folder
-        todo[graph] = [f for f, rec in _records(cache, graph) if rec is None or rec.get("bundle") == here
-                       or f.name == key.folder] + ([cache / key.folder] if (cache / key.folder).exists() else [])
+        # --rebuild replaces this bundle's engines (by its path), never another bundle's in a shared folder; and
+        # whatever a stopped build left in this key's folder
+        todo[graph] = {f for f, rec in found if rec is None or rec.get("bundle") == here} | {cache / key.folder}
     records = [{**keys[g].to_json(), "status": "up to date"} for g in keys if g not in todo]
     for graph in tqdm(list(todo), desc="engines", unit="graph", disable=not progress):
         key, prof, spec = keys[graph], profs[graph], m.graphs[graph]
-        for old in set(todo[graph]):
+        for old in todo[graph]:
             shutil.rmtree(old, ignore_errors=True)
         folder = cache / key.folder
         folder.mkdir(parents=True)

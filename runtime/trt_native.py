@@ -27,13 +27,11 @@ def _check(result, what: str):
 
 
 def _cudart():
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart
-        except ImportError:
-            raise GpuError("the native TensorRT backend needs cuda-python (pip install cuda-python)") from None
+    from .gpu import cuda_runtime
+
+    cudart = cuda_runtime()
+    if cudart is None:
+        raise GpuError("the native TensorRT backend needs cuda-python (pip install cuda-python)")
     return cudart
 
 

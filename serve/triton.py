@@ -51,10 +51,10 @@ parameters {{ key: "mode" value: {{ string_value: {_q(mode)} }} }}
 def _plan_of(manifest, graph: str, engines: Path) -> Path:
     """The native TensorRT plan `build-engines --native` wrote for this bundle's `graph` under `engines` (the
     engine record's graph sha256 must be this bundle's); InputError saying how to build one otherwise."""
-    from omniguard_edge.runtime.gpu import ENGINE_FILE, _records, graph_sha256
+    from omniguard_edge.runtime.gpu import ENGINE_FILE, engine_records, graph_sha256
 
     want = graph_sha256(manifest, graph)
-    found = [f / f"{graph}.plan" for f, rec in _records(engines, graph)
+    found = [f / f"{graph}.plan" for f, rec in engine_records(engines, graph)
              if rec is not None and rec.get("onnx_sha256") == want and (f / f"{graph}.plan").is_file()]
     if len(found) != 1:
         raise InputError(f"--engines {engines}: {'no' if not found else len(found)} native TensorRT plan(s) of this "
