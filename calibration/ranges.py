@@ -31,8 +31,11 @@ def selected(model, op_types: Sequence[str]) -> list[str]:
 
     chosen, _ = CalibraterBase.select_tensors_to_calibrate(SimpleNamespace(op_types_to_calibrate=list(op_types)),
                                                           model)
-    order = [n for node in model.graph.node for n in itertools.chain(node.input, node.output)]
-    return sorted(chosen, key=order.index)
+    first: dict[str, int] = {}
+    for node in model.graph.node:
+        for n in itertools.chain(node.input, node.output):
+            first.setdefault(n, len(first))
+    return sorted(chosen, key=first.__getitem__)
 
 
 def quantized_inputs(model, op_types: Sequence[str], excluded: Sequence[str]) -> list[str]:
