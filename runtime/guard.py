@@ -96,6 +96,11 @@ class GuardOptions:
         if not isinstance(self.memory, MemoryBudget):
             raise ValueError(f"GuardOptions.memory must be a MemoryBudget, not {self.memory!r}")
 
+    @property
+    def answer_budget(self) -> int:
+        """The most tokens an answer may take in this mode."""
+        return self.critique_max_new_tokens if self.mode == "full" else self.max_new_tokens
+
 
 @dataclass
 class _Request:
@@ -340,7 +345,7 @@ class Guard:
         fast = bundle.decoder_graph == "decoder_gqa"
         session = bundle.sessions["decoder"]
         profile = getattr(session, "profile", None)  # TensorRT engines: built for a budget of new tokens
-        budget = options.critique_max_new_tokens if options.mode == "full" else options.max_new_tokens
+        budget = options.answer_budget
         if profile is not None and budget > profile.limits["new_tokens"]:
             raise InputError(f"mode {options.mode!r} answers in up to {budget} tokens, but the TensorRT engines are "
                              f"for --new-tokens {profile.limits['new_tokens']}: build and open them with "
@@ -629,7 +634,7 @@ class Guard:
 
     def _prompt_limit(self) -> tuple[int, int]:
         """(token budget of the answer, the most prompt tokens allowed)."""
-        budget = self.options.critique_max_new_tokens if self.options.mode == "full" else self.options.max_new_tokens
+        budget = self.options.answer_budget
         context = self.bundle.manifest.decoder.max_position_embeddings
         # max_prompt_tokens may lower the limit, never raise it past the context: positions beyond it are
         # outside what the decoder was trained on, so a prompt there is refused, not judged
