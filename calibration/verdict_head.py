@@ -1,0 +1,265 @@
+"""Fit the plain style's two verdict rows of a trained decoder's LM head, so that it discriminates as a guard.
+
+A trained chat decoder is no guard zero-shot (Qwen2.5-Coder-0.5B answers `safe` to everything). The `small-real`
+reference keeps every weight of its trained decoder and refits only the rows of `safe` and `unsafe` in the LM head.
+
+The model's hidden state h at the plain verdict position (the first answer token, right after the guard template's
+fixed tail and `<|im_start|>assistant\\n`) is read once per labelled text of the training split. Under constrained
+decoding P(unsafe) = sigmoid((row_unsafe - row_safe) . h), so only the rows' difference w matters: it is a logistic
+regression on h. Qwen2's head has no bias, so it is fitted without an intercept on the uncentred h: every prompt ends
+in the same fixed tail, so h carries a large common component that serves as one (the AUROC of a fit with an
+intercept is reported beside it). Then row_safe = c - w/2 and row_unsafe = c + w/2 with a common part c just large
+enough that the plain pair beats the labelled style's lead token on every input scored, so the grammar takes the
+plain branch and P(unsafe) is the fitted probability.
+
+A stand-in: this says nothing about OmniGuard's accuracy; it makes the precision recipes' verdict agreement and
+AUROC drop measure something on trained weights.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import numpy as np
+
+from . import evalpacks, split
+
+TEXT_PACKS = ["xstest_prompts", "xstest_responses", "openai_moderation", "simple_safety_tests", "ailuminate"]
+FIT_SEED = 0
+# common part c = base + beta * u, u the unit mean hidden state; the plain pair must beat the labelled lead by this
+LEAD_MARGIN = 2.0
+
+
+def labelled_texts(data, side: str | None = None) -> list[evalpacks.Item]:
+    """The five text packs' items (every kept row), optionally only one side of the split."""
+    items = evalpacks.load(TEXT_PACKS, data, media_dir=data, limit=None, seed=0)  # text packs make no media
+    return [it for it in items if side is None or split.side(it) == side]
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (ties count half); nan when one class is absent."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels, bool)
+    pos, neg = int(labels.sum()), int((~labels).sum())
+    if pos == 0 or neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):  # average ranks over ties
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def macro_auroc(scores, labels, packs) -> tuple[float, dict]:
+    """Mean of the per-pack AUROCs over the packs that hold both labels, and those per-pack values."""
+    packs = np.asarray(packs)
+    per = {p: auroc(scores[packs == p], labels[packs == p]) for p in sorted(set(packs.tolist()))}
+    both = [v for v in per.values() if not math.isnan(v)]
+    return (float(np.mean(both)) if both else float("nan")), per
+
+
+def _logistic(X: np.ndarray, y: np.ndarray, l2: float, intercept: bool) -> np.ndarray:
+    """Weights (and a last intercept when asked) of an L2-regularised logistic regression (Newton's method on
+    standardised columns, mapped back)."""
+    mu = X.mean(0) if intercept else np.zeros(X.shape[1])
+    sd = X.std(0) + 1e-12 if intercept else np.sqrt((X ** 2).mean(0)) + 1e-12
+    Z = (X - mu) / sd
+    if intercept:
+        Z = np.hstack([Z, np.ones((len(Z), 1))])
+    w = np.zeros(Z.shape[1])
+    reg = np.full(Z.shape[1], l2 * len(Z))
+    if intercept:
+        reg[-1] = 0.0
+    for _ in range(50):
+        p = 1 / (1 + np.exp(-np.clip(Z @ w, -40, 40)))
+        grad = Z.T @ (p - y) + reg * w
+        hess = (Z * (p * (1 - p))[:, None]).T @ Z + np.diag(reg)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-9:
+            break
+    if intercept:
+        coef = w[:-1] / sd
+        return np.append(coef, w[-1] - coef @ mu)
+    return w / sd
+
+
+def fit_direction(H: np.ndarray, y: np.ndarray, packs: np.ndarray, seed: int = FIT_SEED,
+                  grid=(1e-4, 1e-3, 1e-2, 1e-1)) -> tuple[np.ndarray, float]:
+    """w (no intercept) with the L2 strength picked by 5-fold macro AUROC on the training items."""
+    H, y = np.asarray(H, np.float64), np.asarray(y, np.float64)
+    folds = np.arange(len(H)) % 5
+    random.Random(seed).shuffle(folds_list := folds.tolist())
+    folds = np.asarray(folds_list)
+    best = None
+    for l2 in grid:
+        scores = np.empty(len(H))
+        for k in range(5):
+            w = _logistic(H[folds != k], y[folds != k], l2, intercept=False)
+            scores[folds == k] = H[folds == k] @ w
+        value = macro_auroc(scores, y.astype(bool), packs)[0]
+        if best is None or value > best[0] + 1e-6:
+            best = (value, l2)
+    return _logistic(H, y, best[1], intercept=False).astype(np.float32), best[1]
+
+
+def place_rows(w: np.ndarray, base: np.ndarray, lead_row: np.ndarray, H: np.ndarray,
+               margin: float = LEAD_MARGIN) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """(row_safe, row_unsafe, beta, worst margin): c = base + beta * u, u the unit mean of H, with the least beta >= 0
+    such that min(c.h - |w.h|/2) - lead.h >= margin on every row h of H."""
+    H = np.asarray(H, np.float64)
+    u = H.mean(0)
+    u /= np.linalg.norm(u)
+    half = np.abs(H @ w) / 2
+    gap = H @ base - half - H @ lead_row  # the plain pair's smaller logit minus the lead's, at beta 0
+    slope = H @ u
+    if (slope <= 0).any():
+        raise ValueError("the hidden states do not share a common direction: the rows cannot be placed")
+    beta = max(0.0, float(np.max((margin - gap) / slope)))
+    worst = float(np.min(gap + beta * slope))
+    c = (base + beta * u).astype(np.float32)
+    return c - w / 2, c + w / 2, beta, worst
+
+
+class HiddenStates:
+    """The decoder's final-norm hidden state at the verdict position of guard prompts, with the policy prefix's KV
+    computed once. `tensors`: the decoder's tensors under thinker names (`model.*`, `lm_head.weight`); text
+    positions are equal on TMRoPE's three axes, so a plain Qwen2 model with these weights is the thinker's decoder."""
+
+    def __init__(self, tensors: dict, dims: dict, rope_theta: float, rms_eps: float, prefix_ids: list[int]):
+        import torch
+        from transformers import Qwen2Config, Qwen2Model
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+        cfg = Qwen2Config(hidden_size=dims["hidden_size"], num_hidden_layers=dims["num_hidden_layers"],
+                          num_attention_heads=dims["num_attention_heads"],
+                          num_key_value_heads=dims["num_key_value_heads"], intermediate_size=dims["intermediate_size"],
+                          vocab_size=dims["vocab_size"], rope_theta=rope_theta, rms_norm_eps=rms_eps,
+                          max_position_embeddings=32768, use_sliding_window=False, tie_word_embeddings=False)
+        with torch.device("meta"):
+            model = Qwen2Model(cfg)
+        state = {k[len("model."):]: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in tensors.items() if k.startswith("model.")}
+        model.load_state_dict(state, strict=True, assign=True)
+        model.rotary_emb = Qwen2RotaryEmbedding(config=cfg)  # a buffer, not a weight: built off the meta device
+        self.model = model.eval().float()
+        self.torch = torch
+        self.prefix = list(prefix_ids)
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([self.prefix]), use_cache=True)
+        self.cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
+
+    def __call__(self, ids: list[int]) -> np.ndarray:
+        """h at the last position of `ids` (which must start with the prefix)."""
+        n = len(self.prefix)
+        if ids[:n] != self.prefix or len(ids) == n:
+            raise ValueError("the prompt does not extend the policy prefix")
+        torch = self.torch
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([ids[n:]]), cache=self.cache, use_cache=True,
+                             position_ids=torch.arange(n, len(ids))[None])
+            h = out.last_hidden_state[0, -1].numpy().astype(np.float32)
+        self.cache.crop(n - len(ids))  # transformers 5.x: a negative count removes that many tokens
+        return h
+
+
+def _sample(items: list, limit: int | None, seed: int) -> list:
+    """At most `limit` items, the same share of each pack (seeded), in a seeded order."""
+    if limit is None or len(items) <= limit:
+        out = list(items)
+    else:
+        packs = sorted({it.pack for it in items})
+        by_pack = {p: [it for it in items if it.pack == p] for p in packs}
+        rng = random.Random(seed)
+        for p in packs:
+            rng.shuffle(by_pack[p])
+        out, i = [], 0
+        while len(out) < limit:  # round-robin over the packs
+            for p in packs:
+                if i < len(by_pack[p]) and len(out) < limit:
+                    out.append(by_pack[p][i])
+            i += 1
+    random.Random(seed + 1).shuffle(out)
+    return out
+
+
+def guard_prompt_ids(prompt_tokenizer, item) -> list[int]:
+    """The runtime's own prompt ids for a text item (the text template, no media)."""
+    from ..runtime.prompt.policy import Policy
+    from ..runtime.prompt.render import Conversation, compose_guard_text
+    from ..runtime.prompt.tokenize import Item
+
+    text = compose_guard_text(Conversation.of(item.text, item.response), [], Policy())
+    return prompt_tokenizer.encode([Item("text", text)])
+
+
+def fit_head(tensors: dict, tok, info, data, train_limit: int | None = 1000, heldout_limit: int | None = 400,
+             seed: int = FIT_SEED, progress: bool = True) -> dict:
+    """Fit the plain verdict rows of `tensors["lm_head.weight"]` in place and return the report the checkpoint
+    records. `tok`: the checkpoint's tokenizer; `info`: the decoder's geometry (export.gguf_decoder.GGUFDecoder);
+    `data`: the labelled seed data. Training texts come only from the split's training side, scores from its
+    held-out side."""
+    from tqdm import tqdm
+
+    from ..export.reference import CHAT_TEMPLATE
+    from ..runtime.answer import LABELLED_LEAD
+    from ..runtime.prompt.tokenize import PromptTokenizer
+
+    prompts = PromptTokenizer(tok, CHAT_TEMPLATE)
+    ids = {w: tok.encode(w, add_special_tokens=False).ids for w in ("safe", "unsafe")}
+    if any(len(v) != 1 for v in ids.values()):
+        raise ValueError(f"`safe` and `unsafe` must be single tokens to fit their rows, got {ids}")
+    safe, unsafe = ids["safe"][0], ids["unsafe"][0]
+    lead = tok.encode(LABELLED_LEAD, add_special_tokens=False).ids[0]
+    train = _sample(labelled_texts(data, "train"), train_limit, seed)
+    held = _sample(labelled_texts(data, "heldout"), heldout_limit, seed)
+    if not train or not held:
+        raise ValueError(f"{data}: no labelled texts on one side of the split")
+    encoded = [guard_prompt_ids(prompts, it) for it in train + held]
+    prefix = encoded[0]
+    for e in encoded[1:]:  # the policy prefix: what every guard prompt starts with
+        n = next((i for i, (a, b) in enumerate(zip(prefix, e)) if a != b), min(len(prefix), len(e)))
+        prefix = prefix[:n]
+    t0 = time.perf_counter()
+    states = HiddenStates(tensors, info.text_dims(), info.rope_theta, info.rms_eps, prefix)
+    H = np.stack([states(e) for e in tqdm(encoded, desc="verdict fit: hidden states", unit="text",
+                                           disable=not progress)])
+    t_states = time.perf_counter() - t0
+    n = len(train)
+    y = np.array([it.label == "unsafe" for it in train + held])
+    packs = np.array([it.pack for it in train + held])
+    w, l2 = fit_direction(H[:n], y[:n], packs[:n], seed)
+    head = tensors["lm_head.weight"]
+    base = (head[safe] + head[unsafe]) / 2
+    row_safe, row_unsafe, beta, worst = place_rows(w, base.astype(np.float64), head[lead].astype(np.float64), H)
+    head[safe], head[unsafe] = row_safe, row_unsafe
+    # what the grammar will compute from the written rows, against the fit's probability
+    logits = H.astype(np.float32) @ head[[safe, unsafe, lead]].T
+    p_rows = 1 / (1 + np.exp(-(logits[:, 1].astype(np.float64) - logits[:, 0])))
+    p_fit = 1 / (1 + np.exp(-(H.astype(np.float64) @ w.astype(np.float64))))
+    if not (logits[:, :2].min(1) > logits[:, 2]).all():
+        raise ValueError("the placed verdict rows do not beat the labelled lead on every input")
+    w_int = _logistic(H[:n].astype(np.float64), y[:n].astype(np.float64), l2, intercept=True)
+    s_int = H[n:].astype(np.float64) @ w_int[:-1] + w_int[-1]
+    macro, per_pack = macro_auroc(p_rows[n:], y[n:], packs[n:])
+    from . import split as split_mod
+
+    return {
+        "method": "logistic regression on the final-norm hidden state at the plain verdict position, no intercept; "
+                  "rows safe = c - w/2, unsafe = c + w/2",
+        "seed": seed, "split": split_mod.describe(), "sources": TEXT_PACKS,
+        "token_ids": {"safe": safe, "unsafe": unsafe, "labelled_lead": lead},
+        "train_items": n, "heldout_items": len(held), "prefix_tokens": len(prefix), "l2": l2,
+        "heldout_macro_auroc": round(macro, 4), "heldout_auroc_per_pack": {k: round(v, 4) for k, v in per_pack.items()},
+        "heldout_macro_auroc_with_intercept": round(macro_auroc(s_int, y[n:], packs[n:])[0], 4),
+        "train_macro_auroc": round(macro_auroc(p_rows[:n], y[:n], packs[:n])[0], 4),
+        "heldout_p_unsafe_deciles": [round(float(q), 4) for q in np.quantile(p_rows[n:], np.linspace(0, 1, 11))],
+        "rows_vs_fit_max_abs_dp": float(np.abs(p_rows - p_fit).max()),
+        "common_part_beta": beta, "plain_over_lead_min_margin": round(worst, 4),
+        "seconds_hidden_states": round(t_states, 1),
+    }
