@@ -50,8 +50,16 @@ class GGUFDecoder:
                     tie_word_embeddings=self.tied)
 
 
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise CheckpointError("reading a GGUF decoder needs the gguf package: pip install 'omniguard-edge[export]'") from None
+    return gguf
+
+
 def _reader(path: Path):
-    import gguf
+    gguf = _gguf()
 
     try:
         return gguf.GGUFReader(str(path))
@@ -109,7 +117,7 @@ def thinker_name(gguf_name: str) -> str | None:
 def read_tensors(path: str | Path, progress=None) -> dict[str, np.ndarray]:
     """Every decoder tensor of the file, dequantized to fp32 and named as in a thinker checkpoint; the tied
     head (no output.weight) is left out, as a tied checkpoint saves it. `progress`: a tqdm-like bar or None."""
-    import gguf
+    gguf = _gguf()
 
     describe(path)
     out = {}
