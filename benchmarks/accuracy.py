@@ -218,6 +218,9 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=Path, default=Path("../shared/data"), help="seed data folder")
     p.add_argument("--limit", type=int, help="items per pack, sampled with --seed")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", choices=["heldout", "train", "all"], default="heldout",
+                   help="side of the one train/held-out split of the seed data (calibration/split.py) to judge on; "
+                        "a checkpoint fitted on labelled text (small-real) must be judged on heldout (the default)")
     p.add_argument("--new-tokens", type=int, default=16, help="generation budget per item (verdict first)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--media-dir", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
@@ -236,7 +239,8 @@ def main(argv=None) -> int:
         p.error("--new-tokens must be >= 1, --tolerance and --p-tolerance >= 0")
     if args.baseline and not args.baseline.is_file():
         p.error(f"--baseline {args.baseline} is not a file")
-    items, loaded = evalpacks.load_with_report(args.packs, args.data, args.media_dir, args.limit, args.seed)
+    items, loaded = evalpacks.load_with_report(args.packs, args.data, args.media_dir, args.limit, args.seed,
+                                               None if args.split == "all" else args.split)
     if not items:
         p.error("no items: check --packs and --data")
     from omniguard_edge.runtime.manifest import load_manifest
@@ -278,7 +282,7 @@ def main(argv=None) -> int:
             "meaningless here; agreement with PyTorch and with the fp32 bundle is the meaningful number."
             if random_weights else "real checkpoint: F1 and agreement are both meaningful")
     doc = {"schema_version": benchlib.SCHEMA_VERSION, "kind": "accuracy", "random_weights": random_weights,
-           "note": note, "packs": packs, "limit": args.limit, "seed": args.seed, "new_tokens": args.new_tokens,
+           "note": note, "packs": packs, "limit": args.limit, "seed": args.seed, "split": args.split, "new_tokens": args.new_tokens,
            "n_items": len(items), "loaded": loaded,
            "system": benchlib.system_info(args.threads), "engines": engines, "agreement": agree}
     if args.save_items:

@@ -11,8 +11,10 @@ Per modality, `per_modality` items (default 64) sampled with a seed from the eva
 - video: 2 s clips panning across those stills.
 
 A fixed fraction of each modality's items (`heldout`, default 1/4) is held out: the fidelity report judges the
-quantized graphs on those items, never on the items that calibrated them. (A video clip pans over a still that may
-also be an image item of the other split: the split is by item, not by source image.) Generated media are written under the cache folder, keyed by the
+quantized graphs on those items, never on the items that calibrated them. Held-out items are drawn from the held-out
+side of the one train / held-out split of the seed data (calibration/split.py), calibration items from its training
+side, so a checkpoint whose verdict rows were fitted on labelled text is never judged on its training texts (the
+side is decided per source prompt or still, so a clip and its still, or a prompt and its speech, share it). Generated media are written under the cache folder, keyed by the
 sha256 of the source files and the set's parameters: the same data and parameters give the same set, reused.
 """
 
@@ -29,7 +31,7 @@ from pathlib import Path
 from . import evalpacks
 from .recipes import RecipeError
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: calibration and held-out items from the two sides of calibration/split.py
 MODALITY_PACKS = {
     "text": ["xstest_prompts", "xstest_responses", "openai_moderation", "simple_safety_tests", "ailuminate"],
     "image": ["figstep_images", "benign_images"],
@@ -137,28 +139,30 @@ def build(data: Path, per_modality: int = 64, heldout: float = 0.25, seed: int =
     from tqdm import tqdm
 
     bar = tqdm(total=len(MODALITIES) * per_modality, desc="calibration set", unit="item", disable=not progress)
+    n_held = min(per_modality - 1, max(1, round(heldout * per_modality)))
     for modality, packs in MODALITY_PACKS.items():
-        share = math.ceil(per_modality / len(packs))
-        try:
-            chosen, report = evalpacks.load_with_report(packs, data, root / "media", share, seed)
-        except SystemExit as exc:  # the packs' loaders stop a command line; here it is a typed error
-            raise RecipeError(f"calibration data {data}: {exc}") from None
-        by_pack = {p: [it for it in chosen if it.pack == p] for p in packs}
-        picked = []  # the packs in turn, up to per_modality
-        for i in range(share):
-            picked += [by_pack[p][i] for p in packs if i < len(by_pack[p])]
-        picked = picked[:per_modality]
-        if len(picked) < per_modality:
-            raise RecipeError(f"calibration data {data}: modality {modality} has {len(picked)} items, fewer than "
-                             f"per_modality={per_modality} (packs: {report})")
-        order = list(range(len(picked)))
-        random.Random(seed).shuffle(order)
-        held = set(order[:max(1, round(heldout * len(picked)))])
-        for i, it in enumerate(picked):
-            items.append({"id": it.id, "pack": it.pack, "modality": modality, "label": it.label,
-                          "categories": it.categories, "split": "heldout" if i in held else "calibration",
-                          "request": request_of(it), "sha256": evalpacks.items_digest([it])})
-            bar.update(1)
+        # held-out items from the held-out side of the split, calibration items from the training side, so that
+        # nothing a fitted checkpoint (small-real) was trained on ever judges it (calibration/split.py)
+        for side, role, count in (("train", "calibration", per_modality - n_held), ("heldout", "heldout", n_held)):
+            share = math.ceil(count / len(packs))
+            try:
+                chosen, report = evalpacks.load_with_report(packs, data, root / "media", share, seed, split=side)
+            except SystemExit as exc:  # the packs' loaders stop a command line; here it is a typed error
+                raise RecipeError(f"calibration data {data}: {exc}") from None
+            by_pack = {p: [it for it in chosen if it.pack == p] for p in packs}
+            picked = []  # the packs in turn, up to count
+            for i in range(share):
+                picked += [by_pack[p][i] for p in packs if i < len(by_pack[p])]
+            picked = picked[:count]
+            if len(picked) < count:
+                raise RecipeError(f"calibration data {data}: modality {modality} has {len(picked)} items on the "
+                                  f"{side} side of the split, fewer than the {count} needed (packs: {report})")
+            random.Random(seed).shuffle(picked)
+            for it in picked:
+                items.append({"id": it.id, "pack": it.pack, "modality": modality, "label": it.label,
+                              "categories": it.categories, "split": role,
+                              "request": request_of(it), "sha256": evalpacks.items_digest([it])})
+                bar.update(1)
     bar.close()
     counts = {m: {"calibration": 0, "heldout": 0, "unsafe": 0, "safe": 0} for m in MODALITIES}
     categories: dict[str, int] = {}

@@ -35,6 +35,11 @@ committed. Label rules, exactly as the code below applies them:
 - a user's .jsonl (load_jsonl): the `label` given on each line (safe | unsafe) and its `categories`; a bad
   line is an error, never a drop.
 
+Split (calibration/split.py): `split="train"` or `"heldout"` keeps only the items on that side of the one fixed
+train / held-out split, decided on each candidate's source prompt before sampling (an XSTest prompt, its
+prompt+response row, its speech and its rendering are on one side). Whatever judges a checkpoint fitted on labelled
+text (small-real) reads the held-out side only.
+
 Sampling (--limit N with --seed) draws N items per pack from the kept items before any medium is generated.
 `load_with_report` returns, per pack, the source rows read, the items kept, the dropped ones by reason
 (the DROP_* strings below; source_rows == kept + sum(dropped)) and the number sampled. Source rows of
@@ -55,7 +60,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-from . import media
+from . import media, split as split_mod
 
 OPENAI_TO_S = {"S": ["S12"], "H": ["S10"], "V": ["S1"], "HR": ["S10"], "SH": ["S11"], "S3": ["S4"],
                "H2": ["S10", "S1"], "V2": ["S1"]}
@@ -343,17 +348,32 @@ def items_digest(items: list[Item]) -> str:
     return h.hexdigest()
 
 
+def source_group(cand) -> str:
+    """The split group of a pack candidate (before its media are built): its source prompt when it has one, else
+    its item id (calibration/split.py)."""
+    if isinstance(cand, Item):
+        return split_mod.group_key(cand.text) if cand.text else f"id:{cand.id}"
+    if cand[0] == "xstest":  # a benign rendering of an XSTest prompt
+        return split_mod.group_key(cand[2])
+    if cand[0] == "photo":
+        return f"id:benign-photo-{cand[1]}"
+    return source_group(cand[1])  # a video clip: its still's group
+
+
 def load_with_report(packs: list, data: Path, media_dir: Path, limit: int | None,
-                     seed: int) -> tuple[list[Item], dict[str, dict]]:
+                     seed: int, split: str | None = None) -> tuple[list[Item], dict[str, dict]]:
     """Items of the named packs (or JSONL files), at most `limit` per pack sampled with `seed` before any
     medium is generated, and per pack {"source_rows", "kept", "dropped": {reason: count}, "sampled"}
-    (a .jsonl file reports under its stem, the pack name of its items)."""
+    (a .jsonl file reports under its stem, the pack name of its items). `split`: None for every item, "train" or
+    "heldout" for one side of the split (a user's .jsonl is never split: it is theirs to judge on)."""
     if isinstance(packs, (str, Path)) or not all(isinstance(p, (str, Path)) for p in packs):
         raise TypeError(f"packs must be a list of pack names or .jsonl paths, got {packs!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
+    if split not in (None, *split_mod.SIDES):
+        raise ValueError(f"split must be None, 'train' or 'heldout', got {split!r}")
     data, media_dir = Path(data), Path(media_dir)
 
     def pick(xs: list) -> list:  # sample before any media is generated
@@ -369,6 +389,11 @@ def load_with_report(packs: list, data: Path, media_dir: Path, limit: int | None
             if not data.exists():
                 raise SystemExit(f"pack {pack} needs the seed data folder {data} (--data)")
             name, src = pack, SOURCES[pack](data)
+            if split is not None:
+                on_side = [c for c in src.kept if split_mod.side_of_group(source_group(c)) == split]
+                src.dropped[f"on the {'held-out' if split == 'train' else 'training'} side of the split"] += \
+                    len(src.kept) - len(on_side)
+                src.kept = on_side
         else:
             raise SystemExit(f"unknown pack {pack!r}: choose from {PACKS} or give a .jsonl file")
         if name in report:
@@ -380,6 +405,8 @@ def load_with_report(packs: list, data: Path, media_dir: Path, limit: int | None
     return items, report
 
 
-def load(packs: list, data: Path, media_dir: Path, limit: int | None, seed: int) -> list[Item]:
-    """Items of the named packs (or JSONL files), `limit` per pack sampled with `seed`."""
-    return load_with_report(packs, data, media_dir, limit, seed)[0]
+def load(packs: list, data: Path, media_dir: Path, limit: int | None, seed: int,
+         split: str | None = None) -> list[Item]:
+    """Items of the named packs (or JSONL files), `limit` per pack sampled with `seed`, of one side of the split
+    or all."""
+    return load_with_report(packs, data, media_dir, limit, seed, split)[0]

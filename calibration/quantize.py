@@ -252,12 +252,15 @@ def _quantize(bundle, manifest, recipe, out, work, scratch, data, allow_failing,
         from . import evalpacks
 
         try:
-            items = evalpacks.load(evalpacks.PACKS, data, cset.root / "media", limit, seed + 1)
+            # the held-out side only: a checkpoint fitted on labelled text (small-real) is never judged on its training
+            # texts (calibration/split.py)
+            items = evalpacks.load(evalpacks.PACKS, data, cset.root / "media", limit, seed + 1, split="heldout")
         except SystemExit as exc:  # the packs' loaders stop a command line; here it is a typed error
             raise RecipeError(f"evaluation packs of {data}: {exc}") from None
         calib_ids = {it["id"] for it in cset.items("calibration")}
         agree_requests = [(it.id, calibset.request_of(it)) for it in items]
-        source = (f"{len(evalpacks.PACKS)} evaluation packs of {data}, at most {limit} each (seed {seed + 1}); "
+        source = (f"{len(evalpacks.PACKS)} evaluation packs of {data}, held-out side of the split, at most {limit} each "
+                  f"(seed {seed + 1}); "
                   f"{sum(1 for i in items if i.id in calib_ids)} of them also in the calibration split")
         calibration_summary = cset.summary()
     else:

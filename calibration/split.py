@@ -32,16 +32,11 @@ def side_of_group(group: str, seed: int = SEED, heldout: float = HELDOUT) -> str
     return "heldout" if int.from_bytes(digest[:8], "big") / 2**64 < heldout else "train"
 
 
-def item_group(item) -> str:
-    """The group of an evaluation-pack item (calibration.evalpacks.Item): its prompt when it has one, else its id.
-    Speech and rendered-text images carry their source prompt in `source_text`."""
-    text = getattr(item, "text", None) or getattr(item, "source_text", None)
-    return group_key(text) if text else f"id:{item.id}"
-
-
 def side(item, seed: int = SEED, heldout: float = HELDOUT) -> str:
-    """"train" or "heldout" for one evaluation-pack item."""
-    return side_of_group(item_group(item), seed, heldout)
+    """"train" or "heldout" for an evaluation-pack item or candidate (calibration.evalpacks.source_group)."""
+    from .evalpacks import source_group
+
+    return side_of_group(source_group(item), seed, heldout)
 
 
 def describe(seed: int = SEED, heldout: float = HELDOUT) -> dict:
