@@ -1,12 +1,13 @@
 # The README's two commands: `make demo` and `make test`. Each sets up .venv first if needed.
-# `make test` skips the tests marked slow (benchmark smoke runs); `make test-all` runs everything (CI does);
+# `make test` skips the tests marked slow (benchmark smoke runs); `make test-all` runs everything but the `real`
+# tests (CI does); `make test-real` checks a built small-real checkpoint;
 # `make test-runtime` runs the suite in a runtime-only venv (no torch) against a freshly exported tiny bundle.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/omniguard-edge
 ART ?= artifacts
 
-.PHONY: setup demo test test-all test-runtime clean
+.PHONY: setup demo test test-all test-runtime test-real clean
 
 setup: $(VENV)/.installed
 
@@ -26,10 +27,14 @@ demo: setup
 	$(CLI) demo --workdir $(ART) --profile tiny
 
 test: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not real"
 
 test-all: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not real"
+
+# Known answers of a built small-real checkpoint (OMNIGUARD_SMALL_REAL, default $(ART)/real/checkpoint): minutes.
+test-real: setup
+	$(PY) -m pytest -q -m real -rs
 
 test-runtime: setup
 	.ci/run runtime

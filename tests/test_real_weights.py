@@ -270,9 +270,9 @@ def test_the_rows_fit_is_reproducible_and_gives_the_fitted_probability():
     y = rng.random(400) < 0.4
     H = common + rng.standard_normal((400, 32)) + np.outer(y, rng.standard_normal(32))
     packs = np.array(["a", "b"] * 200)
-    w1, l2a = verdict_head.fit_direction(H, y, packs, seed=3)
-    w2, l2b = verdict_head.fit_direction(H, y, packs, seed=3)
-    assert l2a == l2b and np.array_equal(w1, w2)
+    w1, shr_a = verdict_head.fit_direction(H, y, packs, seed=3)
+    w2, shr_b = verdict_head.fit_direction(H, y, packs, seed=3)
+    assert shr_a == shr_b and np.array_equal(w1, w2)
     assert verdict_head.macro_auroc(H @ w1, y, packs)[0] > 0.9
     base, lead = rng.standard_normal(32), rng.standard_normal(32) + common / 10
     safe, unsafe, beta, worst = verdict_head.place_rows(w1, base, lead, H)
@@ -291,3 +291,27 @@ def test_auroc_counts_ties_half_and_needs_both_labels():
     assert auroc(np.array([0.5, 0.5]), np.array([0, 1])) == 0.5
     assert auroc(np.array([0.4, 0.3, 0.2, 0.1]), np.array([0, 0, 1, 1])) == 0.0
     assert np.isnan(auroc(np.array([0.1, 0.2]), np.array([1, 1])))
+
+
+def test_the_rows_placed_by_the_programme_keep_out_of_ordinary_positions():
+    """The LP placement: at every verdict state the plain pair beats the lead, at every ordinary state both rows stay
+    below the ceiling, and P(unsafe) is still the fitted probability; the simple placement violates the second."""
+    from omniguard_edge.calibration import verdict_head
+
+    rng = np.random.default_rng(1)
+    d = 48
+    common = rng.standard_normal(d) * 4
+    H = common + rng.standard_normal((300, d))  # verdict states: one region
+    G = -0.3 * common + rng.standard_normal((2000, d)) * 2  # ordinary states: elsewhere, wider
+    w = rng.standard_normal(d) * 0.8
+    base, lead = rng.standard_normal(d) * 0.1, rng.standard_normal(d) * 0.1
+    ceiling = np.full(len(G), 3.0)  # what the model would write there scores this
+    simple = verdict_head.place_rows(w, base, lead, H)
+    assert (np.maximum(G @ simple[0], G @ simple[1]) > ceiling).any()  # the problem the programme solves
+    safe, unsafe, report = verdict_head.place_rows_lp(w, base, lead, H, G, ceiling, basis=16)
+    logits = H @ np.stack([safe, unsafe, lead]).T
+    assert (logits[:, :2].min(1) >= logits[:, 2] + verdict_head.LEAD_MARGIN - 1e-3).all()
+    assert report["ordinary_states_where_a_row_wins"] == 0
+    assert (np.maximum(G @ safe, G @ unsafe) <= ceiling + 1e-3).all()
+    p_rows = 1 / (1 + np.exp(-(logits[:, 1] - logits[:, 0])))
+    assert np.abs(p_rows - 1 / (1 + np.exp(-(H @ w)))).max() < 1e-5
