@@ -67,29 +67,21 @@ def macro_auroc(scores, labels, packs) -> tuple[float, dict]:
     return (float(np.mean(both)) if both else float("nan")), per
 
 
-def _logistic(X: np.ndarray, y: np.ndarray, l2: float, intercept: bool) -> np.ndarray:
-    """Weights (and a last intercept when asked) of an L2-regularised logistic regression (Newton's method on
-    standardised columns, mapped back)."""
-    mu = X.mean(0) if intercept else np.zeros(X.shape[1])
-    sd = X.std(0) + 1e-12 if intercept else np.sqrt((X ** 2).mean(0)) + 1e-12
-    Z = (X - mu) / sd
-    if intercept:
-        Z = np.hstack([Z, np.ones((len(Z), 1))])
+def _logistic(X: np.ndarray, y: np.ndarray, l2: float = 1e-6) -> np.ndarray:
+    """Weights of an L2-regularised logistic regression without intercept (Newton's method on columns scaled to
+    unit root mean square, mapped back)."""
+    sd = np.sqrt((X ** 2).mean(0)) + 1e-12
+    Z = X / sd
     w = np.zeros(Z.shape[1])
-    reg = np.full(Z.shape[1], l2 * len(Z))
-    if intercept:
-        reg[-1] = 0.0
+    reg = l2 * len(Z)
     for _ in range(50):
         p = 1 / (1 + np.exp(-np.clip(Z @ w, -40, 40)))
         grad = Z.T @ (p - y) + reg * w
-        hess = (Z * (p * (1 - p))[:, None]).T @ Z + np.diag(reg)
+        hess = (Z * (p * (1 - p))[:, None]).T @ Z + reg * np.eye(Z.shape[1])
         step = np.linalg.solve(hess, grad)
         w -= step
         if np.abs(step).max() < 1e-9:
             break
-    if intercept:
-        coef = w[:-1] / sd
-        return np.append(coef, w[-1] - coef @ mu)
     return w / sd
 
 
@@ -110,7 +102,7 @@ def _direction_and_scale(H: np.ndarray, y: np.ndarray, shrinkage: float) -> np.n
     stands in for an intercept), a and b from a logistic fit without intercept on the two projections."""
     u = H.mean(0) / np.linalg.norm(H.mean(0))
     P = np.stack([lda_direction(H, y, shrinkage), u])
-    return P.T @ _logistic(H @ P.T, y.astype(np.float64), 1e-6, intercept=False)
+    return P.T @ _logistic(H @ P.T, y.astype(np.float64))
 
 
 def fit_direction(H: np.ndarray, y: np.ndarray, packs: np.ndarray, seed: int = FIT_SEED,
@@ -133,24 +125,6 @@ def fit_direction(H: np.ndarray, y: np.ndarray, packs: np.ndarray, seed: int = F
         if best is None or value > best[0] + 1e-9:
             best = (value, shrinkage)
     return _direction_and_scale(H, y, best[1]).astype(np.float32), best[1]
-
-
-def place_rows(w: np.ndarray, base: np.ndarray, lead_row: np.ndarray, H: np.ndarray,
-               margin: float = LEAD_MARGIN) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """(row_safe, row_unsafe, beta, worst margin): c = base + beta * u, u the unit mean of H, with the least beta >= 0
-    such that min(c.h - |w.h|/2) - lead.h >= margin on every row h of H."""
-    H = np.asarray(H, np.float64)
-    u = H.mean(0)
-    u /= np.linalg.norm(u)
-    half = np.abs(H @ w) / 2
-    gap = H @ base - half - H @ lead_row  # the plain pair's smaller logit minus the lead's, at beta 0
-    slope = H @ u
-    if (slope <= 0).any():
-        raise ValueError("the hidden states do not share a common direction: the rows cannot be placed")
-    beta = max(0.0, float(np.max((margin - gap) / slope)))
-    worst = float(np.min(gap + beta * slope))
-    c = (base + beta * u).astype(np.float32)
-    return c - w / 2, c + w / 2, beta, worst
 
 
 def place_rows_lp(w: np.ndarray, base: np.ndarray, lead_row: np.ndarray, H: np.ndarray, G: np.ndarray,
@@ -295,6 +269,7 @@ def fit_head(tensors: dict, tok, info, data, train_limit: int | None = 1200, hel
 
     from ..export.reference import CHAT_TEMPLATE
     from ..runtime.answer import LABELLED_LEAD
+    from ..runtime.prefix import common_prefix
     from ..runtime.prompt.tokenize import PromptTokenizer
 
     prompts = PromptTokenizer(tok, CHAT_TEMPLATE)
@@ -310,8 +285,7 @@ def fit_head(tensors: dict, tok, info, data, train_limit: int | None = 1200, hel
     encoded = [guard_prompt_ids(prompts, it) for it in train + held]
     prefix = encoded[0]
     for e in encoded[1:]:  # the policy prefix: what every guard prompt starts with
-        n = next((i for i, (a, b) in enumerate(zip(prefix, e)) if a != b), min(len(prefix), len(e)))
-        prefix = prefix[:n]
+        prefix = prefix[:common_prefix(prefix, e)]
     t0 = time.perf_counter()
     states = HiddenStates(tensors, info.text_dims(), info.rope_theta, info.rms_eps, prefix)
     verdict_states, ordinary = [], [states.full(prefix)] + [states.full(tok.encode(t).ids) for t in ORDINARY_TEXTS]

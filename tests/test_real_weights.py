@@ -275,8 +275,9 @@ def test_the_rows_fit_is_reproducible_and_gives_the_fitted_probability():
     assert shr_a == shr_b and np.array_equal(w1, w2)
     assert verdict_head.macro_auroc(H @ w1, y, packs)[0] > 0.9
     base, lead = rng.standard_normal(32), rng.standard_normal(32) + common / 10
-    safe, unsafe, beta, worst = verdict_head.place_rows(w1, base, lead, H)
-    assert worst >= verdict_head.LEAD_MARGIN - 1e-6
+    G = rng.standard_normal((1000, 32)) * 2
+    safe, unsafe, report = verdict_head.place_rows_lp(w1, base, lead, H, G, np.full(len(G), 50.0), basis=8)
+    assert report["plain_over_lead_min_margin"] >= verdict_head.LEAD_MARGIN - 1e-6
     logits = H @ np.stack([safe, unsafe, lead]).T
     assert (logits[:, :2].min(1) > logits[:, 2]).all()
     p_rows = 1 / (1 + np.exp(-(logits[:, 1] - logits[:, 0])))
@@ -293,6 +294,15 @@ def test_auroc_counts_ties_half_and_needs_both_labels():
     assert np.isnan(auroc(np.array([0.1, 0.2]), np.array([1, 1])))
 
 
+def _placed_along_mean(w, base, lead, H, margin):
+    """The placement the first small-real build used: c = base + beta u, u the unit mean verdict state, the least
+    beta that makes the plain pair beat the lead by `margin` (nothing said of ordinary positions)."""
+    u = H.mean(0) / np.linalg.norm(H.mean(0))
+    gap = H @ base - np.abs(H @ w) / 2 - H @ lead
+    c = base + max(0.0, float(np.max((margin - gap) / (H @ u)))) * u
+    return c - w / 2, c + w / 2
+
+
 def test_the_rows_placed_by_the_programme_keep_out_of_ordinary_positions():
     """The LP placement: at every verdict state the plain pair beats the lead, at every ordinary state both rows stay
     below the ceiling, and P(unsafe) is still the fitted probability; the simple placement violates the second."""
@@ -306,7 +316,7 @@ def test_the_rows_placed_by_the_programme_keep_out_of_ordinary_positions():
     w = rng.standard_normal(d) * 0.8
     base, lead = rng.standard_normal(d) * 0.1, rng.standard_normal(d) * 0.1
     ceiling = np.full(len(G), 3.0)  # what the model would write there scores this
-    simple = verdict_head.place_rows(w, base, lead, H)
+    simple = _placed_along_mean(w, base, lead, H, verdict_head.LEAD_MARGIN)
     assert (np.maximum(G @ simple[0], G @ simple[1]) > ceiling).any()  # the problem the programme solves
     safe, unsafe, report = verdict_head.place_rows_lp(w, base, lead, H, G, ceiling, basis=16)
     logits = H @ np.stack([safe, unsafe, lead]).T
