@@ -31,6 +31,14 @@ COPIED = {"tokenizer.json": "tokenizer", "tokenizer_config.json": "tokenizer", "
 TOWER_OF = {"vision": ("visual",), "audio": ("audio_tower",), "decoder": ("language_model", "lm_head")}
 
 
+def _weights(ckpt) -> str:
+    """runtime.manifest.WEIGHTS of a checkpoint: a reference's config records a trained decoder's provenance
+    (export/real_reference.py); any other reference is random; a checkpoint without REFERENCE.md is a real one."""
+    if not (ckpt.path / "REFERENCE.md").exists():
+        return "checkpoint"
+    return "trained-decoder" if "decoder" in ckpt.raw_config.get("omniguard_edge_reference", {}) else "random"
+
+
 def _versions() -> dict:
     out = {}
     for pkg in ("omniguard-edge", "torch", "transformers", "onnx", "onnxruntime", "numpy"):
@@ -251,6 +259,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, overwrite: bool = Fal
             source={"checkpoint": ckpt.path.name, "layout": ckpt.layout, "low_memory": low_memory,
                     # written by `omniguard-edge reference`: random weights, verdicts carry no meaning
                     "reference_checkpoint": (ckpt.path / "REFERENCE.md").exists(),
+                    "weights": _weights(ckpt),
                     "model_type": ckpt.raw_config.get("model_type"),
                     "config_sha256": hashlib.sha256((ckpt.path / "config.json").read_bytes()).hexdigest()},
             exporter=_versions(), precision="fp32",

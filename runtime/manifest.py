@@ -169,6 +169,21 @@ class AudioGeometry(_Section):
 SECTIONS = {"decoder": DecoderGeometry, "vision": VisionGeometry, "audio": AudioGeometry}
 
 
+# What a bundle's weights are (manifest `source.weights`): a real checkpoint; a reference checkpoint whose text decoder
+# is trained (small-real: its verdicts discriminate, so precision is judged on them); a reference with random weights
+# (its verdicts mean nothing, so a recipe's verdict agreement is reported, not enforced).
+WEIGHTS = ("checkpoint", "trained-decoder", "random")
+
+
+def weights_of(source: dict) -> str:
+    """One of WEIGHTS for a manifest's `source` (bundles exported before `weights` was recorded: from
+    `reference_checkpoint`)."""
+    kind = source.get("weights")
+    if kind in WEIGHTS:
+        return kind
+    return "random" if source.get("reference_checkpoint") else "checkpoint"
+
+
 @dataclass(frozen=True)
 class Manifest:
     """Everything the runtime needs to know about a bundle; written as manifest.json."""

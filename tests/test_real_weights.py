@@ -250,6 +250,20 @@ def test_the_checkpoint_records_where_its_decoder_came_from(tiny_gguf_checkpoint
                                                                                            **record}
 
 
+def test_the_bundle_says_its_decoder_is_trained(tiny_gguf_checkpoint, tiny_checkpoint, tmp_path):
+    """A reference with a trained decoder is judged as trained weights (calibration/quantize.py reads this); a random
+    reference and an old manifest that only says `reference_checkpoint` are random; a real checkpoint is one."""
+    from omniguard_edge.export import bundle as export_bundle
+    from omniguard_edge.export.checkpoint import open_checkpoint
+    from omniguard_edge.runtime.manifest import weights_of
+
+    assert export_bundle._weights(open_checkpoint(tiny_gguf_checkpoint[1])) == "trained-decoder"
+    assert export_bundle._weights(open_checkpoint(tiny_checkpoint)) == "random"
+    assert weights_of({"reference_checkpoint": True}) == "random"
+    assert weights_of({"reference_checkpoint": False}) == "checkpoint"
+    assert weights_of({"reference_checkpoint": True, "weights": "trained-decoder"}) == "trained-decoder"
+
+
 def test_a_gguf_that_does_not_fit_the_profile_is_refused_before_writing(tmp_path):
     from omniguard_edge.export import reference
 
