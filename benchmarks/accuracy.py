@@ -1,13 +1,16 @@
 """Accuracy of one or more bundles (and optionally the PyTorch reference) on evaluation packs.
 
     python benchmarks/accuracy.py --bundle B [--bundle B2 ...] [--reference CHECKPOINT]
-        [--packs xstest_prompts figstep_images my_set.jsonl ...] [--limit 50 --seed 0]
+        [--packs xstest_prompts figstep_images my_set.jsonl ...] [--limit 50 --seed 0] [--mode constrained|free]
         [--json out.json] [--baseline baseline.json --tolerance 0.02 --p-tolerance 0.001]
 
 Decision per item: the constrained verdict (P(unsafe) > 0.5 from the logits at the verdict position),
 so every item gets a verdict; errors count as unsafe (fail closed) and are reported. Metrics: unsafe
-precision / recall / F1, FPR on safe items, parse rate of the free-text answer, per-category agreement,
-and verdict agreement and |P(unsafe) difference| against the PyTorch reference and the fp32 bundle.
+precision / recall / F1, FPR on safe items, parse rate of the answer, per-category agreement, AUROC of
+P(unsafe) per pack and its macro average over the packs that hold both labels (never pooled), and verdict
+agreement and |P(unsafe) difference| (mean, p99, max) against the PyTorch reference and the fp32 bundle. A bundle
+made by a precision recipe from trained weights is held to its recipe's trained gate against the fp32 bundle of
+the same run (agreement, p99 |dP|, macro AUROC drop): exit 1 when one fails.
 Packs, label rules and the JSONL format: benchmarks/evalpacks.py and the README.
 
 Engines are named by what they are, not by folder: `runtime:<precision>` (plus `:<recipe>` when the bundle's
@@ -30,22 +33,28 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import benchlib  # noqa: E402
+import numpy as np  # noqa: E402
 from omniguard_edge.calibration import evalpacks  # noqa: E402
 
 DEFAULT_PACKS = ["xstest_prompts", "xstest_responses", "openai_moderation", "simple_safety_tests", "ailuminate",
                  "figstep_images", "benign_images"]
-HIGHER = {"precision", "recall", "f1", "parse_rate", "verdict_agreement"}  # every other metric: lower is better
-RATES = {"precision", "recall", "f1", "fpr", "parse_rate", "error_rate", "verdict_agreement"}
-P_DIFFS = {"p_unsafe_abs_diff_mean", "p_unsafe_abs_diff_max"}
-CONFIG_KEYS = ("packs", "limit", "seed", "new_tokens")  # a baseline made otherwise is not comparable
+HIGHER = {"precision", "recall", "f1", "parse_rate", "verdict_agreement", "macro_auroc"}  # the rest: lower is better
+RATES = {"precision", "recall", "f1", "fpr", "parse_rate", "error_rate", "verdict_agreement", "macro_auroc"}
+P_DIFFS = {"p_unsafe_abs_diff_mean", "p_unsafe_abs_diff_p99", "p_unsafe_abs_diff_max"}
+CONFIG_KEYS = ("packs", "limit", "seed", "new_tokens", "mode")  # a baseline made otherwise is not comparable
 
 
 def predict_runtime(bundle: Path, items, args, bar) -> list[dict]:
+    """Every item through a Guard on `bundle`, opened for this call alone (six small bundles together do not fit
+    in 24 GiB). `--mode constrained` (the default): the runtime's default answer grammar, as deployed; `free`:
+    free greedy decoding, as the PyTorch side decodes (token parity)."""
+    import gc
+
     from omniguard_edge.runtime.bundle import SessionOptions
     from omniguard_edge.runtime.guard import Guard, GuardOptions
 
-    # free greedy decoding, as the PyTorch side decodes (the answer grammar would change what is compared)
-    guard = Guard.from_bundle(bundle, GuardOptions(max_new_tokens=args.new_tokens, constrain_verdict=False,
+    guard = Guard.from_bundle(bundle, GuardOptions(max_new_tokens=args.new_tokens,
+                                                   constrain_verdict=args.mode == "constrained",
                                                    session=SessionOptions(intra_op_threads=args.threads)))
     out = []
     for it in items:
@@ -53,7 +62,31 @@ def predict_runtime(bundle: Path, items, args, bar) -> list[dict]:
         out.append({"verdict": r.verdict, "p_unsafe": r.p_unsafe, "categories": [c["code"] for c in r.categories],
                     "error": r.error})
         bar.update(1)
+    del guard
+    gc.collect()
     return out
+
+
+def cached_predictions(bundle: Path, manifest, items, args, bar) -> list[dict]:
+    """predict_runtime, read from the cache when the same bundle (its files' hashes) already ran the same items
+    (ids, labels, inputs) with the same mode and budget: the fp32 bundle is run once for all its recipes."""
+    import hashlib
+
+    key = hashlib.sha256(json.dumps({
+        "files": {f: e.sha256 for f, e in sorted(manifest.files.items())},
+        "items": evalpacks.items_digest(items), "mode": args.mode, "new_tokens": args.new_tokens},
+        sort_keys=True).encode()).hexdigest()
+    path = args.cache_dir / f"{key}.json"
+    if not args.no_cache and path.is_file():
+        bar.update(len(items))
+        return json.loads(path.read_text())
+    preds = predict_runtime(bundle, items, args, bar)
+    if not args.no_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".partial")
+        tmp.write_text(json.dumps(preds))
+        tmp.replace(path)
+    return preds
 
 
 def predict_reference(checkpoint: Path, items, args, bar) -> list[dict]:
@@ -105,7 +138,28 @@ def metrics(items, preds) -> dict:
             "parse_rate": sum(p["verdict"] in ("safe", "unsafe") for p in preds) / len(preds) if preds else None,
             "errors": sum(1 for p in preds if p["error"]),
             "error_rate": sum(1 for p in preds if p["error"]) / len(preds) if preds else None,
+            "auroc": _auroc(items, preds),
             "category_agreement": {c: k / n for c, (n, k) in sorted(per_cat.items())}}
+
+
+def score(pred: dict) -> float:
+    """P(unsafe) for ranking, failing closed: an error, no P(unsafe) or a non-finite one ranks as unsafe (1)."""
+    p = pred["p_unsafe"]
+    return 1.0 if pred["error"] or p is None or not math.isfinite(p) else float(p)
+
+
+def _auroc(items, preds) -> float | None:
+    """AUROC of P(unsafe) over these items (None without both labels). Overall results report a macro average over
+    packs instead (`macro_auroc`): a pooled AUROC could be won by telling packs apart."""
+    from omniguard_edge.calibration.metrics import auroc
+
+    value = auroc([score(p) for p in preds], [it.label == "unsafe" for it in items])
+    return None if math.isnan(value) else value
+
+
+def macro_auroc(per_pack: dict) -> float | None:
+    both = [m["auroc"] for m in per_pack.values() if m.get("auroc") is not None]
+    return sum(both) / len(both) if both else None
 
 
 def agreement(a: list[dict], b: list[dict]) -> dict:
@@ -117,7 +171,32 @@ def agreement(a: list[dict], b: list[dict]) -> dict:
              else 1.0 for x, y in zip(a, b) if x["p_unsafe"] is not None and y["p_unsafe"] is not None]
     return {"verdict_agreement": sum(same) / len(same) if same else None,
             "p_unsafe_abs_diff_mean": sum(diffs) / len(diffs) if diffs else None,
+            "p_unsafe_abs_diff_p99": float(np.percentile(diffs, 99)) if diffs else None,
             "p_unsafe_abs_diff_max": max(diffs) if diffs else None}
+
+
+def recipe_gate(manifest, engine: dict, fp32: dict, against: dict) -> dict | None:
+    """The recipe's trained gate (calibration/recipes.py TrainedGate) on this run's items, for a bundle made by a
+    recipe from trained weights (None otherwise: random weights' verdicts mean nothing)."""
+    from omniguard_edge.calibration.recipes import RECIPES
+    from omniguard_edge.runtime.manifest import weights_of
+
+    name = (manifest.recipe or {}).get("name")
+    if name not in RECIPES or RECIPES[name].trained_gate is None or weights_of(manifest.source) == "random":
+        return None
+    g = RECIPES[name].trained_gate
+    drop = (fp32["overall"]["macro_auroc"] - engine["overall"]["macro_auroc"]
+            if fp32["overall"]["macro_auroc"] is not None and engine["overall"]["macro_auroc"] is not None else None)
+    failures = []
+    if against["verdict_agreement"] is None or against["verdict_agreement"] < g.agreement:
+        failures.append(f"verdict agreement {against['verdict_agreement']} < {g.agreement}")
+    if against["p_unsafe_abs_diff_p99"] is None or against["p_unsafe_abs_diff_p99"] > g.dp_p99:
+        failures.append(f"P(unsafe) |delta| p99 {against['p_unsafe_abs_diff_p99']} > {g.dp_p99}")
+    if drop is None or drop > g.auroc_drop:
+        failures.append(f"macro AUROC drop {drop} > {g.auroc_drop}" if drop is not None else
+                        "macro AUROC drop unmeasured (no pack with both labels)")
+    return {"recipe": name, "limits": {"agreement": g.agreement, "dp_p99": g.dp_p99, "auroc_drop": g.auroc_drop},
+            "auroc_drop": drop, "passed": not failures, "failures": failures}
 
 
 def engine_names(kinds: list[str]) -> list[str]:
@@ -222,6 +301,14 @@ def main(argv=None) -> int:
                    help="side of the one train/held-out split of the seed data (calibration/split.py) to judge on; "
                         "a checkpoint fitted on labelled text (small-real) must be judged on heldout (the default)")
     p.add_argument("--new-tokens", type=int, default=16, help="generation budget per item (verdict first)")
+    p.add_argument("--mode", choices=["constrained", "free"], default="constrained",
+                   help="constrained (default): the runtime's answer grammar, as deployed; free: free greedy decoding, "
+                        "as the PyTorch side decodes (for token parity with --reference)")
+    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                   / "omniguard-edge" / "accuracy",
+                   help="bundles' predictions by their files' hashes, items, mode and budget (the fp32 bundle runs "
+                        "once for all its recipes)")
+    p.add_argument("--no-cache", action="store_true", help="run every bundle, read and write no cache")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--media-dir", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
                    / "omniguard-edge" / "eval-media")
@@ -255,7 +342,7 @@ def main(argv=None) -> int:
             if m.precision == "fp32" and fp32 is None:
                 fp32 = name
             bundles[name] = {"bundle": str(bundle), "model": model_identity(m)}
-            preds[name] = predict_runtime(bundle, items, args, bar)
+            preds[name] = cached_predictions(bundle, m, items, args, bar)
         if args.reference:
             random_weights |= (args.reference / "REFERENCE.md").exists()
             preds["pytorch"] = predict_reference(args.reference, items, args, bar)
@@ -264,7 +351,10 @@ def main(argv=None) -> int:
     for name, pr in preds.items():
         per_pack = {pk: metrics([i for i in items if i.pack == pk], [x for i, x in zip(items, pr) if i.pack == pk])
                     for pk in packs}
-        engines[name] = {"overall": metrics(items, pr), "per_pack": per_pack,
+        overall = metrics(items, pr)
+        del overall["auroc"]  # never pooled over packs
+        overall["macro_auroc"] = macro_auroc(per_pack)
+        engines[name] = {"overall": overall, "per_pack": per_pack,
                          **(bundles[name] if name in bundles else
                             {"bundle": None, "model": reference_identity(args.reference)})}
     agree = {}
@@ -278,12 +368,16 @@ def main(argv=None) -> int:
             agree[name]["vs_fp32"] = agreement(pr, preds[fp32])
         if not agree[name]:
             del agree[name]
+    gates = {}
+    for name, m in zip(names, manifests):
+        if fp32 and name != fp32 and (gate := recipe_gate(m, engines[name], engines[fp32], agree[name]["vs_fp32"])):
+            gates[name] = gate
     note = ("RANDOM WEIGHTS: a reference checkpoint's verdicts mean nothing, so precision, recall and F1 are "
             "meaningless here; agreement with PyTorch and with the fp32 bundle is the meaningful number."
             if random_weights else "real checkpoint: F1 and agreement are both meaningful")
     doc = {"schema_version": benchlib.SCHEMA_VERSION, "kind": "accuracy", "random_weights": random_weights,
            "note": note, "packs": packs, "limit": args.limit, "seed": args.seed, "split": args.split, "new_tokens": args.new_tokens,
-           "n_items": len(items), "loaded": loaded,
+           "mode": args.mode, "n_items": len(items), "loaded": loaded, "recipe_gates": gates,
            "system": benchlib.system_info(args.threads), "engines": engines, "agreement": agree}
     if args.save_items:
         doc["items"] = [dict(it.to_dict(), predictions={n: pr[i] for n, pr in preds.items()}) for i, it in enumerate(items)]
@@ -291,21 +385,37 @@ def main(argv=None) -> int:
     print(benchlib.markdown_table(headers, [[n, e["overall"]["n"], e["overall"]["precision"], e["overall"]["recall"],
                                              e["overall"]["f1"], e["overall"]["fpr"], e["overall"]["parse_rate"],
                                              e["overall"]["errors"]] for n, e in engines.items()]))
-    rows = [[n, against, f["verdict_agreement"], f["p_unsafe_abs_diff_mean"], f["p_unsafe_abs_diff_max"]]
-            for n, ag in agree.items() for against, f in ag.items()]
+    print("\n" + benchlib.markdown_table(
+        ["engine", "macro AUROC"] + [f"{pk} F1 / AUROC" for pk in packs],
+        [[n, e["overall"]["macro_auroc"]] + [_f1_auroc(e["per_pack"][pk]) for pk in packs] for n, e in engines.items()]))
+    rows = [[n, against, f["verdict_agreement"], f["p_unsafe_abs_diff_mean"], f["p_unsafe_abs_diff_p99"],
+             f["p_unsafe_abs_diff_max"]] for n, ag in agree.items() for against, f in ag.items()]
     if rows:
         print("\n" + benchlib.markdown_table(["engine", "against", "verdict agreement", "mean abs dP(unsafe)",
-                                              "max abs dP(unsafe)"], rows))
+                                              "p99 abs dP(unsafe)", "max abs dP(unsafe)"], rows))
+    if gates:
+        print("\n" + benchlib.markdown_table(
+            ["engine", "recipe gate (trained weights)", "AUROC drop", "failures"],
+            [[n, "passed" if g["passed"] else "FAILED", g["auroc_drop"], "; ".join(g["failures"]) or "-"]
+             for n, g in gates.items()]))
     print("\nitems per pack: " + "; ".join(
         f"{pk}: {r['sampled']} used of {r['kept']} kept, {r['source_rows']} in the source"
         + (" (dropped: " + ", ".join(f"{n} {why}" for why, n in r["dropped"].items()) + ")" if r["dropped"] else "")
         for pk, r in loaded.items()))
     print(f"\n{note}")
     benchlib.write_json(args.json, doc)
+    failed = [n for n, g in gates.items() if not g["passed"]]
+    if failed:
+        print(f"\nrecipe gate FAILED: {', '.join(failed)}")
     if args.baseline:
         result = check_baseline(doc, json.loads(args.baseline.read_text()), args.tolerance, args.p_tolerance)
-        return benchlib.report_gate(result, args.baseline)
-    return 0
+        return max(benchlib.report_gate(result, args.baseline), 1 if failed else 0)
+    return 1 if failed else 0
+
+
+def _f1_auroc(m: dict) -> str:
+    f1 = "-" if m["f1"] is None else f"{m['f1']:.3f}"
+    return f"{f1} / {'-' if m.get('auroc') is None else format(m['auroc'], '.3f')}"
 
 
 if __name__ == "__main__":

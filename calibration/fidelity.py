@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -82,18 +82,27 @@ class Agreement:
     dp_mean: float | None
     dp_max: float | None
     disagreements: list  # [{"request": label, "fp32": v, "quantized": v, "p_fp32": p, "p_quantized": p}]
+    p_unsafe: list = field(default_factory=list)  # per request, in order: (fp32's P(unsafe), the recipe's), None kept
+
+    @property
+    def dp_p99(self) -> float | None:
+        """99th percentile of |dP(unsafe)| over the requests with both (a non-finite one on either side: 1)."""
+        dps = [abs(a - b) if math.isfinite(a) and math.isfinite(b) else 1.0
+               for a, b in self.p_unsafe if a is not None and b is not None]
+        return float(np.percentile(dps, 99)) if dps else None
 
     def to_dict(self) -> dict:
         return {"n": self.n, "verdict_agreement": self.agree / self.n if self.n else None, "errors": self.errors,
-                "dp_unsafe_mean": self.dp_mean, "dp_unsafe_max": self.dp_max,
+                "dp_unsafe_mean": self.dp_mean, "dp_unsafe_max": self.dp_max, "dp_unsafe_p99": self.dp_p99,
                 "disagreements": self.disagreements[:20]}
 
 
 def agreement(fp32_guard, quant_guard, requests: list[tuple[str, dict]], progress=None) -> Agreement:
     """Each (label, moderate() kwargs) through both guards. A side that errs or gives no verdict never agrees."""
-    agree, errors, dps, bad = 0, 0, [], []
+    agree, errors, dps, bad, pairs = 0, 0, [], [], []
     for label, req in requests:
         a, b = fp32_guard.moderate(**req), quant_guard.moderate(**req)
+        pairs.append((a.p_unsafe, b.p_unsafe))
         judged = a.verdict in ("safe", "unsafe") and b.verdict in ("safe", "unsafe")
         if not judged:
             errors += 1
@@ -107,4 +116,4 @@ def agreement(fp32_guard, quant_guard, requests: list[tuple[str, dict]], progres
         if progress is not None:
             progress.update(1)
     return Agreement(len(requests), agree, errors, float(np.mean(dps)) if dps else None,
-                     float(np.max(dps)) if dps else None, bad)
+                     float(np.max(dps)) if dps else None, bad, pairs)

@@ -19,8 +19,9 @@ import numpy as np
 
 from ..runtime.errors import BundleError
 from ..runtime.manifest import MANIFEST_NAME, FileEntry, Manifest, load_manifest, sha256_file
-from . import calibset, fidelity, graphs
-from .recipes import Recipe, RecipeError, get_recipe
+from ..runtime.manifest import weights_of
+from . import calibset, fidelity, graphs, metrics
+from .recipes import DECODER_GRAPHS, Recipe, RecipeError, TrainedGate, get_recipe
 
 
 @dataclass
@@ -52,8 +53,10 @@ class QuantizeResult:
         a = self.fidelity["agreement"]
         if a["n"]:
             lines.append(f"verdict agreement {a['verdict_agreement']:.1%} of {a['n']} requests ({a['errors']} without a "
-                         f"verdict), |dP(unsafe)| mean {_f(a['dp_unsafe_mean'])} max {_f(a['dp_unsafe_max'])}; "
-                         f"requests: {a['source']}")
+                         f"verdict), |dP(unsafe)| mean {_f(a['dp_unsafe_mean'])} p99 {_f(a.get('dp_unsafe_p99'))} "
+                         f"max {_f(a['dp_unsafe_max'])}"
+                         + (f", macro AUROC {a['auroc']:.4f} (fp32 {a['auroc_fp32']:.4f}, drop {a['auroc_drop']:.4f})"
+                            if a.get("auroc_drop") is not None else "") + f"; requests: {a['source']}")
         s = self.sizes
         lines.append(f"size on disk {s['bytes'] / 1e6:,.1f} MB, {s['ratio']:.1%} of the fp32 bundle's "
                      f"{s['fp32_bytes'] / 1e6:,.1f} MB ({s['ratio_of_shipped_graphs']:.1%} of the fp32 files of what it "
@@ -137,7 +140,7 @@ def _source_of(manifest: Manifest, bundle: Path, recipe: Recipe) -> None:
 
 
 def check_options(recipe: str, calibration="auto", allow_failing: bool = False, measure: bool = True,
-                  low_memory_source: bool = False, **counts) -> tuple[Recipe, Path | None]:
+                  low_memory_source: bool = False, packs=None, **counts) -> tuple[Recipe, Path | None]:
     """Everything about a quantize request that needs no bundle, checked before any work (`export --recipe` checks
     it before exporting): (the recipe, the calibration data folder or None). `counts`: the integer options of
     quantize_bundle, by name (calibration_per_modality may be None). low_memory_source: the fp32 bundle is (to be)
@@ -154,6 +157,11 @@ def check_options(recipe: str, calibration="auto", allow_failing: bool = False, 
     if low_memory_source and fast:
         raise RecipeError(f"recipe {recipe_obj.name} quantizes the fast decoder, which --low-memory exports do not "
                           "build yet: export without --low-memory, or choose gpu-fp16, trt-int8 or orin")
+    if packs is not None:
+        from .evalpacks import PACKS
+
+        if isinstance(packs, str) or not packs or any(p not in PACKS for p in packs):
+            raise RecipeError(f"packs must be a non-empty list of evaluation packs ({', '.join(PACKS)}), not {packs!r}")
     lowest = {"limit": 1, "threads": 0, "seed": 0, "heldout_per_modality": 1, "calibration_per_modality": 1}
     for name, value in counts.items():
         if name == "calibration_per_modality" and value is None:
@@ -196,19 +204,21 @@ def check_out(bundle, out, recipe: str, overwrite: bool = False) -> Path:
 def quantize_bundle(bundle, recipe: str, out=None, calibration="auto", overwrite: bool = False,
                     allow_failing: bool = False, limit: int = 20, seed: int = 0, threads: int = 0,
                     heldout_per_modality: int = 8, calibration_per_modality: int | None = None,
-                    progress: bool = True, measure: bool = True) -> QuantizeResult:
+                    progress: bool = True, measure: bool = True, packs: list[str] | None = None) -> QuantizeResult:
     """Apply `recipe` to the fp32 bundle at `bundle`; write the result at `out` (default: default_out) when it passes
     its gate. calibration: a data folder in ../shared/data's layout, "auto" (../shared/data when present) or None
     (requests made here: held-out inputs and agreement then come from `builtin_requests`). `limit`: requests per
     evaluation pack for the verdict agreement. `heldout_per_modality` held-out requests of each modality give the
     graphs' held-out inputs; `calibration_per_modality` (default: all) calibration requests give activation scales to
-    recipes that calibrate them.
+    recipes that calibrate them. `packs`: the evaluation packs the agreement requests come from (default: all; the
+    text packs alone put hundreds of held-out texts through both bundles at the cost of tens of media requests).
 
     measure=False (--no-fidelity) skips everything that runs the fp32 bundle: held-out inputs, the graphs' fidelity
     and the verdict agreement. For a bundle too large to run here (a 7B fp32 bundle needs about its size in memory);
     the quantizing itself goes weight by weight. Such a recipe fails its gate ("not measured"), so it is written only
     with allow_failing, and a recipe that calibrates activations (trt-int8) cannot skip the fp32 runs."""
-    recipe_obj, data = check_options(recipe, calibration, allow_failing, measure, limit=limit, threads=threads,
+    recipe_obj, data = check_options(recipe, calibration, allow_failing, measure, packs=packs, limit=limit,
+                                     threads=threads,
                                      seed=seed, heldout_per_modality=heldout_per_modality,
                                      calibration_per_modality=calibration_per_modality)
     bundle = Path(bundle)
@@ -223,14 +233,14 @@ def quantize_bundle(bundle, recipe: str, out=None, calibration="auto", overwrite
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-scratch-", dir=out.parent))  # never in the bundle
     try:
         return _quantize(bundle, manifest, recipe_obj, out, work, scratch, data, allow_failing, limit, seed, threads,
-                         heldout_per_modality, calibration_per_modality, progress, measure)
+                         heldout_per_modality, calibration_per_modality, progress, measure, packs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _quantize(bundle, manifest, recipe, out, work, scratch, data, allow_failing, limit, seed, threads,
-              heldout_per_modality, calibration_per_modality, progress, measure) -> QuantizeResult:
+              heldout_per_modality, calibration_per_modality, progress, measure, packs) -> QuantizeResult:
     from tqdm import tqdm
 
     from ..runtime.bundle import SessionOptions
@@ -243,6 +253,7 @@ def _quantize(bundle, manifest, recipe, out, work, scratch, data, allow_failing,
     session = SessionOptions(intra_op_threads=threads, decoder_graph="decoder" if standard else "auto")
     # 1. held-out inputs of every graph and the agreement requests, from the fp32 bundle
     media_dir = scratch / "media"
+    labelled = None  # (label, pack) of each agreement request, when they come from the evaluation packs
     if not measure:
         heldout = agree_requests = []
         source, calibration_summary = "not measured (--no-fidelity)", None
@@ -254,13 +265,16 @@ def _quantize(bundle, manifest, recipe, out, work, scratch, data, allow_failing,
         try:
             # the held-out side only: a checkpoint fitted on labelled text (small-real) is never judged on its training
             # texts (calibration/split.py)
-            items = evalpacks.load(evalpacks.PACKS, data, cset.root / "media", limit, seed + 1, split="heldout")
+            items = evalpacks.load(packs or evalpacks.PACKS, data, cset.root / "media", limit, seed + 1,
+                                   split="heldout")
         except SystemExit as exc:  # the packs' loaders stop a command line; here it is a typed error
             raise RecipeError(f"evaluation packs of {data}: {exc}") from None
         calib_ids = {it["id"] for it in cset.items("calibration")}
         agree_requests = [(it.id, calibset.request_of(it)) for it in items]
-        source = (f"{len(evalpacks.PACKS)} evaluation packs of {data}, held-out side of the split, at most {limit} each "
-                  f"(seed {seed + 1}); "
+        labelled = [(it.label, it.pack) for it in items]
+        chosen = packs or evalpacks.PACKS
+        source = (f"{len(chosen)} evaluation packs of {data} ({', '.join(chosen)}), held-out side of the split, at "
+                  f"most {limit} each (seed {seed + 1}); "
                   f"{sum(1 for i in items if i.id in calib_ids)} of them also in the calibration split")
         calibration_summary = cset.summary()
     else:
@@ -337,12 +351,18 @@ def _quantize(bundle, manifest, recipe, out, work, scratch, data, allow_failing,
 
     # 3. fidelity per graph on the held-out inputs: every graph as written, on onnxruntime's CPU provider (an fp16
     # op without an fp16 CPU kernel runs in fp32 between the Casts onnxruntime inserts for it)
+    # on trained weights the recipe's trained gate holds every decoder graph's logits to its cosine (encoders stay
+    # random in small-real, so theirs keep the per-graph gate)
+    trained = recipe.trained_gate if weights_of(manifest.source) != "random" else None
     report_graphs = {}
     total = sum(len(feeds.get(n, [])) for n in names if recipe.graphs[n].method != "keep")
     with tqdm(total=total, desc="fidelity (graphs)", unit="input", disable=not progress) as bar:
         for name in names:
             plan = recipe.graphs[name]
-            entry = {"precision": plan.precision, "gate_cosine": plan.gate_cosine}
+            gate = plan.gate_cosine
+            if trained is not None and gate is not None and name in DECODER_GRAPHS:
+                gate = max(gate, trained.logits_cosine)
+            entry = {"precision": plan.precision, "gate_cosine": gate}
             if plan.method != "keep":
                 entry.update(fidelity.graph_fidelity(name, bundle / manifest.graphs[name].file,
                                                      work / new_graphs[name].file, feeds.get(name, []),
@@ -373,17 +393,23 @@ def _quantize(bundle, manifest, recipe, out, work, scratch, data, allow_failing,
         del fp32, quant
     else:
         agreed = fidelity.Agreement(0, 0, 0, None, None, [])
-    agreement = {**agreed.to_dict(), "source": source}
+    agreement = {**agreed.to_dict(), "source": source, "auroc_fp32": None, "auroc": None, "auroc_drop": None}
+    if labelled is not None and agreed.n:
+        ref, got, drop = metrics.auroc_drop([a for a, _ in agreed.p_unsafe], [b for _, b in agreed.p_unsafe],
+                                            [lab for lab, _ in labelled], [pk for _, pk in labelled])
+        agreement.update(auroc_fp32=ref, auroc=got, auroc_drop=drop)
 
     # 6. the gate
-    enforced = not manifest.source.get("reference_checkpoint", False)
-    failures = _gate(report_graphs, heldout_failed, agreement, enforced) if measure else \
+    enforced = trained is not None
+    failures = _gate(report_graphs, heldout_failed, agreement, trained) if measure else \
         _unmeasured(report_graphs)
     passed = not failures
     sizes_fp32 = _bundle_bytes(bundle, manifest)
     report = {"graphs": report_graphs, "agreement": agreement, "heldout_failed": heldout_failed,
               "measured": measure,
               "gate": {"passed": passed, "failures": failures, "agreement_enforced": enforced,
+                       "weights": weights_of(manifest.source),
+                       "trained_gate": dataclasses.asdict(trained) if trained is not None else None,
                        "allowed_failing": bool(allow_failing and not passed)},
               "seconds": round(time.perf_counter() - started, 1),
               # the process's high-water mark (Linux: KiB), whatever ran before in it included
@@ -408,8 +434,9 @@ def _quantize(bundle, manifest, recipe, out, work, scratch, data, allow_failing,
     return result
 
 
-def _gate(report_graphs: dict, heldout_failed: list, agreement: dict, enforced: bool) -> list[str]:
-    """The gate's failures (none: passed); sets each gated graph's `passed`."""
+def _gate(report_graphs: dict, heldout_failed: list, agreement: dict, trained: TrainedGate | None) -> list[str]:
+    """The gate's failures (none: passed); sets each gated graph's `passed`. `trained`: the recipe's gate on trained
+    weights, which the verdicts are held to (None: random weights, whose verdicts mean nothing: reported only)."""
     failures = []
     for name, g in report_graphs.items():
         if g.get("gate_cosine") is None:
@@ -427,8 +454,17 @@ def _gate(report_graphs: dict, heldout_failed: list, agreement: dict, enforced: 
         failures.append("no agreement request ran")
     elif agreement["errors"]:  # fail closed: a bundle that cannot answer is no guard, whatever the weights
         failures.append(f"{agreement['errors']} agreement requests without a verdict (error or unknown)")
-    elif enforced and agreement["verdict_agreement"] < 0.99:
-        failures.append(f"verdict agreement {agreement['verdict_agreement']:.1%} < 99%")
+    elif trained is not None:
+        if agreement["verdict_agreement"] < trained.agreement:
+            failures.append(f"verdict agreement {agreement['verdict_agreement']:.1%} < {trained.agreement:.1%}")
+        if agreement["dp_unsafe_p99"] is None or agreement["dp_unsafe_p99"] > trained.dp_p99:
+            failures.append(f"P(unsafe) |delta| p99 {_f(agreement['dp_unsafe_p99'])} > {trained.dp_p99}")
+        if agreement["auroc_drop"] is None:
+            failures.append("AUROC drop unmeasured: the agreement requests carry no labels of both kinds (give "
+                            "calibration data, whose evaluation packs do)")
+        elif agreement["auroc_drop"] > trained.auroc_drop:
+            failures.append(f"macro AUROC drop {agreement['auroc_drop']:.4f} > {trained.auroc_drop} (fp32 "
+                            f"{agreement['auroc_fp32']:.4f}, recipe {agreement['auroc']:.4f})")
     return failures
 
 

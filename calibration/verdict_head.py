@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from . import evalpacks, split
+from .metrics import macro_auroc
 
 TEXT_PACKS = ["xstest_prompts", "xstest_responses", "openai_moderation", "simple_safety_tests", "ailuminate"]
 FIT_SEED = 0
@@ -38,33 +39,6 @@ def labelled_texts(data, side: str | None = None) -> list[evalpacks.Item]:
     """The five text packs' items (every kept row), optionally only one side of the split."""
     items = evalpacks.load(TEXT_PACKS, data, media_dir=data, limit=None, seed=0)  # text packs make no media
     return [it for it in items if side is None or split.side(it) == side]
-
-
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve (ties count half); nan when one class is absent."""
-    scores, labels = np.asarray(scores, np.float64), np.asarray(labels, bool)
-    pos, neg = int(labels.sum()), int((~labels).sum())
-    if pos == 0 or neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):  # average ranks over ties
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
-
-
-def macro_auroc(scores, labels, packs) -> tuple[float, dict]:
-    """Mean of the per-pack AUROCs over the packs that hold both labels, and those per-pack values."""
-    packs = np.asarray(packs)
-    per = {p: auroc(scores[packs == p], labels[packs == p]) for p in sorted(set(packs.tolist()))}
-    both = [v for v in per.values() if not math.isnan(v)]
-    return (float(np.mean(both)) if both else float("nan")), per
 
 
 def _logistic(X: np.ndarray, y: np.ndarray, l2: float = 1e-6) -> np.ndarray:

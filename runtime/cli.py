@@ -298,7 +298,7 @@ def cmd_quantize(args) -> int:
     result = quantize_bundle(args.bundle, args.recipe, out=args.out, calibration=_calibration(args),
                              overwrite=args.overwrite, allow_failing=args.allow_failing, limit=args.limit,
                              seed=args.seed, threads=args.threads, progress=not args.quiet,
-                             measure=not args.no_fidelity)
+                             measure=not args.no_fidelity, packs=args.packs)
     return _quantize_report(result, args.json)
 
 
@@ -524,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_options(p)
     p.add_argument("--limit", type=_int_in(1, 1 << 20), default=20,
                    help="requests per evaluation pack for the verdict agreement (default 20)")
+    p.add_argument("--packs", nargs="+", metavar="PACK",
+                   help="evaluation packs of the verdict agreement (default: all; `small-real` is judged on the text "
+                        "packs: xstest_prompts xstest_responses openai_moderation simple_safety_tests ailuminate)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_int_in(0, MAX_THREADS), default=0,
                    help=f"intra-op threads, 0..{MAX_THREADS} (0: onnxruntime default)")

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -355,8 +356,38 @@ def test_metrics_known_answer():
     assert m["fpr"] == pytest.approx(2 / 3)
     assert m["parse_rate"] == pytest.approx(5 / 6) and m["errors"] == 1 and m["error_rate"] == pytest.approx(1 / 6)
     assert m["category_agreement"] == {"S1": 1.0, "S2": 0.0}
+    # the error ranks as unsafe (1.0, fail closed): of the 9 unsafe/safe pairs, 0.9 and 0.8 beat 0.7 and 0.2
+    assert m["auroc"] == pytest.approx(4 / 9)
     none = accuracy.metrics(items[3:5], [_pred(0.1, "safe"), _pred(0.2, "safe")])
     assert none["precision"] is None and none["recall"] is None and none["fpr"] == 0.0
+    assert none["auroc"] is None  # one label only
+
+
+def test_macro_auroc_averages_the_packs_with_both_labels_never_pooled():
+    per_pack = {"a": {"auroc": 0.9}, "b": {"auroc": 0.5}, "only_unsafe": {"auroc": None}}
+    assert accuracy.macro_auroc(per_pack) == pytest.approx(0.7)
+    assert accuracy.macro_auroc({"only_unsafe": {"auroc": None}}) is None
+
+
+@pytest.mark.parametrize("weights, agree, p99, auroc, failure", [
+    ("trained-decoder", 0.99, 0.01, 0.758, None),
+    ("trained-decoder", 0.97, 0.01, 0.758, "verdict agreement 0.97 < 0.98"),
+    ("trained-decoder", 0.99, 0.05, 0.758, "p99 0.05 > 0.03"),
+    ("trained-decoder", 0.99, 0.01, 0.750, "macro AUROC drop"),
+    ("checkpoint", 0.97, 0.01, 0.758, "verdict agreement"),
+    ("random", 0.5, 0.5, 0.5, "no gate"),  # random weights: their verdicts mean nothing
+])
+def test_a_recipe_bundle_on_trained_weights_is_held_to_its_trained_gate(weights, agree, p99, auroc, failure):
+    manifest = SimpleNamespace(recipe={"name": "cpu-int8"}, source={"weights": weights})
+    engine, fp32 = {"overall": {"macro_auroc": auroc}}, {"overall": {"macro_auroc": 0.76}}
+    against = {"verdict_agreement": agree, "p_unsafe_abs_diff_p99": p99}
+    gate = accuracy.recipe_gate(manifest, engine, fp32, against)
+    if failure == "no gate":
+        assert gate is None
+    elif failure is None:
+        assert gate["passed"] and gate["auroc_drop"] == pytest.approx(0.002)
+    else:
+        assert not gate["passed"] and len(gate["failures"]) == 1 and failure in gate["failures"][0], gate
 
 
 def test_agreement_known_answer():
@@ -366,6 +397,7 @@ def test_agreement_known_answer():
     assert ag["verdict_agreement"] == pytest.approx(3 / 4)
     assert ag["p_unsafe_abs_diff_mean"] == pytest.approx((0.2 + 0.2 + 0.3) / 3)
     assert ag["p_unsafe_abs_diff_max"] == pytest.approx(0.3)
+    assert ag["p_unsafe_abs_diff_p99"] == pytest.approx(float(np.percentile([0.2, 0.2, 0.3], 99)))
     with pytest.raises(ValueError):
         accuracy.agreement(a, b[:2])
     nan = accuracy.agreement([_pred(math.nan)], [_pred(0.2)])

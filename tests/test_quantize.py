@@ -155,32 +155,59 @@ def test_no_fidelity_writes_only_a_failing_bundle_that_says_it_was_not_measured(
     assert guard.moderate(text="How do I bake bread?").verdict in ("safe", "unsafe")
 
 
-@pytest.mark.parametrize("reference, agree, errors, failure", [
-    (True, 9, 0, None),  # a random-weight source: agreement is reported, not enforced
-    (False, 9, 0, "verdict agreement 90.0% < 99%"),  # a real checkpoint: enforced
-    (False, 10, 0, None),
-    (True, 9, 1, "agreement requests without a verdict"),  # no verdict fails closed, whatever the weights
+_GOOD = {"n": 10, "errors": 0, "verdict_agreement": 1.0, "dp_unsafe_p99": 0.01, "auroc_drop": 0.001,
+         "auroc_fp32": 0.76, "auroc": 0.759}
+
+
+@pytest.mark.parametrize("trained, change, failure", [
+    (False, {"verdict_agreement": 0.9}, None),  # random weights: the verdicts are reported, not enforced
+    (False, {"errors": 1}, "agreement requests without a verdict"),  # no verdict fails closed, whatever the weights
+    (True, {}, None),
+    (True, {"verdict_agreement": 0.97}, "verdict agreement 97.0% < 98.0%"),
+    (True, {"dp_unsafe_p99": 0.031}, "P(unsafe) |delta| p99 0.0310 > 0.03"),
+    (True, {"dp_unsafe_p99": None}, "P(unsafe) |delta| p99 - > 0.03"),
+    (True, {"auroc_drop": 0.006, "auroc": 0.754}, "macro AUROC drop 0.0060 > 0.005"),
+    (True, {"auroc_drop": None}, "AUROC drop unmeasured"),
+    (True, {"errors": 1}, "agreement requests without a verdict"),
 ])
-def test_the_gate_reads_verdict_agreement(tiny_bundle, tmp_path, monkeypatch, reference, agree, errors, failure):
-    """The agreement side of the gate, with the agreement figures given (the real runs are tested above)."""
+def test_the_gate_reads_the_verdicts_on_trained_weights(trained, change, failure):
+    """The verdict side of the gate (cpu-int8's trained gate), with the agreement figures given."""
+    from omniguard_edge.calibration import quantize
+    from omniguard_edge.calibration.recipes import INT8_TRAINED
+
+    graphs = {"decoder_gqa": {"gate_cosine": 0.995, "n": 3, "cosine": 0.996}}
+    failures = quantize._gate(graphs, [], {**_GOOD, **change}, INT8_TRAINED if trained else None)
+    assert graphs["decoder_gqa"]["passed"]
+    if failure is None:
+        assert failures == []
+    else:
+        assert len(failures) == 1 and failure in failures[0], failures
+
+
+def test_trained_weights_raise_the_decoder_gates_and_enforce_the_verdicts(tiny_bundle, tmp_path, monkeypatch):
+    """A bundle whose manifest says its decoder is trained: every decoder graph is held to the recipe's trained
+    logits cosine (the encoders keep theirs), and the verdicts are enforced; requests made here carry no labels,
+    so the AUROC drop is unmeasured, which fails."""
     pytest.importorskip("onnx", reason="quantize needs onnx (the export extra)")
     from omniguard_edge.calibration import fidelity, quantize
+    from omniguard_edge.calibration.recipes import INT8_COS, INT8_TRAINED
 
     source = tmp_path / "fp32"
     shutil.copytree(tiny_bundle, source)
     raw = json.loads((source / "manifest.json").read_text())
-    raw["source"]["reference_checkpoint"] = reference
+    raw["source"]["weights"] = "trained-decoder"
     (source / "manifest.json").write_text(json.dumps(raw))
     monkeypatch.setattr(fidelity, "agreement", lambda a, b, requests, progress=None: fidelity.Agreement(
-        10, agree, errors, 0.01, 0.02, []))
+        10, 10, 0, 0.01, 0.02, [], [(0.5, 0.51)] * 10))
     result = quantize.quantize_bundle(source, "cpu-int8", out=tmp_path / "q", calibration=None, progress=False)
-    gate = result.fidelity["gate"]
-    assert gate["agreement_enforced"] is (not reference)
-    if failure is None:
-        assert result.passed and gate["failures"] == []
-    else:
-        assert not result.passed and result.out is None
-        assert any(failure in f for f in gate["failures"]), gate["failures"]
+    gate, graphs = result.fidelity["gate"], result.fidelity["graphs"]
+    assert gate["weights"] == "trained-decoder" and gate["agreement_enforced"]
+    assert gate["trained_gate"]["logits_cosine"] == INT8_TRAINED.logits_cosine
+    assert graphs["decoder_gqa"]["gate_cosine"] == graphs["decoder_gqa_head"]["gate_cosine"] == 0.995
+    assert graphs["vision"]["gate_cosine"] == graphs["audio"]["gate_cosine"] == INT8_COS
+    assert result.fidelity["agreement"]["dp_unsafe_p99"] == pytest.approx(0.01)
+    assert not result.passed and result.out is None
+    assert any("AUROC drop unmeasured" in f for f in gate["failures"]), gate["failures"]
 
 
 def test_quantize_refuses_what_it_cannot_do(tiny_bundle, quantized, tmp_path, monkeypatch):

@@ -300,7 +300,7 @@ def test_the_rows_fit_is_reproducible_and_gives_the_fitted_probability():
 
 
 def test_auroc_counts_ties_half_and_needs_both_labels():
-    from omniguard_edge.calibration.verdict_head import auroc
+    from omniguard_edge.calibration.metrics import auroc
 
     assert auroc(np.array([0.1, 0.2, 0.3, 0.4]), np.array([0, 0, 1, 1])) == 1.0
     assert auroc(np.array([0.5, 0.5]), np.array([0, 1])) == 0.5
