@@ -83,17 +83,28 @@ def int8_dynamic(src: Path, dest: Path, plan: GraphPlan, metadata: dict) -> tupl
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from . import per_token
+
     per_channel = bool(plan.params.get("per_channel", True))
+    model = _load(src)
+    rows = []
+    if plan.params.get("per_token") == "gated-products":  # the MLP down projections (calibration/per_token.py)
+        rows = per_token.rewrite(model, per_token.gated_products(model))
+        if not rows:
+            raise RuntimeError(f"{src.name}: no MatMul reads a gated product act(gate) * up to quantize per token")
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp, _quiet():
         out = Path(tmp) / dest.name
-        quantize_dynamic(_load(src), str(out), op_types_to_quantize=["MatMul", "Gemm"], per_channel=per_channel,
+        quantize_dynamic(model, str(out), op_types_to_quantize=["MatMul", "Gemm"], per_channel=per_channel,
                          weight_type=QuantType.QInt8, use_external_data_format=True,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True})
+        del model
         model = onnx.load(str(out), load_external_data=True)
     counts = _op_counts(model)
     data = _save(model, dest, metadata)
     return data, {"method": "int8-dyn", "weights": "int8 symmetric", "per_channel": per_channel,
-                  "activations": "uint8 per tensor, per run (dynamic)", "ops": counts}
+                  "activations": "uint8 per tensor, per run (dynamic)" + (
+                      f"; the {len(rows)} MatMuls reading act(gate) * up per token" if rows else ""),
+                  "per_token_matmuls": len(rows), "ops": counts}
 
 
 def int4_block(src: Path, dest: Path, plan: GraphPlan, metadata: dict) -> tuple[str | None, dict]:

@@ -16,7 +16,9 @@ from ..runtime.errors import OmniGuardError
 #   keep       : copied unchanged (fp32)
 #   drop       : not shipped (the runtime of the recipe's target does not open it)
 #   int8-dyn   : INT8 weights per output channel, activations quantized per run (onnxruntime
-#                DynamicQuantizeMatMul: u8 x s8 integer GEMM, VNNI/AMX where the CPU has them)
+#                DynamicQuantizeMatMul: u8 x s8 integer GEMM, VNNI/AMX where the CPU has them); with
+#                per_token="gated-products", the MatMuls reading act(gate) * up get one scale per token instead
+#                (MatMulInteger between standard ops: calibration/per_token.py)
 #   int4-block : INT4 weights in blocks along K with one fp32 scale per block (onnxruntime MatMulNBits)
 #   fp16       : fp16 weights and activations, some ops kept fp32 (calibration/graphs.py FP16_KEEP_FP32), fp32 I/O
 #   qdq-int8   : explicit INT8 Q/DQ (TensorRT), symmetric, per-channel weights, calibrated activation scales
@@ -97,16 +99,21 @@ DECODER_GRAPHS = ("decoder", "decoder_gqa", "decoder_gqa_head")  # the graphs ju
 
 # the plans several recipes share
 _INT8_DYN = GraphPlan("int8-dyn", {"per_channel": True}, INT8_COS)
+# the decoder's MLP down projections read act(gate) * up, whose range varies by orders of magnitude across a trained
+# decoder's tokens: those MatMuls quantize their activations per token (calibration/per_token.py; measured in README
+# "small-real: precision on a trained decoder")
+_INT8_DYN_DECODER = GraphPlan("int8-dyn", {"per_channel": True, "per_token": "gated-products"}, INT8_COS)
 _FP16 = GraphPlan("fp16", {}, FP16_COS)
 _DROP = GraphPlan("drop")
 
 _CPU_INT8 = Recipe(
     name="cpu-int8", target="cpu", precision="int8",
-    summary="INT8 weights per channel in every graph, activations quantized per run (no calibration data needed)",
+    summary="INT8 weights per channel in every graph, activations quantized per run, per token in the decoder's MLP "
+            "down projections (no calibration data needed)",
     graphs={
         "vision": _INT8_DYN,
         "audio": _INT8_DYN,
-        "decoder_gqa": _INT8_DYN,
+        "decoder_gqa": _INT8_DYN_DECODER,
         # the output layer's rows are read in fp32 at the constrained positions (the verdict); the whole-vocabulary
         # graph (free decoding, the critique) is INT8
         "decoder_gqa_head": _INT8_DYN,
