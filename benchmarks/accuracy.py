@@ -72,21 +72,33 @@ def cached_predictions(bundle: Path, manifest, items, args, bar) -> list[dict]:
     (ids, labels, inputs) with the same mode and budget: the fp32 bundle is run once for all its recipes."""
     import hashlib
 
+    import tempfile
+    from importlib.metadata import version
+
     key = hashlib.sha256(json.dumps({
-        "files": {f: e.sha256 for f, e in sorted(manifest.files.items())},
-        "items": evalpacks.items_digest(items), "mode": args.mode, "new_tokens": args.new_tokens},
-        sort_keys=True).encode()).hexdigest()
+        "manifest": hashlib.sha256((Path(bundle) / "manifest.json").read_bytes()).hexdigest(),  # lists every file
+        "items": evalpacks.items_digest(items), "mode": args.mode, "new_tokens": args.new_tokens,
+        "versions": [version("omniguard-edge"), version("onnxruntime")]}, sort_keys=True).encode()).hexdigest()
     path = args.cache_dir / f"{key}.json"
     if not args.no_cache and path.is_file():
-        bar.update(len(items))
-        return json.loads(path.read_text())
+        preds = json.loads(path.read_text())
+        if isinstance(preds, list) and len(preds) == len(items):
+            bar.update(len(items))
+            return preds
     preds = predict_runtime(bundle, items, args, bar)
     if not args.no_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".partial")
-        tmp.write_text(json.dumps(preds))
-        tmp.replace(path)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".partial", delete=False) as f:
+            json.dump(preds, f)
+        Path(f.name).replace(path)
     return preds
+
+
+def files_digest(manifest) -> str:
+    """What a recipe's manifest records of its source bundle (calibration/quantize.py source_bundle.files_sha256)."""
+    import hashlib
+
+    return hashlib.sha256("".join(f"{k}:{v.sha256}" for k, v in sorted(manifest.files.items())).encode()).hexdigest()
 
 
 def predict_reference(checkpoint: Path, items, args, bar) -> list[dict]:
@@ -158,8 +170,10 @@ def _auroc(items, preds) -> float | None:
 
 
 def macro_auroc(per_pack: dict) -> float | None:
-    both = [m["auroc"] for m in per_pack.values() if m.get("auroc") is not None]
-    return sum(both) / len(both) if both else None
+    """The mean of the per-pack metrics' AUROCs over the packs that hold both labels."""
+    from omniguard_edge.calibration.metrics import mean_defined
+
+    return mean_defined(m.get("auroc") for m in per_pack.values())
 
 
 def agreement(a: list[dict], b: list[dict]) -> dict:
@@ -175,19 +189,28 @@ def agreement(a: list[dict], b: list[dict]) -> dict:
             "p_unsafe_abs_diff_max": max(diffs) if diffs else None}
 
 
-def recipe_gate(manifest, engine: dict, fp32: dict, against: dict) -> dict | None:
+def recipe_gate(manifest, engine: dict, fp32: dict, against: dict, fp32_digest: str | None) -> dict | None:
     """The recipe's trained gate (calibration/recipes.py TrainedGate) on this run's items, for a bundle made by a
-    recipe from trained weights (None otherwise: random weights' verdicts mean nothing)."""
+    recipe from trained weights (None otherwise: random weights' verdicts mean nothing). `fp32_digest`: the run's
+    fp32 bundle's files digest, which the recipe bundle's manifest must name as its source."""
     from omniguard_edge.calibration.recipes import RECIPES
     from omniguard_edge.runtime.manifest import weights_of
 
     name = (manifest.recipe or {}).get("name")
-    if name not in RECIPES or RECIPES[name].trained_gate is None or weights_of(manifest.source) == "random":
+    if not name or weights_of(manifest.source) == "random":
         return None
+    if name not in RECIPES or RECIPES[name].trained_gate is None:
+        return {"recipe": name, "limits": None, "auroc_drop": None, "passed": False,
+                "failures": [f"recipe {name!r} has no trained gate to judge trained weights by"]}
     g = RECIPES[name].trained_gate
     drop = (fp32["overall"]["macro_auroc"] - engine["overall"]["macro_auroc"]
             if fp32["overall"]["macro_auroc"] is not None and engine["overall"]["macro_auroc"] is not None else None)
     failures = []
+    if manifest.recipe.get("source_bundle", {}).get("files_sha256") != fp32_digest:
+        failures.append("made from another fp32 bundle than the one in this run (its source_bundle.files_sha256 "
+                        "differs): it is not judged against its own source")
+    if engine["overall"]["errors"]:  # fail closed: a bundle that cannot answer is no guard
+        failures.append(f"{engine['overall']['errors']} items without a verdict (errors)")
     if against["verdict_agreement"] is None or against["verdict_agreement"] < g.agreement:
         failures.append(f"verdict agreement {against['verdict_agreement']} < {g.agreement}")
     if against["p_unsafe_abs_diff_p99"] is None or against["p_unsafe_abs_diff_p99"] > g.dp_p99:
@@ -223,6 +246,8 @@ def reference_identity(checkpoint: Path) -> str:
 
 def runtime_kind(manifest) -> str:
     recipe = getattr(manifest, "recipe", None)
+    if isinstance(recipe, dict):  # a manifest's recipe record: the recipe's name
+        recipe = recipe.get("name")
     return f"runtime:{manifest.precision}" + (f":{recipe}" if recipe else "")
 
 
@@ -330,7 +355,7 @@ def main(argv=None) -> int:
                                                None if args.split == "all" else args.split)
     if not items:
         p.error("no items: check --packs and --data")
-    from omniguard_edge.runtime.manifest import load_manifest
+    from omniguard_edge.runtime.manifest import load_manifest, weights_of
 
     preds, random_weights, fp32 = {}, False, None
     manifests = [load_manifest(b) for b in args.bundle]
@@ -338,7 +363,7 @@ def main(argv=None) -> int:
     bundles = {}
     with tqdm(total=len(items) * (len(args.bundle) + bool(args.reference)), desc="accuracy", unit="item") as bar:
         for bundle, m, name in zip(args.bundle, manifests, names):
-            random_weights |= bool(m.source.get("reference_checkpoint"))
+            random_weights |= weights_of(m.source) == "random"
             if m.precision == "fp32" and fp32 is None:
                 fp32 = name
             bundles[name] = {"bundle": str(bundle), "model": model_identity(m)}
@@ -370,7 +395,8 @@ def main(argv=None) -> int:
             del agree[name]
     gates = {}
     for name, m in zip(names, manifests):
-        if fp32 and name != fp32 and (gate := recipe_gate(m, engines[name], engines[fp32], agree[name]["vs_fp32"])):
+        if fp32 and name != fp32 and (gate := recipe_gate(m, engines[name], engines[fp32], agree[name]["vs_fp32"],
+                                                          files_digest(manifests[names.index(fp32)]))):
             gates[name] = gate
     note = ("RANDOM WEIGHTS: a reference checkpoint's verdicts mean nothing, so precision, recall and F1 are "
             "meaningless here; agreement with PyTorch and with the fp32 bundle is the meaningful number."

@@ -30,21 +30,27 @@ def macro_auroc(scores, labels, packs) -> tuple[float, dict]:
     """Mean of the per-pack AUROCs over the packs that hold both labels, and those per-pack values."""
     packs = np.asarray(packs)
     per = {p: auroc(scores[packs == p], labels[packs == p]) for p in sorted(set(packs.tolist()))}
-    both = [v for v in per.values() if not math.isnan(v)]
-    return (float(np.mean(both)) if both else float("nan")), per
+    value = mean_defined(None if math.isnan(v) else v for v in per.values())
+    return (float("nan") if value is None else value), per
+
+
+def mean_defined(values) -> float | None:
+    """The mean of the values that are not None (a pack without both labels has no AUROC); None when none is."""
+    both = [v for v in values if v is not None]
+    return float(np.mean(both)) if both else None
 
 
 def auroc_drop(p_fp32, p_quant, labels, packs) -> tuple[float | None, float | None, float | None]:
     """(fp32's macro AUROC, the recipe's, fp32's minus the recipe's) over the requests where both sides have a
-    P(unsafe) (None where no pack holds both labels). A non-finite P(unsafe) ranks last for `unsafe`: it is scored
-    as unsafe (fail closed) and so cannot improve an AUROC by being dropped."""
+    P(unsafe) (None where no pack holds both labels). A non-finite P(unsafe) (nan, inf, -inf) is scored 1, as unsafe
+    (fail closed), rather than dropped."""
     keep = [i for i, (a, b) in enumerate(zip(p_fp32, p_quant)) if a is not None and b is not None]
     if not keep:
         return None, None, None
     y = np.array([labels[i] == "unsafe" for i in keep])
     pk = np.array([packs[i] for i in keep])
-    a = np.nan_to_num(np.array([p_fp32[i] for i in keep], np.float64), nan=1.0)
-    b = np.nan_to_num(np.array([p_quant[i] for i in keep], np.float64), nan=1.0)
+    a, b = (np.array([p[i] for i in keep], np.float64) for p in (p_fp32, p_quant))
+    a, b = (np.where(np.isfinite(x), x, 1.0) for x in (a, b))
     ref, got = macro_auroc(a, y, pk)[0], macro_auroc(b, y, pk)[0]
     if math.isnan(ref) or math.isnan(got):
         return None, None, None

@@ -19,7 +19,11 @@ import numpy as np
 
 
 def _opset(model) -> int:
-    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    """The default domain's opset; ValueError below 13 (Clip's bounds as inputs, Round)."""
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if version < 13:
+        raise ValueError(f"per-token INT8 needs the default ONNX opset 13 or newer, not {version}")
+    return version
 
 
 def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.errors import BundleError
-from ..runtime.manifest import MANIFEST_NAME, FileEntry, Manifest, load_manifest, sha256_file
-from ..runtime.manifest import weights_of
+from ..runtime.manifest import MANIFEST_NAME, FileEntry, Manifest, load_manifest, sha256_file, weights_of
 from . import calibset, fidelity, graphs, metrics
 from .recipes import DECODER_GRAPHS, Recipe, RecipeError, TrainedGate, get_recipe
 
@@ -185,6 +184,9 @@ def check_options(recipe: str, calibration="auto", allow_failing: bool = False, 
                           "out like ../shared/data)")
     if data is not None:
         calibset.check_data_dir(data)
+    elif packs is not None:
+        raise RecipeError("--packs chooses evaluation packs of the calibration data, and none is used: drop --packs "
+                          "or give --calibration")
     return recipe_obj, data
 
 
@@ -353,6 +355,8 @@ def _quantize(bundle, manifest, recipe, out, work, scratch, data, allow_failing,
     # op without an fp16 CPU kernel runs in fp32 between the Casts onnxruntime inserts for it)
     # on trained weights the recipe's trained gate holds every decoder graph's logits to its cosine (encoders stay
     # random in small-real, so theirs keep the per-graph gate)
+    if weights_of(manifest.source) != "random" and recipe.trained_gate is None:
+        raise RecipeError(f"recipe {recipe.name} has no trained gate, so it cannot be judged on trained weights")
     trained = recipe.trained_gate if weights_of(manifest.source) != "random" else None
     report_graphs = {}
     total = sum(len(feeds.get(n, [])) for n in names if recipe.graphs[n].method != "keep")

@@ -36,7 +36,7 @@ def _weights(ckpt) -> str:
     (export/real_reference.py); any other reference is random; a checkpoint without REFERENCE.md is a real one."""
     if not (ckpt.path / "REFERENCE.md").exists():
         return "checkpoint"
-    return "trained-decoder" if "decoder" in ckpt.raw_config.get("omniguard_edge_reference", {}) else "random"
+    return "trained-decoder" if "decoder" in (ckpt.raw_config.get("omniguard_edge_reference") or {}) else "random"
 
 
 def _versions() -> dict:

@@ -369,25 +369,36 @@ def test_macro_auroc_averages_the_packs_with_both_labels_never_pooled():
     assert accuracy.macro_auroc({"only_unsafe": {"auroc": None}}) is None
 
 
-@pytest.mark.parametrize("weights, agree, p99, auroc, failure", [
-    ("trained-decoder", 0.99, 0.01, 0.758, None),
-    ("trained-decoder", 0.97, 0.01, 0.758, "verdict agreement 0.97 < 0.98"),
-    ("trained-decoder", 0.99, 0.05, 0.758, "p99 0.05 > 0.03"),
-    ("trained-decoder", 0.99, 0.01, 0.750, "macro AUROC drop"),
-    ("checkpoint", 0.97, 0.01, 0.758, "verdict agreement"),
-    ("random", 0.5, 0.5, 0.5, "no gate"),  # random weights: their verdicts mean nothing
+@pytest.mark.parametrize("weights, agree, p99, auroc, change, failure", [
+    ("trained-decoder", 0.99, 0.01, 0.758, {}, None),
+    ("trained-decoder", 0.97, 0.01, 0.758, {}, "verdict agreement 0.97 < 0.98"),
+    ("trained-decoder", 0.99, 0.05, 0.758, {}, "p99 0.05 > 0.03"),
+    ("trained-decoder", 0.99, 0.01, 0.750, {}, "macro AUROC drop"),
+    ("trained-decoder", 0.99, 0.01, 0.758, {"errors": 2}, "2 items without a verdict"),  # fails closed
+    ("trained-decoder", 0.99, 0.01, 0.758, {"source": "other"}, "made from another fp32 bundle"),
+    ("trained-decoder", 0.99, 0.01, 0.758, {"recipe": "cpu-int2"}, "has no trained gate"),
+    ("checkpoint", 0.97, 0.01, 0.758, {}, "verdict agreement"),
+    ("random", 0.5, 0.5, 0.5, {}, "no gate"),  # random weights: their verdicts mean nothing
 ])
-def test_a_recipe_bundle_on_trained_weights_is_held_to_its_trained_gate(weights, agree, p99, auroc, failure):
-    manifest = SimpleNamespace(recipe={"name": "cpu-int8"}, source={"weights": weights})
-    engine, fp32 = {"overall": {"macro_auroc": auroc}}, {"overall": {"macro_auroc": 0.76}}
+def test_a_recipe_bundle_on_trained_weights_is_held_to_its_trained_gate(weights, agree, p99, auroc, change, failure):
+    manifest = SimpleNamespace(recipe={"name": change.get("recipe", "cpu-int8"),
+                                       "source_bundle": {"files_sha256": change.get("source", "fp32-digest")}},
+                               source={"weights": weights})
+    engine = {"overall": {"macro_auroc": auroc, "errors": change.get("errors", 0)}}
+    fp32 = {"overall": {"macro_auroc": 0.76, "errors": 0}}
     against = {"verdict_agreement": agree, "p_unsafe_abs_diff_p99": p99}
-    gate = accuracy.recipe_gate(manifest, engine, fp32, against)
+    gate = accuracy.recipe_gate(manifest, engine, fp32, against, "fp32-digest")
     if failure == "no gate":
         assert gate is None
     elif failure is None:
         assert gate["passed"] and gate["auroc_drop"] == pytest.approx(0.002)
     else:
         assert not gate["passed"] and len(gate["failures"]) == 1 and failure in gate["failures"][0], gate
+
+
+def test_a_recipe_bundle_is_named_by_its_recipe():
+    manifest = SimpleNamespace(precision="int8", recipe={"name": "cpu-int8", "graphs": {}})
+    assert accuracy.runtime_kind(manifest) == "runtime:int8:cpu-int8"
 
 
 def test_agreement_known_answer():

@@ -100,3 +100,21 @@ def test_weights_are_symmetric_127_levels_per_column():
     assert q.dtype == np.int8 and s.dtype == np.float32
     assert np.allclose(s, [2 / 127, 0.5 / 127, 1.0]) and q[1, 0] == -127 and q[0, 1] == -127
     assert np.abs(q.astype(np.float32) * s - w).max() <= s.max() / 2 + 1e-7
+
+
+def test_an_opset_without_round_is_refused():
+    from omniguard_edge.calibration import per_token
+
+    model = _down()
+    model.opset_import[0].version = 11
+    with pytest.raises(ValueError, match="opset 13 or newer, not 11"):
+        per_token.rewrite(model, {"prod"})
+
+
+def test_a_non_finite_p_unsafe_ranks_as_unsafe_in_the_auroc_drop():
+    from omniguard_edge.calibration.metrics import auroc_drop
+
+    labels, packs = ["unsafe", "unsafe", "safe", "safe"], ["a"] * 4
+    ref, got, drop = auroc_drop([0.9, 0.8, 0.1, 0.2], [0.9, 0.8, float("-inf"), 0.2], labels, packs)
+    assert ref == 1.0 and got == 0.5 and drop == 0.5  # -inf on a safe item scores 1, above both unsafe ones
+    assert auroc_drop([0.9, 0.1], [0.8, 0.2], ["unsafe", "unsafe"], ["a", "a"]) == (None, None, None)

@@ -75,6 +75,13 @@ def test_cpu_recipe_writes_a_quantized_bundle_that_passes_its_gate(quantized, ti
     assert "MatMulInteger" in _onnx_ops(result.out / m.graphs["vision"].file)
     want = "MatMulNBits" if recipe.graphs["decoder_gqa"].method == "int4-block" else "MatMulInteger"
     assert want in _onnx_ops(result.out / m.graphs["decoder_gqa"].file)
+    if name == "cpu-int8":  # every down projection per token (calibration/per_token.py), the rest per run
+        assert m.recipe["graphs_applied"]["decoder_gqa"]["per_token_matmuls"] == m.decoder.num_layers
+        import onnx
+
+        ops = [n.op_type for n in onnx.load(str(result.out / m.graphs["decoder_gqa"].file),
+                                           load_external_data=False).graph.node]
+        assert ops.count("DynamicQuantizeLinear") == 3 * m.decoder.num_layers  # q/k/v, o and gate/up: per run
     assert "decoder.onnx" not in m.files and not (result.out / "decoder.onnx").exists()
     # the tables at the recipe's precision; the runtime reads them as they are (the moderation test below)
     rows = np.load(result.out / m.graphs["decoder_gqa_head"].data_file, mmap_mode="r")
@@ -207,7 +214,10 @@ def test_trained_weights_raise_the_decoder_gates_and_enforce_the_verdicts(tiny_b
     assert graphs["vision"]["gate_cosine"] == graphs["audio"]["gate_cosine"] == INT8_COS
     assert result.fidelity["agreement"]["dp_unsafe_p99"] == pytest.approx(0.01)
     assert not result.passed and result.out is None
-    assert any("AUROC drop unmeasured" in f for f in gate["failures"]), gate["failures"]
+    unmeasured = [f for f in gate["failures"] if "AUROC drop unmeasured" in f]
+    assert len(unmeasured) == 1, gate["failures"]
+    # the only other failures allowed: tiny's random-weight decoder under the raised logits gate
+    assert all(f in unmeasured or f.startswith(("decoder_gqa:", "decoder_gqa_head:")) for f in gate["failures"])
 
 
 def test_quantize_refuses_what_it_cannot_do(tiny_bundle, quantized, tmp_path, monkeypatch):
