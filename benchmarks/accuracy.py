@@ -71,7 +71,6 @@ def cached_predictions(bundle: Path, manifest, items, args, bar) -> list[dict]:
     """predict_runtime, read from the cache when the same bundle (its files' hashes) already ran the same items
     (ids, labels, inputs) with the same mode and budget: the fp32 bundle is run once for all its recipes."""
     import hashlib
-
     import tempfile
     from importlib.metadata import version
 
@@ -92,13 +91,6 @@ def cached_predictions(bundle: Path, manifest, items, args, bar) -> list[dict]:
             json.dump(preds, f)
         Path(f.name).replace(path)
     return preds
-
-
-def files_digest(manifest) -> str:
-    """What a recipe's manifest records of its source bundle (calibration/quantize.py source_bundle.files_sha256)."""
-    import hashlib
-
-    return hashlib.sha256("".join(f"{k}:{v.sha256}" for k, v in sorted(manifest.files.items())).encode()).hexdigest()
 
 
 def predict_reference(checkpoint: Path, items, args, bar) -> list[dict]:
@@ -179,10 +171,10 @@ def macro_auroc(per_pack: dict) -> float | None:
 def agreement(a: list[dict], b: list[dict]) -> dict:
     if len(a) != len(b):
         raise ValueError(f"agreement needs predictions of the same items ({len(a)} vs {len(b)})")
+    from omniguard_edge.calibration.metrics import abs_diffs
+
     same = [decision(x) == decision(y) for x, y in zip(a, b)]
-    # a non-finite P(unsafe) on one side is the largest possible disagreement, not a skipped item
-    diffs = [abs(x["p_unsafe"] - y["p_unsafe"]) if math.isfinite(x["p_unsafe"]) and math.isfinite(y["p_unsafe"])
-             else 1.0 for x, y in zip(a, b) if x["p_unsafe"] is not None and y["p_unsafe"] is not None]
+    diffs = abs_diffs((x["p_unsafe"], y["p_unsafe"]) for x, y in zip(a, b))
     return {"verdict_agreement": sum(same) / len(same) if same else None,
             "p_unsafe_abs_diff_mean": sum(diffs) / len(diffs) if diffs else None,
             "p_unsafe_abs_diff_p99": float(np.percentile(diffs, 99)) if diffs else None,
@@ -355,7 +347,7 @@ def main(argv=None) -> int:
                                                None if args.split == "all" else args.split)
     if not items:
         p.error("no items: check --packs and --data")
-    from omniguard_edge.runtime.manifest import load_manifest, weights_of
+    from omniguard_edge.runtime.manifest import files_digest, load_manifest, weights_of
 
     preds, random_weights, fp32 = {}, False, None
     manifests = [load_manifest(b) for b in args.bundle]

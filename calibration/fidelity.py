@@ -87,8 +87,9 @@ class Agreement:
     @property
     def dp_p99(self) -> float | None:
         """99th percentile of |dP(unsafe)| over the requests with both (a non-finite one on either side: 1)."""
-        dps = [abs(a - b) if math.isfinite(a) and math.isfinite(b) else 1.0
-               for a, b in self.p_unsafe if a is not None and b is not None]
+        from .metrics import abs_diffs
+
+        dps = abs_diffs(self.p_unsafe)
         return float(np.percentile(dps, 99)) if dps else None
 
     def to_dict(self) -> dict:

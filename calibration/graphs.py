@@ -90,9 +90,10 @@ def int8_dynamic(src: Path, dest: Path, plan: GraphPlan, metadata: dict) -> tupl
     rows = []
     if plan.params.get("per_token") == "gated-products":  # the MLP down projections (calibration/per_token.py)
         rows = per_token.rewrite(model, per_token.gated_products(model))
-        if len(rows) != _op_counts(model).get("Sigmoid", 0):  # one gated product per SiLU: every down projection
-            raise RuntimeError(f"{src.name}: {len(rows)} MatMuls read a gated product act(gate) * up, for "
-                               f"{_op_counts(model).get('Sigmoid', 0)} SiLU activations")
+        silus = _op_counts(model).get("Sigmoid", 0)
+        if len(rows) != silus:  # one gated product per SiLU: every down projection
+            raise RuntimeError(f"{src.name}: {len(rows)} MatMuls read a gated product act(gate) * up, for {silus} "
+                               "SiLU activations")
         if not rows:
             raise RuntimeError(f"{src.name}: no MatMul reads a gated product act(gate) * up to quantize per token")
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp, _quiet():

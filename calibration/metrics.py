@@ -40,6 +40,13 @@ def mean_defined(values) -> float | None:
     return float(np.mean(both)) if both else None
 
 
+def abs_diffs(pairs) -> list[float]:
+    """|a - b| of each (a, b) pair of P(unsafe) where both are given; a non-finite value on either side is the
+    largest possible difference (1), not a skipped pair."""
+    return [abs(a - b) if math.isfinite(a) and math.isfinite(b) else 1.0
+            for a, b in pairs if a is not None and b is not None]
+
+
 def auroc_drop(p_fp32, p_quant, labels, packs) -> tuple[float | None, float | None, float | None]:
     """(fp32's macro AUROC, the recipe's, fp32's minus the recipe's) over the requests where both sides have a
     P(unsafe) (None where no pack holds both labels). A non-finite P(unsafe) (nan, inf, -inf) is scored 1, as unsafe

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.errors import BundleError
-from ..runtime.manifest import MANIFEST_NAME, FileEntry, Manifest, load_manifest, sha256_file, weights_of
+from ..runtime.manifest import (MANIFEST_NAME, FileEntry, Manifest, files_digest, load_manifest, sha256_file,
+                                weights_of)
 from . import calibset, fidelity, graphs, metrics
 from .recipes import DECODER_GRAPHS, Recipe, RecipeError, TrainedGate, get_recipe
 
@@ -355,9 +356,10 @@ def _quantize(bundle, manifest, recipe, out, work, scratch, data, allow_failing,
     # op without an fp16 CPU kernel runs in fp32 between the Casts onnxruntime inserts for it)
     # on trained weights the recipe's trained gate holds every decoder graph's logits to its cosine (encoders stay
     # random in small-real, so theirs keep the per-graph gate)
-    if weights_of(manifest.source) != "random" and recipe.trained_gate is None:
+    weights = weights_of(manifest.source)
+    if weights != "random" and recipe.trained_gate is None:
         raise RecipeError(f"recipe {recipe.name} has no trained gate, so it cannot be judged on trained weights")
-    trained = recipe.trained_gate if weights_of(manifest.source) != "random" else None
+    trained = recipe.trained_gate if weights != "random" else None
     report_graphs = {}
     total = sum(len(feeds.get(n, [])) for n in names if recipe.graphs[n].method != "keep")
     with tqdm(total=total, desc="fidelity (graphs)", unit="input", disable=not progress) as bar:
@@ -382,7 +384,7 @@ def _quantize(bundle, manifest, recipe, out, work, scratch, data, allow_failing,
 
     recipe_record = {**recipe.to_dict(), "graphs_applied": details,
                      "source_bundle": {"path": str(bundle.resolve()), "precision": manifest.precision,
-                                       "files_sha256": _files_digest(manifest)},
+                                       "files_sha256": files_digest(manifest)},
                      "tools": {"onnxruntime": version("onnxruntime"), "onnx": version("onnx")}}
     new = dataclasses.replace(manifest, precision=recipe.precision, graphs=new_graphs, files=files, embedding=embedding,
                               calibration=calibration_summary, recipe=recipe_record, fidelity=None)
@@ -412,7 +414,7 @@ def _quantize(bundle, manifest, recipe, out, work, scratch, data, allow_failing,
     report = {"graphs": report_graphs, "agreement": agreement, "heldout_failed": heldout_failed,
               "measured": measure,
               "gate": {"passed": passed, "failures": failures, "agreement_enforced": enforced,
-                       "weights": weights_of(manifest.source),
+                       "weights": weights,
                        "trained_gate": dataclasses.asdict(trained) if trained is not None else None,
                        "allowed_failing": bool(allow_failing and not passed)},
               "seconds": round(time.perf_counter() - started, 1),
@@ -479,9 +481,3 @@ def _unmeasured(report_graphs: dict) -> list[str]:
             g["passed"] = False
     return ["fidelity not measured (--no-fidelity): no graph was compared with fp32 and no verdict with the fp32 "
             "bundle's"]
-
-
-def _files_digest(manifest: Manifest) -> str:
-    import hashlib
-
-    return hashlib.sha256("".join(f"{k}:{v.sha256}" for k, v in sorted(manifest.files.items())).encode()).hexdigest()

@@ -184,6 +184,14 @@ def weights_of(source: dict) -> str:
     return "random" if source.get("reference_checkpoint") else "checkpoint"
 
 
+def files_digest(manifest: "Manifest") -> str:
+    """One sha256 over a bundle's listed files and their hashes: what a recipe's manifest records of its fp32 source
+    (`recipe.source_bundle.files_sha256`), so the source can be recognised later (accuracy.py's recipe gate)."""
+    import hashlib
+
+    return hashlib.sha256("".join(f"{k}:{v.sha256}" for k, v in sorted(manifest.files.items())).encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class Manifest:
     """Everything the runtime needs to know about a bundle; written as manifest.json."""
