@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.errors import BundleError, CheckpointError
+from ..runtime.positions.vision import head_chunk
 from ..runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, FileEntry, GraphSpec, Manifest, TensorSpec, sha256_file
 from .checkpoint import Checkpoint, open_checkpoint
 from .graphs import GRAPHS
@@ -163,7 +164,9 @@ def _geometry(ckpt: Checkpoint) -> tuple[dict, dict, dict, dict]:
     decoder["rope_inv_freq"] = [float(x) for x in Qwen2_5OmniRotaryEmbedding(t).inv_freq.float().numpy()]
     vision = {"patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size, "in_channels": v.in_channels,
               "spatial_merge_size": v.spatial_merge_size, "window_size": v.window_size, "hidden_size": v.hidden_size,
-              "depth": v.depth, "fullatt_block_indexes": list(v.fullatt_block_indexes), "out_hidden_size": v.out_hidden_size}
+              "depth": v.depth, "fullatt_block_indexes": list(v.fullatt_block_indexes), "out_hidden_size": v.out_hidden_size,
+              "full_head_chunk": head_chunk(v.num_heads), "num_heads": v.num_heads,
+              "intermediate_size": v.intermediate_size}
     audio = {"num_mel_bins": a.num_mel_bins, "n_window": a.n_window, "d_model": a.d_model,
              "encoder_layers": a.encoder_layers, "output_dim": a.output_dim, "max_source_positions": a.max_source_positions}
     pre = json.loads((ckpt.path / "preprocessor_config.json").read_text())

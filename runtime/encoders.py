@@ -11,9 +11,8 @@ def encode_vision(session, rows: list[np.ndarray], grids: list[tuple[int, int, i
                   run_options=None) -> list[np.ndarray]:
     """Pixel rows of each image/video (in order) -> features [tokens_i, hidden] per item."""
     idx = vision_index(grids, vision["spatial_merge_size"], vision["window_size"], vision["patch_size"])
-    feeds = {"pixel_values": np.concatenate(rows, axis=0).astype(np.float32), "rot_pos": idx.rot_pos,
-             "window_index": idx.window_index, "reverse_index": idx.reverse_index,
-             "win_seg": idx.win_seg, "full_seg": idx.full_seg}
+    # the index inputs the graph declares (bundles exported before the padded attention batch take win_seg/full_seg)
+    feeds = {"pixel_values": np.concatenate(rows, axis=0).astype(np.float32), **idx.feeds(session.input_names)}
     features = session.run(feeds, ["features"], run_options)["features"]
     unit = vision["spatial_merge_size"] ** 2
     splits = np.cumsum([t * h * w // unit for t, h, w in grids])[:-1]

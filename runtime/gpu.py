@@ -45,6 +45,9 @@ GRAPHS = ("vision", "audio", "decoder")  # a GPU runs the standard-ops decoder: 
 # tokens after a cached policy prefix of up to 384, a 448x448 image (256 tokens), 5 s of audio
 OPT = {"prompt_tokens": 256, "past_tokens": 384, "image_tokens": 256, "audio_seconds": 5.0}
 AUDIO_CLIPS = 4  # audio clips of one request (their chunks run in one call) the audio profile has room for
+# images and video frames (temporal patches) of one request the vision profile has room for: TensorRT sizes the
+# full-attention scores [frames, chunk heads, frame_len, frame_len] at every axis' maximum
+VISION_FRAMES = 4
 TENSORRT_SUPPORTED = "TensorRT 10.3 or later 10.x (JetPack 6.1/6.2 ship 10.3), or 11.x"
 ENGINE_FILE = "engine.json"
 
@@ -206,7 +209,14 @@ def _symbols(manifest, lim: dict) -> dict[str, dict]:
     if img:
         o = min(OPT["image_tokens"], img)
         why = f"--max-image-tokens {img}"
-        out["vision"] = {"patches": (merge2, o * merge2, img * merge2, why), "tokens": (1, o, img, why)}
+        window = (int(manifest.vision.window_size) // int(manifest.vision.patch_size)) ** 2  # patches per window
+        frames = f"{why}, in up to {VISION_FRAMES} images or video frames"
+        # windows: at least one merged token each (the edge windows), so at most one per token
+        out["vision"] = {"patches": (merge2, o * merge2, img * merge2, why), "tokens": (1, o, img, why),
+                         "windows": (1, -(-o * merge2 // window), img, why),
+                         "window_len": (merge2, min(window, o * merge2), min(window, img * merge2), why),
+                         "frames": (1, 1, VISION_FRAMES, frames),
+                         "frame_len": (merge2, o * merge2, img * merge2, why)}
     secs = float(lim["max_audio_seconds"])
     frames = math.ceil(secs * MEL_FRAMES_PER_SECOND)
     if frames >= MIN_FRAMES:

@@ -152,6 +152,11 @@ class VisionGeometry(_Section):
     depth: int
     fullatt_block_indexes: list
     out_hidden_size: int
+    # heads per chunk of the full-attention blocks' padded frame batch; 0 (exports before the padded batches): the
+    # graph attends over all patches with segment masks (export/graphs/vision.py, runtime/memory.py)
+    full_head_chunk: int = 0
+    num_heads: int | None = None  # None in exports before they were recorded (memory.py then assumes head_dim 80)
+    intermediate_size: int | None = None  # None likewise (then 4 x hidden_size)
 
 
 @dataclass(frozen=True, eq=False)

@@ -2,8 +2,10 @@
 sizes, and plan it to fit (chunked prefill, a vision pixel cap) or refuse it up front.
 
 The graphs materialise their attention as plain MatMul/Softmax (DESIGN section 4): the decoder's scores are
-[heads, seq, past+seq], the vision encoder's are [heads, patches, patches] in every block (window blocks too:
-windows are a segment mask over all patches) plus two [patches, patches] bias matrices. Those dominate. The
+[heads, seq, past+seq]; the vision encoder's are [windows, heads, 64, 64] in the windowed blocks and
+[frames, chunk heads, frame, frame] in the full-attention ones (padded batches, export/graphs/vision.py), or, in
+bundles exported before those, [heads, patches, patches] in every block plus two [patches, patches] bias
+matrices. Those dominate. The
 estimate adds up, in float32 bytes, what one graph run holds at its peak; the coefficients were calibrated by
 measuring peak RSS deltas on the `tiny` bundle (README "Memory"). It is an upper-bound-leaning estimate, not a
 promise of the allocator's behaviour: `ALLOCATOR_SLACK` covers heap fragmentation measured there.
@@ -88,6 +90,8 @@ class Geometry:
     patch_row: int = 1176  # in_channels * temporal_patch * patch^2
     patch_size: int = 14
     merge: int = 2
+    vision_window: int = 4  # merged tokens per window side (window_size // merge // patch_size)
+    vision_head_chunk: int = 0  # heads per full-attention chunk; 0: a bundle whose graph masks patches x patches
     audio_layers: int = 0
     audio_width: int = 0
     audio_heads: int = 0
@@ -106,10 +110,12 @@ class Geometry:
         return cls(
             layers=d["num_layers"], heads=d["num_heads"], kv_heads=d["num_kv_heads"], head_dim=d["head_dim"],
             hidden=d["hidden_size"], vocab=d["vocab_size"], ffn=d.get("intermediate_size", 6 * d["hidden_size"]),
-            vision_depth=v.get("depth", 0), vision_width=vw, vision_heads=v.get("num_heads", heads_of(vw, 80)),
-            vision_ffn=v.get("intermediate_size", 4 * vw), vision_out=v.get("out_hidden_size", d["hidden_size"]),
+            vision_depth=v.get("depth", 0), vision_width=vw, vision_heads=v.get("num_heads") or heads_of(vw, 80),
+            vision_ffn=v.get("intermediate_size") or 4 * vw, vision_out=v.get("out_hidden_size", d["hidden_size"]),
             patch_row=v.get("in_channels", 3) * v.get("temporal_patch_size", 2) * v.get("patch_size", 14) ** 2,
             patch_size=v.get("patch_size", 14), merge=v.get("spatial_merge_size", 2),
+            vision_window=max(1, v.get("window_size", 112) // v.get("spatial_merge_size", 2) // v.get("patch_size", 14)),
+            vision_head_chunk=v.get("full_head_chunk", 0),
             audio_layers=a.get("encoder_layers", 0), audio_width=aw,
             audio_heads=a.get("encoder_attention_heads", heads_of(aw, 64)), audio_ffn=a.get("encoder_ffn_dim", 4 * aw),
             audio_bins=a.get("num_mel_bins", 128), audio_window=a.get("n_window", 100),
@@ -161,32 +167,59 @@ def generation_bytes(g: Geometry, prompt: int, new_tokens: int) -> int:
     return decoder_bytes(g, prompt + new_tokens, 1)
 
 
-def _vision_coeffs(g: Geometry) -> tuple[int, int]:
-    """(a, b): vision peak = a * patches^2 + b * patches."""
-    quad = 2 * (F32 + 1) + 2 * g.vision_heads * F32  # two float biases + two bool maps, scores twice
+def _vision_linear(g: Geometry) -> int:
+    """Bytes per patch that every vision block holds whatever its attention: activations, MLP, patch rows."""
     lin = (6 * g.vision_width + 3 * g.vision_ffn + 2 * g.patch_row) * F32
-    lin += 2 * g.vision_out * F32 // max(1, g.merge**2)
-    return quad, lin
+    return lin + 2 * g.vision_out * F32 // max(1, g.merge**2)
 
 
-def vision_bytes(g: Geometry, patches: int) -> int:
-    """Peak of one vision call over `patches` patches (all images and videos of the request)."""
+def square_grid(g: Geometry, patches: int) -> list[tuple[int, int, int]]:
+    """One frame of at least `patches` patches, as square as the merge allows: for a patch count alone, the
+    layout whose full-attention blocks cost most."""
+    side = math.isqrt(max(1, patches))
+    side += side * side < patches
+    side = -(-side // g.merge) * g.merge
+    return [(1, side, side)]
+
+
+def vision_bytes(g: Geometry, grids) -> int:
+    """Peak of one vision call: `grids` the (t, h, w) patch grids of all images and videos of the request, or a
+    patch count (one square frame, the dearest layout of that many patches)."""
+    if isinstance(grids, int):
+        if grids <= 0:
+            return 0
+        patches, grids = grids, square_grid(g, grids)
+    else:
+        patches = sum(int(t) * int(h) * int(w) for t, h, w in grids)
     if patches <= 0 or not g.vision_depth:
         return 0
-    a, b = _vision_coeffs(g)
-    return a * patches * patches + b * patches
+    lin = _vision_linear(g) * patches
+    if not g.vision_head_chunk:  # masked patches x patches in every block: two float biases, two bool maps,
+        return (2 * (F32 + 1) + 2 * g.vision_heads * F32) * patches * patches + lin  # scores twice
+    side, unit = g.vision_window, g.merge
+    windows = sum(int(t) * -(-(int(h) // unit) // side) * -(-(int(w) // unit) // side) for t, h, w in grids)
+    longest = max(int(h) * int(w) for _, h, w in grids)
+    frames = sum(int(t) for t, _, _ in grids)
+    window_len = min((side * unit) ** 2, longest)
+    # scores and their softmax per batch, plus the gathered q, k, v and the padded output ([slots, width] each)
+    window_block = 2 * g.vision_heads * windows * window_len**2 * F32 + 4 * g.vision_width * windows * window_len * F32
+    full_block = 2 * g.vision_head_chunk * frames * longest**2 * F32 + 4 * g.vision_width * frames * longest * F32
+    return lin + max(window_block, full_block)
 
 
 def max_vision_patches(g: Geometry, budget: int) -> int:
-    """The most patches one vision call may have for its peak to fit `budget` bytes (allocator slack taken)."""
+    """The most patches one vision call may have for its peak to fit `budget` bytes (allocator slack taken), as
+    one square frame (the dearest layout of a patch count)."""
     room = budget - ALLOCATOR_SLACK
-    if room <= 0:
+    if room <= 0 or vision_bytes(g, 1) > room:
         return 0
-    a, b = _vision_coeffs(g)
-    n = int((-b + math.sqrt(b * b + 4 * a * room)) / (2 * a))
-    while n > 0 and vision_bytes(g, n) > room:
-        n -= 1
-    return n
+    lo, hi = 1, 2
+    while vision_bytes(g, hi) <= room:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # vision_bytes(lo) fits, vision_bytes(hi) does not
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if vision_bytes(g, mid) <= room else (lo, mid)
+    return lo
 
 
 def audio_bytes(g: Geometry, frames: tuple | list) -> int:
@@ -224,7 +257,7 @@ class Estimate:
 def estimate(g: Geometry, sizes: RequestSizes, chunk: int | None = None) -> Estimate:
     decoder = max(decoder_bytes(g, sizes.prompt_tokens, chunk),
                   generation_bytes(g, sizes.prompt_tokens, int(sizes.new_tokens)))
-    return Estimate(vision_bytes(g, sizes.vision_patches), audio_bytes(g, sizes.audio_frames), decoder)
+    return Estimate(vision_bytes(g, list(sizes.vision_grids)), audio_bytes(g, sizes.audio_frames), decoder)
 
 
 @dataclass(frozen=True)
@@ -250,7 +283,7 @@ def plan_request(source, sizes: RequestSizes, budget: MemoryBudget | int = Memor
     s, n = int(sizes.prompt_tokens), int(sizes.new_tokens)
     if s < 0 or n < 0:
         raise InputError(f"prompt_tokens and new_tokens must be >= 0, not {s} and {n}")
-    vision, audio = vision_bytes(g, sizes.vision_patches), audio_bytes(g, sizes.audio_frames)
+    vision, audio = vision_bytes(g, list(sizes.vision_grids)), audio_bytes(g, sizes.audio_frames)
     for stage, need in (("the vision encoder", vision), ("the audio encoder", audio)):
         if need + ALLOCATOR_SLACK > limit:
             cap = max_vision_patches(g, limit)

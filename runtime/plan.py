@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
-from .memory import GiB, MiB, Geometry, RequestSizes, estimate
+from .memory import GiB, MiB, Geometry, RequestSizes, estimate, square_grid
+from .positions.vision import head_chunk
 
 # marketed memory of each module (GiB: the modules carry 4/8/16/32/64 GiB of LPDDR5)
 DEVICES = {
@@ -201,6 +202,9 @@ def geometry(s: Shapes) -> Geometry:
                     vision_heads=_get(v, "num_heads"), vision_ffn=_get(v, "intermediate_size"),
                     vision_out=v.get("out_hidden_size", h), patch_row=_patch_row(v),
                     patch_size=v.get("patch_size", 14), merge=v.get("spatial_merge_size", 2),
+                    vision_window=max(1, v.get("window_size", 112) // v.get("spatial_merge_size", 2)
+                                      // v.get("patch_size", 14)),
+                    vision_head_chunk=head_chunk(_get(v, "num_heads")),  # the graph this package exports
                     audio_layers=_get(a, "encoder_layers"), audio_width=_get(a, "d_model"),
                     audio_heads=_get(a, "encoder_attention_heads"), audio_ffn=_get(a, "encoder_ffn_dim"),
                     audio_bins=a.get("num_mel_bins", 128), audio_window=a.get("n_window", 100))
@@ -272,7 +276,7 @@ def plan(s, recipe: str, device: str, limits: dict | None = None, reserve_gb: fl
         g = geometry(s)
     merge2 = g.merge ** 2
     sizes = RequestSizes(prompt_tokens=int(lim["max_prompt_tokens"]),
-                         vision_grids=((1, int(lim["max_image_tokens"]) * merge2, 1),) if lim["max_image_tokens"] else (),
+                         vision_grids=tuple(square_grid(g, int(lim["max_image_tokens"]) * merge2)) if lim["max_image_tokens"] else (),
                          audio_frames=(int(lim["max_audio_seconds"] * MEL_FRAMES_PER_SECOND),) if lim["max_audio_seconds"] else (),
                          new_tokens=int(lim["new_tokens"]))
     est = estimate(g, sizes)

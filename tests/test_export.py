@@ -57,6 +57,24 @@ def test_vision_graph_has_no_baked_grid(tiny_bundle, tiny_parts):
     assert compare(got, ref.numpy())["max_abs"] <= 1e-4
 
 
+@pytest.mark.parametrize("chunk", [1, 0])
+def test_vision_attention_batches_match_pytorch_with_head_chunks(chunk, tiny_parts, tmp_path, monkeypatch):
+    """The full-attention blocks split their heads into chunks (one head each here; 0: no chunks) and every block
+    attends over padded window/frame batches: traced to ONNX, it equals PyTorch on unequal windows, two images of
+    different sizes (padded frames) and a video."""
+    from omniguard_edge.export.onnx_io import trace_to_onnx
+    from omniguard_edge.runtime.positions import vision as positions
+
+    monkeypatch.setattr(positions, "FULL_HEAD_CHUNK", chunk)
+    gdef = GRAPHS["vision"]
+    inputs, outputs, axes = gdef.interface(tiny_parts)
+    path = trace_to_onnx(gdef.build(tiny_parts), gdef.example(tiny_parts), inputs, outputs, axes, tmp_path)
+    cases = [c for c in gdef.cases(tiny_parts, np.random.default_rng(7)) if c.name in ("image_20x36", "two_images", "video_t2")]
+    for case, (got,) in zip(cases, run_onnx(path, [case_feeds(c) for c in cases])):
+        fig = compare(got, case.reference()["features"])
+        assert fig["max_abs"] <= 1e-4 and fig["cosine"] >= 0.99999, (case.name, fig)
+
+
 def test_manifest_describes_bundle(tiny_bundle, tiny_parts):
     m = load_manifest(tiny_bundle)
     assert set(m.graphs) == {"vision", "audio", "decoder", "decoder_gqa", "decoder_gqa_head"}

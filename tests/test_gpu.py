@@ -50,6 +50,9 @@ def test_profiles_from_the_limits_hand_computed(manifest):
     v = profs["vision"].shapes
     assert v["pixel_values"] == ((4, 1176), (1024, 1176), (1200, 1176))  # 1 token, opt 256, max 300 tokens
     assert v["window_index"] == ((1,), (256,), (300,))
+    # padded batches: windows of up to 64 patches (at least one token each), opt 1024 / 64; up to 4 frames
+    assert v["win_gather"] == ((1, 4), (16, 64), (300, 64)) and v["win_lens"] == ((1,), (16,), (300,))
+    assert v["full_gather"] == ((1, 4), (1, 1024), (4, 1200)) and v["full_scatter"] == ((4,), (1024,), (1200,))
     a = profs["audio"].shapes
     # 750 frames in up to 4 clips: ceil(750 / 200) + 3 = 7 chunks of at most 200 frames; opt 5 s = 500 frames = 3
     # chunks; tokens <= 750 // 4 + 7

@@ -3,6 +3,8 @@ and RSS returned after a large request (README "Memory"). Runtime-only: tiny_bun
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import subprocess
@@ -128,6 +130,32 @@ def test_vision_and_audio_estimate_known_answers():
     est = estimate(SMALL, RequestSizes(10, ((1, 2, 5),), (250,)))
     assert (est.vision, est.audio, est.decoder) == (100680, 883200, 7720)
     assert est.peak == ALLOCATOR_SLACK + 883200
+
+
+def test_batched_vision_estimate_known_answers():
+    """A bundle whose vision graph attends over padded batches (manifest full_head_chunk > 0): windows cost
+    windows x 64^2 per head, full-attention blocks frames x frame^2 per head of one chunk, not patches^2."""
+    g = dataclasses.replace(SMALL, vision_head_chunk=1)
+    # 16x24 patches: 8x12 merged tokens = 2x3 windows of 64 patches; one frame of 384. Per patch 9808 B (above).
+    # windows: scores 2*2*6*64*64*4 = 393216 + q/k/v/out 4*8*6*64*4 = 49152; full: 2*1*1*384^2*4 = 1179648
+    # + 4*8*384*4 = 49152: the full block is the peak
+    assert vision_bytes(g, [(1, 16, 24)]) == 9808 * 384 + 1179648 + 49152 == 4995072
+    assert vision_bytes(SMALL, [(1, 16, 24)]) == 26 * 384**2 + 9808 * 384  # the masked graph, as before
+    # a video of 3 such frames: frames are batched, not one 1152-patch segment (9x less than 1152^2)
+    assert vision_bytes(g, [(3, 16, 24)]) == 9808 * 1152 + 3 * (2 * 384**2 * 4 + 4 * 8 * 384 * 4)
+    # a patch count alone is one square frame, the dearest layout: 100 patches -> 10x10
+    assert vision_bytes(g, 100) == vision_bytes(g, [(1, 10, 10)])
+    n = max_vision_patches(g, ALLOCATOR_SLACK + 10_000_000)
+    assert vision_bytes(g, n) <= 10_000_000 < vision_bytes(g, n + 1)
+    assert n > max_vision_patches(SMALL, ALLOCATOR_SLACK + 10_000_000)
+
+
+def test_batched_vision_estimate_of_7b_at_720p():
+    """7B's encoder (16 heads, one head per full-attention chunk) on a 1280x720 image (52x92 patches): a fifth of
+    the masked graph (0.66 against 3.34 GiB)."""
+    g = dataclasses.replace(SEVEN_B, vision_head_chunk=1)
+    batched, masked = vision_bytes(g, [(1, 52, 92)]), vision_bytes(SEVEN_B, [(1, 52, 92)])
+    assert batched < masked / 5 and batched < 1 << 30
 
 
 def test_max_vision_patches_is_the_largest_that_fits():

@@ -53,6 +53,34 @@ def test_vision_index_permutes_consistently():
         assert len(np.unique(idx.full_seg[idx.win_seg == seg])) == 1
 
 
+@pytest.mark.parametrize("name", GRIDS)
+def test_padded_batches_hold_each_segment_in_order(name):
+    """Row s of a gather lists segment s's patches in order, the rest padding; scatter puts every patch back in
+    its own slot, so gathering then scattering is the identity."""
+    idx = vision_index(GRIDS[name])
+    for seg, gather, lens, scatter in ((idx.win_seg, idx.win_gather, idx.win_lens, idx.win_scatter),
+                                       (idx.full_seg, idx.full_gather, idx.full_lens, idx.full_scatter)):
+        assert gather.shape == (seg.max() + 1, np.bincount(seg).max()) and lens.tolist() == np.bincount(seg).tolist()
+        for s, row in enumerate(gather):
+            np.testing.assert_array_equal(row[:lens[s]], np.flatnonzero(seg == s))
+            assert not row[lens[s]:].any()
+        np.testing.assert_array_equal(gather.reshape(-1)[scatter], np.arange(len(seg)))
+    assert idx.win_gather.shape[1] <= 64  # at most 8x8 patches per 112-pixel window
+
+
+def test_padded_batches_of_720p_are_linear_in_patches():
+    """1280x720 (92x52 patches): 84 windows of at most 64 patches, not 4,784 x 4,784."""
+    idx = vision_index([(1, 92, 52)])
+    assert idx.win_gather.shape == (84, 64) and idx.full_gather.shape == (1, 4784)
+
+
+def test_padded_segments_refuse_a_gap():
+    from omniguard_edge.runtime.positions.vision import padded_segments
+
+    with pytest.raises(ValueError, match="without gaps"):
+        padded_segments(np.array([0, 0, 2]))
+
+
 def test_vision_index_rejects_odd_grid():
     with pytest.raises(ValueError, match="merge size"):
         vision_index([(1, 7, 8)])

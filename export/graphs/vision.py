@@ -1,18 +1,27 @@
 """Vision encoder graph: Qwen2.5-VL ViT with window attention, fed precomputed index tensors.
 
 Inputs (all axes dynamic): pixel_values [patches, C*T*P*P] float32 (rows in merge-block order),
-rot_pos [patches, 2] int64, window_index/reverse_index [tokens] int64, win_seg/full_seg [patches] int64.
+rot_pos [patches, 2] int64, window_index/reverse_index [tokens] int64, and the padded attention batches
+(runtime/positions/vision.py): win_gather [windows, window_len], win_lens [windows], win_scatter [patches],
+full_gather [frames, frame_len], full_lens [frames], full_scatter [patches], all int64.
 Output: features [tokens, text_hidden] float32, in the input's merged-token order.
+
+Each block attends within a batch of segments, `[segments, heads, longest, longest]` scores: the 64-patch windows
+for the windowed blocks, each image or video frame for the full-attention ones (there in chunks of heads,
+runtime/positions/vision.py FULL_HEAD_CHUNK, so one chunk's scores are live at a time). The work and memory of the
+windowed blocks grow linearly with the patches, those of the full blocks with the sum of squared frame sizes.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from ...runtime.positions import vision as positions
 from ...runtime.positions import vision_index
 from .spec import NEG_BIAS, GraphCase, GraphDef, attention, rotate_half
 
-INPUTS = ["pixel_values", "rot_pos", "window_index", "reverse_index", "win_seg", "full_seg"]
+INPUTS = ["pixel_values", "rot_pos", "window_index", "reverse_index", "win_gather", "win_lens", "win_scatter",
+          "full_gather", "full_lens", "full_scatter"]
 
 
 def build(parts):
@@ -30,29 +39,44 @@ def build(parts):
             self.full = set(cfg.fullatt_block_indexes)
             self.register_buffer("inv_freq", visual.rotary_pos_emb.inv_freq.clone(), persistent=False)
 
-        def _attn(self, mod, x, cos, sin, bias):
+        def _attn(self, mod, x, cos, sin, batch, full):
+            gather, bias, scatter = batch
             n, heads = x.shape[0], mod.num_heads
-            q, k, v = (proj(x).reshape(n, heads, -1).transpose(0, 1) for proj in (mod.q, mod.k, mod.v))
+            q, k, v = (proj(x).reshape(n, heads, -1) for proj in (mod.q, mod.k, mod.v))
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-            out = attention(q, k, v, bias, mod.scaling)
-            return mod.proj(out.transpose(0, 1).reshape(n, -1))
+            # [segments, longest, heads, head_dim] -> [segments, heads, longest, head_dim]
+            q, k, v = (t[gather].permute(0, 2, 1, 3) for t in (q, k, v))
+            step = positions.head_chunk(heads) if full else heads
+            out = torch.cat([attention(q[:, h:h + step], k[:, h:h + step], v[:, h:h + step], bias, mod.scaling)
+                             for h in range(0, heads, step)], dim=1) if step < heads else \
+                attention(q, k, v, bias, mod.scaling)
+            out = out.permute(0, 2, 1, 3).reshape(-1, heads * out.shape[-1])[scatter]
+            return mod.proj(out)
 
-        def forward(self, pixel_values, rot_pos, window_index, reverse_index, win_seg, full_seg):
+        @staticmethod
+        def _batch(gather, lens, scatter, dtype):
+            """(gather, key bias [segments, 1, 1, longest], scatter): padded keys masked."""
+            slots = torch.arange(gather.shape[1], dtype=lens.dtype)
+            valid = slots.unsqueeze(0) < lens.unsqueeze(1)
+            bias = torch.where(valid, torch.zeros((), dtype=dtype), torch.full((), NEG_BIAS, dtype=dtype))
+            return gather, bias[:, None, None, :], scatter
+
+        def forward(self, pixel_values, rot_pos, window_index, reverse_index, win_gather, win_lens, win_scatter,
+                    full_gather, full_lens, full_scatter):
             x = self.visual.patch_embed(pixel_values)
             width = x.shape[-1]
             x = x.reshape(-1, self.unit, width)[window_index].reshape(-1, width)
             freqs = rot_pos.unsqueeze(-1).float() * self.inv_freq  # [P, 2, head_dim/4]
             emb = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)
             emb = torch.cat([emb, emb], dim=-1)  # [P, head_dim]
-            cos, sin = emb.cos().unsqueeze(0), emb.sin().unsqueeze(0)
-            zero = torch.zeros((), dtype=x.dtype)
-            neg = torch.full((), NEG_BIAS, dtype=x.dtype)
-            win_bias = torch.where(win_seg.unsqueeze(1) == win_seg.unsqueeze(0), zero, neg)
-            full_bias = torch.where(full_seg.unsqueeze(1) == full_seg.unsqueeze(0), zero, neg)
+            cos, sin = emb.cos().unsqueeze(1), emb.sin().unsqueeze(1)  # [P, 1, head_dim]
+            windows = self._batch(win_gather, win_lens, win_scatter, x.dtype)
+            frames = self._batch(full_gather, full_lens, full_scatter, x.dtype)
             for i, blk in enumerate(self.visual.blocks):
-                bias = full_bias if i in self.full else win_bias
-                x = x + self._attn(blk.attn, blk.norm1(x), cos, sin, bias)
+                full = i in self.full
+                x = x + self._attn(blk.attn, blk.norm1(x), cos, sin, frames if full else windows,
+                                   full)
                 x = x + blk.mlp(blk.norm2(x))
             return self.visual.merger(x)[reverse_index]
 
@@ -66,8 +90,7 @@ def feeds_for(grids, cfg, rng) -> dict[str, np.ndarray]:
     row = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
     return {
         "pixel_values": rng.standard_normal((patches, row)).astype(np.float32),
-        "rot_pos": idx.rot_pos, "window_index": idx.window_index, "reverse_index": idx.reverse_index,
-        "win_seg": idx.win_seg, "full_seg": idx.full_seg,
+        **idx.feeds(INPUTS),
     }
 
 
@@ -102,8 +125,9 @@ VISION = GraphDef(
     name="vision",
     interface=lambda parts: (INPUTS, ["features"], {
         "pixel_values": {0: "patches"}, "rot_pos": {0: "patches"}, "window_index": {0: "tokens"},
-        "reverse_index": {0: "tokens"}, "win_seg": {0: "patches"}, "full_seg": {0: "patches"},
-        "features": {0: "tokens"},
+        "reverse_index": {0: "tokens"}, "win_gather": {0: "windows", 1: "window_len"}, "win_lens": {0: "windows"},
+        "win_scatter": {0: "patches"}, "full_gather": {0: "frames", 1: "frame_len"}, "full_lens": {0: "frames"},
+        "full_scatter": {0: "patches"}, "features": {0: "tokens"},
     }),
     build=build,
     example=lambda parts: feeds_for([(1, 8, 12)], parts.visual.config, np.random.default_rng(1)),
