@@ -203,3 +203,17 @@ def test_video_matches_official_sampling(clip, proc, monkeypatch):
     diff = np.abs(rows - ref["pixel_values_videos"])
     # measured on this clip: max 0.195, mean 0.0017, p99 0.015 (normalized units; 1 level ~ 0.015)
     assert diff.mean() <= 0.005 and np.quantile(diff, 0.99) <= 0.03 and diff.max() <= 0.3
+
+
+def test_normalize_table_gives_the_arithmetic_bits_for_every_value():
+    """normalize looks values up in a table; it must equal the processor's float32 arithmetic bit for bit."""
+    from omniguard_edge.runtime.preprocess.image import ImageConfig, normalize
+
+    cfg = ImageConfig()
+    rgb = np.stack(list(np.meshgrid(np.arange(256), np.arange(256)[::-1], indexing="ij")) + [np.full((256, 256), 7)],
+                   axis=-1).astype(np.uint8)  # every value in every channel
+    expected = ((rgb.astype(np.float32) * np.float32(cfg.rescale_factor) - np.asarray(cfg.mean, np.float32))
+                / np.asarray(cfg.std, np.float32)).transpose(2, 0, 1)
+    got = normalize(rgb, cfg)
+    assert got.dtype == np.float32 and got.shape == (3, 256, 256)
+    np.testing.assert_array_equal(got, expected)
