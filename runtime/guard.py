@@ -406,7 +406,11 @@ class Guard:
                     prep.features["image"].append(rows)
                     prep.grids["image"].append(grid)
                 elif kind == "video":
-                    rows, grid, seconds = video_pixels(payload, self.image_cfg, self._video_limits(share))
+                    lim = self._video_limits(share)
+                    check = None if limit is None else \
+                        (lambda grid, label=label, lim=lim: self._video_fits(grid, label, lim, tokens, limit,
+                                                                            len(media) - len(prep.items) - 1))
+                    rows, grid, seconds = video_pixels(payload, self.image_cfg, lim, check)
                     prep.features["video"].append(rows)
                     prep.grids["video"].append(grid)
                     prep.video_seconds.append(seconds)
@@ -439,6 +443,21 @@ class Guard:
                                      "(fewer or shorter items, or a lower resolution)")
         return prep
 
+    def _video_fits(self, grid, label: str, lim: VideoLimits, tokens: int, limit: int, after: int) -> None:
+        """A video's planned grid against the prompt limit, before any frame is decoded: InputError naming what
+        makes it large (its sampled frames and their size) and the limits that would shrink it."""
+        t, h, w = (int(x) for x in grid)
+        own = 2 + t * h * w // self.bundle.manifest.vision.spatial_merge_size ** 2
+        if tokens + own + 3 * after > limit:
+            p = self.image_cfg.patch_size
+            raise InputError(
+                f"{label}: its {t * self.image_cfg.temporal_patch_size} sampled frames ({lim.fps:g} per second) at "
+                f"{w * p}x{h * p} pixels take {own:,} prompt tokens"
+                f"{f' after {tokens:,} for the items before it' if tokens else ''}"
+                f"{f' and at least {3 * after} for the {after} after it' if after else ''}, over the limit of "
+                f"{limit}; refused before decoding: a shorter clip, or lower VideoLimits.fps, max_frames or "
+                f"max_pixels")
+
     def _image_within_budget(self, payload, label: str, share: int, prep: _Prepared):
         """Pixel rows of an image, decoded once: at the default limits when its share of the vision budget
         (`share` patches) allows them, else at the budget's pixel cap (decoded at reduced size, never at full
@@ -457,7 +476,7 @@ class Guard:
         if full == (grid[1] * p, grid[2] * p):
             return rows, grid  # the cap changed nothing
         if opts.memory.image_policy == "refuse":
-            need = vision_bytes(self.geometry, (full[0] // p) * (full[1] // p)) + ALLOCATOR_SLACK
+            need = vision_bytes(self.geometry, [(1, full[0] // p, full[1] // p)]) + ALLOCATOR_SLACK
             raise MemoryBudgetError(f"{label}: {full[1]}x{full[0]} pixels exceeds the memory budget of "
                                     f"{opts.memory.bytes / 2**30:.2f} GiB by {(need - opts.memory.bytes) / 2**30:.2f} GiB "
                                     f"(the vision encoder needs an estimated {need / 2**30:.2f} GiB; {share} patches "
@@ -769,6 +788,7 @@ class Guard:
             prompt_tokens=len(req.ids), cached_prompt_tokens=req.reused, generated_tokens=len(gen.tokens),
             stop_reason=gen.stop_reason, timings=timings, generated_ids=gen.tokens, token_times=gen.token_times,
             notes=req.prep.notes,
+            vision_grids=[[int(x) for x in g] for k in ("image", "video") for g in req.prep.grids[k]],
         )
 
     def moderate_batch(self, requests: list) -> list[ModerationResult]:

@@ -122,6 +122,7 @@ class ModerationResult:
     generated_ids: list[int] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)  # seconds from prefill start to each token
     notes: list[str] = field(default_factory=list)  # changes made to fit the memory budget (e.g. an image downscaled)
+    vision_grids: list = field(default_factory=list)  # [t, h, w] patches the vision encoder ran on: images, then videos
 
     def __post_init__(self):
         if self.verdict not in VERDICTS:

@@ -430,10 +430,12 @@ def test_streamed_resampling_equals_one_shot(hostile, tmp_path):
 
 
 class _CountingCapture:
-    """Wraps cv2.VideoCapture: counts frame reads, optionally reports a false frame count."""
+    """Wraps cv2.VideoCapture: counts frames advanced (`reads`: grab or read) and frames converted (`converted`:
+    retrieve or read), optionally reports a false frame count."""
 
-    def __init__(self, cap, reads, frame_count=None):
+    def __init__(self, cap, reads, frame_count=None, converted=None):
         self.cap, self.reads, self.frame_count = cap, reads, frame_count
+        self.converted = converted if converted is not None else []
 
     def get(self, prop):
         import cv2
@@ -444,15 +446,25 @@ class _CountingCapture:
 
     def read(self):
         self.reads.append(1)
+        self.converted.append(1)
         return self.cap.read()
+
+    def grab(self):
+        self.reads.append(1)
+        return self.cap.grab()
+
+    def retrieve(self, *args):
+        self.converted.append(1)
+        return self.cap.retrieve(*args)
 
     def __getattr__(self, name):
         return getattr(self.cap, name)
 
 
-def _patch_capture(monkeypatch, reads, frame_count=None):
+def _patch_capture(monkeypatch, reads, frame_count=None, converted=None):
     real = video_mod.open_capture
-    monkeypatch.setattr(video_mod, "open_capture", lambda p: _CountingCapture(real(p), reads, frame_count))
+    monkeypatch.setattr(video_mod, "open_capture",
+                        lambda p: _CountingCapture(real(p), reads, frame_count, converted))
 
 
 def test_long_video_refused_from_metadata(hostile, monkeypatch):
@@ -481,6 +493,40 @@ def test_wrong_frame_count_still_samples_like_the_truth(claimed, hostile, monkey
     rows, grid, seconds = video_pixels(hostile / "ok.mp4")
     assert grid == truth[1] and seconds == truth[2] and np.array_equal(rows, truth[0])
     assert len(reads) == (13 if claimed is None else 26)  # 12 frames + the end-of-stream read, per pass
+
+
+@pytest.fixture(scope="module")
+def fast_clip(tmp_path_factory):
+    """60 s at 240 fps, 32x32 frames: 14,400 frames of which 2 fps samples 120."""
+    path = tmp_path_factory.mktemp("fast") / "fast_240fps.mp4"
+    write_video(path, 14400, 240.0)
+    return path
+
+
+@pytest.mark.parametrize("claimed", [None, 0])
+def test_long_high_fps_clip_converts_only_its_sampled_frames(claimed, fast_clip, monkeypatch):
+    """Every frame is grabbed (inter-frame codecs must decode them), only the 120 sampled ones are converted and
+    resized; a container without a frame count costs one counting pass (frame 0 converted, to check its shape)."""
+    reads, converted = [], []
+    _patch_capture(monkeypatch, reads, claimed, converted)
+    rows, grid, seconds = video_pixels(fast_clip)
+    assert grid[0] == 60 and seconds == pytest.approx(1.0, rel=1e-3)  # 120 frames, 2 per temporal patch
+    passes = 1 if claimed is None else 2
+    assert len(reads) == passes * 14401  # each pass: every frame and the end-of-stream grab
+    assert len(converted) == 120 + (passes - 1)
+
+
+def test_video_over_the_prompt_limit_is_refused_before_decoding(fast_clip, tiny_bundle, monkeypatch):
+    """The sampled frames and their size come from the metadata: a video that cannot fit the prompt limit is
+    refused before a frame is grabbed, and the error names what makes it large."""
+    from omniguard_edge.runtime.guard import Guard, GuardOptions
+
+    guard = Guard.from_bundle(tiny_bundle, GuardOptions(max_prompt_tokens=1024))
+    reads = []
+    _patch_capture(monkeypatch, reads)
+    result = guard.moderate(text="what happens here?", video=str(fast_clip))
+    assert result.verdict == "error" and reads == []
+    assert "120 sampled frames (2 per second)" in result.error and "refused before decoding" in result.error
 
 
 def test_video_array_duration_refused_before_resizing(monkeypatch):

@@ -115,6 +115,10 @@ class _Resized:
         for k in self.wanted.get(i, ()):
             self.frames[k] = _resize(rgb, self.size)
 
+    def grid(self, cfg: ImageConfig) -> tuple[int, int, int]:
+        """The vision grid (t, h, w) in patches these frames will make."""
+        return self.n // cfg.temporal_patch_size, self.size[0] // cfg.patch_size, self.size[1] // cfg.patch_size
+
 
 def target_size(h: int, w: int, n: int, cfg: ImageConfig, limits: VideoLimits) -> tuple[int, int]:
     max_pixels = max(min(limits.max_pixels, limits.total_pixels / n * FRAME_FACTOR), int(limits.min_pixels * 1.05))
@@ -128,9 +132,11 @@ def _resize(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).resize((rw, rh), Image.Resampling.BICUBIC))
 
 
-def _decode(path: str, label: str, cfg: ImageConfig, limits: VideoLimits, claimed: int | None):
-    """One streaming pass: count frames (stopping past the duration limit) and keep the sampled ones,
-    resized, for a frame count of `claimed`. -> (frames counted, fps, the _Resized or None)."""
+def _decode(path: str, label: str, cfg: ImageConfig, limits: VideoLimits, claimed: int | None, check=None):
+    """One streaming pass: count frames (stopping past the duration limit) and keep the sampled ones, resized, for
+    a frame count of `claimed` (else the container's). Frames are grabbed (demuxed and decoded, as inter-frame codecs
+    need) and only the sampled ones converted and resized. With a frame count the sampling is planned before any
+    frame is decoded and `check(grid)` may refuse it there. -> (frames counted, fps, the _Resized or None)."""
     import cv2
 
     cap = open_capture(path)
@@ -150,24 +156,35 @@ def _decode(path: str, label: str, cfg: ImageConfig, limits: VideoLimits, claime
             if math.isfinite(meta) and meta > 0:
                 _check_duration(meta, fps, label, limits, claimed=True)  # refused before decoding
                 claimed = int(meta)
+        keep = None
+        if claimed is not None and claimed >= FRAME_FACTOR and width > 0 and height > 0:
+            keep = _Resized(claimed, fps, width, height, cfg, limits)
+            if check is not None:
+                check(keep.grid(cfg))  # the request's limits, before a frame is decoded
         max_total = math.floor(limits.max_seconds * fps)
-        keep, count = None, 0
-        while True:
-            ok, frame = cap.read()
-            if not ok or frame is None:
-                break
-            if count == 0:
-                if frame.ndim != 3 or frame.shape[2] != 3:
-                    raise InputError(f"{label}: decoded frames have shape {frame.shape}, not [H, W, 3]")
-                _check_frame_size(frame.shape[1], frame.shape[0], label, limits)
-                if claimed is not None and claimed >= FRAME_FACTOR:
-                    keep = _Resized(claimed, fps, frame.shape[1], frame.shape[0], cfg, limits)
+        count = 0
+        while cap.grab():
+            wanted = keep is not None and count in keep.wanted
+            if count == 0 or wanted:
+                ok, frame = cap.retrieve()
+                if not ok or frame is None:
+                    break
+                if count == 0:
+                    if frame.ndim != 3 or frame.shape[2] != 3:
+                        raise InputError(f"{label}: decoded frames have shape {frame.shape}, not [H, W, 3]")
+                    _check_frame_size(frame.shape[1], frame.shape[0], label, limits)
+                    size = (frame.shape[1], frame.shape[0])
+                    if claimed is not None and claimed >= FRAME_FACTOR and size != (width, height):
+                        keep = _Resized(claimed, fps, size[0], size[1], cfg, limits)  # no or wrong size metadata
+                        if check is not None:
+                            check(keep.grid(cfg))
+                        wanted = 0 in keep.wanted
+                if wanted:
+                    keep.offer(count, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
             count += 1
             if count > max_total:  # the metadata lied or had no count: stop at the limit
                 raise InputError(f"{label} is longer than the limit of {limits.max_seconds:g} s "
                                  f"(VideoLimits.max_seconds); decoding stopped there")
-            if keep is not None and count - 1 in keep.wanted:
-                keep.offer(count - 1, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
         return count, fps, keep
     finally:
         cap.release()
@@ -184,7 +201,7 @@ def container(head: bytes) -> str | None:
     return None
 
 
-def _read_file(source, cfg: ImageConfig, limits: VideoLimits):
+def _read_file(source, cfg: ImageConfig, limits: VideoLimits, check=None):
     """Path, bytes or binary file object -> (resized sampled RGB frames, n, total frames, fps)."""
     from .source import copy_to, media_source
 
@@ -210,14 +227,14 @@ def _read_file(source, cfg: ImageConfig, limits: VideoLimits):
             head = f.read(12)
         if container(head) is None:
             raise InputError(f"{src.label}: cannot decode the video: not an mp4/mov, webm/mkv or avi container")
-        count, fps, keep = _decode(path, src.label, cfg, limits, None)
+        count, fps, keep = _decode(path, src.label, cfg, limits, None, check)
         if count == 0:
             raise InputError(f"{src.label}: cannot decode any frame (mp4, webm and avi are supported)")
         if count < FRAME_FACTOR:
             raise InputError(f"{src.label} has {count} frame: at least {FRAME_FACTOR} are needed")
         if keep is None or keep.total != count:
             # the metadata's frame count was wrong or missing: a second pass with the counted one
-            count2, fps, keep = _decode(path, src.label, cfg, limits, count)
+            count2, fps, keep = _decode(path, src.label, cfg, limits, count, check)
             if keep is None or count2 != count:
                 raise InputError(f"{src.label}: two decodes gave {count} and {count2} frames; cannot sample it")
         if any(f is None for f in keep.frames):
@@ -228,7 +245,7 @@ def _read_file(source, cfg: ImageConfig, limits: VideoLimits):
             os.unlink(tmp)
 
 
-def _from_array(source, cfg: ImageConfig, limits: VideoLimits):
+def _from_array(source, cfg: ImageConfig, limits: VideoLimits, check=None):
     arr, fps = source
     if not isinstance(arr, np.ndarray):
         raise InputError(f"video: {ARRAY_FORMS}; the frames are a {type(arr).__name__}, not a numpy array")
@@ -241,26 +258,30 @@ def _from_array(source, cfg: ImageConfig, limits: VideoLimits):
         raise InputError(f"video has {total} frames: at least {FRAME_FACTOR} are needed")
     _check_frame_size(arr.shape[2], arr.shape[1], "video", limits)
     keep = _Resized(total, fps, arr.shape[2], arr.shape[1], cfg, limits)  # the sampling the decoder path uses
+    if check is not None:
+        check(keep.grid(cfg))
     for i in keep.wanted:
         keep.offer(i, np.ascontiguousarray(arr[i]))
     return keep.frames, keep.n, total, fps
 
 
-def video_pixels(source, cfg: ImageConfig = ImageConfig(), limits: VideoLimits = VideoLimits()):
+def video_pixels(source, cfg: ImageConfig = ImageConfig(), limits: VideoLimits = VideoLimits(), check=None):
     """A path, bytes, a binary file object, or (RGB uint8 [T, H, W, 3] array, fps)
     -> (rows, grid (t, h, w), seconds per grid).
 
-    Before decoding: fps, frame size and the claimed duration from the container's metadata; the decode
-    streams, keeps only the sampled frames (resized at once) and stops at the duration limit.
+    Before decoding: fps, frame size and the claimed duration from the container's metadata, and from them the
+    sampled frames and their size: `check(grid)` (the caller's limits: prompt tokens) may refuse the video there,
+    before a frame is decoded. The decode streams, converts and resizes only the sampled frames, and stops at the
+    duration limit. A container without a frame count costs a counting pass first (frames grabbed, none converted).
     """
     if isinstance(source, tuple):
         if len(source) != 2:
             raise InputError(f"video: {ARRAY_FORMS}; got a tuple of {len(source)} items")
-        frames, n, total, fps = _from_array(source, cfg, limits)
+        frames, n, total, fps = _from_array(source, cfg, limits, check)
     elif isinstance(source, np.ndarray):
         raise InputError("video: a video array needs its frame rate: pass (frames, fps)")
     else:
-        frames, n, total, fps = _read_file(source, cfg, limits)
+        frames, n, total, fps = _read_file(source, cfg, limits, check)
     sample_fps = n / total * fps
     rows = patchify(np.stack([normalize(f, cfg) for f in frames]), cfg)
     if not np.isfinite(rows).all():
