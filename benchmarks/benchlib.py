@@ -162,6 +162,29 @@ def probe(seconds: float = 1.0, threads: int | None = None) -> dict:
                       "(256 MiB) MatMul, FLOP/s from a 2048^3 MatMul; best of >= 5 calls"}
 
 
+def vision_flops(vision, grids) -> float:
+    """Useful FLOPs of one vision encoder call over `grids` ([t, h, w] patches each): patch embedding, each block's
+    projections and MLP, attention within the real windows (windowed blocks) or frames (full-attention blocks),
+    no padding, and the 2x2 merger. `vision`: the manifest's vision section (an export without intermediate_size
+    is taken at 4 x width)."""
+    from omniguard_edge.runtime.positions import vision_index
+
+    d, depth = int(vision["hidden_size"]), int(vision["depth"])
+    ffn = int(vision.get("intermediate_size") or 4 * d)
+    row = int(vision["in_channels"]) * int(vision["temporal_patch_size"]) * int(vision["patch_size"]) ** 2
+    merge2 = int(vision["spatial_merge_size"]) ** 2
+    idx = vision_index([tuple(g) for g in grids], int(vision["spatial_merge_size"]), int(vision["window_size"]),
+                       int(vision["patch_size"]))
+    patches = int(idx.win_lens.sum())
+    full = len(vision["fullatt_block_indexes"])
+    flops = 2 * patches * row * d + depth * 2 * patches * (4 * d * d + 3 * d * ffn)
+    # scores and weighted values: 2 x 2 x len^2 x width per segment
+    flops += 4 * d * ((depth - full) * float((idx.win_lens.astype(float) ** 2).sum())
+                      + full * float((idx.full_lens.astype(float) ** 2).sum()))
+    tokens = patches // merge2
+    return flops + 2 * tokens * (merge2 * d * merge2 * d + merge2 * d * int(vision["out_hidden_size"]))
+
+
 def dir_size_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 1e6
 

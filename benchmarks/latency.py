@@ -94,6 +94,8 @@ def run_runtime(bundle: Path, chosen: dict, args) -> tuple[list[dict], dict]:
                         samples[k].append(v)
             row = {"scenario": sc.name, "engine": engine, "prompt_tokens": r.prompt_tokens,
                    "stages": {k: benchlib.summarize(v) for k, v in samples.items() if v}}
+            if r.vision_grids:
+                row["vision_grids"] = r.vision_grids
             if resettable:
                 row["peak_rss_mb"] = benchlib.peak_rss_mb()
             if engine == "runtime-default":
@@ -392,6 +394,7 @@ def bounds(bundle: Path, rows: list[dict], probe: dict) -> dict:
     in_cache = weight_bytes <= cache
     out = {"decoder_weight_bytes": weight_bytes, "bandwidth_bound_tok_s": bound_tok_s, "per_scenario": {},
            "exceeded": [], "weights_fit_in_cache": in_cache, "last_level_cache_bytes": cache}
+    out["vision"] = _vision_bounds(m, rows, probe, out["exceeded"])
     for r in rows:
         if r["engine"] == "runtime-default" and params:
             # its prefill is the request's own tokens after the cached prefix: the floor of its time to verdict is
@@ -427,6 +430,27 @@ def bounds(bundle: Path, rows: list[dict], probe: dict) -> dict:
             if v is not None and v > 1:
                 out["exceeded"].append(f"{r['scenario']}/{r['engine']}: {k} = {v:.2f}")
         out["per_scenario"].setdefault(r["scenario"], {})[r["engine"]] = entry
+    return out
+
+
+def _vision_bounds(m, rows: list[dict], probe: dict, exceeded: list) -> dict:
+    """{scenario: {engine: figures}}: each engine's vision stage (fastest run) against the compute bound, the useful
+    FLOPs of the runtime's vision grids (the reference preprocesses to the same grids) at the probe's fp32 MatMul
+    rate. Only an fp32 bundle's engines and PyTorch: a quantized encoder is not bound by an fp32 rate."""
+    out: dict = {}
+    grids = {r["scenario"]: r["vision_grids"] for r in rows if r.get("vision_grids")}
+    for r in rows:
+        seconds = r["stages"].get("vision", {}).get("min")
+        if r["scenario"] not in grids or not seconds or (r["engine"] != "pytorch" and m.precision != "fp32"):
+            continue
+        flops = benchlib.vision_flops(m.vision, grids[r["scenario"]])
+        floor = flops / (probe["matmul_gflop_s"] * 1e9)
+        entry = {"vision_gflop": flops / 1e9, "vision_compute_floor_s": floor,
+                 "vision_fraction_of_compute_bound": floor / seconds, "vision_gflop_s": flops / seconds / 1e9}
+        if entry["vision_fraction_of_compute_bound"] > 1:
+            exceeded.append(f"{r['scenario']}/{r['engine']}: vision_fraction_of_compute_bound = "
+                            f"{entry['vision_fraction_of_compute_bound']:.2f}")
+        out.setdefault(r["scenario"], {})[r["engine"]] = entry
     return out
 
 
@@ -642,6 +666,11 @@ def print_report(doc: dict) -> None:
             if "prefill_fraction_of_compute_bound" in e:
                 parts.append(f"prefill {e['prefill_fraction_of_compute_bound']:.0%} of the compute bound")
             print(f"  {name} ({engine}): " + ", ".join(parts) + " (best run)")
+    for name, engines in b.get("vision", {}).items():
+        for engine, e in engines.items():
+            print(f"  {name} ({engine}): vision {e['vision_gflop']:,.0f} GFLOP (useful: real windows and frames) need "
+                  f"{e['vision_compute_floor_s']:.2f} s at the fp32 MatMul rate; the best run is at "
+                  f"{e['vision_fraction_of_compute_bound']:.0%} of that bound ({e['vision_gflop_s']:.0f} GFLOP/s)")
     if b["weights_fit_in_cache"]:
         print(f"  the decoder's weights fit in the {b['last_level_cache_bytes'] / 2**20:.0f} MiB last-level cache: "
               "the DRAM bandwidth figure does not bound this decode")
