@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -407,9 +408,9 @@ class Guard:
                     prep.grids["image"].append(grid)
                 elif kind == "video":
                     lim = self._video_limits(share)
-                    check = None if limit is None else \
-                        (lambda grid, label=label, lim=lim: self._video_fits(grid, label, lim, tokens, limit,
-                                                                            len(media) - len(prep.items) - 1))
+                    check = None if limit is None else functools.partial(
+                        self._video_fits, label=label, lim=lim, tokens=tokens, limit=limit,
+                        after=len(media) - len(prep.items) - 1)  # refuses from the metadata, before decoding
                     rows, grid, seconds = video_pixels(payload, self.image_cfg, lim, check)
                     prep.features["video"].append(rows)
                     prep.grids["video"].append(grid)

@@ -275,8 +275,9 @@ def plan(s, recipe: str, device: str, limits: dict | None = None, reserve_gb: fl
         out.items[f"embedding table ({embed_dtype})"] = table_bytes
         g = geometry(s)
     merge2 = g.merge ** 2
+    image = int(lim["max_image_tokens"]) * merge2  # patches, as one square image: the dearest layout
     sizes = RequestSizes(prompt_tokens=int(lim["max_prompt_tokens"]),
-                         vision_grids=tuple(square_grid(g, int(lim["max_image_tokens"]) * merge2)) if lim["max_image_tokens"] else (),
+                         vision_grids=tuple(square_grid(g, image)) if image else (),
                          audio_frames=(int(lim["max_audio_seconds"] * MEL_FRAMES_PER_SECOND),) if lim["max_audio_seconds"] else (),
                          new_tokens=int(lim["new_tokens"]))
     est = estimate(g, sizes)

@@ -188,3 +188,28 @@ def test_rope_index_known_answers():
     text = np.array([[7, 8, 9, 10, 11]])
     pos, delta = rope_index(text, cfg)
     assert pos.tolist() == [[list(range(5))]] * 3 and delta.tolist() == [[0]]
+
+
+@pytest.mark.parametrize("names", [
+    ("pixel_values", "rot_pos", "window_index", "reverse_index", "win_seg", "full_seg"),  # exported before
+    ("pixel_values", "rot_pos", "window_index", "reverse_index", "win_gather", "win_lens", "win_scatter",
+     "full_gather", "full_lens", "full_scatter"),
+])
+def test_encode_vision_feeds_what_the_graph_declares(names):
+    """A bundle exported before the padded batches takes the segment ids; a newer one the gather/scatter set: the
+    runtime feeds each exactly its own inputs, so old bundles keep working."""
+    from omniguard_edge.runtime.encoders import encode_vision
+
+    grids = [(1, 8, 10), (2, 8, 12)]
+    fed = {}
+
+    class Session:
+        input_names = names
+
+        def run(self, feeds, outputs, run_options=None):
+            fed.update(feeds)
+            return {"features": np.zeros((sum(t * h * w for t, h, w in grids) // 4, 3), np.float32)}
+
+    rows = [np.zeros((t * h * w, 1176), np.float32) for t, h, w in grids]
+    out = encode_vision(Session(), rows, grids, {"spatial_merge_size": 2, "window_size": 112, "patch_size": 14})
+    assert set(fed) == set(names) and [len(f) for f in out] == [20, 48]
