@@ -441,7 +441,9 @@ def _vision_bounds(m, rows: list[dict], probe: dict, exceeded: list) -> dict:
     grids = {r["scenario"]: r["vision_grids"] for r in rows if r.get("vision_grids")}
     for r in rows:
         seconds = r["stages"].get("vision", {}).get("min")
-        if r["scenario"] not in grids or not seconds or (r["engine"] != "pytorch" and m.precision != "fp32"):
+        # the --bundle's own engines (a --compare bundle's rows are runtime:RECIPE, quantized) and PyTorch's
+        if r["scenario"] not in grids or not seconds or r["engine"] not in ("runtime", "runtime-default", "pytorch") \
+                or (r["engine"] != "pytorch" and m.precision != "fp32"):
             continue
         flops = benchlib.vision_flops(m.vision, grids[r["scenario"]])
         floor = flops / (probe["matmul_gflop_s"] * 1e9)

@@ -668,3 +668,28 @@ def test_vision_flops_count_real_windows_and_frames():
     # 8x16: two windows of 64 and one frame of 128: the windowed block costs 2 * 64^2, the full one 128^2
     wide = benchlib.vision_flops(vision, [[1, 8, 16]])
     assert wide == 2 * (1204224 + 163840 + 40960) + 4 * 8 * (2 * 64**2 + 128**2)
+
+
+def test_vision_bounds_judge_the_fp32_bundle_and_pytorch_only():
+    """The vision stage against the fp32 MatMul rate: the --bundle's engines and PyTorch's, not a --compare
+    bundle's (quantized: not bound by an fp32 rate); a run faster than the bound is flagged."""
+    vision = {"hidden_size": 8, "depth": 2, "intermediate_size": 16, "in_channels": 3, "temporal_patch_size": 2,
+              "patch_size": 14, "spatial_merge_size": 2, "window_size": 112, "fullatt_block_indexes": [1],
+              "out_hidden_size": 8}
+    flops = benchlib.vision_flops(vision, [[1, 8, 8]])
+
+    def row(engine, seconds):
+        return {"scenario": "image", "engine": engine, "vision_grids": [[1, 8, 8]],
+                "stages": {"vision": {"min": seconds}}}
+
+    rows = [row("runtime", flops / 1e9), row("runtime:cpu-int8", 0.1 * flops / 1e9), row("pytorch", 2 * flops / 1e9)]
+    exceeded = []
+    out = latency._vision_bounds(SimpleNamespace(precision="fp32", vision=vision), rows, {"matmul_gflop_s": 2.0},
+                                 exceeded)
+    assert set(out["image"]) == {"runtime", "pytorch"}
+    assert out["image"]["runtime"]["vision_fraction_of_compute_bound"] == pytest.approx(0.5)
+    assert out["image"]["pytorch"]["vision_fraction_of_compute_bound"] == pytest.approx(0.25)
+    assert exceeded == []
+    latency._vision_bounds(SimpleNamespace(precision="fp32", vision=vision), [row("runtime", flops / 4e9)],
+                           {"matmul_gflop_s": 2.0}, exceeded)
+    assert exceeded == ["image/runtime: vision_fraction_of_compute_bound = 2.00"]
