@@ -138,6 +138,10 @@ class _Prepared:
     video_seconds: list = field(default_factory=list)
     notes: list = field(default_factory=list)  # what was changed to fit the memory budget
 
+    def vision_grids(self) -> list[tuple[int, int, int]]:
+        """The (t, h, w) patch grids of every image, then every video: the vision call's, in its order."""
+        return [tuple(int(x) for x in g) for k in ("image", "video") for g in self.grids[k]]
+
 
 # -- the API boundary: every argument is checked before any file is opened or any graph runs ----------------
 
@@ -512,7 +516,7 @@ class Guard:
     def _plan(self, ids: list[int], prep: _Prepared, budget: int = 0):
         """The request's memory plan from its sizes and the answer's token budget, before any graph runs
         (MemoryBudgetError if it cannot fit)."""
-        grids = tuple(tuple(g) for k in ("image", "video") for g in prep.grids[k])
+        grids = tuple(prep.vision_grids())
         frames = tuple(int(m.shape[1]) for m in prep.features["audio"])
         return plan_request(self.geometry, RequestSizes(len(ids), grids, frames, budget), self.options.memory)
 
@@ -789,7 +793,7 @@ class Guard:
             prompt_tokens=len(req.ids), cached_prompt_tokens=req.reused, generated_tokens=len(gen.tokens),
             stop_reason=gen.stop_reason, timings=timings, generated_ids=gen.tokens, token_times=gen.token_times,
             notes=req.prep.notes,
-            vision_grids=[[int(x) for x in g] for k in ("image", "video") for g in req.prep.grids[k]],
+            vision_grids=[list(g) for g in req.prep.vision_grids()],
         )
 
     def moderate_batch(self, requests: list) -> list[ModerationResult]:

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import InputError, MemoryBudgetError  # noqa: F401 (re-exported: callers catch it here too)
+from .positions.vision import window_side
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 DEFAULT_BUDGET_BYTES = 4 * GiB
@@ -114,7 +115,8 @@ class Geometry:
             vision_ffn=v.get("intermediate_size") or 4 * vw, vision_out=v.get("out_hidden_size", d["hidden_size"]),
             patch_row=v.get("in_channels", 3) * v.get("temporal_patch_size", 2) * v.get("patch_size", 14) ** 2,
             patch_size=v.get("patch_size", 14), merge=v.get("spatial_merge_size", 2),
-            vision_window=max(1, v.get("window_size", 112) // v.get("spatial_merge_size", 2) // v.get("patch_size", 14)),
+            vision_window=window_side(v.get("spatial_merge_size", 2), v.get("window_size", 112),
+                                      v.get("patch_size", 14)),
             vision_head_chunk=v.get("full_head_chunk", 0),
             audio_layers=a.get("encoder_layers", 0), audio_width=aw,
             audio_heads=a.get("encoder_attention_heads", heads_of(aw, 64)), audio_ffn=a.get("encoder_ffn_dim", 4 * aw),

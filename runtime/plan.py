@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .memory import GiB, MiB, Geometry, RequestSizes, estimate, square_grid
-from .positions.vision import head_chunk
+from .positions.vision import head_chunk, window_side
 
 # marketed memory of each module (GiB: the modules carry 4/8/16/32/64 GiB of LPDDR5)
 DEVICES = {
@@ -202,8 +202,8 @@ def geometry(s: Shapes) -> Geometry:
                     vision_heads=_get(v, "num_heads"), vision_ffn=_get(v, "intermediate_size"),
                     vision_out=v.get("out_hidden_size", h), patch_row=_patch_row(v),
                     patch_size=v.get("patch_size", 14), merge=v.get("spatial_merge_size", 2),
-                    vision_window=max(1, v.get("window_size", 112) // v.get("spatial_merge_size", 2)
-                                      // v.get("patch_size", 14)),
+                    vision_window=window_side(v.get("spatial_merge_size", 2), v.get("window_size", 112),
+                                              v.get("patch_size", 14)),
                     vision_head_chunk=head_chunk(_get(v, "num_heads")),  # the graph this package exports
                     audio_layers=_get(a, "encoder_layers"), audio_width=_get(a, "d_model"),
                     audio_heads=_get(a, "encoder_attention_heads"), audio_ffn=_get(a, "encoder_ffn_dim"),

@@ -655,15 +655,19 @@ def test_pack_label_rules():
     assert len(ail) == 1200 and all(len(i.categories) == 1 for i in ail)
 
 
+# a vision section small enough to count by hand: width 8, 2 blocks (block 1 full attention), FFN 16
+SMALL_VISION = {"hidden_size": 8, "depth": 2, "intermediate_size": 16, "in_channels": 3, "temporal_patch_size": 2,
+                "patch_size": 14, "spatial_merge_size": 2, "window_size": 112, "fullatt_block_indexes": [1],
+                "out_hidden_size": 8}
+
+
 def test_vision_flops_count_real_windows_and_frames():
     """Hand-computed: width 8, 2 blocks (block 1 full attention), FFN 16, 8x8 patches = one 64-patch window and one
     frame: embedding 2*64*1176*8, blocks 2 * 2*64*(4*64 + 3*8*16), attention 4*8*(64^2 + 64^2), merger 16 tokens
     * 2 * (32*32 + 32*8)."""
     import benchlib
 
-    vision = {"hidden_size": 8, "depth": 2, "intermediate_size": 16, "in_channels": 3, "temporal_patch_size": 2,
-              "patch_size": 14, "spatial_merge_size": 2, "window_size": 112, "fullatt_block_indexes": [1],
-              "out_hidden_size": 8}
+    vision = SMALL_VISION
     assert benchlib.vision_flops(vision, [[1, 8, 8]]) == 1204224 + 163840 + 262144 + 40960
     # 8x16: two windows of 64 and one frame of 128: the windowed block costs 2 * 64^2, the full one 128^2
     wide = benchlib.vision_flops(vision, [[1, 8, 16]])
@@ -673,9 +677,7 @@ def test_vision_flops_count_real_windows_and_frames():
 def test_vision_bounds_judge_the_fp32_bundle_and_pytorch_only():
     """The vision stage against the fp32 MatMul rate: the --bundle's engines and PyTorch's, not a --compare
     bundle's (quantized: not bound by an fp32 rate); a run faster than the bound is flagged."""
-    vision = {"hidden_size": 8, "depth": 2, "intermediate_size": 16, "in_channels": 3, "temporal_patch_size": 2,
-              "patch_size": 14, "spatial_merge_size": 2, "window_size": 112, "fullatt_block_indexes": [1],
-              "out_hidden_size": 8}
+    vision = SMALL_VISION
     flops = benchlib.vision_flops(vision, [[1, 8, 8]])
 
     def row(engine, seconds):

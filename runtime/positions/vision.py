@@ -74,13 +74,18 @@ def rot_pos_ids(grid_thw, merge: int) -> np.ndarray:
     return np.concatenate(out, axis=0).astype(np.int64)
 
 
+def window_side(merge: int, window_size: int, patch_size: int) -> int:
+    """Merged tokens per side of one attention window (112 px windows of 14 px patches merged 2x2: 4)."""
+    return max(1, window_size // merge // patch_size)
+
+
 def window_index(grid_thw, merge: int, window_size: int, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Window order of merged tokens and patch-level window boundaries.
 
     Replaces transformers' `get_vision_window_index`. Returns (window_index int64 [tokens],
     cu_window_seqlens int64 [windows + 1], boundaries in patches, empty windows dropped).
     """
-    side = window_size // merge // patch_size  # merged tokens per window side (112 px -> 4)
+    side = window_side(merge, window_size, patch_size)
     unit = merge * merge
     indices, cu, offset = [], [0], 0
     for t, h, w in _grid_list(grid_thw):

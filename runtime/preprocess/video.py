@@ -156,11 +156,16 @@ def _decode(path: str, label: str, cfg: ImageConfig, limits: VideoLimits, claime
             if math.isfinite(meta) and meta > 0:
                 _check_duration(meta, fps, label, limits, claimed=True)  # refused before decoding
                 claimed = int(meta)
-        keep = None
-        if claimed is not None and claimed >= FRAME_FACTOR and width > 0 and height > 0:
-            keep = _Resized(claimed, fps, width, height, cfg, limits)
+
+        def planned(w: int, h: int) -> _Resized:
+            """The sampling of `claimed` frames of w x h, checked against the caller's limits (before decoding)."""
+            plan = _Resized(claimed, fps, w, h, cfg, limits)
             if check is not None:
-                check(keep.grid(cfg))  # the request's limits, before a frame is decoded
+                check(plan.grid(cfg))
+            return plan
+
+        sampled = claimed is not None and claimed >= FRAME_FACTOR
+        keep = planned(width, height) if sampled and width > 0 and height > 0 else None
         max_total = math.floor(limits.max_seconds * fps)
         count = 0
         while cap.grab():
@@ -174,10 +179,8 @@ def _decode(path: str, label: str, cfg: ImageConfig, limits: VideoLimits, claime
                         raise InputError(f"{label}: decoded frames have shape {frame.shape}, not [H, W, 3]")
                     _check_frame_size(frame.shape[1], frame.shape[0], label, limits)
                     size = (frame.shape[1], frame.shape[0])
-                    if claimed is not None and claimed >= FRAME_FACTOR and size != (width, height):
-                        keep = _Resized(claimed, fps, size[0], size[1], cfg, limits)  # no or wrong size metadata
-                        if check is not None:
-                            check(keep.grid(cfg))
+                    if sampled and size != (width, height):
+                        keep = planned(*size)  # no or wrong size metadata
                         wanted = 0 in keep.wanted
                 if wanted:
                     keep.offer(count, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
