@@ -430,12 +430,17 @@ def test_streamed_resampling_equals_one_shot(hostile, tmp_path):
 
 
 class _CountingCapture:
-    """Wraps cv2.VideoCapture: counts frames advanced (`reads`: grab or read) and frames converted (`converted`:
-    retrieve or read), optionally reports a false frame count."""
+    """Wraps cv2.VideoCapture: counts frames advanced (`reads`: grab or read), frames converted (`converted`:
+    retrieve or read) and seeks (`seeks`: set), optionally reports a false frame count."""
 
-    def __init__(self, cap, reads, frame_count=None, converted=None):
+    def __init__(self, cap, reads, frame_count=None, converted=None, seeks=None):
         self.cap, self.reads, self.frame_count = cap, reads, frame_count
         self.converted = converted if converted is not None else []
+        self.seeks = seeks if seeks is not None else []
+
+    def set(self, prop, value):
+        self.seeks.append(value)
+        return self.cap.set(prop, value)
 
     def get(self, prop):
         import cv2
@@ -461,10 +466,20 @@ class _CountingCapture:
         return getattr(self.cap, name)
 
 
-def _patch_capture(monkeypatch, reads, frame_count=None, converted=None):
+def _patch_capture(monkeypatch, reads, frame_count=None, converted=None, seeks=None):
     real = video_mod.open_capture
     monkeypatch.setattr(video_mod, "open_capture",
-                        lambda p: _CountingCapture(real(p), reads, frame_count, converted))
+                        lambda p: _CountingCapture(real(p), reads, frame_count, converted, seeks))
+
+
+def _counted(source):
+    """video_pixels through the counting pass only (every frame grabbed): the reference for the walk."""
+    walk = video_mod._sampled_pass
+    video_mod._sampled_pass = lambda *args: False
+    try:
+        return video_pixels(source)
+    finally:
+        video_mod._sampled_pass = walk
 
 
 def test_long_video_refused_from_metadata(hostile, monkeypatch):
@@ -486,13 +501,15 @@ def test_video_without_a_frame_count_stops_at_the_limit(claimed, hostile, monkey
 
 @pytest.mark.parametrize("claimed", [None, 0, 9, 30])
 def test_wrong_frame_count_still_samples_like_the_truth(claimed, hostile, monkeypatch):
-    """Metadata that lies about the count costs a second pass, never a different result."""
-    truth = video_pixels(hostile / "ok.mp4")
+    """Metadata that lies about the count (or has none) costs a counting pass, never a different result: the true
+    count (12) is walked in fewer grabs than its 12 frames + the end-of-stream read; any other count is found out
+    (a seek past the real end, or a frame after the claimed end) and counted first."""
+    truth = _counted(hostile / "ok.mp4")
     reads = []
     _patch_capture(monkeypatch, reads, claimed)
     rows, grid, seconds = video_pixels(hostile / "ok.mp4")
     assert grid == truth[1] and seconds == truth[2] and np.array_equal(rows, truth[0])
-    assert len(reads) == (13 if claimed is None else 26)  # 12 frames + the end-of-stream read, per pass
+    assert len(reads) < 13 if claimed is None else len(reads) > 13
 
 
 @pytest.fixture(scope="module")
@@ -500,20 +517,55 @@ def fast_clip(tmp_path_factory):
     """60 s at 240 fps, 32x32 frames: 14,400 frames of which 2 fps samples 120."""
     path = tmp_path_factory.mktemp("fast") / "fast_240fps.mp4"
     write_video(path, 14400, 240.0)
-    return path
+    return path, _counted(path)
 
 
-@pytest.mark.parametrize("claimed", [None, 0])
-def test_long_high_fps_clip_converts_only_its_sampled_frames(claimed, fast_clip, monkeypatch):
-    """Every frame is grabbed (inter-frame codecs must decode them), only the 120 sampled ones are converted and
-    resized; a container without a frame count costs one counting pass (frame 0 converted, to check its shape)."""
-    reads, converted = [], []
-    _patch_capture(monkeypatch, reads, claimed, converted)
-    rows, grid, seconds = video_pixels(fast_clip)
-    assert grid[0] == 60 and seconds == pytest.approx(1.0, rel=1e-3)  # 120 frames, 2 per temporal patch
-    passes = 1 if claimed is None else 2
-    assert len(reads) == passes * 14401  # each pass: every frame and the end-of-stream grab
-    assert len(converted) == 120 + (passes - 1)
+@pytest.mark.parametrize("claimed", [None, 0, 7200, 20000])
+def test_long_high_fps_clip_reads_only_its_sampled_frames(claimed, fast_clip, monkeypatch):
+    """With its true frame count, a 60 s 240 fps clip (mp4v: every frame a keyframe) is walked: its 120 sampled
+    frames grabbed and converted, seeks between them, frame 1 (a second keyframe: the interval) and one grab past
+    the end, nothing else. A count that is missing, too low (later frames hidden from the sampling) or too high
+    costs one counting pass that grabs every frame (14,400 and the end-of-stream read), then the walk; the result
+    is always the counting pass's."""
+    path, truth = fast_clip
+    reads, converted, seeks = [], [], []
+    _patch_capture(monkeypatch, reads, claimed, converted, seeks)
+    rows, grid, seconds = video_pixels(path)
+    assert grid == truth[1] == (60, 24, 24) and seconds == truth[2] and np.array_equal(rows, truth[0])
+    walk = 120 + 2
+    if claimed is None:
+        assert len(reads) == walk and len(converted) == 120 and len(seeks) == 119
+    else:
+        assert 14401 + walk <= len(reads) <= 14401 + 2 * walk and len(converted) >= 121
+
+
+VIDEO_CODECS = {  # name: (frames per second, ffmpeg's encoder arguments): inter-frame codecs with B-frames
+    "h264-gop250.mp4": (30, ["-c:v", "libx264", "-bf", "3"]),
+    "h264-gop12.mp4": (240, ["-c:v", "libx264", "-g", "12", "-bf", "2"]),
+    "vp9-gop60.webm": (240, ["-c:v", "libvpx-vp9", "-g", "60", "-deadline", "realtime"]),
+}
+
+
+@pytest.mark.parametrize("name", list(VIDEO_CODECS))
+def test_walk_equals_the_counting_pass_on_inter_frame_codecs(name, tmp_path, monkeypatch):
+    """Seeks land on the frame asked for with B-frames and long keyframe intervals too: the walk's rows equal the
+    counting pass's. A keyframe interval longer than the sampling stride (H.264's default 250 at 30 fps, 2 fps
+    sampled) is walked by grabbing, never by seeking (a seek would decode up to the interval)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg is not installed (.ci/run installs it): no H.264 or VP9 encoder to make the clips")
+    fps, args = VIDEO_CODECS[name]
+    path = tmp_path / name
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", f"testsrc2=size=64x48:rate={fps}:duration=10",
+                    *args, "-pix_fmt", "yuv420p", str(path)], check=True, timeout=120)
+    truth = _counted(path)
+    reads, seeks = [], []
+    _patch_capture(monkeypatch, reads, None, None, seeks)
+    rows, grid, seconds = video_pixels(path)
+    assert grid == truth[1] and seconds == truth[2] and np.array_equal(rows, truth[0])
+    assert (seeks == []) if name.startswith("h264-gop250") else (len(seeks) > 0 and len(reads) < 10 * fps)
 
 
 def test_video_over_the_prompt_limit_is_refused_before_decoding(fast_clip, tiny_bundle, monkeypatch):
@@ -524,7 +576,7 @@ def test_video_over_the_prompt_limit_is_refused_before_decoding(fast_clip, tiny_
     guard = Guard.from_bundle(tiny_bundle, GuardOptions(max_prompt_tokens=1024))
     reads = []
     _patch_capture(monkeypatch, reads)
-    result = guard.moderate(text="what happens here?", video=str(fast_clip))
+    result = guard.moderate(text="what happens here?", video=str(fast_clip[0]))
     assert result.verdict == "error" and reads == []
     assert "120 sampled frames (2 per second)" in result.error and "refused before decoding" in result.error
 

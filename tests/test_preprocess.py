@@ -205,15 +205,29 @@ def test_video_matches_official_sampling(clip, proc, monkeypatch):
     assert diff.mean() <= 0.005 and np.quantile(diff, 0.99) <= 0.03 and diff.max() <= 0.3
 
 
-def test_normalize_table_gives_the_arithmetic_bits_for_every_value():
-    """normalize looks values up in a table; it must equal the processor's float32 arithmetic bit for bit."""
-    from omniguard_edge.runtime.preprocess.image import ImageConfig, normalize
+@pytest.mark.parametrize("frames", [1, 3, 4])
+def test_pixel_rows_give_the_processors_bits_for_every_value(frames):
+    """pixel_rows lays out uint8 patches and looks values up in a table; it must equal the processor's float32
+    arithmetic (rescale, normalize) laid out in merge-block order, bit for bit, for every value of every channel,
+    for an image and for odd and even frame counts (the last frame repeated to fill the temporal patch)."""
+    from omniguard_edge.runtime.preprocess.image import ImageConfig, pixel_rows
 
     cfg = ImageConfig()
-    rgb = np.stack(list(np.meshgrid(np.arange(256), np.arange(256)[::-1], indexing="ij")) + [np.full((256, 256), 7)],
-                   axis=-1).astype(np.uint8)  # every value in every channel
-    expected = ((rgb.astype(np.float32) * np.float32(cfg.rescale_factor) - np.asarray(cfg.mean, np.float32))
-                / np.asarray(cfg.std, np.float32)).transpose(2, 0, 1)
-    got = normalize(rgb, cfg)
-    assert got.dtype == np.float32 and got.shape == (3, 256, 256)
+    rng = np.random.default_rng(frames)
+    every = np.zeros((280, 252, 3), np.int64)  # 20 x 18 patches
+    i, j = np.meshgrid(np.arange(256), np.arange(252), indexing="ij")
+    every[:256] = np.stack([i, 251 - j, (i + j) % 256], -1)
+    every[256:260, :, 1] = np.arange(252, 256)[:, None]  # channel 1's last values
+    video = np.stack([every if k == 0 else rng.integers(0, 256, every.shape) for k in range(frames)]).astype(np.uint8)
+    assert all(len(np.unique(video[0, ..., ch])) == 256 for ch in range(3))
+    x = ((video.astype(np.float32) * np.float32(cfg.rescale_factor) - np.asarray(cfg.mean, np.float32))
+         / np.asarray(cfg.std, np.float32)).transpose(0, 3, 1, 2)  # [T, C, H, W]
+    if frames % 2:
+        x = np.concatenate([x, x[-1:]])
+    t, c, h, w = x.shape
+    p, m = cfg.patch_size, cfg.merge_size
+    x = x.reshape(t // 2, 2, c, h // p // m, m, p, w // p // m, m, p).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    expected = x.reshape(-1, c * 2 * p * p)
+    got = pixel_rows(video[0] if frames == 1 else video, cfg)
+    assert got.dtype == np.float32 and got.shape == (t // 2 * (h // p) * (w // p), 1176)
     np.testing.assert_array_equal(got, expected)

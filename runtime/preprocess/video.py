@@ -1,5 +1,5 @@
 """Video: decode with OpenCV, sample frames as qwen-omni-utils' fetch_video does (2 fps, an even
-number of frames, 4..768), resize every frame to one smart-resized size, normalize, patchify.
+number of frames, 4..768), resize every frame to one smart-resized size, normalize and lay out in patches.
 
 Difference from the reference, measured in tests/test_preprocess.py: the official path resizes with
 torchvision's antialiased bicubic on float tensors; we resize with Pillow's bicubic on uint8 frames.
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
-from .image import MAX_RATIO, ImageConfig, normalize, patchify, smart_resize
+from .image import MAX_RATIO, ImageConfig, pixel_rows, smart_resize
 
 FRAME_FACTOR = 2  # frames come in pairs (temporal patch)
 
@@ -102,7 +102,7 @@ class _Resized:
     """Keeps only the sampled frames, resized as soon as they are decoded (memory: the sampled output)."""
 
     def __init__(self, total: int, fps: float, width: int, height: int, cfg: ImageConfig, limits: VideoLimits):
-        self.total = total
+        self.total, self.width, self.height = total, width, height
         self.n = sample_count(total, fps, limits)
         self.idx = np.round(np.linspace(0, total - 1, self.n)).astype(int)
         self.wanted = {}
@@ -132,11 +132,68 @@ def _resize(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).resize((rw, rh), Image.Resampling.BICUBIC))
 
 
+class _Walker:
+    """Moves through a capture to given frames, decoding as little as it can. Every frame is grabbed until two
+    keyframes have been seen; after that a frame further ahead than the longest keyframe interval seen is reached
+    by seeking (the decoder restarts at a keyframe past the current position), a nearer one by grabbing forward.
+    A seek counts only if the capture reports the frame asked for; `ok` turns False on any inconsistency."""
+
+    def __init__(self, cap):
+        import cv2
+
+        self.cap, self.pos, self.ok = cap, 0, True  # pos: the index of the frame the next grab returns
+        self._type = getattr(cv2, "CAP_PROP_FRAME_TYPE", None)  # OpenCV >= 4.9; without it: never seek
+        self._pos_prop = cv2.CAP_PROP_POS_FRAMES
+        self._last_key, self.gap = None, None  # the longest keyframe interval seen
+
+    def grab(self) -> bool:
+        if not self.cap.grab():
+            return False
+        if self._type is not None and self.cap.get(self._type) == ord("I"):
+            if self._last_key is not None:
+                self.gap = max(self.gap or 0, self.pos - self._last_key)
+            self._last_key = self.pos
+        self.pos += 1
+        return True
+
+    def advance_to(self, i: int) -> bool:
+        """Position so that the next grab returns frame i (i >= pos)."""
+        while self.ok and self.pos < i:
+            if self.gap is not None and i - self.pos > self.gap:
+                self.ok = bool(self.cap.set(self._pos_prop, i)) and int(self.cap.get(self._pos_prop)) == i
+                self.pos, self._last_key = i, None  # the keyframes skipped over are not seen
+            elif not self.grab():
+                self.ok = False
+        return self.ok
+
+
+def _sampled_pass(cap, keep: "_Resized", label: str, limits: VideoLimits) -> bool:
+    """Reads only the planned frames (see _Walker), then checks that nothing follows the claimed last frame. False
+    when the container does not hold exactly what it claims (a frame missing, a seek off, a frame of another size,
+    frames past the claimed count: a container hiding later frames from the sampling): the caller then counts."""
+    import cv2
+
+    walk = _Walker(cap)
+    for i in sorted(keep.wanted):
+        if not walk.advance_to(i) or not walk.grab():
+            return False
+        ok, frame = cap.retrieve()
+        if not ok or frame is None or frame.ndim != 3 or frame.shape[2] != 3:
+            return False
+        if i == 0:
+            _check_frame_size(frame.shape[1], frame.shape[0], label, limits)
+        if frame.shape[:2] != (keep.height, keep.width):
+            return False
+        keep.offer(i, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+    return walk.advance_to(keep.total) and not walk.grab()
+
+
 def _decode(path: str, label: str, cfg: ImageConfig, limits: VideoLimits, claimed: int | None, check=None):
-    """One streaming pass: count frames (stopping past the duration limit) and keep the sampled ones, resized, for
-    a frame count of `claimed` (else the container's). Frames are grabbed (demuxed and decoded, as inter-frame codecs
-    need) and only the sampled ones converted and resized. With a frame count the sampling is planned before any
-    frame is decoded and `check(grid)` may refuse it there. -> (frames counted, fps, the _Resized or None)."""
+    """Sample the video for a frame count of `claimed` (else the container's). With a count, the sampling is planned
+    before any frame is decoded (`check(grid)` may refuse it there) and only the sampled frames are read
+    (_sampled_pass); otherwise, or when the container turns out not to hold what it claims, one streaming pass
+    grabs every frame (demuxed and decoded, as inter-frame codecs need), counts them (stopping past the duration
+    limit), and converts and resizes only the sampled ones. -> (frames counted, fps, the _Resized or None)."""
     import cv2
 
     cap = open_capture(path)
@@ -166,6 +223,12 @@ def _decode(path: str, label: str, cfg: ImageConfig, limits: VideoLimits, claime
 
         sampled = claimed is not None and claimed >= FRAME_FACTOR
         keep = planned(width, height) if sampled and width > 0 and height > 0 else None
+        if keep is not None:
+            if _sampled_pass(cap, keep, label, limits):
+                return claimed, fps, keep
+            cap.release()
+            cap = open_capture(path)
+            keep = planned(width, height)
         max_total = math.floor(limits.max_seconds * fps)
         count = 0
         while cap.grab():
@@ -274,8 +337,9 @@ def video_pixels(source, cfg: ImageConfig = ImageConfig(), limits: VideoLimits =
 
     Before decoding: fps, frame size and the claimed duration from the container's metadata, and from them the
     sampled frames and their size: `check(grid)` (the caller's limits: prompt tokens) may refuse the video there,
-    before a frame is decoded. The decode streams, converts and resizes only the sampled frames, and stops at the
-    duration limit. A container without a frame count costs a counting pass first (frames grabbed, none converted).
+    before a frame is decoded. Then only the sampled frames are read (seeking where keyframes allow) and resized. A
+    container without a frame count, or whose count or frames turn out not to be what it claims, costs a counting
+    pass first (every frame grabbed, stopping at the duration limit); the result is the same either way.
     """
     if isinstance(source, tuple):
         if len(source) != 2:
@@ -286,7 +350,7 @@ def video_pixels(source, cfg: ImageConfig = ImageConfig(), limits: VideoLimits =
     else:
         frames, n, total, fps = _read_file(source, cfg, limits, check)
     sample_fps = n / total * fps
-    rows = patchify(np.stack([normalize(f, cfg) for f in frames]), cfg)
+    rows = pixel_rows(np.stack(frames), cfg)
     if not np.isfinite(rows).all():
         raise InputError("video: preprocessing produced non-finite pixel values (check image_std in the bundle)")
     rh, rw = frames[0].shape[:2]
