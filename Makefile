@@ -11,7 +11,7 @@ ART ?= artifacts
 
 setup: $(VENV)/.installed
 
-# torch and torchvision first, as the pinned pair that installs from the machine's disk (DESIGN section 8);
+# torch and torchvision first, as the pinned pair that installs from the machine's disk (README "Install per target");
 # then the package with the CPU runtime, the export tools, the test runner, the latency benchmark's peer engine and
 # the quantization tools and the service.
 $(VENV)/.installed: pyproject.toml

@@ -11,7 +11,7 @@ P(unsafe) per pack and its macro average over the packs that hold both labels (n
 agreement and |P(unsafe) difference| (mean, p99, max) against the PyTorch reference and the fp32 bundle. A bundle
 made by a precision recipe from trained weights is held to its recipe's trained gate against the fp32 bundle of
 the same run (agreement, p99 |dP|, macro AUROC drop): exit 1 when one fails.
-Packs, label rules and the JSONL format: benchmarks/evalpacks.py and the README.
+Packs, label rules and the JSONL format: calibration/evalpacks.py and docs/benchmarks.md.
 
 Engines are named by what they are, not by folder: `runtime:<precision>` (plus `:<recipe>` when the bundle's
 manifest names one; `#2`, `#3`... when one run holds several bundles of the same kind) and `pytorch`. The gate
@@ -185,7 +185,7 @@ def recipe_gate(manifest, engine: dict, fp32: dict, against: dict, fp32_digest: 
     """The recipe's trained gate (calibration/recipes.py TrainedGate) on this run's items, for a bundle made by a
     recipe from trained weights (None otherwise: random weights' verdicts mean nothing). `fp32_digest`: the run's
     fp32 bundle's files digest, which the recipe bundle's manifest must name as its source."""
-    from omniguard_edge.calibration.recipes import RECIPES
+    from omniguard_edge.runtime.recipes import RECIPES
     from omniguard_edge.runtime.manifest import weights_of
 
     name = (manifest.recipe or {}).get("name")

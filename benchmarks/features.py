@@ -1,4 +1,4 @@
-"""What each time-to-verdict feature buys, one at a time, in one process (README "Time to verdict").
+"""What each time-to-verdict feature buys, one at a time, in one process (docs/time-to-verdict.md "Time to verdict").
 
     python benchmarks/features.py --bundle BUNDLE [--runs 5] [--warmup 1] [--threads N] [--json out.json]
 

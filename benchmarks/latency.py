@@ -4,7 +4,7 @@
         [--threads N] [--new-tokens 32] [--json out.json] [--plot out.png]
         [--baseline baseline.json --tolerance 0.15]
 
-Stages are defined identically for both engines (STAGE_DEFINITIONS, written into the JSON and the README);
+Stages are defined identically for both engines (STAGE_DEFINITIONS, written into the JSON and docs/benchmarks.md);
 seconds, min/p50/p95/max over --runs after --warmup. Random reference weights never stop on their own, so
 answers are fixed budgets (EOS masked, as transformers' min_new_tokens does, on both sides).
 
@@ -105,10 +105,9 @@ def run_runtime(bundle: Path, chosen: dict, args) -> tuple[list[dict], dict]:
                 row["generated_ids"] = r.generated_ids  # the last run's: a peer's greedy tokens are compared with them
             rows.append(row)
     m = guard.bundle.manifest
-    from omniguard_edge.runtime.guard import _Prepared
     from omniguard_edge.runtime.prompt import Conversation
 
-    text_prompts = {sc.name: guard._prompt_ids(Conversation.of(sc.text, sc.response), _Prepared())
+    text_prompts = {sc.name: guard.prompt_ids(Conversation.of(sc.text, sc.response))
                     for sc in chosen.values() if not (sc.image or sc.audio or sc.video) and sc.text}
     info = {"providers": guard.bundle.providers, "precision": m.precision, "decoder_graph": guard.bundle.decoder_graph,
             "recipe": (m.recipe or {}).get("name"), "graph_precision": {g: s.precision for g, s in m.graphs.items()},
@@ -549,7 +548,7 @@ def check_baseline(doc: dict, base: dict, tolerance: float, floor: float = 0.005
     if base.get("warmup") != doc.get("warmup"):
         return benchlib.GateResult(problems=[
             f"the baseline ran {base.get('warmup')} warm-up call(s) per scenario, this run {doc.get('warmup')}: a "
-            "process's first calls are slower (README \"Threads\"), so the figures are not comparable; use the same "
+            "process's first calls are slower (docs/performance.md \"Threads\"), so the figures are not comparable; use the same "
             "--warmup (default 3) or record a new baseline"])
     if base.get("budgets") != doc.get("budgets"):
         return benchlib.GateResult(problems=[

@@ -89,7 +89,7 @@ def start_service(bundle: Path, extra: list[str]) -> tuple[subprocess.Popen, int
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "omniguard_edge.runtime.cli", "serve", "--bundle", str(bundle),
+    proc = subprocess.Popen([sys.executable, "-m", "omniguard_edge.cli", "serve", "--bundle", str(bundle),
                              "--port", str(port), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:

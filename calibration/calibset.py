@@ -28,8 +28,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..runtime.checked import is_int
 from . import evalpacks
-from .recipes import RecipeError
+from ..runtime.recipes import RecipeError
 
 BUILDER_VERSION = 2  # 2: calibration and held-out items from the two sides of calibration/split.py
 MODALITY_PACKS = {
@@ -119,7 +120,7 @@ class CalibrationSet:
 def build(data: Path, per_modality: int = 64, heldout: float = 0.25, seed: int = 0, cache: Path | None = None,
           progress: bool = True) -> CalibrationSet:
     """The calibration set of `data` (built once, then read from the cache)."""
-    if isinstance(per_modality, bool) or not isinstance(per_modality, int) or per_modality < 2:
+    if not is_int(per_modality) or per_modality < 2:
         raise ValueError(f"per_modality must be an int >= 2, not {per_modality!r}")
     if isinstance(heldout, bool) or not isinstance(heldout, (int, float)) or not 0 < heldout < 1:
         raise ValueError(f"heldout must be a fraction in (0, 1), not {heldout!r}")

@@ -60,6 +60,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
+from ..runtime.checked import is_int
 from . import media, split as split_mod
 
 OPENAI_TO_S = {"S": ["S12"], "H": ["S10"], "V": ["S1"], "HR": ["S10"], "SH": ["S11"], "S3": ["S4"],
@@ -360,6 +361,11 @@ def source_group(cand) -> str:
     return source_group(cand[1])  # a video clip: its still's group
 
 
+def side(item, seed: int = split_mod.SEED, heldout: float = split_mod.HELDOUT) -> str:
+    """"train" or "heldout" for an evaluation-pack item or candidate: the side of its source group."""
+    return split_mod.side_of_group(source_group(item), seed, heldout)
+
+
 def load_with_report(packs: list, data: Path, media_dir: Path, limit: int | None,
                      seed: int, split: str | None = None) -> tuple[list[Item], dict[str, dict]]:
     """Items of the named packs (or JSONL files), at most `limit` per pack sampled with `seed` before any
@@ -368,9 +374,9 @@ def load_with_report(packs: list, data: Path, media_dir: Path, limit: int | None
     "heldout" for one side of the split (a user's .jsonl is never split: it is theirs to judge on)."""
     if isinstance(packs, (str, Path)) or not all(isinstance(p, (str, Path)) for p in packs):
         raise TypeError(f"packs must be a list of pack names or .jsonl paths, got {packs!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+    if limit is not None and (not is_int(limit) or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not is_int(seed):
         raise TypeError(f"seed must be an int, got {seed!r}")
     if split not in (None, *split_mod.SIDES):
         raise ValueError(f"split must be None, 'train' or 'heldout', got {split!r}")

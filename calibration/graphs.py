@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..export.onnx_io import PROTOBUF_LIMIT, DataWriter, save_graph, set_metadata
-from .recipes import METHODS, GraphPlan
+from ..runtime.recipes import METHODS, GraphPlan
 
 
 def _toposort(model) -> None:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtime.checked import is_int
+
 
 def image(path: Path, width: int, height: int) -> Path:
     """A structured colour image (gradients, shapes, text-like stripes)."""
@@ -126,7 +128,7 @@ def typographic_layout(text: str, steps: int = 3) -> tuple[object, int, list[str
     layout; font and pitch shrink together (5 % at a time) only when the lines would run off the image."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"text must be a non-empty string, got {text!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    if not is_int(steps) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
     width = TYPO_SIZE - 2 * TYPO_ORIGIN[0]
     scale = 1.0

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtime.checked import is_int
 from ..runtime.errors import BundleError
 from ..runtime.manifest import (MANIFEST_NAME, FileEntry, Manifest, files_digest, load_manifest, sha256_file,
                                 weights_of)
 from . import calibset, fidelity, graphs, metrics
-from .recipes import DECODER_GRAPHS, Recipe, RecipeError, TrainedGate, get_recipe
+from ..runtime.recipes import DECODER_GRAPHS, Recipe, RecipeError, TrainedGate, get_recipe
 
 
 @dataclass
@@ -166,7 +167,7 @@ def check_options(recipe: str, calibration="auto", allow_failing: bool = False, 
     for name, value in counts.items():
         if name == "calibration_per_modality" and value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < lowest[name]:
+        if not is_int(value) or value < lowest[name]:
             optional = " or None" if name == "calibration_per_modality" else ""
             raise RecipeError(f"{name} must be an int >= {lowest[name]}{optional}, not {value!r}")
     if not measure:

@@ -2,7 +2,7 @@
 
 onnxruntime's `quantize_static` calibrates in one step that holds the whole graph several times over: a copy with
 shape inference, the augmented copy written out and opened in a session, each run's outputs kept until the end.
-On `small`'s 2 GB standard decoder it was killed at 23.2 GiB (README, "On `small`"). Here the graph's structure,
+On `small`'s 2 GB standard decoder it was killed at 23.2 GiB (docs/precision.md, "On `small`"). Here the graph's structure,
 without its weights, gets a ReduceMin and a ReduceMax on each tensor onnxruntime's MinMax calibrator would select,
 as extra outputs; onnxruntime opens that structure with its weights read from the source's own data file, runs one
 input, and the running min/max keeps two numbers per tensor. The ranges are then handed to `quantize_static` as its

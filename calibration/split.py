@@ -32,13 +32,6 @@ def side_of_group(group: str, seed: int = SEED, heldout: float = HELDOUT) -> str
     return "heldout" if int.from_bytes(digest[:8], "big") / 2**64 < heldout else "train"
 
 
-def side(item, seed: int = SEED, heldout: float = HELDOUT) -> str:
-    """"train" or "heldout" for an evaluation-pack item or candidate (calibration.evalpacks.source_group)."""
-    from .evalpacks import source_group
-
-    return side_of_group(source_group(item), seed, heldout)
-
-
 def describe(seed: int = SEED, heldout: float = HELDOUT) -> dict:
     """What a checkpoint or report records of the split."""
     return {"scheme": "sha256(seed, normalised prompt text) < heldout", "version": 1, "seed": seed, "heldout": heldout}

@@ -25,7 +25,7 @@ import random
 import time
 import numpy as np
 
-from . import evalpacks, split
+from . import evalpacks
 from .metrics import macro_auroc
 
 TEXT_PACKS = ["xstest_prompts", "xstest_responses", "openai_moderation", "simple_safety_tests", "ailuminate"]
@@ -38,7 +38,7 @@ ORDINARY_STRIDE = 16  # every 16th position of each guard prompt is an ordinary 
 def labelled_texts(data, side: str | None = None) -> list[evalpacks.Item]:
     """The five text packs' items (every kept row), optionally only one side of the split."""
     items = evalpacks.load(TEXT_PACKS, data, media_dir=data, limit=None, seed=0)  # text packs make no media
-    return [it for it in items if side is None or split.side(it) == side]
+    return [it for it in items if side is None or evalpacks.side(it) == side]
 
 
 def _logistic(X: np.ndarray, y: np.ndarray, l2: float = 1e-6) -> np.ndarray:
@@ -83,7 +83,7 @@ def fit_direction(H: np.ndarray, y: np.ndarray, packs: np.ndarray, seed: int = F
                   grid=(0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8)) -> tuple[np.ndarray, float]:
     """(w, shrinkage): the direction w (no intercept) with the covariance shrinkage picked by 5-fold macro AUROC on
     the training items (folds seeded). A plain L2 logistic regression on all 896 dimensions overfits a few thousand
-    texts (held-out macro AUROC 0.66-0.72 against 0.72-0.77 here, measured on small-real; README)."""
+    texts (held-out macro AUROC 0.66-0.72 against 0.72-0.77 here, measured on small-real; docs/cli.md "small-real")."""
     H, y = np.asarray(H, np.float64), np.asarray(y, bool)
     order = list(range(len(H)))
     random.Random(seed).shuffle(order)
@@ -110,7 +110,7 @@ def place_rows_lp(w: np.ndarray, base: np.ndarray, lead_row: np.ndarray, H: np.n
     - at every ordinary state g both rows stay below `ceiling` (the top other token, or the original rows' own
       logit where they already won) by the largest common slack s <= `slack_cap`.
     Without the second condition the rows, large enough to carry the fit, win at ordinary positions and a greedy
-    continuation of plain text turns to `safe` (measured on small-real; README)."""
+    continuation of plain text turns to `safe` (measured on small-real; docs/cli.md "small-real")."""
     from scipy.optimize import linprog
 
     H, G, w = np.asarray(H, np.float64), np.asarray(G, np.float64), np.asarray(w, np.float64)
@@ -241,8 +241,8 @@ def fit_head(tensors: dict, tok, info, data, train_limit: int | None = 1200, hel
     held-out side."""
     from tqdm import tqdm
 
-    from ..export.reference import CHAT_TEMPLATE
-    from ..runtime.answer import LABELLED_LEAD
+    from ..export.chat_template import CHAT_TEMPLATE
+    from ..runtime.verdict.grammar import LABELLED_LEAD
     from ..runtime.prefix import common_prefix
     from ..runtime.prompt.tokenize import PromptTokenizer
 

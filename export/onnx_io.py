@@ -16,7 +16,7 @@ def trace_to_onnx(module, feeds: dict[str, np.ndarray], inputs, outputs, axes, s
     """Trace `module` into `scratch`/graph.onnx (the tracer may write one file per tensor there).
 
     The legacy tracer is used on purpose: the wrappers take every shape-dependent index as an input,
-    so nothing about the example is baked in, and it accepts `dynamic_axes` (DESIGN section 4).
+    so nothing about the example is baked in, and it accepts `dynamic_axes` (docs/design.md "The graphs").
     """
     import torch
 

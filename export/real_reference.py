@@ -13,7 +13,7 @@ from pathlib import Path
 from ..runtime.errors import CheckpointError
 from . import gguf_decoder
 from .reference_tokenizer import special_ids
-from .profiles import Profile
+from ..runtime.profiles import Profile
 from .real_weights import PROVENANCE, QWEN25_CODER, WheelSource, real_decoder_gguf
 
 

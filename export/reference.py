@@ -1,5 +1,5 @@
 """Write a reference checkpoint: the real Qwen2.5-Omni thinker architecture, seeded random weights,
-laid out file for file like a real fine-tuned OmniGuard checkpoint (DESIGN "What a real ... looks like").
+laid out file for file like a real fine-tuned OmniGuard checkpoint (docs/design.md "The model facts the code relies on").
 
 Weights are generated tensor by tensor from a meta-device model's parameter list and written shard by
 shard, so even the 7B shape needs only about one shard of memory. Names are the real (older) tensor
@@ -15,28 +15,12 @@ import zlib
 from pathlib import Path
 
 from ..runtime.errors import CheckpointError
-from .profiles import PROFILES, Profile
+from ..runtime.profiles import PROFILES, Profile
+from .chat_template import CHAT_TEMPLATE
 from .reference_tokenizer import (DEFAULT_QWEN2_DIR, qwen2_tokenizer, special_ids, train_tokenizer, user_token_id,
                                   write_tokenizer_files)
 
 log = logging.getLogger(__name__)
-
-# Qwen2.5-Omni's chat template (Apache-2.0), as shipped with the 7B fine-tunes.
-CHAT_TEMPLATE = (
-    "{% set audio_count = namespace(value=0) %}{% set image_count = namespace(value=0) %}{% set video_count = "
-    "namespace(value=0) %}{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}{% for content in "
-    "message['content'] %}{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
-    "{% endif %}<|vision_bos|><|IMAGE|><|vision_eos|>{% elif content['type'] == 'audio' or 'audio' in content "
-    "or 'audio_url' in content %}{% set audio_count.value = audio_count.value + 1 %}{% if add_audio_id %}Audio "
-    "{{ audio_count.value }}: {% endif %}<|audio_bos|><|AUDIO|><|audio_eos|>{% elif content['type'] == 'video' "
-    "or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video "
-    "{{ video_count.value }}: {% endif %}<|vision_bos|><|VIDEO|><|vision_eos|>{% elif 'text' in content %}"
-    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt "
-    "%}<|im_start|>assistant\n{% endif %}"
-)
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -78,7 +62,7 @@ _TALKER_CODEC_IDS = dict(tts_codec_pad_token_id=8292, tts_codec_start_token_id=8
 def token_ids(ids: dict[str, int], user_id: int) -> dict[str, int]:
     """Every token id field a published Qwen2.5-Omni thinker config carries, each naming the token it names
     there, in our tokenizer's numbering. `vision_start_token_id` / `vision_end_token_id` / `vision_token_id`
-    are not declared thinker-config fields but `get_rope_index` reads the first (DESIGN section 1), so they
+    are not declared thinker-config fields but `get_rope_index` reads the first (docs/design.md "The model facts the code relies on"), so they
     are written explicitly. `user_token_id` is the id of the ordinary token "user" (872 in the Qwen2 vocabulary;
     transformers' default would lie outside a small vocabulary). bos/eos/pad are <|im_start|>/<|im_end|>/
     <|endoftext|>, as in the published thinker configs."""

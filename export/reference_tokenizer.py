@@ -87,7 +87,7 @@ def train_tokenizer(vocab_size: int):
 QWEN2_ORDINARY = 151_643  # ordinary tokens of the Qwen2 BPE (ids 0..151642)
 QWEN2_MERGES = 151_387
 DEFAULT_QWEN2_DIR = Path("../shared/data/tokenizer/qwen2")
-# Known answers of the real Qwen2 BPE (../shared/data/README.md, DESIGN section 1): files that give other ids
+# Known answers of the real Qwen2 BPE (../shared/data/README.md, docs/design.md "The model facts the code relies on"): files that give other ids
 # are not that vocabulary, whatever their names say.
 QWEN2_KNOWN = {"safe": [18675], "unsafe": [38157], "user": [872], "Hello world": [9707, 1879], "\n": [198]}
 

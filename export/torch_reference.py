@@ -109,7 +109,7 @@ class Reference:
         else:
             self.model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
                 Path(checkpoint), dtype=self.dtype, attn_implementation="sdpa").eval().to(self.device)
-        # the slow PIL image processor: what the transformers versions OmniGuard used default to (DESIGN 1)
+        # the slow PIL image processor: what the transformers versions OmniGuard used default to (docs/design.md "The model facts the code relies on")
         self.processor = Qwen2_5OmniProcessor.from_pretrained(Path(checkpoint), use_fast=False)
         self.tokenizer = self.processor.tokenizer
         pair = [self.tokenizer.encode(w, add_special_tokens=False) for w in ("safe", "unsafe")]

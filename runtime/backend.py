@@ -140,7 +140,7 @@ def _exact_arena() -> bool:
 def open_session(path: Path, opts, name: str, spin: bool | None = None, providers: list | None = None) -> OrtSession:
     """Open one graph with the bundle's SessionOptions (`name`: its role, vision | audio | decoder). `spin`:
     whether its threads keep spinning after a run (default: `name in opts.spin_after_run`). `providers`: the
-    providers with their options ([(name, options)], runtime/gpu.py), in place of opts.providers' names."""
+    providers with their options ([(name, options)], runtime/providers.py), in place of opts.providers' names."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checked import is_int
 from .backend import open_session
 from .errors import BundleError
 from .manifest import Manifest, load_manifest
@@ -32,26 +33,26 @@ class SessionOptions:
     # show). Measured later: on `small` a 1280x720 image's vision encoder took 173.7 s with it off and 79.1 s with it
     # on (39.7 vs 3.0 million page faults): the vision graph now uses its own exact-size arena by default
     # (exact_arena_graphs below). With the arena on, a request whose planned working memory exceeds `arena_shrink_above` bytes runs
-    # with arena shrinkage, which hands the free blocks back at the end of its runs (README "Memory").
+    # with arena shrinkage, which hands the free blocks back at the end of its runs (docs/performance.md "Memory").
     cpu_mem_arena: bool = False
     arena_shrink_above: int | None = 256 * 2**20  # None: never shrink
     # Graphs whose intra-op threads keep spinning (busy-waiting) after a run, for the next one. The decoder runs
     # step after step, so its threads stay hot. An encoder runs once per request and another graph follows, so
     # its threads stop spinning when its run returns (onnxruntime's session.force_spinning_stop; they still
-    # spin between the operators of a run). README "Threads" has the measurements.
+    # spin between the operators of a run). docs/performance.md "Threads" has the measurements.
     spin_after_run: tuple[str, ...] = ("decoder",)
     # Graphs (when cpu_mem_arena is off) whose buffers come from a CPU arena that allocates exactly what is asked
     # (onnxruntime's environment allocator, kSameAsRequested, shared by those sessions) and hands its free memory
     # back after every run. The vision encoder allocates and frees a patches x patches score buffer in every block
     # (about 2.6 GB at 6,400 patches); from the system each one is fresh pages. Measured on `small`, one 1280x720
     # image: vision 173.7 s with no arena (39.7 million page faults), 79.1 s with the session arena, 64.7 s with
-    # this one (README "Memory").
+    # this one (docs/performance.md "Memory").
     exact_arena_graphs: tuple[str, ...] = ("vision",)
     # Which graph runs the decoder role: "auto" takes the bundle's fast graph (decoder_gqa: onnxruntime's
-    # GroupQueryAttention with in-place KV buffers, README "Time to verdict") when the bundle has one and the first
+    # GroupQueryAttention with in-place KV buffers, docs/time-to-verdict.md "Time to verdict") when the bundle has one and the first
     # provider is onnxruntime's CPU one, else the standard-ops `decoder`; or name one of the two.
     decoder_graph: str = "auto"
-    # GPU providers (runtime/gpu.py): the limits TensorRT's optimization profiles are built for (build-engines'
+    # GPU providers (runtime/providers.py): the limits TensorRT's optimization profiles are built for (build-engines'
     # names and defaults: max_prompt_tokens, max_image_tokens, max_audio_seconds, new_tokens); the engine cache
     # folder (None: beside the bundle, B.engines); the CUDA device
     limits: dict | None = field(default=None, hash=False)
@@ -69,7 +70,7 @@ class SessionOptions:
         check_limits(self.limits)
         if self.kv_on_device not in (None, True, False):
             raise ValueError(f"SessionOptions.kv_on_device must be None, True or False, not {self.kv_on_device!r}")
-        if isinstance(self.device_id, bool) or not isinstance(self.device_id, int) or self.device_id < 0:
+        if not is_int(self.device_id) or self.device_id < 0:
             raise ValueError(f"SessionOptions.device_id must be an int >= 0, not {self.device_id!r}")
         if self.intra_op_threads < 0 or self.inter_op_threads < 0:
             raise ValueError("SessionOptions thread counts must be >= 0")
@@ -147,10 +148,10 @@ def open_bundle(path: str | os.PathLike, options: SessionOptions | None = None, 
                       f"({'; '.join(gate.get('failures', []))}); its verdicts may differ from the fp32 bundle's",
                       RuntimeWarning, stacklevel=2)
     bundle = Bundle(path=path, manifest=manifest)
-    from . import gpu
+    from . import engines, providers
 
-    cache = Path(options.engine_cache) if options.engine_cache is not None else gpu.default_cache(path)
-    setup = gpu.session_providers(manifest, cache, options)
+    cache = Path(options.engine_cache) if options.engine_cache is not None else engines.default_cache(path)
+    setup = providers.session_providers(manifest, cache, options)
 
     def opened(graph: str, role: str, spin=None):
         """A session of `graph` under the GPU setup: its providers, its engine folder unchanged by the opening
@@ -159,13 +160,13 @@ def open_bundle(path: str | os.PathLike, options: SessionOptions | None = None, 
         if folder and setup.native:  # experimental: the plan through TensorRT's own runtime
             from .trt_native import TrtSession
 
-            return gpu.Profiled(TrtSession(folder / f"{graph}.plan", role, options.device_id), setup.profiles[graph])
-        before = gpu.engine_files(folder) if folder else None
+            return engines.Profiled(TrtSession(folder / f"{graph}.plan", role, options.device_id), setup.profiles[graph])
+        before = engines.engine_files(folder) if folder else None
         session = open_session(path / manifest.graphs[graph].file, options, role, spin=spin,
                                providers=setup.providers.get(graph))
         if folder:
-            gpu.check_unchanged(folder, before, graph)
-        return gpu.Profiled(session, setup.profiles[graph]) if graph in setup.profiles else session
+            engines.check_unchanged(folder, before, graph)
+        return engines.Profiled(session, setup.profiles[graph]) if graph in setup.profiles else session
 
     for name in options.graphs:
         graph = name
@@ -197,3 +198,14 @@ def shrink_run_options():
     ro = ort.RunOptions()
     ro.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
     return ro
+
+
+def run_options_for(plan, session: SessionOptions):
+    """Arena shrinkage for a request whose planned working memory (`plan`: memory.plan_request's) is large
+    (SessionOptions.arena_shrink_above): its buffers go back to the system when its runs end, while small requests
+    keep the arena warm. None: the default run options."""
+    if not session.cpu_mem_arena or session.arena_shrink_above is None:
+        return None
+    if plan.estimate.peak - plan.estimate.slack <= session.arena_shrink_above:
+        return None
+    return shrink_run_options()

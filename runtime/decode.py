@@ -25,7 +25,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import NumericalError
+from .checked import is_int
+from .errors import require_finite
 from .rotary import inv_freq, rope_tables
 
 
@@ -58,7 +59,7 @@ class Generation:
 def _check_chunk(chunk) -> int | None:
     if chunk is None:
         return None
-    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+    if not is_int(chunk) or chunk < 1:
         raise ValueError(f"prefill_chunk must be None (one shot) or an int >= 1, not {chunk!r}")
     return int(chunk)
 
@@ -66,16 +67,6 @@ def _check_chunk(chunk) -> int | None:
 def fork(state: DecodeState) -> DecodeState:
     """An independent copy of `state` (the arrays are shared: the graph never writes to its inputs)."""
     return replace(state, past=list(state.past))
-
-
-def finite_logits(logits: np.ndarray, what: str) -> None:
-    """NumericalError unless every logit is finite: argmax over NaN is index 0, so a NaN must never choose."""
-    finite = np.isfinite(logits)
-    if not finite.all():
-        bad = finite.size - int(finite.sum())
-        nan = int(np.isnan(logits).sum())
-        raise NumericalError(f"{what}: {bad} of {finite.size} values are not finite ({nan} NaN, {bad - nan} "
-                             "infinite); nothing was judged")
 
 
 def kv_nbytes(value) -> int:
@@ -221,11 +212,11 @@ class _Run:
             return None
         what = f"the decoder's logits for generated token {len(out.tokens) + 1}"
         if rows is None:
-            finite_logits(logits, what)
+            require_finite(logits, what)
         else:
-            finite_logits(logits[rows], what)
+            require_finite(logits[rows], what)
             if np.isnan(logits).any() or np.isposinf(logits).any():
-                finite_logits(np.where(np.isneginf(logits), 0.0, logits), what)
+                require_finite(np.where(np.isneginf(logits), 0.0, logits), what)
         if len(out.tokens) < self.minimum and self.eos_list:
             logits = logits.copy()
             logits[self.eos_list] = -np.inf

@@ -19,6 +19,8 @@ from collections import OrderedDict
 
 import numpy as np
 
+from .checked import is_int
+
 DEFAULT_BYTES = 256 * 2**20
 
 
@@ -33,7 +35,7 @@ class EncoderCache:
     """`max_bytes`: the most feature bytes held (0: nothing is cached)."""
 
     def __init__(self, max_bytes: int = DEFAULT_BYTES):
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) or max_bytes < 0:
+        if not is_int(max_bytes) or max_bytes < 0:
             raise ValueError(f"encoder cache size must be a number of bytes >= 0, not {max_bytes!r}")
         self.max_bytes, self.nbytes = int(max_bytes), 0
         self._items: OrderedDict[str, np.ndarray] = OrderedDict()

@@ -77,3 +77,16 @@ def message_of(value) -> str:
     except Exception:
         kind = "object"
     return f"<{kind} whose message cannot be shown: its __str__ failed>"
+
+
+def require_finite(array, what: str) -> None:
+    """NumericalError unless every value of the numpy `array` is finite: a NaN must never choose a token (argmax
+    over NaN is index 0) nor pass as a feature. The message says how many values are NaN and how many infinite."""
+    import numpy as np
+
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = finite.size - int(finite.sum())
+        nan = int(np.isnan(array).sum())
+        raise NumericalError(f"{what}: {bad} of {finite.size} values are not finite ({nan} NaN, {bad - nan} "
+                             "infinite); nothing was judged")

@@ -3,7 +3,7 @@
 `manifest.json` lists every file of the bundle with its sha256 and size; loading refuses a bundle whose
 schema is unknown or whose files do not match. Hashing gigabytes takes seconds, so a full check is
 remembered per file, keyed by (path, size, mtime): a later load re-hashes only what changed on disk.
-`omniguard-edge verify BUNDLE` always re-hashes everything (DESIGN section 3).
+`omniguard-edge verify BUNDLE` always re-hashes everything (docs/design.md "Seams").
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Memory budget: estimate a request's peak working memory from the manifest's geometry and the request's
 sizes, and plan it to fit (chunked prefill, a vision pixel cap) or refuse it up front.
 
-The graphs materialise their attention as plain MatMul/Softmax (DESIGN section 4): the decoder's scores are
+The graphs materialise their attention as plain MatMul/Softmax (docs/design.md "The graphs"): the decoder's scores are
 [heads, seq, past+seq]; the vision encoder's are [windows, heads, 64, 64] in the windowed blocks and
 [frames, chunk heads, frame, frame] in the full-attention ones (padded batches, export/graphs/vision.py), or, in
 bundles exported before those, [heads, patches, patches] in every block plus two [patches, patches] bias
 matrices. Those dominate. The
 estimate adds up, in float32 bytes, what one graph run holds at its peak; the coefficients were calibrated by
-measuring peak RSS deltas on the `tiny` bundle (README "Memory"). It is an upper-bound-leaning estimate, not a
+measuring peak RSS deltas on the `tiny` bundle (docs/performance.md "Memory"). It is an upper-bound-leaning estimate, not a
 promise of the allocator's behaviour: `ALLOCATOR_SLACK` covers heap fragmentation measured there.
 
 Figures are "working memory beyond the loaded bundle": weights, the embedding table and the tokenizer are not
@@ -20,6 +20,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from .checked import is_int
 from .errors import InputError, MemoryBudgetError  # noqa: F401 (re-exported: callers catch it here too)
 from .positions.vision import window_side
 
@@ -61,12 +62,12 @@ class MemoryBudget:
     max_chunk: int = DEFAULT_MAX_CHUNK  # largest prefill chunk in tokens (a prompt up to it runs in one shot)
 
     def __post_init__(self):
-        if isinstance(self.bytes, bool) or not isinstance(self.bytes, int) or self.bytes <= ALLOCATOR_SLACK:
+        if not is_int(self.bytes) or self.bytes <= ALLOCATOR_SLACK:
             raise ValueError(f"MemoryBudget.bytes must be an int above {ALLOCATOR_SLACK} (the allocator slack), "
                              f"not {self.bytes!r}; e.g. MemoryBudget(4 << 30) or MemoryBudget(parse_bytes('4GiB'))")
         if self.image_policy not in ("downscale", "refuse"):
             raise ValueError(f"MemoryBudget.image_policy must be 'downscale' or 'refuse', not {self.image_policy!r}")
-        if isinstance(self.max_chunk, bool) or not isinstance(self.max_chunk, int) or self.max_chunk < MIN_CHUNK:
+        if not is_int(self.max_chunk) or self.max_chunk < MIN_CHUNK:
             raise ValueError(f"MemoryBudget.max_chunk must be an int >= {MIN_CHUNK}, not {self.max_chunk!r}")
 
 

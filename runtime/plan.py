@@ -1,7 +1,7 @@
 """Memory plan for a device: does the guard fit, at which recipe and limits.
 
 The weights of every graph follow from the model's geometry alone (a checkpoint's config.json, a reference profile,
-or a bundle's own files), at the precision each recipe gives each graph (calibration/recipes.py). The request's
+or a bundle's own files), at the precision each recipe gives each graph (runtime/recipes.py). The request's
 working memory is the runtime's own estimate (runtime/memory.py: KV cache, the decoder's, vision encoder's and
 audio encoder's peaks at the given limits). What the device adds (CUDA context, TensorRT workspace, the process) are
 constants, stated with where they come from in DEVICE_COSTS. Everything is in one pool: a Jetson's CPU and GPU share
@@ -17,28 +17,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .devices import DEFAULT_RESERVE_GB, DEVICE_COSTS, DEVICES
 from .errors import InputError
-from .memory import GiB, MiB, Geometry, RequestSizes, estimate, square_grid
+from .memory import GiB, Geometry, RequestSizes, estimate, square_grid
 from .positions.vision import head_chunk, window_side
-
-# marketed memory of each module (GiB: the modules carry 4/8/16/32/64 GiB of LPDDR5)
-DEVICES = {
-    "orin-nano-4gb": ("Jetson Orin Nano 4GB", 4),
-    "orin-nano-8gb": ("Jetson Orin Nano 8GB", 8),
-    "orin-nx-8gb": ("Jetson Orin NX 8GB", 8),
-    "orin-nx-16gb": ("Jetson Orin NX 16GB", 16),
-    "agx-orin-32gb": ("Jetson AGX Orin 32GB", 32),
-    "agx-orin-64gb": ("Jetson AGX Orin 64GB", 64),
-}
-DEFAULT_RESERVE_GB = 1.5  # the OS, its services and carve-outs (settable: --reserve-gb)
-
-# what a GPU process holds besides the model; each figure is an assumption until measured on the device
-DEVICE_COSTS = {
-    "cuda_context": (600 * MiB, "CUDA context with cuBLAS/cuDNN/TensorRT kernels loaded lazily: assumed, not measured "
-                                "here (no Jetson)"),
-    "trt_workspace": (1 * GiB, "TensorRT builder/runtime workspace limit this plan budgets (settable)"),
-    "process": (300 * MiB, "Python, onnxruntime, numpy and the tokenizer: assumed from the CPU process here"),
-}
+from .recipes import RECIPES
 
 # default limits of a plan (the same names as build-engines' options)
 DEFAULT_LIMITS = {"max_prompt_tokens": 2048, "max_image_tokens": 1024, "max_audio_seconds": 30.0, "new_tokens": 32}
@@ -57,7 +40,7 @@ class Shapes:
 
     @classmethod
     def from_profile(cls, name: str) -> Shapes:
-        from ..export.profiles import PROFILES  # a table of numbers (no torch); the runtime never imports it otherwise
+        from .profiles import PROFILES
 
         if name not in PROFILES:
             raise InputError(f"--profile must be one of {', '.join(PROFILES)}, not {name!r}")
@@ -244,8 +227,6 @@ def plan(s, recipe: str, device: str, limits: dict | None = None, reserve_gb: fl
          device_memory_gb: float | None = None, embed_dtype: str = "float32") -> DevicePlan:
     """The memory plan of `recipe` ("fp32" or a GPU recipe's name) on `device` at `limits`. `s`: Shapes, or a
     BundleShapes (a bundle's own files give its weights)."""
-    from ..calibration.recipes import RECIPES
-
     if device not in DEVICES:
         raise InputError(f"--device must be one of {', '.join(DEVICES)}, not {device!r}")
     if recipe not in GPU_RECIPES:

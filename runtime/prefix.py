@@ -13,6 +13,7 @@ ends earlier. Text positions before any media are 0..M-1 on all three TMRoPE row
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,3 +70,43 @@ class PrefixCache:
 
     def clear(self) -> None:
         self.entries.clear()
+
+
+class PolicyPrefix(PrefixCache):
+    """A Guard's prefix cache, keyed by template kind ("text", "image": prompt.template_kind): each template's
+    fixed opening is built on first use (once, when threads share the Guard), and a request's decoder state starts
+    from the longest part of it the request's prompt ids share.
+
+    `probe_ids(kind, text)`: the prompt ids of a probe request of that template kind whose only free content is
+    `text`; `embed_tokens(ids)`: token embeddings; `media_ids`: the placeholder token ids."""
+
+    def __init__(self, decoder, embed_tokens, media_ids, probe_ids):
+        super().__init__()
+        self.decoder, self.embed_tokens, self.media_ids, self.probe_ids = decoder, embed_tokens, media_ids, probe_ids
+        self._lock = threading.Lock()
+
+    def start(self, ids: list[int], kind: str, positions: np.ndarray, delta: int, run_options, capacity: int):
+        """(decoder state holding the cached prefix's first M positions, M) for these prompt ids and their
+        TMRoPE positions, or (None, 0) when nothing is reused (text positions before any media must be 0..M-1 on
+        all three rows for the cached cache to be exact)."""
+        entry = self.get(kind)
+        if entry is None:
+            with self._lock:
+                entry = self.get(kind) or self._build(kind, run_options)
+        m = reusable(ids, entry, self.media_ids) if entry is not None else 0
+        if m < 1 or not np.array_equal(positions[:, 0, :m], np.broadcast_to(np.arange(m), (3, m))):
+            return None, 0
+        past = self.decoder.first(list(entry.past), m)
+        return self.decoder.start(delta, run_options, past, m, capacity=capacity), m
+
+    def _build(self, kind: str, run_options) -> CachedPrefix | None:
+        """The template's fixed opening: the common ids of two probe requests, up to the first media token."""
+        probes = [self.probe_ids(kind, p) for p in ("a", "1")]
+        same = common_prefix(*probes)
+        media = [i for i, t in enumerate(probes[0][:same]) if t in self.media_ids]
+        prefix = probes[0][: media[0] if media else same]
+        if len(prefix) < 2:
+            return None
+        state = self.decoder.start(0, run_options)
+        self.decoder.extend(state, self.embed_tokens(prefix)[None])
+        return self.put(kind, prefix, self.decoder.cache(state))

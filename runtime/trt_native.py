@@ -1,4 +1,4 @@
-"""EXPERIMENTAL, never run: no GPU has run this module (README "Jetson and GPU"). A native TensorRT backend behind
+"""EXPERIMENTAL, never run: no GPU has run this module (docs/gpu.md "Jetson and GPU"). A native TensorRT backend behind
 the backend seam (`GraphSession`): the plans `build-engines --native` writes, run through TensorRT's Python API,
 with device buffers from cuda-python and the decoder's KV cache kept on the device between runs (`run_device`).
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cuda import require_cuda_runtime
 from .errors import GpuError
 
 NAME = "TensorrtNative"
@@ -26,15 +27,6 @@ def _check(result, what: str):
     return rest[0] if len(rest) == 1 else tuple(rest)
 
 
-def _cudart():
-    from .gpu import cuda_runtime
-
-    cudart = cuda_runtime()
-    if cudart is None:
-        raise GpuError("the native TensorRT backend needs cuda-python (pip install cuda-python)")
-    return cudart
-
-
 class DeviceArray:
     """A tensor in device memory, freed with the object: what `run_device` keeps (the KV cache). Its interface is
     the part of onnxruntime's OrtValue the decoder uses: shape(), data_type(), numpy()."""
@@ -43,7 +35,7 @@ class DeviceArray:
               np.dtype(np.int64): "tensor(int64)", np.dtype(np.int32): "tensor(int32)"}
 
     def __init__(self, shape, dtype, stream):
-        self.cudart = _cudart()
+        self.cudart = require_cuda_runtime()
         self._shape, self.dtype, self.stream = tuple(int(d) for d in shape), np.dtype(dtype), stream
         self.nbytes_ = int(np.prod(self._shape, dtype=np.int64)) * self.dtype.itemsize
         self.ptr = _check(self.cudart.cudaMalloc(max(self.nbytes_, 1)), "cudaMalloc")
@@ -85,7 +77,7 @@ class TrtSession:
     def __init__(self, plan: Path, name: str, device_id: int = 0):
         import tensorrt as trt
 
-        cudart = _cudart()
+        cudart = require_cuda_runtime()
         _check(cudart.cudaSetDevice(device_id), "cudaSetDevice")
         self.trt, self.cudart, self.name = trt, cudart, name
         self.logger = trt.Logger(trt.Logger.WARNING)

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' annotations from here
 
-from omniguard_edge.runtime.errors import InputError, describe
+from ..runtime.checked import is_int
+from ..runtime.errors import InputError, describe
 
 from . import inputs
 from .batcher import Batcher, Closed, QueueFull
@@ -52,7 +53,7 @@ class ServeConfig:
     def __post_init__(self):
         for name in ("max_body_bytes", "max_concurrent", "queue_size", "max_batch", "guards"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"ServeConfig.{name} must be an int >= 1, not {value!r}")
         if not (self.timeout_s > 0 and self.batch_wait_s >= 0):
             raise ValueError("ServeConfig needs timeout_s > 0 and batch_wait_s >= 0")
@@ -104,7 +105,7 @@ class Service:
         self.batcher: Batcher | None = None
 
     def start(self) -> None:
-        from omniguard_edge.runtime.guard import Guard, GuardOptions
+        from ..runtime.guard import Guard, GuardOptions
 
         self.base = Guard.from_bundle(self.bundle, self.guard_options or GuardOptions())
         self._guards[(self.base.options.mode, None)] = self.base
@@ -125,8 +126,8 @@ class Service:
         """The Guard for (mode, categories): the served one's options with that mode and policy subset."""
         import dataclasses
 
-        from omniguard_edge.runtime.guard import Guard
-        from omniguard_edge.runtime.prompt.policy import Policy
+        from ..runtime.guard import Guard
+        from ..runtime.prompt.policy import Policy
 
         with self._lock:
             if key in self._guards:

@@ -14,8 +14,8 @@ import base64
 import binascii
 import re
 
-from omniguard_edge.runtime.errors import InputError
-from omniguard_edge.runtime.prompt.policy import DEFAULT_CATEGORIES
+from ..runtime.errors import InputError
+from ..runtime.prompt.policy import DEFAULT_CATEGORIES
 
 MAX_INPUTS = 32  # strings in one `input` array
 MAX_PARTS = 16  # parts in one multimodal `input`

@@ -17,7 +17,8 @@ import os
 import shutil
 from pathlib import Path
 
-from omniguard_edge.runtime.errors import InputError
+from ..runtime.checked import is_int
+from ..runtime.errors import InputError
 
 GUARD_MODEL = "omniguard_guard"
 TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
@@ -51,7 +52,7 @@ parameters {{ key: "mode" value: {{ string_value: {_q(mode)} }} }}
 def _plan_of(manifest, graph: str, engines: Path) -> Path:
     """The native TensorRT plan `build-engines --native` wrote for this bundle's `graph` under `engines` (the
     engine record's graph sha256 must be this bundle's); InputError saying how to build one otherwise."""
-    from omniguard_edge.runtime.gpu import ENGINE_FILE, engine_records, graph_sha256
+    from ..runtime.engines import ENGINE_FILE, engine_records, graph_sha256
 
     want = graph_sha256(manifest, graph)
     found = [f / f"{graph}.plan" for f, rec in engine_records(engines, graph)
@@ -92,11 +93,11 @@ def export_triton(bundle, out, instances: int = 1, max_batch: int = 8, delay_us:
                   engines=None) -> list[Path]:
     """Write the repository at `out`; the config.pbtxt paths written. `graphs`: None, "onnxruntime" or "tensorrt"
     (the native plans of `build-engines --native` found under `engines`, default B.engines)."""
-    from omniguard_edge.runtime.manifest import load_manifest
+    from ..runtime.manifest import load_manifest
 
     bundle, out = Path(bundle), Path(out)
     for name, value, low in (("--instances", instances, 1), ("--max-batch", max_batch, 1), ("--delay-us", delay_us, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if not is_int(value) or value < low:
             raise InputError(f"{name} must be an int >= {low}, not {value!r}")
     if graphs not in (None, "onnxruntime", "tensorrt"):
         raise InputError(f"--graphs must be onnxruntime or tensorrt (or absent), not {graphs!r}")
@@ -105,7 +106,7 @@ def export_triton(bundle, out, instances: int = 1, max_batch: int = 8, delay_us:
     manifest = load_manifest(bundle, verify="full")
     plans = {}
     if graphs == "tensorrt":  # found before anything is written
-        from omniguard_edge.runtime.gpu import default_cache
+        from ..runtime.engines import default_cache
 
         cache = Path(engines) if engines is not None else default_cache(bundle)
         plans = {g: _plan_of(manifest, g, cache) for g in ("vision", "audio", "decoder") if g in manifest.graphs}

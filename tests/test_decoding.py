@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 
-from omniguard_edge.runtime.answer import Answer, CodeLine
+from omniguard_edge.runtime.verdict.grammar import Answer, CodeLine
 from omniguard_edge.runtime.bundle import SessionOptions
 from omniguard_edge.runtime.decode import Decoder
 from omniguard_edge.runtime.guard import Guard, GuardOptions
@@ -116,7 +116,7 @@ def test_vocabulary_has_the_pieces_these_tests_rely_on(v, guard):
 
 
 def answer(guard, **options) -> Answer:
-    return Guard(guard.bundle, GuardOptions(session=DECODER_ONLY, **options))._answer()
+    return Guard(guard.bundle, GuardOptions(session=DECODER_ONLY, **options)).answer()
 
 
 def test_the_first_position_picks_the_branch_by_the_models_preference(guard, v):
@@ -301,7 +301,7 @@ def test_a_grammar_that_cannot_be_built_is_refused_not_dropped(guard, monkeypatc
     monkeypatch.setattr(guard_module.AnswerTokens, "build", classmethod(lambda cls, *a, **k: None))
     with pytest.raises(BundleError, match="constrain_verdict=False"):
         Guard(guard.bundle, GuardOptions(session=DECODER_ONLY))
-    assert Guard(guard.bundle, GuardOptions(session=DECODER_ONLY, constrain_verdict=False))._answer().constrain is False
+    assert Guard(guard.bundle, GuardOptions(session=DECODER_ONLY, constrain_verdict=False)).answer().constrain is False
 
 
 def test_p_unsafe_is_the_verdict_softmax_of_the_real_decoder(guard, v):

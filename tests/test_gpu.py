@@ -1,7 +1,7 @@
 """The GPU targets without a GPU (runtime/gpu.py): optimization profiles against the manifest and the limits, the
 providers' options, engine keys and the refusal of stale or foreign engines, and the error paths (no GPU, no
 TensorRT, a TensorRT version not supported, no GPU provider in this onnxruntime). What needs a GPU is not run here:
-building and running engines (README "Jetson and GPU")."""
+building and running engines (docs/gpu.md "Jetson and GPU")."""
 
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ def test_provider_options(manifest, tmp_path):
 
 
 def test_graph_precision_of_every_gpu_recipe():
-    from omniguard_edge.calibration.recipes import RECIPES
+    from omniguard_edge.runtime.recipes import RECIPES
 
     expected = {"gpu-fp16": {"fp16"}, "trt-int8": {"int8"}, "orin": {"fp16", "int4"}}
     for name, want in expected.items():
@@ -333,6 +333,15 @@ class _FakeSession:
     get_outputs = get_inputs
 
 
+def _stand_in_machine(monkeypatch):
+    """A GPU (sm 8.7) and TensorRT 10.3, where the providers and the engine builder look them up."""
+    from omniguard_edge.runtime import engine_build, providers
+
+    for module in (providers, engine_build):
+        monkeypatch.setattr(module, "probe_gpu", lambda device_id=0: gpu.GpuInfo("stand-in", "8.7", None, "test"))
+        monkeypatch.setattr(module, "tensorrt_version", lambda: "10.3.0")
+
+
 @pytest.fixture
 def stand_in_gpu(monkeypatch):
     """onnxruntime with the TensorRT and CUDA providers, a GPU (sm 8.7) and TensorRT 10.3: stand-ins, so that what
@@ -340,8 +349,7 @@ def stand_in_gpu(monkeypatch):
     import onnxruntime as ort
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: list(gpu.PROVIDERS["tensorrt"]))
-    monkeypatch.setattr(gpu, "probe_gpu", lambda device_id=0: gpu.GpuInfo("stand-in", "8.7", None, "test"))
-    monkeypatch.setattr(gpu, "tensorrt_version", lambda: "10.3.0")
+    _stand_in_machine(monkeypatch)
     monkeypatch.setattr(ort, "InferenceSession", _FakeSession)
     monkeypatch.setattr(_FakeSession, "opened", [])
     monkeypatch.setattr(_FakeSession, "rebuild", False)
@@ -427,7 +435,7 @@ def test_cpu_path_is_unchanged_and_unavailable_gpu_providers_warn_and_fall_back(
 
 
 def test_build_engines_dry_run_and_refusals(tiny_bundle, tmp_path, capsys):
-    from omniguard_edge.runtime.cli import main
+    from omniguard_edge.cli import main
 
     assert main(["build-engines", "--bundle", str(tiny_bundle), "--dry-run", "--json", "--max-prompt-tokens",
                  "512"]) == 0
@@ -533,7 +541,7 @@ def test_a_resident_kv_cache_answers_exactly_as_the_host_one(tiny_bundle, media_
 
 
 def test_moderate_refuses_what_only_tensorrt_uses_on_other_providers(tiny_bundle, capsys):
-    from omniguard_edge.runtime.cli import main
+    from omniguard_edge.cli import main
 
     base = ["moderate", "--bundle", str(tiny_bundle), "--text", "How do I bake bread?"]
     for extra, message in [(["--max-prompt-tokens", "100"], "--max-prompt-tokens: only with --provider tensorrt"),
@@ -557,8 +565,7 @@ def test_the_native_backend_refuses_clearly_without_a_gpu_or_its_plans(tiny_bund
         with pytest.raises(GpuError, match="no NVIDIA GPU 0 found"):
             open_bundle(tiny_bundle, options)
     assert gpu.environment_error("tensorrt-native") is not None or importlib_has("tensorrt")
-    monkeypatch.setattr(gpu, "probe_gpu", lambda device_id=0: gpu.GpuInfo("stand-in", "8.7", None, "test"))
-    monkeypatch.setattr(gpu, "tensorrt_version", lambda: "10.3.0")
+    _stand_in_machine(monkeypatch)
     m = load_manifest(tiny_bundle, verify="none")
     for g, p in gpu.profiles(m).items():
         _built(tmp_path, gpu.engine_key(m, g, p, "8.7", "10.3.0", ort.__version__))

@@ -59,7 +59,7 @@ def test_free_decoding_stops_once_verdict_and_categories_are_read(tiny_guard):
     enc = guard.prompt.encode_plain
 
     def stops(text: str, mode: str = "categories") -> bool:
-        answer = Guard(tiny_guard.bundle, GuardOptions(constrain_verdict=False, mode=mode))._answer()
+        answer = Guard(tiny_guard.bundle, GuardOptions(constrain_verdict=False, mode=mode)).answer()
         answer.generated = enc(text)
         return answer._stop_free()
 
@@ -67,7 +67,7 @@ def test_free_decoding_stops_once_verdict_and_categories_are_read(tiny_guard):
     assert stops("unsafe\nS1, S9\n") and stops("safe\n")
     assert stops("unsafe\n", "verdict") and not stops("unsafe", "verdict")
     assert not stops("unsafe\nS1, S9\nBecause\n", "full")
-    assert guard._answer().constrain is False
+    assert guard.answer().constrain is False
 
 
 def test_default_answer_is_always_parseable(tiny_bundle):

@@ -22,7 +22,8 @@ import pytest
 
 from omniguard_edge.runtime.bundle import SessionOptions, open_bundle
 from omniguard_edge.runtime.errors import InputError
-from omniguard_edge.runtime.guard import Guard, GuardOptions, check_arguments
+from omniguard_edge.runtime.arguments import check_arguments
+from omniguard_edge.runtime.guard import Guard, GuardOptions
 from omniguard_edge.runtime.verdict import ModerationResult
 
 MODES = {"constrained": GuardOptions(), "free": GuardOptions(constrain_verdict=False)}
@@ -421,7 +422,7 @@ def test_result_json_is_strict_and_nan_scores_fail_closed():
 
 # -- the command line ------------------------------------------------------------------------------------------
 
-CLI = [sys.executable, "-m", "omniguard_edge.runtime.cli"]
+CLI = [sys.executable, "-m", "omniguard_edge.cli"]
 
 CLI_CASES = [  # (id, argv after `moderate` with {B} the bundle and {D} a scratch folder, exit status, must appear)
     ("max-new-tokens-0", ["--bundle", "{B}", "--text", "hi", "--max-new-tokens", "0"], 2, "--max-new-tokens"),
@@ -515,9 +516,9 @@ def test_a_budget_over_the_context_is_an_error_result(bundle):
 def test_too_many_turns_or_media_items_are_refused_before_any_work(bundle, files, monkeypatch):
     guard = Guard(bundle, GuardOptions(max_prompt_tokens=60))
     opened = []
-    import omniguard_edge.runtime.guard as guard_module
+    import omniguard_edge.runtime.media as media_module
 
-    monkeypatch.setattr(guard_module, "image_pixels", lambda *a, **k: opened.append(a) or (_ for _ in ()).throw(
+    monkeypatch.setattr(media_module, "image_pixels", lambda *a, **k: opened.append(a) or (_ for _ in ()).throw(
         AssertionError("an image was decoded")))
     r = guard.moderate(image=[files.png] * 21)  # 21 items x 3 tokens > 60
     assert r.verdict == "error" and "21 items need at least 63 prompt tokens" in r.error and opened == []
@@ -591,22 +592,22 @@ def test_failed_result_of_an_unprintable_exception():
 def test_max_prompt_tokens_above_the_context_is_capped(bundle):
     context = bundle.manifest.decoder["max_position_embeddings"]
     guard = Guard(bundle, GuardOptions(max_prompt_tokens=10**9, max_new_tokens=8))
-    assert guard._prompt_limit() == (8, context - 8)
+    assert guard.prompt_limit() == (8, context - 8)
     r = guard.moderate("hello " * context)  # more tokens than the context holds: refused, never judged
     assert r.verdict == "error" and f"limit of {context - 8}" in r.error
-    assert Guard(bundle, GuardOptions(max_prompt_tokens=40))._prompt_limit()[1] == 40  # lowering still works
+    assert Guard(bundle, GuardOptions(max_prompt_tokens=40)).prompt_limit()[1] == 40  # lowering still works
 
 
 def test_many_long_audio_items_stop_once_they_exceed_the_prompt_limit(bundle, monkeypatch):
     """150 clips of 299 s (each within the per-item limits): refused after the first few are preprocessed."""
-    import omniguard_edge.runtime.guard as guard_module
+    import omniguard_edge.runtime.media as media_module
 
     calls = []
-    real = guard_module.audio_features
-    monkeypatch.setattr(guard_module, "audio_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = media_module.audio_features
+    monkeypatch.setattr(media_module, "audio_features", lambda *a, **k: calls.append(1) or real(*a, **k))
     clip = np.zeros(299 * 16000, np.float32)
     context = bundle.manifest.decoder["max_position_embeddings"]
-    per_clip = 2 + guard_module.audio_output_length(29900)
+    per_clip = 2 + media_module.audio_output_length(29900)
     limit = max(per_clip + 3 * 149, context // 2)  # room for at least the first clip
     guard = Guard(bundle, GuardOptions(max_prompt_tokens=limit))
     r = guard.moderate("x", audio=[clip] * 150, sample_rate=16000)
@@ -629,22 +630,22 @@ def test_the_memory_plan_covers_the_answer_budget(bundle, monkeypatch):
 
 def test_long_text_is_counted_in_slices_and_stops_at_the_limit(bundle, monkeypatch):
     """'a ' * 1,100,000 (2.2 MB, within the byte bound) is refused after counting a few bounded slices."""
-    import omniguard_edge.runtime.guard as guard_module
+    import omniguard_edge.runtime.arguments as arguments_module
 
     guard = Guard(bundle)
-    limit = guard._prompt_limit()[1]
+    limit = guard.prompt_limit()[1]
     slices = []
     real = guard.prompt.encode_plain
     guard.prompt.encode_plain = lambda text: slices.append(len(text)) or real(text)
     r = guard.moderate("a " * 1_100_000)
     assert r.verdict == "error" and f"takes more than {limit} prompt tokens" in r.error
-    assert 0 < len(slices) and max(slices) <= guard_module._SLICE + 1 and sum(slices) < 4 * limit
+    assert 0 < len(slices) and max(slices) <= arguments_module._SLICE + 1 and sum(slices) < 4 * limit
 
 
 def test_slice_counts_add_up_to_the_whole_texts(bundle):
     """The cut points are pre-token boundaries: the slices' counts equal the whole text's, so the early refusal
     never refuses a text that fits."""
-    from omniguard_edge.runtime.guard import text_slices
+    from omniguard_edge.runtime.arguments import text_slices
 
     guard = Guard(bundle)
     rng = np.random.default_rng(8)

@@ -1,5 +1,5 @@
 """Memory: chunked prefill equals one-shot prefill, the estimator's known answers and its calibration on `tiny`,
-and RSS returned after a large request (README "Memory"). Runtime-only: tiny_bundle and subprocesses."""
+and RSS returned after a large request (docs/performance.md "Memory"). Runtime-only: tiny_bundle and subprocesses."""
 
 from __future__ import annotations
 
@@ -328,20 +328,20 @@ def test_an_image_over_its_vision_share_is_decoded_once_at_the_cap(tiny_bundle, 
     image_policy='refuse' it is refused, also after one reduced decode."""
     from PIL import Image
 
-    import omniguard_edge.runtime.guard as guard_mod
+    import omniguard_edge.runtime.media as media_mod
     from omniguard_edge.runtime.guard import Guard, GuardOptions
     from omniguard_edge.runtime.memory import MemoryBudget
 
     path = tmp_path / "big.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (1500, 2000, 3), dtype=np.uint8)).save(path)
     calls = []
-    real = guard_mod.image_pixels
+    real = media_mod.image_pixels
 
     def counting(source, cfg, limits, *rest):
         calls.append(limits.max_pixels)
         return real(source, cfg, limits, *rest)
 
-    monkeypatch.setattr(guard_mod, "image_pixels", counting)
+    monkeypatch.setattr(media_mod, "image_pixels", counting)
     budget = 400 << 20
     g = Guard.from_bundle(tiny_bundle, GuardOptions(memory=MemoryBudget(bytes=budget), constrain_verdict=True))
     r = g.moderate("what is this?", image=path)

@@ -108,13 +108,6 @@ def test_a_bundle_plans_with_its_own_files(tiny_bundle):
         P.plan(shapes, "orin", "orin-nano-8gb")
 
 
-def test_profile_names_are_the_export_profiles():
-    from omniguard_edge.export.profiles import PROFILES
-    from omniguard_edge.runtime.cli import PROFILE_NAMES  # the command line's choices, without importing export
-
-    assert PROFILE_NAMES == list(PROFILES)
-
-
 def test_plan_refuses_bad_requests_naming_the_parameter(tmp_path):
     shapes = P.Shapes.from_profile("tiny")
     with pytest.raises(InputError, match="--device must be one of"):
@@ -133,7 +126,7 @@ def test_plan_refuses_bad_requests_naming_the_parameter(tmp_path):
 
 
 def test_plan_cli_json_is_only_json_with_fits_on_top(capsys):
-    from omniguard_edge.runtime.cli import main
+    from omniguard_edge.cli import main
 
     assert main(["plan", "--profile", "7b-shape", "--device", "orin-nx-16gb", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

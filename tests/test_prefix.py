@@ -11,7 +11,7 @@ import pytest
 
 from omniguard_edge.runtime.decode import Decoder
 from omniguard_edge.runtime.encoder_cache import EncoderCache, content_key
-from omniguard_edge.runtime.guard import Guard, GuardOptions, _Prepared
+from omniguard_edge.runtime.guard import Guard, GuardOptions
 from omniguard_edge.runtime.prefix import CachedPrefix, common_prefix, reusable
 from omniguard_edge.runtime.prompt import Conversation, Policy
 
@@ -74,7 +74,7 @@ def test_the_prefix_ends_where_the_request_begins(pair, media_dir):
     template: everything up to the image's first placeholder."""
     on = pair[0]
     r = on.moderate(text="hello there")
-    ids = on._prompt_ids(Conversation.of("hello there"), _Prepared())
+    ids = on.prompt_ids(Conversation.of("hello there"))
     assert on.prompt.decode(ids[: r.cached_prompt_tokens]).endswith("User:")
     assert on.prompt.decode(ids[r.cached_prompt_tokens:]).startswith(" hello there")
     r = on.moderate(image=media_dir / "colour_640x480.jpg")

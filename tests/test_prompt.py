@@ -195,7 +195,7 @@ def test_ids_equal_transformers_processor_for_benign_input(prompt_tok, tiny_chec
         assert mine == list(ref), media
 
 
-# -- composition: which template, and what "no text" means (README "Prompt rules") ---------------------------------
+# -- composition: which template, and what "no text" means (docs/prompt.md "Prompt rules") ---------------------------------
 
 POLICIES = Policy().render()
 IMAGE = IMAGE_TEMPLATE.format(policies=POLICIES)
@@ -253,7 +253,7 @@ def test_compose_bad_input_names_the_parameter():
 
 
 def test_keyword_media_order_and_rendering(prompt_tok):
-    """README: with keyword arguments the order is images, videos, audios, all after the text."""
+    """docs/prompt.md: with keyword arguments the order is images, videos, audios, all after the text."""
     clip = ("frames", 25.0)  # a tuple is one item: a video given as (frames, fps)
     media = keyword_media(image=["a.png", "b.png"], audio="c.wav", video=clip)
     assert media == [("image", "a.png"), ("image", "b.png"), ("video", clip), ("audio", "c.wav")]

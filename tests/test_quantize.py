@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from omniguard_edge.calibration import recipes
+from omniguard_edge.runtime import recipes
 from omniguard_edge.runtime.errors import BundleError
 from omniguard_edge.runtime.manifest import load_manifest
 
@@ -40,7 +40,7 @@ def quantized(tiny_bundle, tmp_path_factory):
 
 
 def test_the_five_recipes_are_listed_and_typed(capsys):
-    from omniguard_edge.runtime.cli import main
+    from omniguard_edge.cli import main
 
     assert list(recipes.RECIPES) == ["cpu-int8", "cpu-int4", "gpu-fp16", "trt-int8", "orin"]
     assert main(["recipes"]) == 0
@@ -180,7 +180,7 @@ _GOOD = {"n": 10, "errors": 0, "verdict_agreement": 1.0, "dp_unsafe_p99": 0.01, 
 def test_the_gate_reads_the_verdicts_on_trained_weights(trained, change, failure):
     """The verdict side of the gate (cpu-int8's trained gate), with the agreement figures given."""
     from omniguard_edge.calibration import quantize
-    from omniguard_edge.calibration.recipes import INT8_TRAINED
+    from omniguard_edge.runtime.recipes import INT8_TRAINED
 
     graphs = {"decoder_gqa": {"gate_cosine": 0.995, "n": 3, "cosine": 0.996}}
     failures = quantize._gate(graphs, [], {**_GOOD, **change}, INT8_TRAINED if trained else None)
@@ -197,7 +197,7 @@ def test_trained_weights_raise_the_decoder_gates_and_enforce_the_verdicts(tiny_b
     so the AUROC drop is unmeasured, which fails."""
     pytest.importorskip("onnx", reason="quantize needs onnx (the export extra)")
     from omniguard_edge.calibration import fidelity, quantize
-    from omniguard_edge.calibration.recipes import INT8_COS, INT8_TRAINED
+    from omniguard_edge.runtime.recipes import INT8_COS, INT8_TRAINED
 
     source = tmp_path / "fp32"
     shutil.copytree(tiny_bundle, source)
@@ -252,7 +252,7 @@ def test_quantize_refuses_what_it_cannot_do(tiny_bundle, quantized, tmp_path, mo
 
 def test_quantize_cli_prints_the_report_and_exits_by_the_gate(tiny_bundle, tmp_path, capsys):
     pytest.importorskip("onnx", reason="quantize needs onnx (the export extra)")
-    from omniguard_edge.runtime.cli import main
+    from omniguard_edge.cli import main
 
     rc = main(["quantize", "--bundle", str(tiny_bundle), "--recipe", "cpu-int8", "--out", str(tmp_path / "b"),
                "--no-calibration", "--quiet"])
@@ -342,7 +342,7 @@ def test_export_with_a_recipe_exports_then_quantizes_and_checks_the_recipe_first
     """`export --recipe R` is export then quantize (to OUT-R); what would make the recipe fail is refused before the
     export spends its time."""
     pytest.importorskip("onnx", reason="quantize needs onnx (the export extra)")
-    from omniguard_edge.runtime.cli import main
+    from omniguard_edge.cli import main
 
     out = tmp_path / "b"
     for argv, message in [(["--low-memory", "--recipe", "cpu-int4", "--no-calibration"],

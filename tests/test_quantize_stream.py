@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from omniguard_edge.calibration import recipes
+from omniguard_edge.runtime import recipes
 
 onnx = pytest.importorskip("onnx", reason="quantizing needs onnx (the quantize extra)")
 

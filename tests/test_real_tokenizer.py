@@ -16,7 +16,7 @@ from omniguard_edge.runtime.prompt.tokenize import Item
 QWEN2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizer" / "qwen2"
 needs_qwen2 = pytest.mark.skipif(not (QWEN2 / "vocab.json").is_file(),
                                  reason="../shared/data/tokenizer/qwen2 is not here (the real Qwen2 vocab.json/merges.txt)")
-# DESIGN section 1: the Omni special tokens of real checkpoints
+# docs/design.md "The model facts the code relies on": the Omni special tokens of real checkpoints
 REAL_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|AUDIO|>": 151646,
             "<|audio_bos|>": 151647, "<|audio_eos|>": 151648, "<|vision_bos|>": 151652, "<|vision_eos|>": 151653,
             "<|IMAGE|>": 151655, "<|VIDEO|>": 151656}

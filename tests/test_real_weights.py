@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
 from omniguard_edge.export import real_weights  # noqa: E402
-from omniguard_edge.export.profiles import PROFILES  # noqa: E402
+from omniguard_edge.runtime.profiles import PROFILES  # noqa: E402
 from omniguard_edge.export.real_weights import Part, WheelSource  # noqa: E402
 from omniguard_edge.runtime.errors import CheckpointError  # noqa: E402
 

@@ -53,7 +53,7 @@ def _token_id_fields(node, path=""):
             yield from _token_id_fields(value, here + ".")
 
 
-# What each id of a published Qwen2.5-Omni thinker config names (DESIGN section 1; 872 is "user" in Qwen2's vocabulary)
+# What each id of a published Qwen2.5-Omni thinker config names (docs/design.md "The model facts the code relies on"; 872 is "user" in Qwen2's vocabulary)
 THINKER_TOKENS = {
     "audio_token_index": "<|AUDIO|>", "image_token_index": "<|IMAGE|>", "video_token_index": "<|VIDEO|>",
     "audio_start_token_id": "<|audio_bos|>", "audio_end_token_id": "<|audio_eos|>",

@@ -27,13 +27,14 @@ def test_runtime_imports_no_torch_transformers_or_export():
 
 
 def test_cli_help_and_typed_choices():
+    """Through the command line's old name too (runtime/cli.py, kept for invocations that use it)."""
     proc = subprocess.run([sys.executable, "-m", "omniguard_edge.runtime.cli", "reference", "--profile", "huge",
                            "--out", "x"], capture_output=True, text=True)
     assert proc.returncode == 2 and "invalid choice: 'huge'" in proc.stderr
 
 
 def test_cli_reports_bundle_error_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "omniguard_edge.runtime.cli", "verify", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "omniguard_edge.cli", "verify", str(tmp_path)],
                           capture_output=True, text=True)
     assert proc.returncode == 1
     assert "BundleError" in proc.stderr and "no manifest.json" in proc.stderr and "Traceback" not in proc.stderr
@@ -58,7 +59,7 @@ def test_export_commands_without_the_export_extra(argv, tmp_path):
     work.mkdir()
     env = dict(os.environ, PYTHONPATH=str(blocker))
     args = [a.format(tmp=work) for a in argv]
-    proc = subprocess.run([sys.executable, "-m", "omniguard_edge.runtime.cli", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "omniguard_edge.cli", *args], capture_output=True, text=True,
                           env=env, cwd=work)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0
@@ -76,7 +77,7 @@ def test_quantize_without_the_quantize_extra(tiny_bundle, tmp_path):
         (blocker / name / "__init__.py").write_text(f'raise ModuleNotFoundError("No module named {name!r}", name={name!r})\n')
     env = dict(os.environ, PYTHONPATH=str(blocker))
     out = tmp_path / "q"
-    proc = subprocess.run([sys.executable, "-m", "omniguard_edge.runtime.cli", "quantize", "--bundle", str(tiny_bundle),
+    proc = subprocess.run([sys.executable, "-m", "omniguard_edge.cli", "quantize", "--bundle", str(tiny_bundle),
                            "--recipe", "cpu-int8", "--out", str(out)], capture_output=True, text=True, env=env)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
@@ -108,7 +109,7 @@ def test_moderation_runs_without_importing_torch(tiny_bundle, media_dir):
 def test_cli_moderate_json(tiny_bundle, media_dir):
     import json
 
-    proc = subprocess.run([sys.executable, "-m", "omniguard_edge.runtime.cli", "moderate", "--bundle", str(tiny_bundle),
+    proc = subprocess.run([sys.executable, "-m", "omniguard_edge.cli", "moderate", "--bundle", str(tiny_bundle),
                            "--text", "hi", "--image", str(media_dir / "colour_517x333.png"), "--json"],
                           capture_output=True, text=True)
     result = json.loads(proc.stdout)
@@ -119,6 +120,6 @@ def test_cli_moderate_json(tiny_bundle, media_dir):
 
 def test_cli_moderate_bad_file_exits_nonzero(tiny_bundle, tmp_path):
     (tmp_path / "x.png").write_bytes(b"nope")
-    proc = subprocess.run([sys.executable, "-m", "omniguard_edge.runtime.cli", "moderate", "--bundle", str(tiny_bundle),
+    proc = subprocess.run([sys.executable, "-m", "omniguard_edge.cli", "moderate", "--bundle", str(tiny_bundle),
                            "--image", str(tmp_path / "x.png")], capture_output=True, text=True)
     assert proc.returncode == 1 and "verdict: error" in proc.stdout

@@ -35,7 +35,7 @@ class Server:
     def __init__(self, bundle: Path, *args: str, env: dict | None = None):
         self.port = _free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "omniguard_edge.runtime.cli", "serve", "--bundle", str(bundle), "--port",
+            [sys.executable, "-m", "omniguard_edge.cli", "serve", "--bundle", str(bundle), "--port",
              str(self.port), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, **(env or {})})
         deadline = time.monotonic() + 180
@@ -308,7 +308,7 @@ def test_api_key_and_non_loopback_binds(tiny_bundle):
     finally:
         s.stop()
     env = {k: v for k, v in os.environ.items() if k != "OMNIGUARD_API_KEY"}
-    proc = subprocess.run([sys.executable, "-m", "omniguard_edge.runtime.cli", "serve", "--bundle", str(tiny_bundle),
+    proc = subprocess.run([sys.executable, "-m", "omniguard_edge.cli", "serve", "--bundle", str(tiny_bundle),
                            "--host", "0.0.0.0", "--port", str(_free_port())], capture_output=True, text=True,
                           timeout=120, env=env)
     assert proc.returncode == 1 and "is not loopback: set an API key" in proc.stderr
@@ -357,7 +357,7 @@ def test_results_fail_closed_and_the_category_table():
     assert unsafe["category_scores"]["illicit/violent"] == 0.8 and unsafe["category_scores"]["violence"] == 0.3
     assert unsafe["omniguard"]["categories"] == ["S7", "S9"]
     mapped = {c for codes in OPENAI_CATEGORIES.values() for c in codes}
-    assert mapped == {f"S{i}" for i in range(1, 13)} - {"S6", "S7", "S8"}  # the README's table
+    assert mapped == {f"S{i}" for i in range(1, 13)} - {"S6", "S7", "S8"}  # docs/serving.md's table
 
 
 @pytest.mark.parametrize("url,match", [

@@ -16,7 +16,7 @@ TEXT_PACKS = ["xstest_prompts", "xstest_responses", "openai_moderation", "simple
 def test_the_side_is_a_function_of_the_normalised_prompt():
     a = evalpacks.Item("x1", "p", "safe", text="How do I kill a Python process?")
     b = evalpacks.Item("x2", "q", "unsafe", text="  how do I KILL a python   process?\n", response="sure")
-    assert split.side(a) == split.side(b)
+    assert evalpacks.side(a) == evalpacks.side(b)
     sides = {split.side_of_group(f"prompt {i}") for i in range(200)}
     assert sides == {"train", "heldout"}
     held = sum(split.side_of_group(f"prompt {i}") == "heldout" for i in range(4000)) / 4000
@@ -48,9 +48,9 @@ def test_text_packs_split_into_disjoint_sides_with_enough_held_out(tmp_path):
         assert r["source_rows"] == r["kept"] + sum(r["dropped"].values())
         assert any("training side" in why for why in r["dropped"])
     # an XSTest prompt and its prompt+response row are on one side
-    prompts = {i.text: split.side(i) for i in everything if i.pack == "xstest_prompts"}
+    prompts = {i.text: evalpacks.side(i) for i in everything if i.pack == "xstest_prompts"}
     responses = [i for i in everything if i.pack == "xstest_responses"]
-    assert responses and all(split.side(i) == prompts[i.text] for i in responses if i.text in prompts)
+    assert responses and all(evalpacks.side(i) == prompts[i.text] for i in responses if i.text in prompts)
 
 
 @needs_data

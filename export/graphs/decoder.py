@@ -3,7 +3,7 @@
 Inputs: inputs_embeds [batch, seq, hidden] float32, attention_mask [batch, past+seq] int64 (0 = padding),
 position_ids [3, batch, seq] int64, past_key_i / past_value_i [batch, kv_heads, past, head_dim] float32.
 Outputs: logits [batch, vocab] (last position only: full prefill logits are large and ~28% of prefill
-compute, DESIGN section 4), present_key_i / present_value_i [batch, kv_heads, past+seq, head_dim].
+compute, docs/design.md "The graphs"), present_key_i / present_value_i [batch, kv_heads, past+seq, head_dim].
 Prefill feeds a past of length 0; a cached prefix (or a forced literal) feeds a past and several new tokens, a
 case validated at export (`extend_*`). The token embedding is gathered outside the graph (embed_tokens.npy).
 """

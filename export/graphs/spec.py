@@ -7,7 +7,7 @@ from typing import Callable
 
 import numpy as np
 
-# Additive attention bias for masked positions. Not -inf: a fully masked row would give NaN (DESIGN 4).
+# Additive attention bias for masked positions. Not -inf: a fully masked row would give NaN (docs/design.md "The graphs").
 NEG_BIAS = -1e9
 
 

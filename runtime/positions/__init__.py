@@ -2,7 +2,7 @@
 
 Each function replaces a transformers function (named in its docstring) and is tested against it in
 tests/test_positions.py. Keeping this out of the graphs is what lets one graph serve every image grid and
-audio length (DESIGN section 4).
+audio length (docs/design.md "The graphs").
 """
 
 from .audio import AudioIndex, audio_index, audio_output_length, chunk_features  # noqa: F401

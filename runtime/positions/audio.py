@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MIN_FRAMES = 4  # fewer frames than this leave no pooled token at all (DESIGN section 4)
+MIN_FRAMES = 4  # fewer frames than this leave no pooled token at all (docs/design.md "The graphs")
 
 
 @dataclass(frozen=True)

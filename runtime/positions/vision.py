@@ -41,7 +41,7 @@ class VisionIndex:
 
 # heads per chunk of the full-attention blocks' frame batch: one chunk's scores are live at a time. Measured on
 # small's encoder (16 heads), 1280x720, 2 threads: chunks of 1 / 2 / 4 / 16 heads 35.5 / 36.3 / 36.3 / 36.8 s, peak
-# RSS 4.56 / 5.56 / 5.61 / 6.68 GB (README "Vision attention"). The manifest records it (vision.full_head_chunk).
+# RSS 4.56 / 5.56 / 5.61 / 6.68 GB (docs/performance.md "Vision attention"). The manifest records it (vision.full_head_chunk).
 FULL_HEAD_CHUNK = 1
 
 

@@ -1,5 +1,5 @@
 """Audio: decode, mono, resample to 16 kHz, log-mel exactly as WhisperFeatureExtractor computes it for
-Qwen2.5-Omni, but without padding every clip to 300 s (DESIGN section 5).
+Qwen2.5-Omni, but without padding every clip to 300 s (docs/design.md "A request, stage by stage").
 
 The processor pads each clip with zeros to 300 s, computes a centred STFT and keeps the frames its
 attention mask marks valid (ceil(samples / hop)). Zero-padding only the tail that those frames can see
@@ -212,7 +212,7 @@ def log_mel(wave: np.ndarray, mel_filters: np.ndarray) -> np.ndarray:
     # Not `spec @ filters`: that is a BLAS GEMM, and numpy's OpenBLAS workers busy-wait after it (well over
     # 50 ms of a core) while the audio encoder and the decoder need every core. Measured on `tiny`, 2 cores,
     # audio_5s: time to first token p50 65-88 ms after the GEMM, 25-29 ms after this einsum, which runs on the
-    # calling thread (2.8 ms for 5 s of audio, 16 ms for 30 s; the GEMM took 0.6 and 2.7 ms). README "Threads".
+    # calling thread (2.8 ms for 5 s of audio, 16 ms for 30 s; the GEMM took 0.6 and 2.7 ms). docs/performance.md "Threads".
     mel = np.maximum(np.einsum("fk,km->fm", spec, mel_filters.astype(np.float64), optimize=False), 1e-10)
     logs = np.log10(mel).T  # [bins, seen]
     logs = np.maximum(logs, logs.max() - 8.0)

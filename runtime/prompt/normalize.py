@@ -1,4 +1,4 @@
-"""User content cannot forge the guard prompt's structure (README "Prompt rules", "User content is data").
+"""User content cannot forge the guard prompt's structure (docs/prompt.md "Prompt rules", "User content is data").
 
 The guard prompt is rendered `User: ...\\n\\nAgent: ...` between `<BEGIN CONVERSATION>` and `<END CONVERSATION>`.
 Two kinds of structure inside user content (and inside custom policy names and descriptions) are escaped:

@@ -1,5 +1,5 @@
 """Fill the OmniGuard templates (the guard's user text) from a conversation, with our rules where the
-official code is silent (README "Prompt rules")."""
+official code is silent (docs/prompt.md "Prompt rules")."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ MEDIA_KINDS = ("image", "video", "audio")  # also the order of keyword media: im
 
 
 def compose_guard_text(conversation: Conversation | None, media_kinds: Sequence[str], policy: Policy) -> str:
-    """The guard's text item for one request: the one place that picks the template (README "Prompt rules").
+    """The guard's text item for one request: the one place that picks the template (docs/prompt.md "Prompt rules").
 
     `conversation`: the text to judge, or None; `media_kinds`: the kinds of the media items that follow the
     text, in prompt order ("image", "video", "audio"); `policy`: the categories shown.
@@ -102,13 +102,18 @@ def compose_guard_text(conversation: Conversation | None, media_kinds: Sequence[
         raise InputError(f"media_kinds holds {unknown!r}: each kind is one of {', '.join(MEDIA_KINDS)}")
     if conversation is not None and conversation.has_content():
         return render_guard_text(conversation, policy)
-    if not media_kinds:
-        if conversation is None:
-            raise InputError("nothing to moderate: give text, a response, a conversation or media")
-        return render_guard_text(Conversation.of(""), policy)
-    if all(k == "image" for k in media_kinds):
+    if not media_kinds and conversation is None:
+        raise InputError("nothing to moderate: give text, a response, a conversation or media")
+    if template_kind(conversation, media_kinds) == "image":
         return render_guard_text(None, policy, image_only=True)
     return render_guard_text(Conversation.of(""), policy)
+
+
+def template_kind(conversation: Conversation | None, media_kinds: Sequence[str]) -> str:
+    """"image" when the request has no text and only images (the image template), else "text" (the rule of
+    `compose_guard_text`; the policy-prefix cache keeps one prefix per kind)."""
+    has_text = conversation is not None and conversation.has_content()
+    return "image" if media_kinds and not has_text and all(k == "image" for k in media_kinds) else "text"
 
 
 def _as_list(value) -> list:

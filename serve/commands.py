@@ -1,0 +1,66 @@
+"""The service's commands: serve, export-triton (registered by omniguard_edge/cli.py). Importing this module imports
+no FastAPI: serve checks for the extra when it runs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from ..runtime.commandline import EXIT_USAGE, bundle_dir, int_in
+
+
+def cmd_serve(args) -> int:
+    try:
+        from .app import ServeConfig, serve
+    except ImportError as exc:
+        print(f"omniguard-edge serve needs the serve extra: pip install 'omniguard-edge[serve]' ({exc})",
+              file=sys.stderr)
+        return EXIT_USAGE
+    config = ServeConfig(max_body_bytes=args.max_body_mb * 2**20, queue_size=args.queue_size,
+                         max_batch=args.max_batch, timeout_s=args.timeout, max_concurrent=args.max_concurrent,
+                         api_key=os.environ.get("OMNIGUARD_API_KEY") or None)
+    serve(args.bundle, args.host, args.port, config, insecure_no_auth=args.insecure_no_auth)
+    return 0
+
+
+def cmd_export_triton(args) -> int:
+    from .triton import export_triton
+
+    written = export_triton(args.bundle, args.out, instances=args.instances, max_batch=args.max_batch,
+                            graphs=args.graphs, mode=args.mode, overwrite=args.overwrite, engines=args.engines)
+    for path in written:
+        print(path)
+    return 0
+
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="the guard as an HTTP service: /v1/moderations (OpenAI-shaped), /v1/guard, "
+                                     "/health, /ready, /metrics (needs [serve])")
+    p.add_argument("--bundle", required=True, type=bundle_dir)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int_in(1, 65535), default=8080)
+    p.add_argument("--max-body-mb", type=int_in(1, 1024), default=32, help="largest request body, MiB (default 32)")
+    p.add_argument("--queue-size", type=int_in(1, 1 << 16), default=64, help="waiting requests before 429 (64)")
+    p.add_argument("--max-batch", type=int_in(1, 256), default=8, help="requests judged together (default 8)")
+    p.add_argument("--max-concurrent", type=int_in(1, 1 << 16), default=256,
+                   help="requests in the service at once before 429 (default 256)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds a request may wait and run (default 60)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="allow a non-loopback --host without an API key (OMNIGUARD_API_KEY)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export-triton", help="a Triton Inference Server model repository: the guard as a Python-"
+                                             "backend model (and the graphs as ONNX Runtime models)")
+    p.add_argument("--bundle", required=True, type=bundle_dir)
+    p.add_argument("--out", required=True, type=Path, help="the repository folder to write")
+    p.add_argument("--instances", type=int_in(1, 256), default=1, help="guard model instances (default 1)")
+    p.add_argument("--max-batch", type=int_in(1, 1024), default=8, help="requests per execute (default 8)")
+    p.add_argument("--graphs", choices=["onnxruntime", "tensorrt"],
+                   help="also the graphs as ONNX Runtime backend models, or as TensorRT ones over the native plans of "
+                        "build-engines --native")
+    p.add_argument("--engines", type=Path, help="--graphs tensorrt: the engine folder (default: BUNDLE.engines)")
+    p.add_argument("--mode", choices=["verdict", "categories", "full"], default="categories")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export_triton)
