@@ -123,6 +123,14 @@ class Decoder:
                 out.append(p if p.shape()[2] == m else p.numpy()[:, :, :m])
         return out
 
+    def truncate(self, state: DecodeState, length: int) -> None:
+        """Keep only the first `length` positions of the state's cache (a stream rolls back to the tokens its new
+        prompt shares with the cached one, then extends)."""
+        state.past, state.length = self.first(state.past, length), length
+
+    def reserve(self, state: DecodeState, capacity: int) -> None:
+        """Room for `capacity` positions (the standard graph's cache grows with each run: nothing to do)."""
+
     def logits(self, out: np.ndarray, rows: list[int] | None = None) -> np.ndarray:
         """What `extend` returned as logits [vocab]. `rows`: only these tokens can be chosen (a decoder that can
         compute just their logits fills the other entries with -inf); the standard graph has them all already."""
@@ -309,6 +317,10 @@ class FastDecoder(Decoder):
             dst[:, :, :state.length] = src[:, :, :state.length]
         cos[:have], sin[:have] = state.cos, state.sin
         state.past, state.values, state.cos, state.sin = arrays, values, cos, sin
+
+    def truncate(self, state: DecodeState, length: int) -> None:
+        """The rows from `length` on are overwritten by the next extension: only the length changes."""
+        state.length = length
 
     def cache(self, state: DecodeState) -> list[np.ndarray]:
         """Copies of the filled cache rows, [1, kv_heads, length, head_dim] per layer and part."""

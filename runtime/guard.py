@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,6 +26,7 @@ from .positions import RopeIds, rope_index
 from .prefix import PolicyPrefix
 from .prompt import MEDIA_KINDS, Conversation, PromptTokenizer, compose_guard_text, template_kind
 from .prompt.tokenize import Item
+from .request import Request
 from .verdict import Answer, AnswerTokens, ModerationResult, parse
 from .verdict.scores import category_scores, reported_codes
 
@@ -41,31 +41,6 @@ from .prompt import Policy  # noqa: E402,F401
 
 log = logging.getLogger(__name__)
 KINDS = MEDIA_KINDS  # the old name
-
-
-@dataclass
-class _Request:
-    """One request, ready for the decoder (Guard._prepare)."""
-
-    ids: list
-    prep: object
-    embeds: np.ndarray
-    positions: np.ndarray
-    delta: int
-    budget: int
-    plan: object
-    run_options: object
-    state: object  # the decoder state holding the cached prefix, or None
-    reused: int  # prompt tokens covered by the cached prefix
-    answer: object
-    timings: dict
-    start: float
-
-    def generate_args(self) -> dict:
-        r = self.reused
-        return {"embeds": self.embeds[:, r:], "positions": self.positions[:, :, r:], "rope_delta": self.delta,
-                "max_new_tokens": self.budget, "answer": self.answer, "prefill_chunk": self.plan.prefill_chunk,
-                "run_options": self.run_options, "state": self.state}
 
 
 class Guard:
@@ -90,7 +65,7 @@ class Guard:
                               "GuardOptions(constrain_verdict=False) to decode freely (threshold and "
                               "category_thresholds then do not apply)")
         media_ids = {m.special_ids[k] for k in MEDIA_KINDS}
-        self.prefixes = PolicyPrefix(self.decoder, self._embed_tokens, media_ids, self._probe_ids)  # docs/time-to-verdict.md "Time to verdict"
+        self.prefixes = PolicyPrefix(self.decoder, self.embed_tokens, media_ids, self._probe_ids)  # docs/time-to-verdict.md "Time to verdict"
         self._sizes = SizeCheck(bundle.tokenizer, self.prompt)
 
     @classmethod
@@ -143,19 +118,32 @@ class Guard:
             return self._failed(exc, timings)
 
     def _moderate(self, text, response, image, audio, video, media, conversation, sample_rate, timings, start):
-        req = self._prepare(text, response, image, audio, video, media, conversation, sample_rate, timings, start)
-        gen = self.decoder.generate(**req.generate_args(), embed_tokens=self._embed_tokens, eos_ids=self.eos_ids,
+        return self.judge(self._prepare(text, response, image, audio, video, media, conversation, sample_rate,
+                                        timings, start))
+
+    def stream(self, text=None, *, conversation=None, image=None, audio=None, video=None, media=None,
+               sample_rate=None, every: int | None = 64, sentences: bool = True, hysteresis: int = 1):
+        """A stream that judges a reply while it arrives, after `text` (the prompt) or `conversation`, with any
+        media (runtime/stream.py): `feed(chunk)` -> the checks it crossed, `check()`, `close()` -> the final
+        result. Check points every `every` reply tokens and at sentence ends; `hysteresis` consecutive unsafe
+        checks stop it. Arguments as `moderate`'s, checked now (an InputError, not an error result)."""
+        from .stream import GuardStream
+
+        return GuardStream(self, text, conversation, image, audio, video, media, sample_rate, every, sentences,
+                           hysteresis)
+
+    def judge(self, req: Request) -> ModerationResult:
+        """Decode a prepared request (the verdict first, as the options' mode says) and build its result."""
+        gen = self.decoder.generate(**req.generate_args(), embed_tokens=self.embed_tokens, eos_ids=self.eos_ids,
                                     min_new_tokens=self.options.min_new_tokens)
         return self._result(req, gen)
 
-    def _embed_tokens(self, tokens: list[int]) -> np.ndarray:
-        return np.asarray(self.bundle.embedding[np.asarray(tokens)], np.float32)
-
-    def _embed_tokens(self, tokens: list[int]) -> np.ndarray:
+    def embed_tokens(self, tokens: list[int]) -> np.ndarray:
+        """[n, hidden] token embeddings of `tokens` (the bundle's memory-mapped table)."""
         return np.asarray(self.bundle.embedding[np.asarray(tokens)], np.float32)
 
     def _prepare(self, text, response, image, audio, video, media, conversation, sample_rate, timings, start
-                 ) -> _Request:
+                 ) -> Request:
         """Everything before the decoder: arguments checked, media preprocessed and encoded, prompt ids,
         embeddings, positions, the memory plan and the cached prefix."""
         conv, media, sample_rate = check_arguments(text, response, image, audio, video, media, conversation,
@@ -188,16 +176,16 @@ class Guard:
                                                 run_options, capacity=len(ids) + budget + SCORE_MARGIN)
             timings["prefix"] = time.perf_counter() - t
         timings["generate_start"] = time.perf_counter() - start
-        return _Request(ids, prep, embeds, positions, int(delta[0, 0]), budget, plan, run_options, state, reused,
+        return Request(ids, prep, embeds, positions, int(delta[0, 0]), budget, plan, run_options, state, reused,
                         self.answer(), timings, start)
 
-    def _result(self, req: _Request, gen) -> ModerationResult:
+    def _result(self, req: Request, gen) -> ModerationResult:
         timings, answer = req.timings, req.answer
         timings.update(gen.timings)
         if "verdict" in gen.timings:
             timings["verdict"] = timings["generate_start"] + gen.timings["verdict"]
         t = time.perf_counter()
-        scores = category_scores(answer, gen.verdict_state, self.decoder, self._embed_tokens)
+        scores = category_scores(answer, gen.verdict_state, self.decoder, self.embed_tokens)
         if scores:
             timings["scores"] = time.perf_counter() - t
         raw = self.prompt.decode(gen.tokens)
@@ -247,7 +235,7 @@ class Guard:
                 results[i] = self._failed(exc, timings)
         if prepared:
             try:
-                gens = self.decoder.generate_batch([req.generate_args() for _, req in prepared], self._embed_tokens,
+                gens = self.decoder.generate_batch([req.generate_args() for _, req in prepared], self.embed_tokens,
                                                    self.eos_ids, self.options.min_new_tokens)
             except Exception as exc:  # the batch's decoder failed: every request in it is an error
                 for i, req in prepared:

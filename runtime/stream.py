@@ -1,0 +1,255 @@
+"""Streaming moderation: judge a reply while it is being generated (`Guard.stream`).
+
+A stream holds the request (prompt or conversation, and media, preprocessed and encoded once) and the reply's
+text so far. `feed(text)` appends text and judges the conversation at every check point the text crosses;
+`check()` judges it now; `close()` judges the whole reply.
+
+Check points are positions in the reply's text, a function of the text alone (never of how it arrives in
+chunks), and every one a chunk crosses is judged, with the reply cut there:
+- `every` tokens: the end of token k x every of the reply tokenized alone, once it is final (it lies before the
+  reply's last two pre-tokenizer pieces, which more text can still change);
+- sentence ends (`sentences=True`): after a run of `.`, `!`, `?` (and their CJK forms, the ellipsis) followed by
+  whitespace, and before a line break.
+With `every`, a check point is judged once the text after it can no longer change the points before it (about a
+word later), so that check points are always judged in the text's order.
+`close()` makes the text final: the check points the last pieces held are judged, then the whole reply.
+
+Each check is exactly `moderate` of the conversation so far (the guard prompt rendered and tokenized whole, so
+every escaping rule holds for a marker split across chunks), computed incrementally: the decoder cache of the
+prompt up to shortly before the reply's end is kept; a check rolls it back to the longest token prefix it shares
+with the new prompt (the reply's last tokens, and the escaping of a marker still arriving, can change), extends it
+with the new tokens, and runs the template's fixed tail (and the media placeholders, which follow the text in the
+guard prompt: with media every check re-runs their tokens, their encoder features cached) with the answer on a
+fork of the cache, which is then dropped. A check's cost is the reply's new tokens plus the tail, not the reply.
+
+The reply continues the conversation's last agent turn when the conversation ends with one (the caller is
+streaming the rest of a reply already begun), else it opens an agent turn after the last user turn.
+
+Fail closed: a check past the prompt limit or the memory budget, or any error, is an `error` result and stops the
+stream. A stop is also `hysteresis` consecutive `unsafe` checks (default 1: the first): `feed` returns the checks up
+to the stopping one at once, judges nothing after it, and the stream takes no more text. A higher hysteresis lets
+a single borderline check pass at the price of later stops (more unsafe text reaches the user first).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .arguments import check_arguments
+from .bundle import run_options_for
+from .checked import is_int
+from .decode import SCORE_MARGIN, fork
+from .errors import InputError, OmniGuardError
+from .memory import plan_request
+from .positions import rope_index
+from .prefix import common_prefix
+from .prompt import Conversation, Turn, template_kind
+from .request import Request
+from .verdict import ModerationResult
+
+log = logging.getLogger(__name__)
+
+# a run of sentence terminators followed by whitespace (the check point after the run), or a line break (before it)
+SENTENCE_END = re.compile(r"[.!?\u3002\uff01\uff1f\u2026]+(?=\s)|(?=\n)")
+FINAL_END = re.compile(r"[.!?\u3002\uff01\uff1f\u2026]+$")  # at close: a terminator that ends the reply
+UNSTABLE_PIECES = 2  # the reply's last pre-tokenizer pieces: more text can still change their tokens
+TAIL_MARGIN = 2  # tokens before the tail that the cache leaves out (a reply's end can merge with the tail's start)
+
+
+@dataclass(frozen=True)
+class StreamCheck:
+    """One check of a stream: the reply's first `position` characters judged (`result`); `stop` when this check
+    ends the stream (`hysteresis` consecutive unsafe checks, or an error)."""
+
+    position: int
+    result: ModerationResult
+    stop: bool
+
+
+class CheckPoints:
+    """The check positions of a reply's text (see the module's docstring)."""
+
+    def __init__(self, tokenizer, every: int | None, sentences: bool):
+        if every is not None and (not is_int(every) or every < 1):
+            raise InputError(f"every must be None or an int >= 1 (reply tokens between checks), not {every!r}")
+        if not isinstance(sentences, bool):
+            raise InputError(f"sentences must be a bool, not {sentences!r}")
+        self.tokenizer, self.every, self.sentences = tokenizer, every, sentences
+
+    def __call__(self, text: str, final: bool = False) -> list[int]:
+        """The check points of `text` that no later text can change or precede: with `every`, those before the
+        text's last pieces (a sentence end waits for them too, so that points are always judged in order)."""
+        points = set()
+        if self.sentences:
+            points |= {m.end() for m in SENTENCE_END.finditer(text) if m.end() > 0}
+            if final and (m := FINAL_END.search(text)):
+                points.add(m.end())
+        stable = len(text)
+        if self.every and text:
+            if not final:
+                pieces = self.tokenizer.pre_tokenizer.pre_tokenize_str(text) if self.tokenizer.pre_tokenizer else []
+                stable = pieces[-UNSTABLE_PIECES][1][0] if len(pieces) >= UNSTABLE_PIECES else 0
+            ends = [end for _, end in self.tokenizer.encode(text, add_special_tokens=False).offsets]
+            points |= {ends[k - 1] for k in range(self.every, len(ends) + 1, self.every)}
+        return sorted(p for p in points if p <= stable)
+
+
+class GuardStream:
+    """A reply judged while it arrives (`Guard.stream` makes one; the module's docstring says how)."""
+
+    def __init__(self, guard, text=None, conversation=None, image=None, audio=None, video=None, media=None,
+                 sample_rate=None, every: int | None = 64, sentences: bool = True, hysteresis: int = 1):
+        if not is_int(hysteresis) or hysteresis < 1:
+            raise InputError(f"hysteresis must be an int >= 1 (consecutive unsafe checks that stop the stream), "
+                             f"not {hysteresis!r}")
+        self.guard, self.hysteresis = guard, int(hysteresis)
+        self.points = CheckPoints(guard.bundle.tokenizer, every, sentences)
+        conv, items, rate = check_arguments(text, None, image, audio, video, media, conversation, sample_rate) \
+            if (text is not None or conversation is not None or image is not None or audio is not None
+                or video is not None or media is not None) else (None, [], None)
+        turns = list(conv.turns) if conv is not None else [Turn("user", ""), Turn("agent", "")]
+        # a conversation of an even number of messages ends with the agent: the reply continues that turn
+        given = len(conversation) if conversation is not None else 1
+        self._opening = turns[-1].text if given % 2 == 0 else ""
+        self._turns = turns[:-1]  # every turn before the reply's (from_messages adds an empty agent turn to odd ones)
+        self.reply, self.checks, self.closed, self.stopped = "", [], False, None
+        self._done, self._unsafe_run = 0, 0
+        budget, limit = guard.prompt_limit()
+        self._budget, self._limit = budget, limit
+        self._prep = guard.media.prepare(items, rate, limit)
+        self._feats = guard.media.encode(self._prep, {})
+        self._state, self._ids, self.tail_tokens = None, [], self._tail_length()
+
+    # -- the caller's side -----------------------------------------------------------------------------
+    def feed(self, text) -> list[StreamCheck]:
+        """Append `text` to the reply; -> the checks of every check point it crossed, in order, up to a stop."""
+        self._accepting("feed")
+        if isinstance(text, (bytes, bytearray)):
+            try:
+                text = bytes(text).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(f"text is not valid UTF-8 ({exc})") from exc
+        if not isinstance(text, str):
+            raise InputError(f"text must be str (or UTF-8 bytes), got {type(text).__name__}")
+        self.reply += str.__str__(text)
+        return self._run(self.points(self.reply))
+
+    def check(self) -> StreamCheck:
+        """Judge the reply as it stands now (not a check point of the text: the caller's own)."""
+        self._accepting("check")
+        return self._evaluate(len(self.reply))
+
+    def close(self) -> ModerationResult:
+        """The text is final: judge the check points its last pieces held, then the whole reply; -> its result
+        (or the stopping check's, when the stream stopped)."""
+        if self.stopped is not None:
+            self.closed = True
+            return self.stopped.result
+        self._accepting("close")
+        self._run(self.points(self.reply, final=True))
+        if self.stopped is None:
+            self._evaluate(len(self.reply))
+        self.closed = True
+        self._state = None  # the cache goes with the stream
+        return self.checks[-1].result
+
+    # -- checks ---------------------------------------------------------------------------------------------
+    def _accepting(self, what: str) -> None:
+        if self.closed:
+            raise InputError(f"{what}: the stream is closed")
+        if self.stopped is not None:
+            raise InputError(f"{what}: the stream stopped at character {self.stopped.position} "
+                             f"({self.stopped.result.verdict}); it takes no more text")
+
+    def _run(self, points: list[int]) -> list[StreamCheck]:
+        out = []
+        for p in points:
+            if p <= self._done:
+                continue
+            out.append(self._evaluate(p))
+            if out[-1].stop:
+                break
+        return out
+
+    def _evaluate(self, position: int) -> StreamCheck:
+        timings, start = {}, time.perf_counter()
+        try:
+            result = self._judge(self.reply[:position], timings, start)
+        except Exception as exc:  # fail closed: an error stops the stream
+            if not isinstance(exc, OmniGuardError):
+                log.exception("stream check failed")
+            result = ModerationResult.failed(exc, timings)
+        self._unsafe_run = self._unsafe_run + 1 if result.verdict == "unsafe" else 0
+        stop = result.verdict == "error" or self._unsafe_run >= self.hysteresis
+        check = StreamCheck(position, result, stop)
+        self.checks.append(check)
+        self._done = max(self._done, position)
+        if stop:
+            self.stopped, self._state = check, None
+        return check
+
+    def conversation(self, reply: str) -> Conversation:
+        """The conversation judged at a check: the turns before the reply, then the agent's turn with it."""
+        return Conversation(tuple(self._turns) + (Turn("agent", self._opening + reply),))
+
+    def _tail_length(self) -> int:
+        """Prompt tokens after the reply (the template's fixed tail, and the media placeholders after it): two
+        probe replies differ from one token on."""
+        g, p = self.guard, self._prep
+        a, b = (g.prompt_ids(self.conversation(r), p.items, p.tokens) for r in ("a", "b"))
+        return len(a) - common_prefix(a, b) - 1
+
+    def _judge(self, reply: str, timings: dict, start: float) -> ModerationResult:
+        g, prep = self.guard, self._prep
+        conv = self.conversation(reply)
+        t = time.perf_counter()
+        ids = g.prompt_ids(conv, prep.items, prep.tokens)
+        timings["prompt"] = time.perf_counter() - t
+        if len(ids) > self._limit:
+            raise InputError(f"the conversation with the reply so far takes {len(ids)} prompt tokens, over the limit "
+                             f"of {self._limit}: the stream stops (a reply is judged whole or not at all)")
+        plan = plan_request(g.geometry, prep.request_sizes(len(ids), self._budget), g.options.memory)
+        run_options = run_options_for(plan, g.options.session)
+        t = time.perf_counter()
+        embeds = g.media.embed(ids, self._feats)
+        positions, delta = rope_index(np.asarray([ids]), g.rope, image_grid_thw=prep.grids["image"] or None,
+                                      video_grid_thw=prep.grids["video"] or None,
+                                      video_second_per_grid=prep.video_seconds or None)
+        delta = int(delta[0, 0])
+        timings["embed"] = time.perf_counter() - t
+        t = time.perf_counter()
+        keep = max(0, len(ids) - self.tail_tokens - TAIL_MARGIN)  # the part of the prompt the next check likely shares
+        state = self._cached(ids, keep, template_kind(conv, prep.items), positions, delta, embeds, run_options)
+        timings["prefix"] = time.perf_counter() - t
+        timings["generate_start"] = time.perf_counter() - start
+        req = Request(ids, prep, embeds, positions, delta, self._budget, plan, run_options, fork(state), keep,
+                      g.answer(), timings, start)
+        return g.judge(req)
+
+    def _cached(self, ids, keep, kind, positions, delta, embeds, run_options):
+        """The decoder state holding the prompt's first `keep` positions: the cached one rolled back to the tokens
+        it shares with `ids` and extended; on the first check, the policy prefix's. Its buffers (the fast decoder's)
+        grow geometrically, with room for the tail and the answer, so that neither a check nor its fork copies the
+        cache."""
+        g = self.guard
+        need = len(ids) + self._budget + SCORE_MARGIN
+        if self._state is None:
+            state, reused = g.prefixes.start(ids, kind, positions, delta, run_options, 2 * need) \
+                if g.options.prefix_cache else (None, 0)
+            self._state = state if state is not None else g.decoder.start(delta, run_options, capacity=2 * need)
+            self._ids = list(ids[:reused])
+        state = self._state
+        shared = min(common_prefix(self._ids, ids), keep)
+        g.decoder.truncate(state, shared)
+        state.rope_delta, state.run_options = delta, run_options
+        if isinstance(state.past[0], np.ndarray) and state.past[0].shape[2] < need:  # the fast decoder's buffers (the standard one's: no-op)
+            g.decoder.reserve(state, 2 * need)
+        if keep > shared:
+            g.decoder.extend(state, embeds[:, shared:keep], positions[:, :, shared:keep], g.decoder.prefill_chunk)
+        self._ids = list(ids[:keep])
+        return state
