@@ -86,7 +86,7 @@ def cmd_demo(args) -> int:
         return rc
     from ..export.demo import run_demo
 
-    return run_demo(args.workdir, profile=args.profile, shared=args.shared)
+    return run_demo(args.workdir, profile=args.profile, shared=args.shared, stream=args.stream)
 
 
 
@@ -132,4 +132,6 @@ def register(sub) -> None:
     p.add_argument("--workdir", type=Path, default=Path("artifacts"))
     p.add_argument("--profile", choices=list(PROFILES), default="tiny")
     p.add_argument("--shared", type=Path, default=Path("../shared/data"), help="seed data folder, used when present")
+    p.add_argument("--stream", action="store_true",
+                   help="instead of the media cases: stream a reply word by word and print each check")
     p.set_defaults(func=cmd_demo)

@@ -63,7 +63,34 @@ def video_from_image(image: Path, out: Path, seconds: float = 3.0, fps: int = 8)
     return out
 
 
-def run_demo(workdir: Path, profile: str = "tiny", shared: Path = Path("../shared/data")) -> int:
+STREAM_REPLY = ("Sure, I can help with that. First, gather everything you need and clear some space. Then follow the "
+                "steps in order, checking each one before the next. Finally, let it rest for an hour and test the "
+                "result.")
+
+
+def stream_demo(guard: Guard, prompt: str, reply: str = STREAM_REPLY, every: int = 16) -> int:
+    """Feed `reply` word by word into a stream and print each check: where it was, the verdict, P(unsafe) and the
+    check's time (Guard.stream: each check judges the conversation so far at the cost of its new tokens)."""
+    stream = guard.stream(prompt, every=every)
+    print("| check | reply chars | verdict | P(unsafe) | check ms |\n|---|---|---|---|---|")
+    words = reply.split(" ")
+    for i, word in enumerate(words):
+        stream.feed(word + (" " if i < len(words) - 1 else ""))
+        if stream.stopped is not None:
+            break
+    if stream.stopped is None:
+        stream.close()
+    for n, c in enumerate(stream.checks, 1):
+        p = f"{c.result.p_unsafe:.3f}" if c.result.p_unsafe is not None else "n/a"
+        print(f"| {n}{' (final)' if n == len(stream.checks) else ''} | {c.position} | {c.result.verdict} | {p} | "
+              f"{c.result.timings.get('total', 0) * 1000:.0f} |")
+    stop = stream.stopped
+    print(f"\nchecks every {every} reply tokens and at sentence ends; "
+          + (f"stopped at character {stop.position} ({stop.result.verdict})" if stop else "the reply was never stopped"))
+    return 1 if any(c.result.verdict == "error" for c in stream.checks) else 0
+
+
+def run_demo(workdir: Path, profile: str = "tiny", shared: Path = Path("../shared/data"), stream: bool = False) -> int:
     workdir = Path(workdir)
     media = workdir / "media"
     media.mkdir(parents=True, exist_ok=True)
@@ -74,6 +101,10 @@ def run_demo(workdir: Path, profile: str = "tiny", shared: Path = Path("../share
     audio = speech(prompt, media / "speech.wav")
     video = video_from_image(image, media / "clip.mp4")
     guard = Guard.from_bundle(bundle, GuardOptions())
+    if stream:
+        print(f"\nRANDOM WEIGHTS: the '{profile}' reference checkpoint is untrained; its verdicts mean nothing.\n"
+              "A reply streamed word by word into Guard.stream:\n")
+        return stream_demo(guard, prompt)
     cases = [
         ("text (prompt only)", dict(text=prompt)),
         ("text (prompt + response)", dict(text=prompt, response="I can't help with that.")),

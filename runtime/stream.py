@@ -152,8 +152,8 @@ class GuardStream:
             return self.stopped.result
         self._accepting("close")
         self._run(self.points(self.reply, final=True))
-        if self.stopped is None:
-            self._evaluate(len(self.reply))
+        if self.stopped is None and (not self.checks or self.checks[-1].position != len(self.reply)):
+            self._evaluate(len(self.reply))  # the whole reply, unless its end was a check point
         self.closed = True
         self._state = None  # the cache goes with the stream
         return self.checks[-1].result

@@ -216,3 +216,18 @@ def test_bad_chunks_are_refused_and_a_closed_stream_takes_nothing(tiny_bundle):
     with pytest.raises(InputError, match="closed"):
         stream.feed("x")
     assert np.isfinite(stream.checks[-1].result.p_unsafe)
+
+
+def test_the_stream_demo_prints_every_check(tiny_bundle, capsys):
+    """`omniguard-edge demo --stream`'s part after the export: a row per check, the last the final one."""
+    pytest.importorskip("torch", reason="export/demo.py is the export side's (the export extra)")
+    from omniguard_edge.export.demo import STREAM_REPLY, stream_demo
+
+    guard = Guard.from_bundle(tiny_bundle)
+    assert stream_demo(guard, PROMPT, every=16) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    stream = guard.stream(PROMPT, every=16)
+    for word in _words(STREAM_REPLY):
+        stream.feed(word)
+    stream.close()
+    assert len(rows) == len(stream.checks) >= 5 and rows[-1].startswith(f"| {len(rows)} (final) | {len(STREAM_REPLY)} |")
