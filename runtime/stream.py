@@ -43,7 +43,7 @@ import numpy as np
 from .arguments import check_arguments
 from .bundle import run_options_for
 from .checked import is_int
-from .decode import SCORE_MARGIN, fork
+from .decode import SCORE_MARGIN, fork, kv_nbytes
 from .errors import InputError, OmniGuardError
 from .memory import plan_request
 from .positions import rope_index
@@ -157,6 +157,19 @@ class GuardStream:
         self.closed = True
         self._state = None  # the cache goes with the stream
         return self.checks[-1].result
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of the decoder cache the stream holds (0 once it is closed or stopped: the cache is released)."""
+        return 0 if self._state is None else sum(kv_nbytes(p) for p in self._state.past)
+
+    def fail(self, exc: Exception) -> StreamCheck:
+        """Stop the stream with an error check at the reply's end (a limit of the caller's, e.g. a service's memory
+        for all its streams); -> that check."""
+        check = StreamCheck(len(self.reply), ModerationResult.failed(exc), True)
+        self.checks.append(check)
+        self.stopped, self._state = check, None
+        return check
 
     # -- checks ---------------------------------------------------------------------------------------------
     def _accepting(self, what: str) -> None:

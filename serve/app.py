@@ -18,6 +18,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import signal
 import threading
 import time
 import uuid
@@ -32,6 +33,7 @@ from ..runtime.errors import InputError, describe
 
 from . import inputs
 from .batcher import Batcher, Closed, QueueFull
+from .streams import StreamLimitError, Streams, add_routes
 
 log = logging.getLogger("omniguard_edge.serve")
 # the Guard's errors that are the request's fault: a 400 with the reason
@@ -49,14 +51,19 @@ class ServeConfig:
     api_key: str | None = None  # required as `Authorization: Bearer KEY` when set
     warmup: bool = True  # one moderation before /ready: the policy prefix and the sessions' first runs
     guards: int = 8  # Guards kept for distinct (mode, categories) of /v1/guard, least recently used dropped
+    max_streams: int = 64  # open /v1/streams; more: 429
+    stream_idle_s: float = 60.0  # a stream without a request for this long is dropped with its cache
+    stream_lifetime_s: float = 600.0  # a stream older than this is dropped
+    stream_kv_bytes: int = 2 << 30  # decoder caches all open streams may hold together; past it a stream stops
 
     def __post_init__(self):
-        for name in ("max_body_bytes", "max_concurrent", "queue_size", "max_batch", "guards"):
+        for name in ("max_body_bytes", "max_concurrent", "queue_size", "max_batch", "guards", "max_streams",
+                     "stream_kv_bytes"):
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 raise ValueError(f"ServeConfig.{name} must be an int >= 1, not {value!r}")
-        if not (self.timeout_s > 0 and self.batch_wait_s >= 0):
-            raise ValueError("ServeConfig needs timeout_s > 0 and batch_wait_s >= 0")
+        if not (self.timeout_s > 0 and self.batch_wait_s >= 0 and self.stream_idle_s > 0 and self.stream_lifetime_s > 0):
+            raise ValueError("ServeConfig needs timeout_s, stream_idle_s and stream_lifetime_s > 0, batch_wait_s >= 0")
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
             raise ValueError("ServeConfig.api_key must be a non-empty string or None (an empty key would accept "
                              "requests without one)")
@@ -88,6 +95,9 @@ class _Metrics:
         self.batch = Histogram("omniguard_batch_size", "requests per moderate_batch call",
                                buckets=(1, 2, 4, 8, 16, 32), registry=self.registry)
         self.verdicts = Counter("omniguard_verdicts", "results by verdict", ["verdict"], registry=self.registry)
+        self.streams = Gauge("omniguard_open_streams", "open /v1/streams", registry=self.registry)
+        self.stream_kv = Gauge("omniguard_stream_kv_bytes", "decoder cache the open streams hold",
+                               registry=self.registry)
 
 
 class Service:
@@ -103,6 +113,7 @@ class Service:
         self._guards: OrderedDict = OrderedDict()
         self.base = None
         self.batcher: Batcher | None = None
+        self.streams = Streams(self.guard_for, config)
 
     def start(self) -> None:
         from ..runtime.guard import Guard, GuardOptions
@@ -111,14 +122,22 @@ class Service:
         self._guards[(self.base.options.mode, None)] = self.base
         self.batcher = Batcher(self.guard_for, self.config.max_batch, self.config.batch_wait_s,
                                self.config.queue_size, on_batch=lambda n, s: self.metrics.batch.observe(n))
+        threading.Thread(target=self._reap, name="stream-reaper", daemon=True).start()
         if self.config.warmup:  # builds the policy prefix, runs every session once
             result = self.base.moderate(text="warm-up")
             if result.verdict not in ("safe", "unsafe"):  # a service that cannot judge is not ready
                 raise RuntimeError(f"the warm-up moderation gave {result.verdict}: {result.error}")
         self.ready.set()
 
+    def _reap(self) -> None:
+        """Drops abandoned streams (idle or past their lifetime) with their caches, without waiting for a request."""
+        while not self.streams.stopping:
+            self.streams.reap()
+            time.sleep(min(1.0, self.config.stream_idle_s / 4))
+
     def stop(self) -> None:
         self.ready.clear()
+        self.streams.stop()
         if self.batcher is not None:
             self.batcher.close(drain=True)
 
@@ -136,10 +155,17 @@ class Service:
             mode, codes = key
             options = dataclasses.replace(self.base.options, mode=mode,
                                           policy=Policy.subset(list(codes)) if codes else self.base.options.policy)
+            in_use = self.streams.in_use()
+            if key not in in_use and len(in_use) >= self.config.guards:
+                raise StreamLimitError(f"all {self.config.guards} Guards of the service serve open streams "
+                                       "(ServeConfig.guards): close a stream or use its mode and categories")
             guard = Guard(self.base.bundle, options)  # the same sessions: only the prompt and the budget differ
             self._guards[key] = guard
-            while len(self._guards) > self.config.guards:
-                self._guards.popitem(last=False)
+            # the least recently used go first; a Guard an open stream holds stays (it counts against the bound)
+            for old in [k for k in self._guards if k not in in_use and k != key]:
+                if len(self._guards) <= self.config.guards:
+                    break
+                del self._guards[old]
             return guard
 
 
@@ -168,15 +194,21 @@ def create_app(bundle, config: ServeConfig | None = None, guard_options=None):
         service.metrics.requests.labels(endpoint, str(status)).inc()
         return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
 
-    async def body_json(request: Request, endpoint: str):
-        """The parsed JSON body, or the 4xx response that refuses it (checked in this order: auth, type, size,
-        JSON)."""
+    def authorize(request: Request, endpoint: str):
+        """None when the request may proceed, else the 401 that refuses it (an API key is set and not given)."""
         if config.api_key is not None:
             given = request.headers.get("authorization", "")
             token = given[7:] if given.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(token.encode(), config.api_key.encode()):
-                return None, problem(401, "unauthorized", "a valid `Authorization: Bearer <key>` is required",
-                                     endpoint, {"WWW-Authenticate": "Bearer"})
+                return problem(401, "unauthorized", "a valid `Authorization: Bearer <key>` is required",
+                               endpoint, {"WWW-Authenticate": "Bearer"})
+        return None
+
+    async def body_json(request: Request, endpoint: str):
+        """The parsed JSON body, or the 4xx response that refuses it (checked in this order: auth, type, size,
+        JSON)."""
+        if (refused := authorize(request, endpoint)) is not None:
+            return None, refused
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json":
             return None, problem(415, "unsupported_media_type",
@@ -210,6 +242,8 @@ def create_app(bundle, config: ServeConfig | None = None, guard_options=None):
             return None, problem(504, "timeout", f"not judged within {config.timeout_s:g} s", endpoint)
         except InputError as exc:  # the request's settings cannot be served (e.g. a budget over the engines')
             return None, problem(400, "invalid_request", str(exc), endpoint)
+        except StreamLimitError as exc:  # a new Guard while every Guard the service keeps serves an open stream
+            return None, problem(429, "busy", str(exc), endpoint, {"Retry-After": "1"})
         except Exception as exc:  # the Guard failed as a whole: fail closed; the details stay in the log
             log.error("guard failure: %s", describe(exc))
             return None, problem(500, "guard_failure", "the guard failed on this request; nothing was judged",
@@ -254,6 +288,47 @@ def create_app(bundle, config: ServeConfig | None = None, guard_options=None):
             service.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
         return results, refused
 
+    async def ask(request: Request, endpoint: str, work, status: int = 200, empty_body: bool = False):
+        """A stream request: readiness, a slot of max_concurrent, auth and body as for the others; `work(body)` in a
+        thread (a stream's checks run the decoder); its dict, or the refusal."""
+        from fastapi.responses import JSONResponse as Reply
+
+        start = time.perf_counter()
+        if not service.ready.is_set():
+            return problem(503, "not_ready", "the service is starting or stopping", endpoint, {"Retry-After": "1"})
+        with service._lock:
+            full = service.inflight >= config.max_concurrent
+            if not full:
+                service.inflight += 1
+        if full:
+            return problem(429, "busy", "too many requests in the service", endpoint, {"Retry-After": "1"})
+        try:
+            if empty_body:
+                refused = authorize(request, endpoint)
+                body = None
+            else:
+                body, refused = await body_json(request, endpoint)
+            if refused is not None:
+                return refused
+            try:
+                out = await asyncio.to_thread(work, body)
+            except InputError as exc:
+                return problem(400, "invalid_request", str(exc), endpoint)
+            except StreamLimitError as exc:
+                return problem(429, "busy", str(exc), endpoint, {"Retry-After": "1"})
+            except KeyError:
+                return problem(404, "not_found", "no such stream (closed, timed out or never opened)", endpoint)
+            except LookupError:
+                return problem(410, "gone", "the stream was closed when the service stopped", endpoint)
+        finally:
+            with service._lock:
+                service.inflight -= 1
+        service.metrics.requests.labels(endpoint, str(status)).inc()
+        service.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+        return Reply(out, status_code=status)
+
+    add_routes(app, service, ask)
+
     @app.post("/v1/moderations")
     async def moderations(request: Request):
         results, refused = await answer(request, "moderations", lambda body: (
@@ -291,6 +366,8 @@ def create_app(bundle, config: ServeConfig | None = None, guard_options=None):
     async def metrics():
         if service.batcher is not None:
             service.metrics.queue.set(service.batcher.depth)
+        service.metrics.streams.set(len(service.streams.open))
+        service.metrics.stream_kv.set(service.streams.kv_bytes())
         return PlainTextResponse(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(Exception)
@@ -318,8 +395,26 @@ def serve(bundle, host: str = "127.0.0.1", port: int = 8080, config: ServeConfig
         raise InputError(f"--host {host} is not loopback: set an API key (OMNIGUARD_API_KEY) or pass "
                          "--insecure-no-auth")
     app = create_app(bundle, config, guard_options)
+    _Server = _uvicorn_server()
     # access log off: a request's path and status are in the metrics; no user content is ever logged
     # graceful shutdown waits as long as a request may: the queued ones are answered, not cut off. Connections are
     # not limited here: past max_concurrent a request is answered 429 before its body is read
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=int(config.timeout_s) + 5)
+    server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                    timeout_graceful_shutdown=int(config.timeout_s) + 5))
+    server.run()
+
+
+def _uvicorn_server():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, but a SIGTERM (an orchestrator's stop) ends in exit status 0 once the in-flight requests
+        are answered and the queue drained: uvicorn would re-raise the signal after its graceful shutdown."""
+
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            captured = getattr(self, "_captured_signals", None)
+            if sig == signal.SIGTERM and isinstance(captured, list) and sig in captured:
+                captured.remove(sig)
+
+    return Server

@@ -19,7 +19,9 @@ def cmd_serve(args) -> int:
         return EXIT_USAGE
     config = ServeConfig(max_body_bytes=args.max_body_mb * 2**20, queue_size=args.queue_size,
                          max_batch=args.max_batch, timeout_s=args.timeout, max_concurrent=args.max_concurrent,
-                         api_key=os.environ.get("OMNIGUARD_API_KEY") or None)
+                         api_key=os.environ.get("OMNIGUARD_API_KEY") or None, max_streams=args.max_streams,
+                         stream_idle_s=args.stream_idle, stream_lifetime_s=args.stream_lifetime,
+                         stream_kv_bytes=args.stream_kv_mb * 2**20)
     serve(args.bundle, args.host, args.port, config, insecure_no_auth=args.insecure_no_auth)
     return 0
 
@@ -47,6 +49,12 @@ def register(sub) -> None:
     p.add_argument("--max-concurrent", type=int_in(1, 1 << 16), default=256,
                    help="requests in the service at once before 429 (default 256)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds a request may wait and run (default 60)")
+    p.add_argument("--max-streams", type=int_in(1, 1 << 16), default=64, help="open /v1/streams (default 64)")
+    p.add_argument("--stream-idle", type=float, default=60.0,
+                   help="seconds a stream may wait for its next request before it is dropped (default 60)")
+    p.add_argument("--stream-lifetime", type=float, default=600.0, help="seconds a stream may live (default 600)")
+    p.add_argument("--stream-kv-mb", type=int_in(1, 1 << 24), default=2048,
+                   help="MiB of decoder cache all open streams may hold together (default 2048)")
     p.add_argument("--insecure-no-auth", action="store_true",
                    help="allow a non-loopback --host without an API key (OMNIGUARD_API_KEY)")
     p.set_defaults(func=cmd_serve)

@@ -330,8 +330,8 @@ def test_graceful_shutdown_answers_the_queued_requests(tiny_bundle):
     for th in threads:
         th.start()
     time.sleep(0.05)
-    # uvicorn finishes, then re-raises the SIGTERM it caught: the exit says the signal, after a clean shutdown
-    assert s.stop() in (0, -signal.SIGTERM)
+    # a SIGTERM drains the in-flight requests and the queue, then the service exits 0 (not uvicorn's re-raised signal)
+    assert s.stop() == 0
     assert "Traceback" not in s.proc.stdout.read()
     for th in threads:
         th.join(120)

@@ -1,0 +1,149 @@
+"""The service's streams (serve/streams.py), on a server really started on loopback: a stream over HTTP judges as
+Guard.stream does, 100 concurrent streams with interleaved chunks never mix their answers, abandoned streams are
+dropped with their caches, and the limits answer cleanly."""
+
+from __future__ import annotations
+
+import random
+import re
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the service needs the serve extra (fastapi, uvicorn, prometheus-client)")
+pytest.importorskip("uvicorn", reason="the service needs the serve extra")
+
+from test_serve import Server  # noqa: E402  (tests/ is on the path: pytest's rootdir-relative imports)
+
+from omniguard_edge.runtime.guard import Guard, GuardOptions  # noqa: E402
+
+P_TOL = 2.5e-5  # two processes, the same fp32 graphs: P(unsafe) within what 1e-4 on the logits allows
+REPLY = "Sure. First take the thing and mix it. Then wait a while! Done? Yes, and that is all there is to it."
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle):
+    s = Server(tiny_bundle, "--max-streams", "120", "--max-concurrent", "256", "--stream-idle", "3")
+    yield s
+    s.stop()
+
+
+def _words(text):
+    words = text.split(" ")
+    return [w + " " for w in words[:-1]] + [words[-1]]
+
+
+def _local(tiny_bundle, prompt, chunks, every=8):
+    guard = Guard.from_bundle(tiny_bundle, GuardOptions(mode="verdict"))
+    stream = guard.stream(prompt, every=every)
+    for chunk in chunks:
+        stream.feed(chunk)
+    stream.close()
+    return [(c.position, c.result.verdict, c.result.p_unsafe) for c in stream.checks]
+
+
+def _remote(server, prompt, chunks, every=8, pause=None):
+    status, body, _ = server.post("/v1/streams", {"prompt": prompt, "every": every})
+    assert status == 201, body
+    sid, checks = body["id"], []
+    for chunk in chunks:
+        status, out, _ = server.post(f"/v1/streams/{sid}/chunks", {"text": chunk})
+        assert status == 200, out
+        checks += [(c["position"], c["verdict"], c["p_unsafe"]) for c in out["checks"]]
+        if pause:
+            time.sleep(pause())
+    status, out, _ = server.post(f"/v1/streams/{sid}/close")
+    assert status == 200, out
+    final = out["result"]
+    if not checks or checks[-1][0] != len("".join(chunks)):
+        checks.append((len("".join(chunks)), final["verdict"], final["p_unsafe"]))
+    return checks
+
+
+def _same(a, b):
+    assert [x[:2] for x in a] == [x[:2] for x in b]
+    assert all(abs(x[2] - y[2]) <= P_TOL for x, y in zip(a, b))
+
+
+def test_a_stream_over_http_judges_as_guard_stream(server, tiny_bundle):
+    _same(_remote(server, "How do I do it?", _words(REPLY)), _local(tiny_bundle, "How do I do it?", _words(REPLY)))
+
+
+def test_100_concurrent_streams_with_interleaved_chunks_keep_their_own_answers(server, tiny_bundle):
+    prompts = [f"Question number {i}: how would I do task {i * 7 % 13}?" for i in range(100)]
+    results, errors = {}, []
+
+    def run(i):
+        rng = random.Random(i)
+        try:
+            results[i] = _remote(server, prompts[i], _words(REPLY), pause=lambda: rng.random() * 0.01)
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            errors.append((i, repr(exc)))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert errors == [] and len(results) == 100
+    for i in range(100):
+        _same(results[i], _local(tiny_bundle, prompts[i], _words(REPLY)))
+
+
+def _metric(server, name) -> float:
+    status, text, _ = server.get("/metrics")
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+
+def test_abandoned_streams_are_dropped_with_their_memory(tiny_bundle):
+    """20 streams fed a long reply each, then abandoned: after the idle timeout (15 s here) the service holds no
+    stream and no cache, and its RSS is back within 64 MiB of where it was."""
+    server = Server(tiny_bundle, "--stream-idle", "15")
+    try:
+        assert _remote(server, "warm", _words(REPLY))
+        before = server.rss_bytes()
+        long_reply = " ".join(f"w{i % 89}" for i in range(800))
+        ids, start = [], time.monotonic()
+        for i in range(20):
+            status, body, _ = server.post("/v1/streams", {"prompt": f"p{i}", "every": 512, "sentences": False})
+            assert status == 201
+            ids.append(body["id"])
+            status, out, _ = server.post(f"/v1/streams/{body['id']}/chunks", {"text": long_reply})
+            assert status == 200 and not out["stopped"], out
+        assert time.monotonic() - start < 15, "the streams were made too slowly for this test's idle timeout"
+        assert _metric(server, "omniguard_open_streams") == 20 and _metric(server, "omniguard_stream_kv_bytes") > 0
+        time.sleep(17)
+        assert _metric(server, "omniguard_open_streams") == 0 and _metric(server, "omniguard_stream_kv_bytes") == 0
+        status, out, _ = server.post(f"/v1/streams/{ids[0]}/chunks", {"text": "more"})
+        assert status == 404, out
+        assert server.rss_bytes() - before <= 64 << 20
+    finally:
+        assert server.stop() == 0
+
+
+def test_stream_requests_are_checked(server):
+    status, body, _ = server.post("/v1/streams", {"prompt": "x", "every": 0})
+    assert status == 400 and "every" in body["error"]["message"]
+    status, body, _ = server.post("/v1/streams", {"prompt": "x", "colour": "red"})
+    assert status == 400 and "unknown field" in body["error"]["message"]
+    status, body, _ = server.post("/v1/streams/strm-nope/chunks", {"text": "x"})
+    assert status == 404
+    status, body, _ = server.post("/v1/streams", {"prompt": "x"})
+    sid = body["id"]
+    for bad in ({"text": 3}, {"text": "a", "more": 1}, ["text"]):
+        status, out, _ = server.post(f"/v1/streams/{sid}/chunks", bad)
+        assert status == 400, out
+    assert server.post(f"/v1/streams/{sid}/close")[0] == 200
+    assert server.post(f"/v1/streams/{sid}/close")[0] == 404
+
+
+def test_too_many_open_streams_is_a_429(tiny_bundle):
+    s = Server(tiny_bundle, "--max-streams", "2")
+    try:
+        assert s.post("/v1/streams", {"prompt": "a"})[0] == 201
+        assert s.post("/v1/streams", {"prompt": "b"})[0] == 201
+        status, body, headers = s.post("/v1/streams", {"prompt": "c"})
+        assert status == 429 and "2 streams are open" in body["error"]["message"] and headers.get("retry-after")
+    finally:
+        assert s.stop() == 0
