@@ -55,6 +55,9 @@ class ServeConfig:
     stream_idle_s: float = 60.0  # a stream without a request for this long is dropped with its cache
     stream_lifetime_s: float = 600.0  # a stream older than this is dropped
     stream_kv_bytes: int = 2 << 30  # decoder caches all open streams may hold together; past it a stream stops
+    # /metrics needs the API key when one is set, except from these networks (a scraper's), by the TCP peer's
+    # address only: X-Forwarded-For is never read (any client can write it)
+    metrics_from: tuple = ()
 
     def __post_init__(self):
         for name in ("max_body_bytes", "max_concurrent", "queue_size", "max_batch", "guards", "max_streams",
@@ -64,6 +67,11 @@ class ServeConfig:
                 raise ValueError(f"ServeConfig.{name} must be an int >= 1, not {value!r}")
         if not (self.timeout_s > 0 and self.batch_wait_s >= 0 and self.stream_idle_s > 0 and self.stream_lifetime_s > 0):
             raise ValueError("ServeConfig needs timeout_s, stream_idle_s and stream_lifetime_s > 0, batch_wait_s >= 0")
+        try:
+            object.__setattr__(self, "metrics_from", tuple(ipaddress.ip_network(n, strict=False)
+                                                           for n in self.metrics_from))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"ServeConfig.metrics_from must be networks such as 10.0.0.0/8 ({exc})") from None
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
             raise ValueError("ServeConfig.api_key must be a non-empty string or None (an empty key would accept "
                              "requests without one)")
@@ -153,8 +161,13 @@ class Service:
                 self._guards.move_to_end(key)
                 return self._guards[key]
             mode, codes = key
-            options = dataclasses.replace(self.base.options, mode=mode,
-                                          policy=Policy.subset(list(codes)) if codes else self.base.options.policy)
+            base = self.base.options
+            options = dataclasses.replace(base, mode=mode)
+            if codes:  # the subset is renumbered S1.. in the order asked: the thresholds follow their categories
+                limits = base.category_thresholds or {}
+                renamed = {f"S{i}": limits[c] for i, c in enumerate(codes, 1) if c in limits}
+                options = dataclasses.replace(options, policy=Policy.subset(list(codes)),
+                                              category_thresholds=renamed or None)
             in_use = self.streams.in_use()
             if key not in in_use and len(in_use) >= self.config.guards:
                 raise StreamLimitError(f"all {self.config.guards} Guards of the service serve open streams "
@@ -363,7 +376,14 @@ def create_app(bundle, config: ServeConfig | None = None, guard_options=None):
         return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "1"})
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics(request: Request):
+        peer = request.client.host if request.client else ""
+        try:
+            scraper = any(ipaddress.ip_address(peer) in net for net in config.metrics_from)
+        except ValueError:
+            scraper = False
+        if not scraper and (refused := authorize(request, "metrics")) is not None:
+            return refused
         if service.batcher is not None:
             service.metrics.queue.set(service.batcher.depth)
         service.metrics.streams.set(len(service.streams.open))

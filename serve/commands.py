@@ -21,7 +21,7 @@ def cmd_serve(args) -> int:
                          max_batch=args.max_batch, timeout_s=args.timeout, max_concurrent=args.max_concurrent,
                          api_key=os.environ.get("OMNIGUARD_API_KEY") or None, max_streams=args.max_streams,
                          stream_idle_s=args.stream_idle, stream_lifetime_s=args.stream_lifetime,
-                         stream_kv_bytes=args.stream_kv_mb * 2**20)
+                         stream_kv_bytes=args.stream_kv_mb * 2**20, metrics_from=tuple(args.metrics_from or ()))
     serve(args.bundle, args.host, args.port, config, insecure_no_auth=args.insecure_no_auth)
     return 0
 
@@ -55,6 +55,9 @@ def register(sub) -> None:
     p.add_argument("--stream-lifetime", type=float, default=600.0, help="seconds a stream may live (default 600)")
     p.add_argument("--stream-kv-mb", type=int_in(1, 1 << 24), default=2048,
                    help="MiB of decoder cache all open streams may hold together (default 2048)")
+    p.add_argument("--metrics-from", nargs="+", metavar="CIDR",
+                   help="networks whose TCP peers may read /metrics without the API key (a scraper's; "
+                        "X-Forwarded-For is never trusted)")
     p.add_argument("--insecure-no-auth", action="store_true",
                    help="allow a non-loopback --host without an API key (OMNIGUARD_API_KEY)")
     p.set_defaults(func=cmd_serve)

@@ -305,6 +305,15 @@ def test_api_key_and_non_loopback_binds(tiny_bundle):
         ok = s.post("/v1/moderations", {"input": "hi"}, headers={"Authorization": "Bearer s3cret-key"})
         assert ok[0] == 200, ok
         assert s.get("/health")[0] == 200  # probes need no key
+        assert s.get("/metrics")[0] == 401  # the metrics do: they tell the traffic
+        forged = s.request("GET", "/metrics", headers={"X-Forwarded-For": "127.0.0.1"})
+        assert forged[0] == 401
+        assert s.request("GET", "/metrics", headers={"Authorization": "Bearer s3cret-key"})[0] == 200
+    finally:
+        s.stop()
+    s = Server(tiny_bundle, "--metrics-from", "127.0.0.0/8", env={"OMNIGUARD_API_KEY": "s3cret-key"})
+    try:  # a scraper's network, by the TCP peer: no key needed there; the API still needs it
+        assert s.get("/metrics")[0] == 200 and s.post("/v1/moderations", {"input": "hi"})[0] == 401
     finally:
         s.stop()
     env = {k: v for k, v in os.environ.items() if k != "OMNIGUARD_API_KEY"}

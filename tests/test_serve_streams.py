@@ -147,3 +147,24 @@ def test_too_many_open_streams_is_a_429(tiny_bundle):
         assert status == 429 and "2 streams are open" in body["error"]["message"] and headers.get("retry-after")
     finally:
         assert s.stop() == 0
+
+
+def test_guards_are_bounded_and_thresholds_follow_a_category_subset(tiny_bundle):
+    """Rotating (mode, categories) keys never hold more than ServeConfig.guards Guards; a Guard for a subset of
+    the categories (renumbered S1.. as asked) keeps the served thresholds of those categories under their new
+    codes, and drops the others'."""
+    from omniguard_edge.serve.app import ServeConfig, Service
+
+    service = Service(tiny_bundle, ServeConfig(guards=3, warmup=False),
+                      GuardOptions(category_thresholds={"S9": 0.3, "S1": 0.7, "S4": 0.2}))
+    service.start()
+    try:
+        guard = service.guard_for(("categories", ("S10", "S9", "S2")))
+        assert guard.options.category_thresholds == {"S2": 0.3}
+        assert [c.name for c in guard.options.policy.categories][1] == "Indiscriminate Weapons"
+        assert service.guard_for(("verdict", ("S3",))).options.category_thresholds is None
+        for i in range(12):
+            service.guard_for(("verdict", (f"S{i % 12 + 1}",)))
+            assert len(service._guards) <= 3
+    finally:
+        service.stop()
