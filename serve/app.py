@@ -58,6 +58,9 @@ class ServeConfig:
     # /metrics needs the API key when one is set, except from these networks (a scraper's), by the TCP peer's
     # address only: X-Forwarded-For is never read (any client can write it)
     metrics_from: tuple = ()
+    # per-request stage timings (and token times) in answers: off by default, since they tell whether a medium was
+    # in the encoder cache (the vision or audio stage is missing), i.e. whether another client sent it recently
+    stage_timings: bool = False
 
     def __post_init__(self):
         for name in ("max_body_bytes", "max_concurrent", "queue_size", "max_batch", "guards", "max_streams",
@@ -207,6 +210,15 @@ def create_app(bundle, config: ServeConfig | None = None, guard_options=None):
         service.metrics.requests.labels(endpoint, str(status)).inc()
         return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
 
+    def public(result: dict) -> dict:
+        """A result as answered: without stage timings and token times unless ServeConfig.stage_timings."""
+        if not config.stage_timings:
+            result.pop("timings", None)
+            result.pop("token_times", None)
+        return result
+
+    service.streams.public = public
+
     def authorize(request: Request, endpoint: str):
         """None when the request may proceed, else the 401 that refuses it (an API key is set and not given)."""
         if config.api_key is not None:
@@ -350,7 +362,7 @@ def create_app(bundle, config: ServeConfig | None = None, guard_options=None):
             return refused
         m = service.base.bundle.manifest
         return {"id": f"modr-{uuid.uuid4().hex}", "model": f"{m.source.get('checkpoint', 'omniguard')} ({m.precision})",
-                "results": [inputs.openai_result(r) for r in results]}
+                "results": [inputs.openai_result(r, config.stage_timings) for r in results]}
 
     def native(body):
         req, mode, codes = inputs.guard_request(body)
@@ -361,7 +373,7 @@ def create_app(bundle, config: ServeConfig | None = None, guard_options=None):
         results, refused = await answer(request, "guard", native)
         if refused is not None:
             return refused
-        out = results[0].to_dict()
+        out = public(results[0].to_dict())
         out["flagged"] = results[0].verdict != "safe"  # fail closed: unknown and error are flagged
         return out
 

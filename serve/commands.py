@@ -21,7 +21,8 @@ def cmd_serve(args) -> int:
                          max_batch=args.max_batch, timeout_s=args.timeout, max_concurrent=args.max_concurrent,
                          api_key=os.environ.get("OMNIGUARD_API_KEY") or None, max_streams=args.max_streams,
                          stream_idle_s=args.stream_idle, stream_lifetime_s=args.stream_lifetime,
-                         stream_kv_bytes=args.stream_kv_mb * 2**20, metrics_from=tuple(args.metrics_from or ()))
+                         stream_kv_bytes=args.stream_kv_mb * 2**20, metrics_from=tuple(args.metrics_from or ()),
+                         stage_timings=args.stage_timings)
     serve(args.bundle, args.host, args.port, config, insecure_no_auth=args.insecure_no_auth)
     return 0
 
@@ -58,6 +59,8 @@ def register(sub) -> None:
     p.add_argument("--metrics-from", nargs="+", metavar="CIDR",
                    help="networks whose TCP peers may read /metrics without the API key (a scraper's; "
                         "X-Forwarded-For is never trusted)")
+    p.add_argument("--stage-timings", action="store_true",
+                   help="answer each request's stage timings (they tell another client's cached media: off by default)")
     p.add_argument("--insecure-no-auth", action="store_true",
                    help="allow a non-loopback --host without an API key (OMNIGUARD_API_KEY)")
     p.set_defaults(func=cmd_serve)

@@ -162,9 +162,10 @@ def guard_request(body) -> tuple[dict, str, tuple[str, ...] | None]:
     return request, mode, codes
 
 
-def openai_result(result) -> dict:
+def openai_result(result, timings: bool = True) -> dict:
     """One `results[]` entry: flagged, categories, category_scores (OPENAI_CATEGORIES), and ours under `omniguard`.
-    Fail closed: a result that is not `safe` is flagged, an error or an unparsed answer with an `error` saying why."""
+    Fail closed: a result that is not `safe` is flagged, an error or an unparsed answer with an `error` saying why.
+    `timings`: the Guard's stage timings under `omniguard` (the service leaves them out unless configured)."""
     violated = {c["code"] for c in result.categories}
     scores = result.category_scores or {}
     flagged = result.verdict != "safe"
@@ -174,7 +175,7 @@ def openai_result(result) -> dict:
                                for name, codes in OPENAI_CATEGORIES.items()},
            "omniguard": {"verdict": result.verdict, "categories": sorted(violated, key=lambda c: int(c[1:])),
                          "p_unsafe": result.p_unsafe, "category_scores": scores, "mode": result.mode,
-                         "timings": result.timings}}
+                         **({"timings": result.timings} if timings else {})}}
     if result.verdict in ("error", "unknown"):
         out["error"] = result.error or "the guard's answer could not be parsed: treated as unsafe"
     return out

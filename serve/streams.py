@@ -46,8 +46,8 @@ class StreamLimitError(Exception):
 class Streams:
     """The open streams of one service, with their limits; the Guards come from the service's bounded set."""
 
-    def __init__(self, guard_for, config):
-        self.guard_for, self.config = guard_for, config
+    def __init__(self, guard_for, config, public=lambda result: result):
+        self.guard_for, self.config, self.public = guard_for, config, public
         self.open: dict[str, OpenStream] = {}
         self.closed_by_stop: set[str] = set()
         self._lock = threading.Lock()
@@ -115,7 +115,7 @@ class Streams:
             result = entry.stream.close()
         with self._lock:
             self.open.pop(sid, None)
-        out = result.to_dict()
+        out = self.public(result.to_dict())
         out["flagged"] = result.verdict != "safe"
         return {"result": out, "flagged": out["flagged"]}
 

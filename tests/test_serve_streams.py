@@ -168,3 +168,18 @@ def test_guards_are_bounded_and_thresholds_follow_a_category_subset(tiny_bundle)
             assert len(service._guards) <= 3
     finally:
         service.stop()
+
+
+def test_answers_carry_no_stage_timings_by_default(server, tiny_bundle):
+    """Stage timings tell whether a medium was already in the encoder cache (another client sent it): left out of
+    answers unless --stage-timings."""
+    status, body, _ = server.post("/v1/guard", {"prompt": "hi"})
+    assert status == 200 and "timings" not in body and "token_times" not in body
+    status, body, _ = server.post("/v1/moderations", {"input": "hi"})
+    assert status == 200 and "timings" not in body["results"][0]["omniguard"]
+    s = Server(tiny_bundle, "--stage-timings")
+    try:
+        status, body, _ = s.post("/v1/guard", {"prompt": "hi"})
+        assert status == 200 and "total" in body["timings"]
+    finally:
+        s.stop()
