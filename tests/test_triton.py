@@ -199,24 +199,30 @@ def test_end_to_end_through_a_triton_server(tiny_bundle, media_dir, tmp_path):
     repo = tmp_path / "repo"
     export_triton(tiny_bundle, repo, max_batch=8)
 
-    def port():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    http, grpc_port, metrics = port(), port(), port()
+    # three distinct free ports: the sockets are held until all three are chosen (one by one, the system may hand
+    # the same port out twice, and the server then fails to bind: one cause of this test failing at random)
+    socks = [socket.socket() for _ in range(3)]
+    for sock in socks:
+        sock.bind(("127.0.0.1", 0))
+    http, grpc_port, metrics = (sock.getsockname()[1] for sock in socks)
+    for sock in socks:
+        sock.close()
+    # the server's log to a file, not a pipe nobody reads while the test runs: a full pipe blocks the server's
+    # writes, and with them its answers (the other cause)
+    log = open(tmp_path / "tritonserver.log", "wb")
     env = {**os.environ, "LD_LIBRARY_PATH": str(server / "nvidia_pytriton.libs"),
            "PYTHONPATH": os.pathsep.join([str(np1), sysconfig.get_paths()["purelib"]])}
     proc = subprocess.Popen([str(tsrv / "bin" / "tritonserver"), "--model-repository", str(repo),
                              "--backend-directory", str(tmp_path / "backends"), "--http-port", str(http),
                              "--grpc-port", str(grpc_port), "--metrics-port", str(metrics), "--allow-metrics", "false",
-                             "--exit-timeout-secs", "5"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             "--exit-timeout-secs", "5"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise AssertionError(f"tritonserver exited {proc.returncode}: {proc.stdout.read()[-3000:]!r}")
+                raise AssertionError(f"tritonserver exited {proc.returncode}: "
+                                     f"{(tmp_path / 'tritonserver.log').read_bytes()[-3000:]!r}")
             try:
                 if client.is_model_ready("omniguard_guard"):
                     break
@@ -265,6 +271,7 @@ def test_end_to_end_through_a_triton_server(tiny_bundle, media_dir, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
 
 
 def test_tensorrt_backend_models_over_native_plans(tiny_bundle, tmp_path):
