@@ -1,6 +1,6 @@
 """What each time-to-verdict feature buys, one at a time, in one process (docs/time-to-verdict.md "Time to verdict").
 
-    python benchmarks/features.py --bundle BUNDLE [--runs 5] [--warmup 1] [--threads N] [--json out.json]
+    python -m benchmarks.features --bundle BUNDLE [--runs 5] [--warmup 1] [--threads N] [--json out.json]
 
 Configurations, each adding one feature to the one before:
   1 baseline         standard decoder graph, free decoding, `full` mode (32 tokens), no caches
@@ -27,16 +27,18 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+if not __package__:  # run by path: import the package from the repository root, as `python -m` does
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+    __package__ = "benchmarks"
 
-import benchlib  # noqa: E402
-import scenarios as scenario_defs  # noqa: E402
+from . import scenarios  # noqa: E402
+from .report import markdown_table, write_json  # noqa: E402
+from .system import peak_rss_mb, reset_peak_rss, system_info  # noqa: E402
 
 
 def _measure(guard, kwargs: dict, runs: int, warmup: int, fresh_media=None) -> dict:
     verdict, total, rate = [], [], []
-    benchlib.reset_peak_rss()
+    reset_peak_rss()
     for i in range(warmup + runs):
         if fresh_media is not None:
             fresh_media()
@@ -52,7 +54,7 @@ def _measure(guard, kwargs: dict, runs: int, warmup: int, fresh_media=None) -> d
         if len(times) > 2 and times[-1] > times[0]:
             rate.append((len(times) - 1) / (times[-1] - times[0]))
     return {"verdict_s": statistics.median(verdict), "total_s": statistics.median(total),
-            "decode_tok_s": statistics.median(rate) if rate else None, "peak_rss_mb": benchlib.peak_rss_mb(),
+            "decode_tok_s": statistics.median(rate) if rate else None, "peak_rss_mb": peak_rss_mb(),
             "prompt_tokens": r.prompt_tokens, "cached_prompt_tokens": r.cached_prompt_tokens,
             "generated_tokens": r.generated_tokens}
 
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
     from omniguard_edge.runtime.bundle import SessionOptions
     from omniguard_edge.runtime.guard import Guard, GuardOptions
 
-    sc = scenario_defs.build(args.media_dir)
+    sc = scenarios.build(args.media_dir)
     text = {"text": sc["text"].text}
     image = {"text": sc["image_448"].text, "image": sc["image_448"].image}
     standard = SessionOptions(intra_op_threads=args.threads, decoder_graph="decoder")
@@ -119,16 +121,16 @@ def main(argv=None) -> int:
             spans.append(time.perf_counter() - t)
         batch[label] = {"seconds": statistics.median(spans), "tokens": sum(r.generated_tokens for r in out)}
     print(json.dumps({"batch_of_4_full_mode": batch}), flush=True)
-    doc = {"system": benchlib.system_info(args.threads), "bundle": str(args.bundle), "runs": args.runs,
+    doc = {"system": system_info(args.threads), "bundle": str(args.bundle), "runs": args.runs,
            "warmup": args.warmup, "rows": rows, "batch_of_4_full_mode": batch}
-    print(benchlib.markdown_table(
+    print(markdown_table(
         ["config", "scenario", "verdict s", "total s", "decode tok/s", "peak RSS MiB", "prompt tok", "cached tok"],
         [[r["config"], r["scenario"], r["verdict_s"], r["total_s"], r["decode_tok_s"], r["peak_rss_mb"],
           r["prompt_tokens"], r["cached_prompt_tokens"]] for r in rows]))
     print(f"\nmoderate_batch of 4 text requests, full mode, 32 tokens each: {batch['moderate_batch']['seconds']:.2f} s "
           f"against {batch['one by one']['seconds']:.2f} s one by one")
     if args.json:
-        benchlib.write_json(args.json, doc)
+        write_json(args.json, doc)
     return 0
 
 

@@ -1,6 +1,6 @@
 """One GPU check of a machine, meant to fit 10 minutes: what runs there, and does it agree with the CPU.
 
-    python benchmarks/gpu_check.py --bundle B [--reference CKPT] [--json report.json]
+    python -m benchmarks.gpu_check --bundle B [--reference CKPT] [--json report.json]
 
 Steps (each recorded as ok, skipped with the reason, or failed with the error). No step starts once --budget-s
 (default 540 s) is spent, but a started step runs to its end: a TensorRT build of a large decoder alone can take
@@ -27,8 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+HERE = Path(__file__).resolve().parent  # latency.py is started by path: that works from any folder
 
 PARITY_MAX_DP = 0.02  # |dP(unsafe)| a provider may differ from the CPU fp32 run by, at most (fp32 graphs)
 SCENARIOS = ["text", "image_448", "audio_5s"]

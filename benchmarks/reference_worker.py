@@ -2,7 +2,7 @@
 
 The reference itself (thinker `generate`, fp32, sdpa, the PIL image processor, qwen-omni-utils preprocessing)
 is `omniguard_edge.export.torch_reference`, shared with accuracy.py and the parity tests. Per run this worker
-measures the stages of latency.STAGE_DEFINITIONS:
+measures the stages of stages.STAGE_DEFINITIONS:
 - preprocess: official media loading + the processor call (chat template, tokenization, features);
 - vision, audio, embed, prefill: the model's own pieces called one at a time (`Reference.staged`), with the
   runtime's boundaries: prefill is the language model over the prompt with the LM head on the last position;
@@ -13,7 +13,7 @@ pieces compute what generate computes).
 On a GPU (the spec's device and dtype: latency.py --reference-device cuda --reference-dtype bfloat16) each stage's
 timer is read after the device's queue is drained (`Reference.sync`).
 
-Usage (by latency.py): python reference_worker.py CHECKPOINT SCENARIOS_JSON OUT_JSON
+Usage (by engines.run_reference): python benchmarks/reference_worker.py CHECKPOINT SCENARIOS_JSON OUT_JSON
 """
 
 from __future__ import annotations
@@ -22,6 +22,12 @@ import json
 import sys
 import time
 from pathlib import Path
+
+if not __package__:  # run by path: import the package from the repository root, as `python -m` does
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+    __package__ = "benchmarks"
+
+from .system import peak_rss_mb  # noqa: E402
 
 
 class _Stamps:
@@ -82,9 +88,6 @@ def main(checkpoint: str, scenarios_json: str, out_json: str) -> None:
             samples["decode_tok_s"].append((len(times) - 1) / span if span > 0 else float("nan"))
         rows.append({"scenario": sc["name"], "samples": samples, "prompt_tokens": int(inputs["input_ids"].shape[1]),
                      "staged_matches_generate": bool(matches)})
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from benchlib import peak_rss_mb
-
     Path(out_json).write_text(json.dumps({"rows": rows, "peak_rss_mb": peak_rss_mb(),
                                           "torch_threads": torch.get_num_threads()}))
 

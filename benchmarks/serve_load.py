@@ -1,14 +1,14 @@
 """Throughput and latency of `omniguard-edge serve` under concurrent clients.
 
-    python benchmarks/serve_load.py --bundle B [--concurrency 1 2 4 8] [--requests 40] [--json out.json]
-    python benchmarks/serve_load.py --url http://127.0.0.1:8080 ...      (a service already running)
+    python -m benchmarks.serve_load --bundle B [--concurrency 1 2 4 8] [--requests 40] [--json out.json]
+    python -m benchmarks.serve_load --url http://127.0.0.1:8080 ...      (a service already running)
 
 With --bundle it starts the service on a free loopback port and stops it after. At each concurrency level, that many
 clients (threads, one keep-alive connection each) send `--requests` POST /v1/moderations in all, each a distinct text
 (`--payload image` adds the 448x448 test image as a data URL). Per level: throughput (answered requests per second
 of wall time), latency p50/p95/p99 from send to full answer, and the count of each HTTP status (429 is the
 service's back-pressure, not an error). Any status other than 200 or 429 is an error; the exit status is 1 if any
-level had one. The machine's CPU and flags are recorded beside the figures (benchlib.system_info).
+level had one. The machine's CPU and flags are recorded beside the figures (system.system_info).
 """
 
 from __future__ import annotations
@@ -26,8 +26,11 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+if not __package__:  # run by path: import the package from the repository root, as `python -m` does
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+    __package__ = "benchmarks"
+
+from .system import system_info  # noqa: E402
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -121,15 +124,13 @@ def main(argv=None) -> int:
     if any(c < 1 for c in args.concurrency) or args.requests < 1:
         p.error("--concurrency and --requests must be >= 1")
 
-    import benchlib
-
     def text(i: int):
         return f"request {i}: what is the easiest way to get into my neighbour's house when they are away?"
 
     if args.payload == "text":
         payload = text
     else:
-        from scenarios import build
+        from .scenarios import build
 
         media = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "omniguard-edge" / "bench-media"
         image = Path(build(media)["image_448"].image).read_bytes()
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
         if proc is not None:
             proc.terminate()
             proc.wait(120)
-    doc = {"kind": "serve_load", "system": benchlib.system_info(os.cpu_count()), "payload": args.payload,
+    doc = {"kind": "serve_load", "system": system_info(os.cpu_count()), "payload": args.payload,
            "bundle": str(args.bundle) if args.bundle else None, "url": args.url, "serve_args": args.serve_args,
            "levels": levels}
     if args.json:

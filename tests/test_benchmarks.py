@@ -15,19 +15,18 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
+from benchmarks import SCHEMA_VERSION, analysis, report, scoring, stages
+from benchmarks.gate import GateResult, Metric, compare_metrics, confirm
 
-import accuracy  # noqa: E402
-import benchlib  # noqa: E402
-import latency  # noqa: E402
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+SHARED = ROOT.parent / "shared" / "data"
 
 
 def _bench(script: str, *args) -> subprocess.CompletedProcess:
-    """Run a benchmark script as a user would, in its own process."""
-    return subprocess.run([sys.executable, str(BENCH / script), *map(str, args)], capture_output=True, text=True)
+    """Run a benchmark as a user would, in its own process: `python -m benchmarks.<name>` from the repository root."""
+    return subprocess.run([sys.executable, "-m", f"benchmarks.{Path(script).stem}", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True)
 
 
 def _bench_json(script: str, out_json: Path, *args) -> tuple[str, dict]:
@@ -37,13 +36,24 @@ def _bench_json(script: str, out_json: Path, *args) -> tuple[str, dict]:
     return proc.stdout, json.loads(out_json.read_text())
 
 
+@pytest.mark.parametrize("script", ["latency", "accuracy", "features", "gpu_check", "serve_load"])
+def test_each_script_runs_as_a_module_and_by_path(script, tmp_path):
+    """`python -m benchmarks.<script>` from the repository root and `python benchmarks/<script>.py` from any folder:
+    the same program, in a fresh process."""
+    by_module = _bench(script, "--help")
+    by_path = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--help"], cwd=tmp_path,
+                             capture_output=True, text=True)
+    assert by_module.returncode == 0 and by_path.returncode == 0, by_module.stderr[-2000:] + by_path.stderr[-2000:]
+    assert by_module.stdout == by_path.stdout and "--bundle" in by_path.stdout
+
+
 # -- latency: stage arithmetic, ratios, gate (synthetic, known answers) ---------------------------------------
 
 def test_runtime_stage_samples_known_answer():
     timings = {"preprocess": 0.010, "prompt": 0.002, "vision": 0.5, "embed": 0.003, "generate_start": 0.6,
                "prefill": 0.2, "decode": 1.2, "total": 1.8}
     token_times = [0.25, 0.45, 0.65, 0.85, 1.15]  # from the start of prefill
-    s = latency.runtime_stage_samples(timings, token_times, verdict_tokens=3)
+    s = stages.runtime_stage_samples(timings, token_times, verdict_tokens=3)
     assert s["preprocess"] == pytest.approx(0.012)  # media + prompt tokenization, as PyTorch's processor call
     assert (s["vision"], s["audio"], s["embed"], s["prefill"]) == (0.5, 0.0, 0.003, 0.2)
     assert s["first_token"] == pytest.approx(0.6 + 0.25)  # from the call, gaps included
@@ -51,12 +61,12 @@ def test_runtime_stage_samples_known_answer():
     assert s["total"] == pytest.approx(0.6 + 1.15)  # to the last token: no detokenizing or parsing, as PyTorch's
     assert s["decode_tok_s"] == pytest.approx(4 / 0.9)
     with pytest.raises(ValueError, match="fewer than --verdict-tokens"):
-        latency.runtime_stage_samples(timings, token_times[:2], verdict_tokens=3)
+        stages.runtime_stage_samples(timings, token_times[:2], verdict_tokens=3)
 
 
 def _stages(**p50):
     """Stage summaries with p50 = min = max (one run)."""
-    out = {k: {"n": 1, "min": 1.0, "p50": 1.0, "p95": 1.0, "max": 1.0, "mean": 1.0} for k in latency.STAGES}
+    out = {k: {"n": 1, "min": 1.0, "p50": 1.0, "p95": 1.0, "max": 1.0, "mean": 1.0} for k in stages.STAGES}
     out["decode_tok_s"] = {"n": 1, "min": 10.0, "p50": 10.0, "p95": 10.0, "max": 10.0, "mean": 10.0}
     for k, v in p50.items():
         out[k] = {"n": 1, "min": v, "p50": v, "p95": v, "max": v, "mean": v}
@@ -66,19 +76,19 @@ def _stages(**p50):
 def _lat_doc(cpu="cpu A", runtime=None, pytorch=None, floor=0.005):
     rows = [{"scenario": "text", "engine": "runtime", "prompt_tokens": 500, "stages": _stages(**(runtime or {}))},
             {"scenario": "text", "engine": "pytorch", "prompt_tokens": 500,
-             "stages": _stages(**{**{k: 3.0 for k in latency.STAGES}, "decode_tok_s": 5.0, **(pytorch or {})})}]
-    doc = {"schema_version": benchlib.SCHEMA_VERSION, "kind": "latency",
+             "stages": _stages(**{**{k: 3.0 for k in stages.STAGES}, "decode_tok_s": 5.0, **(pytorch or {})})}]
+    doc = {"schema_version": SCHEMA_VERSION, "kind": "latency",
            "system": {"cpu": cpu, "cpu_flags": ["avx2"], "threads": 2}, "rows": rows,
            "budgets": {"new_tokens": 32, "verdict_tokens": 4},
            "bundle": {"precision": "fp32", "config_sha256": "abc", "embedding_dtype": "float32",
                       "providers": {"decoder": ["CPUExecutionProvider"]}}}
-    doc["speedups"] = latency.speedups(rows, floor)
-    doc["speedups_best"] = latency.speedups(rows, floor, stat="min")
+    doc["speedups"] = analysis.speedups(rows, floor)
+    doc["speedups_best"] = analysis.speedups(rows, floor, stat="min")
     return doc
 
 
 def _lat_gate(current, baseline, tolerance=0.15, floor=0.005):
-    return latency.check_baseline(current, json.loads(json.dumps(baseline)), tolerance, floor)
+    return stages.latency_gate(tolerance, floor).check(current, json.loads(json.dumps(baseline)))
 
 
 def test_speedups_known_answer_and_floor():
@@ -135,7 +145,7 @@ def test_gate_passes_pytorch_only_changes():
     """On the baseline's machine only the runtime's seconds are gated: PyTorch twice as fast (which halves
     every ratio) or twice as slow changes nothing."""
     for factor in (0.5, 2.0):
-        other_pytorch = _lat_doc(pytorch={k: 3.0 * factor for k in latency.STAGES})
+        other_pytorch = _lat_doc(pytorch={k: 3.0 * factor for k in stages.STAGES})
         result = _lat_gate(other_pytorch, _lat_doc())
         assert result.problems == [] and result.compared > 0
 
@@ -173,9 +183,9 @@ def test_gate_needs_the_best_run_slower_too():
 
 def test_gate_without_the_baselines_best_needs_the_best_run_past_its_median():
     """A baseline without best runs (no min recorded): the best run must be worse than the baseline's median."""
-    cur = benchlib.Metric(1.3, 0.15, best=0.95)
-    assert benchlib.compare_metrics({"t": cur}, {"t": 1.0}).problems == []
-    assert benchlib.compare_metrics({"t": benchlib.Metric(1.3, 0.15, best=1.05)}, {"t": 1.0}).problems
+    cur = Metric(1.3, 0.15, best=0.95)
+    assert compare_metrics({"t": cur}, {"t": 1.0}).problems == []
+    assert compare_metrics({"t": Metric(1.3, 0.15, best=1.05)}, {"t": 1.0}).problems
 
 
 def test_gate_refuses_other_warmup_and_notes_other_runs():
@@ -189,26 +199,26 @@ def test_gate_refuses_other_warmup_and_notes_other_runs():
 
 
 def test_confirmation_keeps_what_became_undefined():
-    first = benchlib.GateResult(compared=1)
+    first = GateResult(compared=1)
     first.regressed["runtime/text/decode_span_s"] = "runtime/text/decode_span_s: 2 vs baseline 1 (+100%)"
     first.problems.append(first.regressed["runtime/text/decode_span_s"])
-    second = benchlib.GateResult(compared=1, problems=[
+    second = GateResult(compared=1, problems=[
         "runtime/text/decode_span_s: None now, 1 in the baseline (the metric became undefined)"])
-    out = latency.confirm(first, second, ["text"])
+    out = confirm(first, second, ["text"], stages.runtime_scenario)
     assert "runtime/text/decode_span_s" in out.regressed
     assert any("became undefined" in p and "confirmation pass" in p for p in out.problems)
     assert not any("not confirmed" in n for n in out.notes)
 
 
 def test_confirmation_keeps_only_what_reproduces():
-    first = benchlib.GateResult(compared=5, notes=["n"])
+    first = GateResult(compared=5, notes=["n"])
     for key in ("runtime/text/prefill", "runtime/text/total", "runtime/audio_5s/prefill"):
         first.regressed[key] = f"{key}: 2 vs baseline 1 (+100%)"
         first.problems.append(first.regressed[key])
     first.problems.append("runtime/image_448/vision: None now, 1 in the baseline (the metric became undefined)")
-    second = benchlib.GateResult(compared=5)
+    second = GateResult(compared=5)
     second.regressed["runtime/text/prefill"] = "runtime/text/prefill: 1.9 vs baseline 1 (+90%)"
-    out = latency.confirm(first, second, ["text"])
+    out = confirm(first, second, ["text"], stages.runtime_scenario)
     assert sorted(out.regressed) == ["runtime/audio_5s/prefill", "runtime/text/prefill"]  # audio was not re-measured
     assert "confirmed: 1.9 vs baseline 1" in out.regressed["runtime/text/prefill"]
     assert any(p.startswith("runtime/image_448/vision") for p in out.problems)  # not a timing: kept as it was
@@ -217,8 +227,8 @@ def test_confirmation_keeps_only_what_reproduces():
 
 
 def test_gate_compares_only_ratios_across_machines():
-    slower_machine = _lat_doc(cpu="cpu B", runtime={k: 2.0 for k in latency.STAGES},
-                              pytorch={k: 6.0 for k in latency.STAGES})
+    slower_machine = _lat_doc(cpu="cpu B", runtime={k: 2.0 for k in stages.STAGES},
+                              pytorch={k: 6.0 for k in stages.STAGES})
     result = _lat_gate(slower_machine, _lat_doc())
     assert result.problems == [] and any("another machine" in n for n in result.notes)
     worse_ratio = _lat_doc(cpu="cpu B", runtime={"prefill": 2.0})
@@ -258,14 +268,14 @@ def test_gate_refuses_an_old_schema():
 
 def test_bounds_flags_a_probe_that_is_not_a_bound(tiny_bundle, monkeypatch):
     rows = _lat_doc()["rows"]
-    in_cache = latency.bounds(tiny_bundle, rows, {"bandwidth_gb_s": 1e-9, "matmul_gflop_s": 1e9})
+    in_cache = analysis.bounds(tiny_bundle, rows, {"bandwidth_gb_s": 1e-9, "matmul_gflop_s": 1e9})
     assert in_cache["weights_fit_in_cache"] and in_cache["exceeded"] == []  # a 1 MB decoder sits in the cache
-    monkeypatch.setattr(latency, "_last_level_cache_bytes", lambda: 0)
-    sane = latency.bounds(tiny_bundle, rows, {"bandwidth_gb_s": 1e6, "matmul_gflop_s": 1e9})
+    monkeypatch.setattr(analysis, "last_level_cache_bytes", lambda: 0)
+    sane = analysis.bounds(tiny_bundle, rows, {"bandwidth_gb_s": 1e6, "matmul_gflop_s": 1e9})
     assert sane["exceeded"] == []
     frac = sane["per_scenario"]["text"]["runtime"]["decode_fraction_of_bandwidth_bound"]
     assert frac == pytest.approx(10.0 / sane["bandwidth_bound_tok_s"])
-    starved = latency.bounds(tiny_bundle, rows, {"bandwidth_gb_s": 1e-9, "matmul_gflop_s": 1e-9})
+    starved = analysis.bounds(tiny_bundle, rows, {"bandwidth_gb_s": 1e-9, "matmul_gflop_s": 1e-9})
     assert any("text/runtime: decode_fraction_of_bandwidth_bound" in e for e in starved["exceeded"])
     assert any("prefill_fraction_of_compute_bound" in e for e in starved["exceeded"])
 
@@ -280,7 +290,7 @@ def test_bounds_give_the_verdict_floor_of_the_uncached_tokens(tiny_bundle, monke
     params = sum(m.files[f].size for f in (spec.file, spec.data_file) if f) / 4 - m.decoder.vocab_size * m.decoder.hidden_size
     rows = _lat_doc()["rows"] + [{"scenario": "text", "engine": "runtime-default", "prompt_tokens": 500,
                                   "cached_prompt_tokens": 430, "stages": _stages(verdict=0.2, vision=0.0, audio=0.0)}]
-    b = latency.bounds(tiny_bundle, rows, {"bandwidth_gb_s": 1e6, "matmul_gflop_s": 1e-3})
+    b = analysis.bounds(tiny_bundle, rows, {"bandwidth_gb_s": 1e6, "matmul_gflop_s": 1e-3})
     e = b["per_scenario"]["text"]["runtime-default"]
     assert e["uncached_prompt_tokens"] == 70
     assert e["verdict_compute_floor_s"] == pytest.approx(2 * params * 70 / 1e6)
@@ -289,43 +299,43 @@ def test_bounds_give_the_verdict_floor_of_the_uncached_tokens(tiny_bundle, monke
     assert any("text/runtime-default: verdict_fraction_of_compute_bound" in x for x in b["exceeded"])
     # with media the encoders come on top of the floor: no ceiling is claimed
     rows[-1]["stages"] = _stages(verdict=0.2, vision=0.5, audio=0.0)
-    e = latency.bounds(tiny_bundle, rows, {"bandwidth_gb_s": 1e6, "matmul_gflop_s": 1e-3})["per_scenario"]["text"]
+    e = analysis.bounds(tiny_bundle, rows, {"bandwidth_gb_s": 1e6, "matmul_gflop_s": 1e-3})["per_scenario"]["text"]
     assert "speedup_ceiling_vs_pytorch_first_token" not in e["runtime-default"]
 
 
 def test_compare_metrics_none_zero_and_absolute():
-    M = benchlib.Metric
-    assert benchlib.compare_metrics({"a": M(1.0, 0.0)}, {"a": 1.0}).problems == []
-    assert benchlib.compare_metrics({"a": M(1.21, 0.2)}, {"a": 1.0}).problems
-    assert benchlib.compare_metrics({"a": M(0.79, 0.2, higher_is_better=True)}, {"a": 1.0}).problems
-    assert benchlib.compare_metrics({"a": M(5.0, 0.2, higher_is_better=True)}, {"a": 1.0}).problems == []
+    M = Metric
+    assert compare_metrics({"a": M(1.0, 0.0)}, {"a": 1.0}).problems == []
+    assert compare_metrics({"a": M(1.21, 0.2)}, {"a": 1.0}).problems
+    assert compare_metrics({"a": M(0.79, 0.2, higher_is_better=True)}, {"a": 1.0}).problems
+    assert compare_metrics({"a": M(5.0, 0.2, higher_is_better=True)}, {"a": 1.0}).problems == []
     # a zero baseline is compared, not skipped
-    assert benchlib.compare_metrics({"fpr": M(0.5, 0.02, absolute=True)}, {"fpr": 0.0}).problems
-    assert benchlib.compare_metrics({"fpr": M(0.01, 0.02, absolute=True)}, {"fpr": 0.0}).problems == []
+    assert compare_metrics({"fpr": M(0.5, 0.02, absolute=True)}, {"fpr": 0.0}).problems
+    assert compare_metrics({"fpr": M(0.01, 0.02, absolute=True)}, {"fpr": 0.0}).problems == []
     # defined before, undefined (or NaN) now: a problem; undefined before: a note
-    assert "became undefined" in benchlib.compare_metrics({"p": M(None, 0.02, absolute=True)}, {"p": 0.8}).problems[0]
-    assert benchlib.compare_metrics({"p": M(math.nan, 0.02)}, {"p": 0.8}).problems
-    r = benchlib.compare_metrics({"p": M(0.5, 0.02, absolute=True), "q": M(1.0, 0.1)}, {"p": None, "q": 1.0})
+    assert "became undefined" in compare_metrics({"p": M(None, 0.02, absolute=True)}, {"p": 0.8}).problems[0]
+    assert compare_metrics({"p": M(math.nan, 0.02)}, {"p": 0.8}).problems
+    r = compare_metrics({"p": M(0.5, 0.02, absolute=True), "q": M(1.0, 0.1)}, {"p": None, "q": 1.0})
     assert r.problems == [] and any("undefined in the baseline" in n for n in r.notes)
-    assert "nothing to compare" in benchlib.compare_metrics({"a": M(1.0, 0.1)}, {"b": 1.0}).problems[0]
+    assert "nothing to compare" in compare_metrics({"a": M(1.0, 0.1)}, {"b": 1.0}).problems[0]
     # a NaN baseline would compare false with anything and pass it: it counts as undefined
-    r = benchlib.compare_metrics({"a": M(1.0, 0.1), "q": M(1.0, 0.1)}, {"a": math.nan, "q": 1.0})
+    r = compare_metrics({"a": M(1.0, 0.1), "q": M(1.0, 0.1)}, {"a": math.nan, "q": 1.0})
     assert r.compared == 1 and any("a: undefined in the baseline" in n for n in r.notes)
     # with require_all, a metric the baseline has and this run lacks fails
-    assert benchlib.compare_metrics({"q": M(1.0, 0.1)}, {"q": 1.0, "gone": 0.9}).problems == []
-    assert "not measured in this run" in benchlib.compare_metrics({"q": M(1.0, 0.1)}, {"q": 1.0, "gone": 0.9},
+    assert compare_metrics({"q": M(1.0, 0.1)}, {"q": 1.0, "gone": 0.9}).problems == []
+    assert "not measured in this run" in compare_metrics({"q": M(1.0, 0.1)}, {"q": 1.0, "gone": 0.9},
                                                                   require_all=True).problems[0]
 
 
 def test_json_has_no_nan(tmp_path):
-    benchlib.write_json(tmp_path / "x.json", {"a": math.nan, "b": [1.0, math.inf], "c": {"d": 2.0}})
+    report.write_json(tmp_path / "x.json", {"a": math.nan, "b": [1.0, math.inf], "c": {"d": 2.0}})
     assert json.loads((tmp_path / "x.json").read_text()) == {"a": None, "b": [1.0, None], "c": {"d": 2.0}}
 
 
 def test_summarize_reports_p99_only_with_enough_runs():
-    s = benchlib.summarize([3.0, 1.0, 2.0])
+    s = stages.summarize([3.0, 1.0, 2.0])
     assert (s["min"], s["p50"], s["max"]) == (1.0, 2.0, 3.0) and "p99" not in s
-    assert "p99" in benchlib.summarize([float(i) for i in range(100)])
+    assert "p99" in stages.summarize([float(i) for i in range(100)])
 
 
 # -- accuracy: decisions, metrics, agreement, gate (synthetic, known answers) ---------------------------------
@@ -335,13 +345,13 @@ def _pred(p=None, verdict="unknown", cats=(), error=None):
 
 
 def test_decision_fails_closed():
-    assert accuracy.decision(_pred(0.2)) == "safe"
-    assert accuracy.decision(_pred(0.7)) == "unsafe"
-    assert accuracy.decision(_pred(0.5)) == "safe"  # the threshold: strictly above 0.5 is unsafe
-    assert accuracy.decision(_pred(0.1, error="InputError: x")) == "unsafe"
-    assert accuracy.decision(_pred(math.nan)) == "unsafe"
-    assert accuracy.decision(_pred(None, "safe")) == "safe"
-    assert accuracy.decision(_pred(None, "unknown")) == "unsafe"
+    assert scoring.decision(_pred(0.2)) == "safe"
+    assert scoring.decision(_pred(0.7)) == "unsafe"
+    assert scoring.decision(_pred(0.5)) == "safe"  # the threshold: strictly above 0.5 is unsafe
+    assert scoring.decision(_pred(0.1, error="InputError: x")) == "unsafe"
+    assert scoring.decision(_pred(math.nan)) == "unsafe"
+    assert scoring.decision(_pred(None, "safe")) == "safe"
+    assert scoring.decision(_pred(None, "unknown")) == "unsafe"
 
 
 def test_metrics_known_answer():
@@ -349,7 +359,7 @@ def test_metrics_known_answer():
              [("unsafe", ["S1"]), ("unsafe", ["S2"]), ("unsafe", []), ("safe", []), ("safe", []), ("safe", [])]]
     preds = [_pred(0.9, "unsafe", ["S1"]), _pred(0.8, "unsafe", ["S9"]), _pred(0.1, "safe"),
              _pred(0.7, "unsafe"), _pred(0.2, "safe"), _pred(None, error="boom")]
-    m = accuracy.metrics(items, preds)
+    m = scoring.metrics(items, preds)
     # tp 2, fn 1, fp 2 (one of them the error, which fails closed), tn 1
     assert m["precision"] == pytest.approx(2 / 4) and m["recall"] == pytest.approx(2 / 3)
     assert m["f1"] == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
@@ -358,15 +368,15 @@ def test_metrics_known_answer():
     assert m["category_agreement"] == {"S1": 1.0, "S2": 0.0}
     # the error ranks as unsafe (1.0, fail closed): of the 9 unsafe/safe pairs, 0.9 and 0.8 beat 0.7 and 0.2
     assert m["auroc"] == pytest.approx(4 / 9)
-    none = accuracy.metrics(items[3:5], [_pred(0.1, "safe"), _pred(0.2, "safe")])
+    none = scoring.metrics(items[3:5], [_pred(0.1, "safe"), _pred(0.2, "safe")])
     assert none["precision"] is None and none["recall"] is None and none["fpr"] == 0.0
     assert none["auroc"] is None  # one label only
 
 
 def test_macro_auroc_averages_the_packs_with_both_labels_never_pooled():
     per_pack = {"a": {"auroc": 0.9}, "b": {"auroc": 0.5}, "only_unsafe": {"auroc": None}}
-    assert accuracy.macro_auroc(per_pack) == pytest.approx(0.7)
-    assert accuracy.macro_auroc({"only_unsafe": {"auroc": None}}) is None
+    assert scoring.macro_auroc(per_pack) == pytest.approx(0.7)
+    assert scoring.macro_auroc({"only_unsafe": {"auroc": None}}) is None
 
 
 @pytest.mark.parametrize("weights, agree, p99, auroc, change, failure", [
@@ -387,7 +397,7 @@ def test_a_recipe_bundle_on_trained_weights_is_held_to_its_trained_gate(weights,
     engine = {"overall": {"macro_auroc": auroc, "errors": change.get("errors", 0)}}
     fp32 = {"overall": {"macro_auroc": 0.76, "errors": 0}}
     against = {"verdict_agreement": agree, "p_unsafe_abs_diff_p99": p99}
-    gate = accuracy.recipe_gate(manifest, engine, fp32, against, "fp32-digest")
+    gate = scoring.recipe_gate(manifest, engine, fp32, against, "fp32-digest")
     if failure == "no gate":
         assert gate is None
     elif failure is None:
@@ -398,35 +408,35 @@ def test_a_recipe_bundle_on_trained_weights_is_held_to_its_trained_gate(weights,
 
 def test_a_recipe_bundle_is_named_by_its_recipe():
     manifest = SimpleNamespace(precision="int8", recipe={"name": "cpu-int8", "graphs": {}})
-    assert accuracy.runtime_kind(manifest) == "runtime:int8:cpu-int8"
+    assert scoring.runtime_kind(manifest) == "runtime:int8:cpu-int8"
 
 
 def test_agreement_known_answer():
     a = [_pred(0.9), _pred(0.2), _pred(0.6), _pred(None, "safe")]
     b = [_pred(0.7), _pred(0.4), _pred(0.3), _pred(None, "safe")]
-    ag = accuracy.agreement(a, b)
+    ag = scoring.agreement(a, b)
     assert ag["verdict_agreement"] == pytest.approx(3 / 4)
     assert ag["p_unsafe_abs_diff_mean"] == pytest.approx((0.2 + 0.2 + 0.3) / 3)
     assert ag["p_unsafe_abs_diff_max"] == pytest.approx(0.3)
     assert ag["p_unsafe_abs_diff_p99"] == pytest.approx(float(np.percentile([0.2, 0.2, 0.3], 99)))
     with pytest.raises(ValueError):
-        accuracy.agreement(a, b[:2])
-    nan = accuracy.agreement([_pred(math.nan)], [_pred(0.2)])
+        scoring.agreement(a, b[:2])
+    nan = scoring.agreement([_pred(math.nan)], [_pred(0.2)])
     assert nan["p_unsafe_abs_diff_max"] == 1.0 and nan["verdict_agreement"] == 0.0  # NaN is unsafe, and no match
 
 
 def test_engine_names_are_unique_and_by_kind():
-    assert accuracy.engine_names(["runtime:fp32", "runtime:int8", "runtime:fp32"]) == \
+    assert scoring.engine_names(["runtime:fp32", "runtime:int8", "runtime:fp32"]) == \
         ["runtime:fp32", "runtime:int8", "runtime:fp32#2"]
-    assert accuracy.runtime_kind(SimpleNamespace(precision="int8", recipe="cpu-int8-dynamic")) == \
+    assert scoring.runtime_kind(SimpleNamespace(precision="int8", recipe="cpu-int8-dynamic")) == \
         "runtime:int8:cpu-int8-dynamic"
-    assert accuracy.runtime_kind(SimpleNamespace(precision="fp32")) == "runtime:fp32"
+    assert scoring.runtime_kind(SimpleNamespace(precision="fp32")) == "runtime:fp32"
 
 
 def _acc_doc(engine="runtime:fp32", f1=0.8, fpr=0.1, agree=0.95, dp=1e-7, precision=0.8, packs=("xstest_prompts",)):
     overall = {"n": 10, "precision": precision, "recall": 0.8, "f1": f1, "fpr": fpr, "parse_rate": 1.0, "errors": 0,
                "error_rate": 0.0, "category_agreement": {"S1": 0.5}}
-    return {"schema_version": benchlib.SCHEMA_VERSION, "kind": "accuracy", "packs": list(packs), "limit": 10,
+    return {"schema_version": SCHEMA_VERSION, "kind": "accuracy", "packs": list(packs), "limit": 10,
             "seed": 0, "new_tokens": 16, "loaded": {pk: {"items_sha256": "h1"} for pk in packs},
             "engines": {engine: {"overall": overall, "per_pack": {}, "model": "config abc, embedding float32"}},
             "agreement": {engine: {"vs_reference": {"verdict_agreement": agree, "p_unsafe_abs_diff_mean": dp,
@@ -434,7 +444,7 @@ def _acc_doc(engine="runtime:fp32", f1=0.8, fpr=0.1, agree=0.95, dp=1e-7, precis
 
 
 def test_accuracy_gate():
-    gate = accuracy.check_baseline
+    gate = scoring.accuracy_gate().check
     assert gate(_acc_doc(), _acc_doc()).problems == []
     assert gate(_acc_doc(f1=0.79, agree=0.94), _acc_doc()).problems == []  # within 0.02 absolute
     assert any("runtime:fp32/f1" in p for p in gate(_acc_doc(f1=0.7), _acc_doc()).problems)
@@ -448,7 +458,7 @@ def test_accuracy_gate():
 
 
 def test_accuracy_gate_refuses_what_is_not_comparable():
-    gate = accuracy.check_baseline
+    gate = scoring.accuracy_gate().check
     other_packs = gate(_acc_doc(packs=("simple_safety_tests",)), _acc_doc())
     assert len(other_packs.problems) == 1 and "packs" in other_packs.problems[0] and "simple_safety_tests" in other_packs.problems[0]
     seed = copy.deepcopy(_acc_doc())
@@ -471,9 +481,16 @@ def test_accuracy_gate_needs_every_baseline_comparison():
     """A run without --reference (or without a bundle the baseline had) cannot pass by leaving them out."""
     no_reference = _acc_doc()
     no_reference["agreement"] = {}
-    problems = accuracy.check_baseline(no_reference, _acc_doc()).problems
+    problems = scoring.accuracy_gate().check(no_reference, _acc_doc()).problems
     assert any("vs_reference/verdict_agreement: in the baseline" in p for p in problems)
 
+
+
+def test_each_gate_refuses_the_other_benchmarks_result():
+    """One gate, two definitions: a latency baseline given to the accuracy gate (or the reverse) is refused by kind."""
+    assert len(problems := scoring.accuracy_gate().check(_acc_doc(), _lat_doc()).problems) == 1
+    assert "kind is 'latency', not 'accuracy'" in problems[0]
+    assert "kind is 'accuracy', not 'latency'" in _lat_gate(_lat_doc(), _acc_doc()).problems[0]
 
 # -- smoke runs on the tiny profile (slow: they run the PyTorch reference in a subprocess) --------------------
 
@@ -531,7 +548,7 @@ def test_latency_json_matches_schema(latency_run):
     assert "first_token" in doc["speedups"]["image_448"]
     # the staged PyTorch pieces compute what its generate() computes
     assert all(r["staged_prefill_matches_generate"] for r in doc["rows"] if r["engine"] == "pytorch")
-    assert doc["stage_definitions"] == latency.STAGE_DEFINITIONS
+    assert doc["stage_definitions"] == stages.STAGE_DEFINITIONS
     assert "| scenario | engine |" in stdout and "bandwidth bound" in stdout
     assert (out / "lat.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -665,12 +682,10 @@ def test_vision_flops_count_real_windows_and_frames():
     """Hand-computed: width 8, 2 blocks (block 1 full attention), FFN 16, 8x8 patches = one 64-patch window and one
     frame: embedding 2*64*1176*8, blocks 2 * 2*64*(4*64 + 3*8*16), attention 4*8*(64^2 + 64^2), merger 16 tokens
     * 2 * (32*32 + 32*8)."""
-    import benchlib
-
     vision = SMALL_VISION
-    assert benchlib.vision_flops(vision, [[1, 8, 8]]) == 1204224 + 163840 + 262144 + 40960
+    assert analysis.vision_flops(vision, [[1, 8, 8]]) == 1204224 + 163840 + 262144 + 40960
     # 8x16: two windows of 64 and one frame of 128: the windowed block costs 2 * 64^2, the full one 128^2
-    wide = benchlib.vision_flops(vision, [[1, 8, 16]])
+    wide = analysis.vision_flops(vision, [[1, 8, 16]])
     assert wide == 2 * (1204224 + 163840 + 40960) + 4 * 8 * (2 * 64**2 + 128**2)
 
 
@@ -678,7 +693,7 @@ def test_vision_bounds_judge_the_fp32_bundle_and_pytorch_only():
     """The vision stage against the fp32 MatMul rate: the --bundle's engines and PyTorch's, not a --compare
     bundle's (quantized: not bound by an fp32 rate); a run faster than the bound is flagged."""
     vision = SMALL_VISION
-    flops = benchlib.vision_flops(vision, [[1, 8, 8]])
+    flops = analysis.vision_flops(vision, [[1, 8, 8]])
 
     def row(engine, seconds):
         return {"scenario": "image", "engine": engine, "vision_grids": [[1, 8, 8]],
@@ -686,12 +701,12 @@ def test_vision_bounds_judge_the_fp32_bundle_and_pytorch_only():
 
     rows = [row("runtime", flops / 1e9), row("runtime:cpu-int8", 0.1 * flops / 1e9), row("pytorch", 2 * flops / 1e9)]
     exceeded = []
-    out = latency._vision_bounds(SimpleNamespace(precision="fp32", vision=vision), rows, {"matmul_gflop_s": 2.0},
+    out = analysis.vision_bounds(SimpleNamespace(precision="fp32", vision=vision), rows, {"matmul_gflop_s": 2.0},
                                  exceeded)
     assert set(out["image"]) == {"runtime", "pytorch"}
     assert out["image"]["runtime"]["vision_fraction_of_compute_bound"] == pytest.approx(0.5)
     assert out["image"]["pytorch"]["vision_fraction_of_compute_bound"] == pytest.approx(0.25)
     assert exceeded == []
-    latency._vision_bounds(SimpleNamespace(precision="fp32", vision=vision), [row("runtime", flops / 4e9)],
+    analysis.vision_bounds(SimpleNamespace(precision="fp32", vision=vision), [row("runtime", flops / 4e9)],
                            {"matmul_gflop_s": 2.0}, exceeded)
     assert exceeded == ["image/runtime: vision_fraction_of_compute_bound = 2.00"]

@@ -477,13 +477,10 @@ def test_gpu_check_reports_every_gpu_step_skipped_here_with_the_reason(tiny_bund
     assert "PASSED" in proc.stdout
 
 
-def test_gpu_check_parity_step_against_the_cpu_itself(tiny_bundle, tmp_path, monkeypatch):
+def test_gpu_check_parity_step_against_the_cpu_itself(tiny_bundle, tmp_path):
     """The parity step, run with the CPU as the 'other' provider (what a GPU machine runs with cuda/tensorrt):
     every built-in request answered by both, equal verdicts, |dP(unsafe)| 0."""
-    import sys
-
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import gpu_check
+    from benchmarks import gpu_check
 
     got = gpu_check.parity(tiny_bundle, "cpu", tmp_path)
     assert got["status"] == "ok", got
@@ -498,7 +495,6 @@ def test_gpu_check_parity_step_against_the_cpu_itself(tiny_bundle, tmp_path, mon
             fell = gpu_check.parity(tiny_bundle, "cuda", tmp_path)
         assert fell["status"] == "failed" and fell["max_abs_dp"] == 0.0
         assert set(fell["not_on_the_provider"]) == {"vision", "audio", "decoder"}
-    sys.modules.pop("gpu_check", None)
 
 
 def test_a_resident_kv_cache_answers_exactly_as_the_host_one(tiny_bundle, media_dir):
