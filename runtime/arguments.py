@@ -196,6 +196,14 @@ def check_arguments(text=None, response=None, image=None, audio=None, video=None
 REQUEST_ARGUMENTS = ("text", "response", "image", "audio", "video", "media", "conversation", "sample_rate")
 
 
+def batch_list(requests) -> list:
+    """`moderate_batch`'s argument: a list (or tuple) of requests, else an InputError for the whole call."""
+    if not isinstance(requests, (list, tuple)):
+        raise InputError(f"requests must be a list of requests (each a str or a dict of moderate's keyword "
+                         f"arguments), got {type_name(requests)}")
+    return listed("requests", requests, "a list of requests")
+
+
 def batch_request(i: int, item) -> dict:
     """One request of `moderate_batch`: a str (the prompt) or a dict of `moderate`'s keyword arguments -> those
     arguments; anything else, or an unknown argument, is an InputError naming requests[i]."""

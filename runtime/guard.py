@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from .arguments import SizeCheck, batch_request, check_arguments, listed, prompt_limit, type_name
+from .arguments import SizeCheck, batch_list, batch_request, check_arguments, prompt_limit
 from .bundle import Bundle, open_bundle, run_options_for
 from .decode import SCORE_MARGIN, Decoder, FastDecoder
 from .errors import BundleError, InputError, OmniGuardError
@@ -115,11 +115,11 @@ class Guard:
         try:
             return self._moderate(text, response, image, audio, video, media, conversation, sample_rate, timings, start)
         except Exception as exc:  # the fail-closed boundary: a failure must not read as "safe"
-            return self._failed(exc, timings)
+            return _failed(exc, timings)
 
     def _moderate(self, text, response, image, audio, video, media, conversation, sample_rate, timings, start):
-        return self.judge(self._prepare(text, response, image, audio, video, media, conversation, sample_rate,
-                                        timings, start))
+        return self.judge(self._prepare(timings, start, text, response, image, audio, video, media, conversation,
+                                        sample_rate))
 
     def stream(self, text=None, *, conversation=None, image=None, audio=None, video=None, media=None,
                sample_rate=None, every: int | None = 64, sentences: bool = True, hysteresis: int = 1):
@@ -142,8 +142,8 @@ class Guard:
         """[n, hidden] token embeddings of `tokens` (the bundle's memory-mapped table)."""
         return np.asarray(self.bundle.embedding[np.asarray(tokens)], np.float32)
 
-    def _prepare(self, text, response, image, audio, video, media, conversation, sample_rate, timings, start
-                 ) -> Request:
+    def _prepare(self, timings, start, text=None, response=None, image=None, audio=None, video=None, media=None,
+                 conversation=None, sample_rate=None) -> Request:
         """Everything before the decoder: arguments checked, media preprocessed and encoded, prompt ids,
         embeddings, positions, the memory plan and the cached prefix."""
         conv, media, sample_rate = check_arguments(text, response, image, audio, video, media, conversation,
@@ -215,47 +215,30 @@ class Guard:
         With the fast decoder graph, each request is prefilled on its own (from the cached prefix) and the decode
         steps of all of them run as one batch, each row at its own length and position; with the standard graph
         the requests run one after another."""
-        if not isinstance(requests, (list, tuple)):
-            raise InputError(f"requests must be a list of requests (each a str or a dict of moderate's keyword "
-                             f"arguments), got {type_name(requests)}")
-        requests = listed("requests", requests, "a list of requests")
+        requests = batch_list(requests)
         results: list[ModerationResult | None] = [None] * len(requests)
         prepared = []
         for i, item in enumerate(requests):
             timings, start = {}, time.perf_counter()
             try:
                 kwargs = batch_request(i, item)
-                if not isinstance(self.decoder, FastDecoder):
+                if isinstance(self.decoder, FastDecoder):
+                    prepared.append((i, self._prepare(timings, start, **kwargs)))
+                else:
                     results[i] = self.moderate(**kwargs)
-                    continue
-                args = [kwargs.get(k) for k in ("text", "response", "image", "audio", "video", "media",
-                                                "conversation", "sample_rate")]
-                prepared.append((i, self._prepare(*args, timings, start)))
             except Exception as exc:  # fail closed, per request
-                results[i] = self._failed(exc, timings)
-        if prepared:
+                results[i] = _failed(exc, timings)
+        try:
+            gens = self.decoder.generate_batch([req.generate_args() for _, req in prepared], self.embed_tokens,
+                                               self.eos_ids, self.options.min_new_tokens) if prepared else []
+        except Exception as exc:  # the batch's decoder failed: every request in it is an error
+            gens = [exc] * len(prepared)
+        for (i, req), gen in zip(prepared, gens):
             try:
-                gens = self.decoder.generate_batch([req.generate_args() for _, req in prepared], self.embed_tokens,
-                                                   self.eos_ids, self.options.min_new_tokens)
-            except Exception as exc:  # the batch's decoder failed: every request in it is an error
-                for i, req in prepared:
-                    results[i] = self._failed(exc, req.timings)
-                return results
-            for (i, req), gen in zip(prepared, gens):
-                try:
-                    results[i] = self._result(req, gen)
-                except Exception as exc:
-                    results[i] = self._failed(exc, req.timings)
+                results[i] = self._result(req, gen) if not isinstance(gen, Exception) else _failed(gen, req.timings)
+            except Exception as exc:
+                results[i] = _failed(exc, req.timings)
         return results
-
-    def _failed(self, exc: BaseException, timings: dict) -> ModerationResult:
-        """`verdict="error"` for `exc`; an unexpected failure (not an OmniGuardError) is logged with its traceback."""
-        if not isinstance(exc, OmniGuardError):
-            try:
-                log.exception("moderation failed")
-            except Exception:  # noqa: S110 (a caller's exception that cannot even be logged is still an error)
-                pass
-        return ModerationResult.failed(exc, timings)
 
 
 def _decoder(bundle: Bundle, options: GuardOptions) -> Decoder:
@@ -275,3 +258,13 @@ def _decoder(bundle: Bundle, options: GuardOptions) -> Decoder:
     resident = options.session.kv_on_device
     resident = getattr(session, "device", "cpu") != "cpu" if resident is None else resident
     return Decoder(session, bundle.manifest.decoder, resident=resident)
+
+
+def _failed(exc: BaseException, timings: dict) -> ModerationResult:
+    """`verdict="error"` for `exc`; an unexpected failure (not an OmniGuardError) is logged with its traceback."""
+    if not isinstance(exc, OmniGuardError):
+        try:
+            log.exception("moderation failed")
+        except Exception:  # noqa: S110 (a caller's exception that cannot even be logged is still an error)
+            pass
+    return ModerationResult.failed(exc, timings)
