@@ -710,3 +710,18 @@ def test_vision_bounds_judge_the_fp32_bundle_and_pytorch_only():
     analysis.vision_bounds(SimpleNamespace(precision="fp32", vision=vision), [row("runtime", flops / 4e9)],
                            {"matmul_gflop_s": 2.0}, exceeded)
     assert exceeded == ["image/runtime: vision_fraction_of_compute_bound = 2.00"]
+
+
+def test_stream_checks_benchmark_runs_and_checks_its_judgement(tiny_bundle, tmp_path, capsys):
+    """benchmarks/stream_checks.py on the tiny bundle: a row per length with both timings, the stream's check and
+    the full re-moderation agreeing (it exits otherwise), and its JSON written."""
+    import json
+
+    from benchmarks import stream_checks
+
+    assert stream_checks.main(["--bundle", str(tiny_bundle), "--lengths", "64", "128", "--runs", "1",
+                               "--json", str(tmp_path / "s.json")]) == 0
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert [r["reply_tokens"] for r in doc["rows"]] == [64, 128] and doc["kind"] == "stream_checks"
+    assert all(r["check_s"] > 0 and r["full_s"] > 0 and r["prompt_tokens"] > r["reply_tokens"] for r in doc["rows"])
+    assert "full re-moderation s" in capsys.readouterr().out
