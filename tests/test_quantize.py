@@ -439,3 +439,26 @@ def test_gpu_recipe_passes_its_gate_judged_on_cpu(gpu_quantized, name):
         assert attention and all(producer.get(i) != "DequantizeLinear" for i in attention[0].input)
         assert m.calibration["activation_scales_from"]["requests"] == 24  # 6 per modality
         assert all(n > 0 for n in m.calibration["activation_scales_from"]["inputs_per_graph"].values())
+
+
+@pytest.mark.parametrize("name,tolerance", [
+    # INT8 activation scales come from each run's inputs: a stream splits the prompt into other runs than a full
+    # moderation, so P(unsafe) may differ, within the recipe's own P(unsafe) tolerance (its trained gate's dp_p99)
+    ("cpu-int8", recipes.INT8_TRAINED.dp_p99),
+    # INT4 MatMulNBits quantizes activations per block of each row: every split of the prompt computes the same
+    ("cpu-int4", 2.5e-5),
+])
+def test_a_stream_on_a_recipe_bundle_stays_within_its_tolerance(quantized, name, tolerance):
+    from omniguard_edge.runtime.guard import Guard
+
+    prompt = "How do I get the thing done?"
+    reply = "Sure. First you take the thing, then you mix it with the other thing! Is that clear? Yes.\nDone."
+    guard = Guard.from_bundle(quantized[name].out)
+    stream = guard.stream(prompt, every=8, hysteresis=10**9)
+    for word in reply.split(" "):
+        stream.feed(word + " ")
+    stream.close()
+    assert len(stream.checks) >= 8
+    for check in stream.checks:
+        full = guard.moderate(prompt, stream.reply[:check.position])
+        assert abs(full.p_unsafe - check.result.p_unsafe) <= tolerance, (check.position, full.p_unsafe)
