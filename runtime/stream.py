@@ -84,19 +84,32 @@ class CheckPoints:
     def __call__(self, text: str, final: bool = False) -> list[int]:
         """The check points of `text` that no later text can change or precede: with `every`, those before the
         text's last pieces (a sentence end waits for them too, so that points are always judged in order)."""
+        return self.scan(text, final)[0]
+
+    def scan(self, text: str, final: bool = False, since: tuple[int, int] = (0, 0)) -> tuple[list[int], tuple]:
+        """(`__call__`'s points after `since`, the `since` of the next call). `since`: a pre-tokenizer piece boundary
+        of the text that earlier text already made stable, and the reply's tokens before it: only the text from there
+        is tokenized (pieces are tokenized on their own, so its tokens are the whole text's), and a call costs the
+        text since the last stable boundary rather than the whole reply."""
+        base, base_tokens = since
         points = set()
         if self.sentences:
-            points |= {m.end() for m in SENTENCE_END.finditer(text) if m.end() > 0}
-            if final and (m := FINAL_END.search(text)):
+            lead = max(0, base - 16)  # a terminator run that ends just after the boundary
+            points |= {m.end() for m in SENTENCE_END.finditer(text, lead)}
+            if final and (m := FINAL_END.search(text, lead)):
                 points.add(m.end())
-        stable = len(text)
-        if self.every and text:
+        stable, after = len(text), since
+        rest = text[base:]
+        if self.every and rest:
             if not final:
-                pieces = self.tokenizer.pre_tokenizer.pre_tokenize_str(text) if self.tokenizer.pre_tokenizer else []
-                stable = pieces[-UNSTABLE_PIECES][1][0] if len(pieces) >= UNSTABLE_PIECES else 0
-            ends = [end for _, end in self.tokenizer.encode(text, add_special_tokens=False).offsets]
-            points |= {ends[k - 1] for k in range(self.every, len(ends) + 1, self.every)}
-        return sorted(p for p in points if p <= stable)
+                pieces = self.tokenizer.pre_tokenizer.pre_tokenize_str(rest) if self.tokenizer.pre_tokenizer else []
+                stable = base + (pieces[-UNSTABLE_PIECES][1][0] if len(pieces) >= UNSTABLE_PIECES else 0)
+            ends = [base + end for _, end in self.tokenizer.encode(rest, add_special_tokens=False).offsets]
+            first = (base_tokens // self.every + 1) * self.every  # the first multiple of `every` past the boundary
+            points |= {ends[k - base_tokens - 1] for k in range(first, base_tokens + len(ends) + 1, self.every)}
+            if not final:
+                after = (stable, base_tokens + sum(1 for e in ends if e <= stable))
+        return sorted(p for p in points if base < p <= stable), after
 
 
 class GuardStream:
@@ -119,6 +132,7 @@ class GuardStream:
         self._turns = turns[:-1]  # every turn before the reply's (from_messages adds an empty agent turn to odd ones)
         self.reply, self.checks, self.closed, self.stopped = "", [], False, None
         self._done, self._unsafe_run = 0, 0
+        self._since = (0, 0)  # the reply's last stable piece boundary and its tokens before it (CheckPoints.scan)
         budget, limit = guard.prompt_limit()
         self._budget, self._limit = budget, limit
         self._prep = guard.media.prepare(items, rate, limit)
@@ -137,7 +151,8 @@ class GuardStream:
         if not isinstance(text, str):
             raise InputError(f"text must be str (or UTF-8 bytes), got {type(text).__name__}")
         self.reply += str.__str__(text)
-        return self._run(self.points(self.reply))
+        points, self._since = self.points.scan(self.reply, False, self._since)
+        return self._run(points)
 
     def check(self) -> StreamCheck:
         """Judge the reply as it stands now (not a check point of the text: the caller's own)."""
@@ -151,7 +166,7 @@ class GuardStream:
             self.closed = True
             return self.stopped.result
         self._accepting("close")
-        self._run(self.points(self.reply, final=True))
+        self._run(self.points.scan(self.reply, True, self._since)[0])
         if self.stopped is None and (not self.checks or self.checks[-1].position != len(self.reply)):
             self._evaluate(len(self.reply))  # the whole reply, unless its end was a check point
         self.closed = True

@@ -231,3 +231,38 @@ def test_the_stream_demo_prints_every_check(tiny_bundle, capsys):
         stream.feed(word)
     stream.close()
     assert len(rows) == len(stream.checks) >= 5 and rows[-1].startswith(f"| {len(rows)} (final) | {len(STREAM_REPLY)} |")
+
+
+@pytest.mark.parametrize("which", ["tiny", "qwen2"])
+def test_incremental_check_points_equal_the_whole_texts(tiny_bundle, which):
+    """A stream scans its reply from the last stable piece boundary on (each chunk costs the text since then, not
+    the whole reply): fed character by character, the points it finds are those of the whole text, for the tiny
+    tokenizer and the real Qwen2 one (../shared/data), on text with numbers, newlines, runs of spaces, punctuation
+    and a combining accent."""
+    from omniguard_edge.runtime.bundle import open_bundle
+
+    if which == "tiny":
+        tok = open_bundle(tiny_bundle, SessionOptions(graphs=("decoder",))).tokenizer
+    else:
+        from pathlib import Path
+
+        from tokenizers import Tokenizer
+        from tokenizers.models import BPE
+
+        folder = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizer" / "qwen2"
+        if not (folder / "vocab.json").is_file():
+            pytest.skip("../shared/data/tokenizer/qwen2 is not here")
+        tok = open_bundle(tiny_bundle, SessionOptions(graphs=("decoder",))).tokenizer
+        real = Tokenizer(BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
+        real.normalizer, real.pre_tokenizer, real.decoder = tok.normalizer, tok.pre_tokenizer, tok.decoder
+        tok = real
+    text = ("Well...  it's 2024-06-01 now.\n\nThe café\u0301 opens at 9:30!   Really?  Yes:\tfine, "
+            "don't worry.\nx" * 3)
+    for every, sentences in ((3, True), (5, False), (None, True)):
+        points = CheckPoints(tok, every, sentences)
+        since, seen = (0, 0), []
+        for i in range(1, len(text) + 1):
+            found, since = points.scan(text[:i], False, since)
+            seen += [p for p in found if not seen or p > seen[-1]]
+        seen += [p for p in points.scan(text, True, since)[0] if not seen or p > seen[-1]]
+        assert seen == points(text, final=True), (every, sentences)
