@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -49,6 +50,8 @@ class ServeConfig:
     batch_wait_s: float = 0.005  # how long the batcher waits for more requests to join a batch
     timeout_s: float = 60.0  # a request not judged within this: 504
     api_key: str | None = None  # required as `Authorization: Bearer KEY` when set
+    # more keys, each its own client (principal): the Guards, and so the encoder caches and streams, are per key
+    api_keys: tuple = ()
     warmup: bool = True  # one moderation before /ready: the policy prefix and the sessions' first runs
     guards: int = 8  # Guards kept for distinct (mode, categories) of /v1/guard, least recently used dropped
     max_streams: int = 64  # open /v1/streams; more: 429
@@ -75,9 +78,23 @@ class ServeConfig:
                                                            for n in self.metrics_from))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"ServeConfig.metrics_from must be networks such as 10.0.0.0/8 ({exc})") from None
+        if not isinstance(self.api_keys, tuple) or not all(isinstance(k, str) and k.strip() for k in self.api_keys):
+            raise ValueError("ServeConfig.api_keys must be a tuple of non-empty strings (an empty key would accept "
+                             "requests without one)")
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
             raise ValueError("ServeConfig.api_key must be a non-empty string or None (an empty key would accept "
                              "requests without one)")
+
+
+    def keys(self) -> tuple[str, ...]:
+        """Every key the service accepts (none: no authentication)."""
+        return ((self.api_key,) if self.api_key is not None else ()) + self.api_keys
+
+
+def principal_of(key: bytes | None) -> str:
+    """A client's name in the service's keys (Guards, streams): a digest of its API key, never the key; "-" when the
+    service has no keys (one client)."""
+    return hashlib.sha256(key).hexdigest()[:16] if key is not None else "-"
 
 
 def is_loopback(host: str) -> bool:
@@ -130,7 +147,7 @@ class Service:
         from ..runtime.guard import Guard, GuardOptions
 
         self.base = Guard.from_bundle(self.bundle, self.guard_options or GuardOptions())
-        self._guards[(self.base.options.mode, None)] = self.base
+        self._guards[(principal_of(None), self.base.options.mode, None)] = self.base
         self.batcher = Batcher(self.guard_for, self.config.max_batch, self.config.batch_wait_s,
                                self.config.queue_size, on_batch=lambda n, s: self.metrics.batch.observe(n))
         threading.Thread(target=self._reap, name="stream-reaper", daemon=True).start()
@@ -153,7 +170,8 @@ class Service:
             self.batcher.close(drain=True)
 
     def guard_for(self, key: tuple):
-        """The Guard for (mode, categories): the served one's options with that mode and policy subset."""
+        """The Guard for (client, mode, categories): the served one's options with that mode and policy subset; each
+        client its own Guard (own encoder cache: one client cannot time another's cached media)."""
         import dataclasses
 
         from ..runtime.guard import Guard
@@ -163,7 +181,7 @@ class Service:
             if key in self._guards:
                 self._guards.move_to_end(key)
                 return self._guards[key]
-            mode, codes = key
+            _, mode, codes = key
             base = self.base.options
             options = dataclasses.replace(base, mode=mode)
             if codes:  # the subset is renumbered S1.. in the order asked: the thresholds follow their categories
@@ -219,14 +237,23 @@ def create_app(bundle, config: ServeConfig | None = None, guard_options=None):
 
     service.streams.public = public
 
+    accepted = [k.encode() for k in config.keys()]
+
     def authorize(request: Request, endpoint: str):
-        """None when the request may proceed, else the 401 that refuses it (an API key is set and not given)."""
-        if config.api_key is not None:
+        """None when the request may proceed (its client in `request.state.principal`), else the 401 that refuses
+        it. Every key is compared, in constant time each: the time taken does not tell which one matched."""
+        request.state.principal = principal_of(None)
+        if accepted:
             given = request.headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), config.api_key.encode()):
+            token = (given[7:] if given.lower().startswith("bearer ") else "").encode()
+            match = None
+            for key in accepted:
+                if hmac.compare_digest(token, key):
+                    match = key
+            if match is None:
                 return problem(401, "unauthorized", "a valid `Authorization: Bearer <key>` is required",
                                endpoint, {"WWW-Authenticate": "Bearer"})
+            request.state.principal = principal_of(match)
         return None
 
     async def body_json(request: Request, endpoint: str):
@@ -302,6 +329,7 @@ def create_app(bundle, config: ServeConfig | None = None, guard_options=None):
                 return None, refused
             try:
                 key, requests = await asyncio.to_thread(parse, body)  # base64 decoding: off the event loop
+                key = (request.state.principal, *key)  # each client its own Guards: its own encoder cache
             except InputError as exc:
                 return None, problem(400, "invalid_request", str(exc), endpoint)
             results, refused = await judge(key, requests, endpoint)
@@ -336,7 +364,7 @@ def create_app(bundle, config: ServeConfig | None = None, guard_options=None):
             if refused is not None:
                 return refused
             try:
-                out = await asyncio.to_thread(work, body)
+                out = await asyncio.to_thread(work, body, request.state.principal)
             except InputError as exc:
                 return problem(400, "invalid_request", str(exc), endpoint)
             except StreamLimitError as exc:
@@ -423,7 +451,7 @@ def serve(bundle, host: str = "127.0.0.1", port: int = 8080, config: ServeConfig
     import uvicorn
 
     config = config or ServeConfig()
-    if not is_loopback(host) and config.api_key is None and not insecure_no_auth:
+    if not is_loopback(host) and not config.keys() and not insecure_no_auth:
         raise InputError(f"--host {host} is not loopback: set an API key (OMNIGUARD_API_KEY) or pass "
                          "--insecure-no-auth")
     app = create_app(bundle, config, guard_options)

@@ -20,6 +20,8 @@ def cmd_serve(args) -> int:
     config = ServeConfig(max_body_bytes=args.max_body_mb * 2**20, queue_size=args.queue_size,
                          max_batch=args.max_batch, timeout_s=args.timeout, max_concurrent=args.max_concurrent,
                          api_key=os.environ.get("OMNIGUARD_API_KEY") or None, max_streams=args.max_streams,
+                         api_keys=tuple(k.strip() for k in os.environ.get("OMNIGUARD_API_KEYS", "").split(",")
+                                        if k.strip()),
                          stream_idle_s=args.stream_idle, stream_lifetime_s=args.stream_lifetime,
                          stream_kv_bytes=args.stream_kv_mb * 2**20, metrics_from=tuple(args.metrics_from or ()),
                          stage_timings=args.stage_timings)

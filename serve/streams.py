@@ -33,7 +33,7 @@ MAX_CHUNK_CHARS = 1 << 16  # one chunk's text
 @dataclass
 class OpenStream:
     stream: object  # runtime.stream.GuardStream
-    key: tuple  # the Guard's (mode, categories)
+    key: tuple  # the Guard's (client, mode, categories)
     created: float
     used: float
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -54,7 +54,7 @@ class Streams:
         self.stopping = False
 
     # -- life cycle -------------------------------------------------------------------------------------
-    def create(self, body) -> tuple[str, OpenStream]:
+    def create(self, body, principal: str) -> tuple[str, OpenStream]:
         if not isinstance(body, dict):
             raise InputError(f"the body must be a JSON object, got {type(body).__name__}")
         unknown = sorted(set(body) - STREAM_FIELDS)
@@ -75,7 +75,7 @@ class Streams:
             if len(self.open) >= self.config.max_streams:
                 raise StreamLimitError(f"{len(self.open)} streams are open, the most this service keeps "
                                        f"({self.config.max_streams}): close one or wait")
-        guard = self.guard_for((mode, codes))
+        guard = self.guard_for((principal, mode, codes))
         stream = guard.stream(req.get("text"), conversation=req.get("conversation"), media=req.get("media"),
                               **options)
         now = time.monotonic()
@@ -83,13 +83,17 @@ class Streams:
         with self._lock:
             if len(self.open) >= self.config.max_streams or self.stopping:  # raced with others: still bounded
                 raise StreamLimitError("the service is stopping" if self.stopping else "too many open streams")
-            self.open[sid] = OpenStream(stream, (mode, codes), now, now)
+            self.open[sid] = OpenStream(stream, (principal, mode, codes), now, now)
         return sid, self.open[sid]
 
-    def get(self, sid: str) -> OpenStream:
+    def get(self, sid: str, principal: str) -> OpenStream:
+        """The open stream `sid` of this client; KeyError for another client's (as for none: its existence is not
+        told)."""
         self.reap()
         with self._lock:
             entry = self.open.get(sid)
+        if entry is not None and entry.key[0] != principal:
+            raise KeyError(sid)
         if entry is None:
             if sid in self.closed_by_stop:
                 raise LookupError("gone")
@@ -97,20 +101,20 @@ class Streams:
         entry.used = time.monotonic()
         return entry
 
-    def feed(self, sid: str, body) -> dict:
+    def feed(self, sid: str, body, principal: str) -> dict:
         if not isinstance(body, dict) or set(body) != {"text"} or not isinstance(body["text"], str):
             raise InputError('the body must be {"text": "<the reply\'s next chunk>"}')
         if len(body["text"]) > MAX_CHUNK_CHARS:
             raise InputError(f"text: {len(body['text'])} characters, more than one chunk may hold ({MAX_CHUNK_CHARS})")
-        entry = self.get(sid)
+        entry = self.get(sid, principal)
         with entry.lock:
             checks = entry.stream.feed(body["text"])
             checks = self._within_memory(entry, checks)
             entry.used = time.monotonic()
         return {"checks": [check_json(c) for c in checks], "stopped": entry.stream.stopped is not None}
 
-    def close(self, sid: str) -> dict:
-        entry = self.get(sid)
+    def close(self, sid: str, principal: str) -> dict:
+        entry = self.get(sid, principal)
         with entry.lock:
             result = entry.stream.close()
         with self._lock:
@@ -170,16 +174,16 @@ def add_routes(app, service, ask):
     max_concurrent, auth, body) that runs `work(body)` in a thread and answers its dict, or the refusal."""
     @app.post("/v1/streams", status_code=201)
     async def create(request: Request):
-        def work(body):
-            sid, _ = service.streams.create(body)
+        def work(body, principal):
+            sid, _ = service.streams.create(body, principal)
             return {"id": sid, "idle_timeout_s": service.config.stream_idle_s,
                     "lifetime_s": service.config.stream_lifetime_s}
         return await ask(request, "streams", work, status=201)
 
     @app.post("/v1/streams/{sid}/chunks")
     async def chunk(sid: str, request: Request):
-        return await ask(request, "stream_chunks", lambda body: service.streams.feed(sid, body))
+        return await ask(request, "stream_chunks", lambda body, who: service.streams.feed(sid, body, who))
 
     @app.post("/v1/streams/{sid}/close")
     async def close(sid: str, request: Request):
-        return await ask(request, "stream_close", lambda body: service.streams.close(sid), empty_body=True)
+        return await ask(request, "stream_close", lambda body, who: service.streams.close(sid, who), empty_body=True)

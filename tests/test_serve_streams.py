@@ -159,12 +159,12 @@ def test_guards_are_bounded_and_thresholds_follow_a_category_subset(tiny_bundle)
                       GuardOptions(category_thresholds={"S9": 0.3, "S1": 0.7, "S4": 0.2}))
     service.start()
     try:
-        guard = service.guard_for(("categories", ("S10", "S9", "S2")))
+        guard = service.guard_for(("-", "categories", ("S10", "S9", "S2")))
         assert guard.options.category_thresholds == {"S2": 0.3}
         assert [c.name for c in guard.options.policy.categories][1] == "Indiscriminate Weapons"
-        assert service.guard_for(("verdict", ("S3",))).options.category_thresholds is None
+        assert service.guard_for(("-", "verdict", ("S3",))).options.category_thresholds is None
         for i in range(12):
-            service.guard_for(("verdict", (f"S{i % 12 + 1}",)))
+            service.guard_for((f"client{i % 2}", "verdict", (f"S{i % 12 + 1}",)))
             assert len(service._guards) <= 3
     finally:
         service.stop()
@@ -183,3 +183,32 @@ def test_answers_carry_no_stage_timings_by_default(server, tiny_bundle):
         assert status == 200 and "total" in body["timings"]
     finally:
         s.stop()
+
+
+def test_each_api_key_is_its_own_client(tiny_bundle, media_dir):
+    """With several keys (OMNIGUARD_API_KEYS), each client has its own Guards: another client's cached image is not
+    a cache hit for it (its vision encoder runs: the stage timing says so here), and another client's stream is not
+    there for it (404, as for none)."""
+    import base64
+
+    image = base64.b64encode((media_dir / "colour_517x333.png").read_bytes()).decode()
+    s = Server(tiny_bundle, "--stage-timings", env={"OMNIGUARD_API_KEYS": "alpha-key, beta-key"})
+    a, b = ({"Authorization": f"Bearer {k}"} for k in ("alpha-key", "beta-key"))
+    body = {"prompt": "Is this fine?", "media": [{"kind": "image", "data": image}]}
+    try:
+        assert s.post("/v1/guard", body)[0] == 401
+        first = s.post("/v1/guard", body, headers=a)
+        again = s.post("/v1/guard", body, headers=a)
+        other = s.post("/v1/guard", body, headers=b)
+        assert first[0] == again[0] == other[0] == 200, (first, other)
+        assert "vision" in first[1]["timings"] and "vision" not in again[1]["timings"]  # alpha's cache hit
+        assert "vision" in other[1]["timings"]  # beta: its own cache, encoded again
+        assert abs(other[1]["p_unsafe"] - first[1]["p_unsafe"]) <= P_TOL
+        status, made, _ = s.post("/v1/streams", {"prompt": "x"}, headers=a)
+        assert status == 201
+        assert s.post(f"/v1/streams/{made['id']}/chunks", {"text": "Hello."}, headers=b)[0] == 404
+        assert s.post(f"/v1/streams/{made['id']}/chunks", {"text": "Hello."}, headers=a)[0] == 200
+        assert s.post(f"/v1/streams/{made['id']}/close", headers=b)[0] == 404
+        assert s.post(f"/v1/streams/{made['id']}/close", headers=a)[0] == 200
+    finally:
+        assert s.stop() == 0
