@@ -26,7 +26,8 @@ The reply continues the conversation's last agent turn when the conversation end
 streaming the rest of a reply already begun), else it opens an agent turn after the last user turn.
 
 Fail closed: a check past the prompt limit or the memory budget, or any error, is an `error` result and stops the
-stream. A stop is also `hysteresis` consecutive `unsafe` checks (default 1: the first): `feed` returns the checks up
+stream. A stop is also `hysteresis` consecutive checks that are not `safe` (`unsafe`, or `unknown`: an answer that
+did not parse; default 1: the first): `feed` returns the checks up
 to the stopping one at once, judges nothing after it, and the stream takes no more text. A higher hysteresis lets
 a single borderline check pass at the price of later stops (more unsafe text reaches the user first).
 """
@@ -212,7 +213,8 @@ class GuardStream:
             if not isinstance(exc, OmniGuardError):
                 log.exception("stream check failed")
             result = ModerationResult.failed(exc, timings)
-        self._unsafe_run = self._unsafe_run + 1 if result.verdict == "unsafe" else 0
+        # `unknown` (an answer that did not parse: free decoding) is never safe: it counts as unsafe
+        self._unsafe_run = self._unsafe_run + 1 if result.verdict != "safe" else 0
         stop = result.verdict == "error" or self._unsafe_run >= self.hysteresis
         check = StreamCheck(position, result, stop)
         self.checks.append(check)

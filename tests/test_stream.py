@@ -266,3 +266,12 @@ def test_incremental_check_points_equal_the_whole_texts(tiny_bundle, which):
             seen += [p for p in found if not seen or p > seen[-1]]
         seen += [p for p in points.scan(text, True, since)[0] if not seen or p > seen[-1]]
         assert seen == points(text, final=True), (every, sentences)
+
+
+def test_an_unparsed_answer_stops_the_stream_like_an_unsafe_one(tiny_bundle):
+    """Free decoding (constrain_verdict=False) can answer `unknown`: never safe, so it counts toward the stop."""
+    guard = Guard.from_bundle(tiny_bundle, GuardOptions(constrain_verdict=False))
+    stream = guard.stream(PROMPT, every=None)
+    checks = stream.feed("One. Two. Three. Four. ")
+    assert checks and all(c.stop == (c.result.verdict != "safe") for c in checks)
+    assert checks[-1].stop or all(c.result.verdict == "safe" for c in checks)
