@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,11 +66,21 @@ TAIL_MARGIN = 2  # tokens before the tail that the cache leaves out (a reply's e
 @dataclass(frozen=True)
 class StreamCheck:
     """One check of a stream: the reply's first `position` characters judged (`result`); `stop` when this check
-    ends the stream (`hysteresis` consecutive unsafe checks, or an error)."""
+    ends the stream (`hysteresis` consecutive checks that are not safe, or an error)."""
 
     position: int
     result: ModerationResult
     stop: bool
+
+
+def _separable(text: str, at: int) -> bool:
+    """True when NFC (the tokenizer's normalizer) cannot join text[at - 1] and text[at]: text[at] is no mark
+    (combining marks, vowel signs: a later one would compose with what precedes it) and the pair does not compose
+    (Hangul jamo). A scan may start at such a boundary: the text after it normalizes the same on its own."""
+    if at <= 0 or at >= len(text):
+        return at <= 0
+    return unicodedata.category(text[at])[0] != "M" and \
+        len(unicodedata.normalize("NFC", text[at - 1:at + 1])) == len(unicodedata.normalize("NFC", text[at - 1])) + 1
 
 
 class CheckPoints:
@@ -102,13 +113,14 @@ class CheckPoints:
         stable, after = len(text), since
         rest = text[base:]
         if self.every and rest:
-            if not final:
+            if not final:  # the last boundary before the last pieces that the tokenizer's NFC cannot reach across
                 pieces = self.tokenizer.pre_tokenizer.pre_tokenize_str(rest) if self.tokenizer.pre_tokenizer else []
-                stable = base + (pieces[-UNSTABLE_PIECES][1][0] if len(pieces) >= UNSTABLE_PIECES else 0)
+                starts = [start for _, (start, _) in pieces[:max(0, len(pieces) - UNSTABLE_PIECES + 1)]]
+                stable = base + next((b for b in reversed(starts) if _separable(text, base + b)), 0)
             ends = [base + end for _, end in self.tokenizer.encode(rest, add_special_tokens=False).offsets]
             first = (base_tokens // self.every + 1) * self.every  # the first multiple of `every` past the boundary
             points |= {ends[k - base_tokens - 1] for k in range(first, base_tokens + len(ends) + 1, self.every)}
-            if not final:
+            if not final and stable > base:  # the next scan starts there
                 after = (stable, base_tokens + sum(1 for e in ends if e <= stable))
         return sorted(p for p in points if base < p <= stable), after
 
