@@ -56,7 +56,7 @@ def type_name(value) -> str:
     return type(value).__name__
 
 
-def _as_text(name: str, value, optional: bool = True) -> str | None:
+def as_text(name: str, value, optional: bool = True) -> str | None:
     """str as is, UTF-8 bytes decoded; anything else (or invalid UTF-8, or lone surrogates) is an InputError."""
     if value is None and optional:
         return None
@@ -77,7 +77,7 @@ def _as_text(name: str, value, optional: bool = True) -> str | None:
 
 
 def _check_conversation(text, response, conversation) -> Conversation | None:
-    text, response = _as_text("text", text), _as_text("response", response)
+    text, response = as_text("text", text), as_text("response", response)
     if conversation is None:
         return Conversation.of_optional(text, response)
     if text is not None or response is not None:
@@ -92,7 +92,7 @@ def _check_conversation(text, response, conversation) -> Conversation | None:
     conversation = listed("conversation", conversation, f"a list (or tuple) of turns, each {_TEXT_FORM}")
     if not conversation:
         raise InputError(f"conversation must hold at least one turn (a list of {_TEXT_FORM})")
-    return Conversation.from_messages([_as_text(f"conversation[{i}]", t, optional=False)
+    return Conversation.from_messages([as_text(f"conversation[{i}]", t, optional=False)
                                        for i, t in enumerate(conversation)])
 
 
@@ -242,6 +242,13 @@ class SizeCheck:
         self.tokenizer, self.prompt = tokenizer, prompt  # the bundle's tokenizer, its PromptTokenizer
         self._token_bytes: int | None = None  # UTF-8 bytes of the longest vocabulary entry, built on first use
 
+    def max_text_bytes(self, limit: int) -> int:
+        """The most UTF-8 bytes of text that `limit` prompt tokens could hold (_SHRINK x the longest token each)."""
+        if self._token_bytes is None:
+            vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+            self._token_bytes = max(len(k.encode("utf-8")) for k in vocab)
+        return _SHRINK * self._token_bytes * limit
+
     def __call__(self, conv: Conversation | None, media: list, limit: int) -> None:
         if 3 * len(media) > limit:
             raise InputError(f"media: {len(media):,} items need at least {3 * len(media):,} prompt tokens, over the "
@@ -254,10 +261,7 @@ class SizeCheck:
         size = sum(len(t.text.encode("utf-8")) for t in conv.turns)
         if size <= _SHRINK * limit:
             return
-        if self._token_bytes is None:
-            vocab = self.tokenizer.get_vocab(with_added_tokens=True)
-            self._token_bytes = max(len(k.encode("utf-8")) for k in vocab)
-        most = _SHRINK * self._token_bytes * limit
+        most = self.max_text_bytes(limit)
         if size > most:
             raise InputError(f"text/response/conversation: {size:,} bytes of text cannot fit the prompt limit of "
                              f"{limit} tokens (at most {most:,} bytes could): inputs are refused, not truncated")

@@ -66,7 +66,7 @@ class Guard:
                               "category_thresholds then do not apply)")
         media_ids = {m.special_ids[k] for k in MEDIA_KINDS}
         self.prefixes = PolicyPrefix(self.decoder, self.embed_tokens, media_ids, self._probe_ids)  # docs/time-to-verdict.md "Time to verdict"
-        self._sizes = SizeCheck(bundle.tokenizer, self.prompt)
+        self.size_check = SizeCheck(bundle.tokenizer, self.prompt)
 
     @classmethod
     def from_bundle(cls, path, options: GuardOptions = GuardOptions(), verify: str = "auto") -> Guard:
@@ -149,7 +149,7 @@ class Guard:
         conv, media, sample_rate = check_arguments(text, response, image, audio, video, media, conversation,
                                                    sample_rate)
         budget, limit = self.prompt_limit()
-        self._sizes(conv, media, limit)
+        self.size_check(conv, media, limit)
         t = time.perf_counter()
         prep = self.media.prepare(media, sample_rate, limit)
         timings["preprocess"] = time.perf_counter() - t

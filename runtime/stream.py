@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .arguments import check_arguments
+from .arguments import as_text, check_arguments, listed
 from .bundle import run_options_for
 from .checked import is_int
 from .decode import SCORE_MARGIN, fork, kv_nbytes
@@ -140,7 +140,8 @@ class GuardStream:
                 or video is not None or media is not None) else (None, [], None)
         turns = list(conv.turns) if conv is not None else [Turn("user", ""), Turn("agent", "")]
         # a conversation of an even number of messages ends with the agent: the reply continues that turn
-        given = len(conversation) if conversation is not None else 1
+        given = len(listed("conversation", conversation, "a list of turns")) \
+            if isinstance(conversation, (list, tuple)) else 1
         self._opening = turns[-1].text if given % 2 == 0 else ""
         self._turns = turns[:-1]  # every turn before the reply's (from_messages adds an empty agent turn to odd ones)
         self.reply, self.checks, self.closed, self.stopped = "", [], False, None
@@ -148,29 +149,35 @@ class GuardStream:
         self._since = (0, 0)  # the reply's last stable piece boundary and its tokens before it (CheckPoints.scan)
         budget, limit = guard.prompt_limit()
         self._budget, self._limit = budget, limit
+        self._max_bytes = guard.size_check.max_text_bytes(limit)
         self._prep = guard.media.prepare(items, rate, limit)
-        self._feats = guard.media.encode(self._prep, {})
+        # the plan of the request with an empty reply, before any encoder runs (as moderate plans before encoding)
+        empty = guard.prompt_ids(self.conversation(""), self._prep.items, self._prep.tokens)
+        plan = plan_request(guard.geometry, self._prep.request_sizes(len(empty), budget), guard.options.memory)
+        self._feats = guard.media.encode(self._prep, {}, run_options_for(plan, guard.options.session))
         self._state, self._ids, self.tail_tokens = None, [], self._tail_length()
 
     # -- the caller's side -----------------------------------------------------------------------------
     def feed(self, text) -> list[StreamCheck]:
         """Append `text` to the reply; -> the checks of every check point it crossed, in order, up to a stop."""
         self._accepting("feed")
-        if isinstance(text, (bytes, bytearray)):
-            try:
-                text = bytes(text).decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise InputError(f"text is not valid UTF-8 ({exc})") from exc
-        if not isinstance(text, str):
-            raise InputError(f"text must be str (or UTF-8 bytes), got {type(text).__name__}")
-        self.reply += str.__str__(text)
-        points, self._since = self.points.scan(self.reply, False, self._since)
+        text = as_text("text", text, optional=False)  # str or UTF-8 bytes; a lone surrogate is refused here
+        self.reply += text
+        size = len(self.reply.encode("utf-8"))
+        if size > self._max_bytes:  # fail closed: a reply past the prompt limit is never judged in part
+            return [self.fail(InputError(
+                f"the reply is {size:,} bytes, more than the prompt limit of {self._limit} tokens can hold (at most "
+                f"{self._max_bytes:,} bytes): the stream stops (a reply is judged whole or not at all)"))]
+        try:
+            points, self._since = self.points.scan(self.reply, False, self._since)
+        except Exception as exc:  # noqa: BLE001 (fail closed: the stream stops with an error, it is never left open)
+            return [self.fail(exc)]
         return self._run(points)
 
     def check(self) -> StreamCheck:
         """Judge the reply as it stands now (not a check point of the text: the caller's own)."""
         self._accepting("check")
-        return self._evaluate(len(self.reply))
+        return self._evaluate(len(self.reply), point=False)
 
     def close(self) -> ModerationResult:
         """The text is final: judge the check points its last pieces held, then the whole reply; -> its result
@@ -217,7 +224,7 @@ class GuardStream:
                 break
         return out
 
-    def _evaluate(self, position: int) -> StreamCheck:
+    def _evaluate(self, position: int, point: bool = True) -> StreamCheck:
         timings, start = {}, time.perf_counter()
         try:
             result = self._judge(self.reply[:position], timings, start)
@@ -230,7 +237,8 @@ class GuardStream:
         stop = result.verdict == "error" or self._unsafe_run >= self.hysteresis
         check = StreamCheck(position, result, stop)
         self.checks.append(check)
-        self._done = max(self._done, position)
+        if point:  # a caller's check() is not a check point: the points before it are still judged
+            self._done = max(self._done, position)
         if stop:
             self.stopped, self._state = check, None
         return check
@@ -289,7 +297,8 @@ class GuardStream:
         shared = min(common_prefix(self._ids, ids), keep)
         g.decoder.truncate(state, shared)
         state.rope_delta, state.run_options = delta, run_options
-        if isinstance(state.past[0], np.ndarray) and state.past[0].shape[2] < need:  # the fast decoder's buffers (the standard one's: no-op)
+        # the fast decoder's buffers (the standard one's cache grows by itself: reserve is a no-op there)
+        if isinstance(state.past[0], np.ndarray) and state.past[0].shape[2] < need:
             g.decoder.reserve(state, 2 * need)
         if keep > shared:
             g.decoder.extend(state, embeds[:, shared:keep], positions[:, :, shared:keep], g.decoder.prefill_chunk)

@@ -34,7 +34,7 @@ from ..runtime.errors import InputError, describe
 
 from . import inputs
 from .batcher import Batcher, Closed, QueueFull
-from .streams import StreamLimitError, Streams, add_routes
+from .streams import NoStream, StreamGone, StreamLimitError, Streams, add_routes
 
 log = logging.getLogger("omniguard_edge.serve")
 # the Guard's errors that are the request's fault: a 400 with the reason
@@ -369,9 +369,9 @@ def create_app(bundle, config: ServeConfig | None = None, guard_options=None):
                 return problem(400, "invalid_request", str(exc), endpoint)
             except StreamLimitError as exc:
                 return problem(429, "busy", str(exc), endpoint, {"Retry-After": "1"})
-            except KeyError:
+            except NoStream:
                 return problem(404, "not_found", "no such stream (closed, timed out or never opened)", endpoint)
-            except LookupError:
+            except StreamGone:
                 return problem(410, "gone", "the stream was closed when the service stopped", endpoint)
         finally:
             with service._lock:

@@ -43,6 +43,17 @@ class StreamLimitError(Exception):
     """Too many open streams (a 429), or the service is stopping (a 503)."""
 
 
+class NoStream(Exception):
+    """No open stream of this id for this client (a 404: closed, timed out, another client's or never opened)."""
+
+
+class StreamGone(Exception):
+    """The stream was closed when the service stopped (a 410)."""
+
+
+MIN_EVERY = 16  # the service's smallest `every`: a check per reply token would cost a decoder run per token
+
+
 class Streams:
     """The open streams of one service, with their limits; the Guards come from the service's bounded set."""
 
@@ -61,6 +72,10 @@ class Streams:
         if unknown:
             raise InputError(f"unknown field(s) {unknown}: {', '.join(sorted(STREAM_FIELDS))}")
         options = {k: body[k] for k in ("every", "sentences", "hysteresis") if k in body}
+        every = options.get("every", 64)
+        if isinstance(every, int) and not isinstance(every, bool) and 0 < every < MIN_EVERY:
+            raise InputError(f"every must be at least {MIN_EVERY} reply tokens here (or null: sentence ends only), not "
+                             f"{every}")
         request = {k: body[k] for k in ("prompt", "conversation", "media", "categories", "mode") if k in body}
         request.setdefault("mode", "verdict")
         if request["mode"] not in MODES:
@@ -93,11 +108,11 @@ class Streams:
         with self._lock:
             entry = self.open.get(sid)
         if entry is not None and entry.key[0] != principal:
-            raise KeyError(sid)
+            raise NoStream(sid)
         if entry is None:
             if sid in self.closed_by_stop:
-                raise LookupError("gone")
-            raise KeyError(sid)
+                raise StreamGone(sid)
+            raise NoStream(sid)
         entry.used = time.monotonic()
         return entry
 
@@ -127,8 +142,9 @@ class Streams:
         """Drop streams idle or alive past their limits (their caches go with them); -> how many."""
         now, cfg = time.monotonic(), self.config
         with self._lock:
-            old = [sid for sid, e in self.open.items()
-                   if now - e.used > cfg.stream_idle_s or now - e.created > cfg.stream_lifetime_s]
+            old = [sid for sid, e in self.open.items()  # a stream whose chunk is running is busy, not idle
+                   if (now - e.used > cfg.stream_idle_s and not e.lock.locked())
+                   or now - e.created > cfg.stream_lifetime_s]
             for sid in old:
                 self.open.pop(sid, None)
         return len(old)

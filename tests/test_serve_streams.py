@@ -34,7 +34,7 @@ def _words(text):
     return [w + " " for w in words[:-1]] + [words[-1]]
 
 
-def _local(tiny_bundle, prompt, chunks, every=8):
+def _local(tiny_bundle, prompt, chunks, every=16):
     guard = Guard.from_bundle(tiny_bundle, GuardOptions(mode="verdict"))
     stream = guard.stream(prompt, every=every)
     for chunk in chunks:
@@ -43,7 +43,7 @@ def _local(tiny_bundle, prompt, chunks, every=8):
     return [(c.position, c.result.verdict, c.result.p_unsafe) for c in stream.checks]
 
 
-def _remote(server, prompt, chunks, every=8, pause=None):
+def _remote(server, prompt, chunks, every=16, pause=None):
     status, body, _ = server.post("/v1/streams", {"prompt": prompt, "every": every})
     assert status == 201, body
     sid, checks = body["id"], []
@@ -125,6 +125,13 @@ def test_abandoned_streams_are_dropped_with_their_memory(tiny_bundle):
 def test_stream_requests_are_checked(server):
     status, body, _ = server.post("/v1/streams", {"prompt": "x", "every": 0})
     assert status == 400 and "every" in body["error"]["message"]
+    status, body, _ = server.post("/v1/streams", {"prompt": "x", "every": 4})  # a decoder run per few tokens
+    assert status == 400 and "at least 16" in body["error"]["message"]
+    status, body, _ = server.post("/v1/streams", {"prompt": "x"})
+    status, out, _ = server.post(f"/v1/streams/{body['id']}/chunks", raw=b'{"text": "fine \\ud83d"}')
+    assert status == 400 and "surrogate" in out["error"]["message"]  # half an emoji: refused, the stream goes on
+    assert server.post(f"/v1/streams/{body['id']}/chunks", {"text": "Fine."})[0] == 200
+    assert server.post(f"/v1/streams/{body['id']}/close")[0] == 200
     status, body, _ = server.post("/v1/streams", {"prompt": "x", "colour": "red"})
     assert status == 400 and "unknown field" in body["error"]["message"]
     status, body, _ = server.post("/v1/streams/strm-nope/chunks", {"text": "x"})

@@ -275,3 +275,80 @@ def test_an_unparsed_answer_stops_the_stream_like_an_unsafe_one(tiny_bundle):
     checks = stream.feed("One. Two. Three. Four. ")
     assert checks and all(c.stop == (c.result.verdict != "safe") for c in checks)
     assert checks[-1].stop or all(c.result.verdict == "safe" for c in checks)
+
+
+def test_a_bad_chunk_is_refused_before_it_enters_the_reply(tiny_bundle):
+    """A lone surrogate (half an emoji split across two JSON chunks) is refused like moderate refuses it, and the
+    stream goes on judging; it is never left wedged."""
+    guard = Guard.from_bundle(tiny_bundle)
+    stream = guard.stream(PROMPT, every=8)
+    stream.feed("Fine so far. ")
+    with pytest.raises(InputError, match="lone surrogate"):
+        stream.feed("bad \ud83d")
+    assert stream.reply == "Fine so far. " and stream.stopped is None
+    stream.feed("Still fine.")
+    assert stream.close().verdict in ("safe", "unsafe")
+
+
+def test_a_reply_past_what_the_prompt_limit_can_hold_stops_without_checks(tiny_bundle):
+    """No check point needed: a reply of more bytes than the prompt limit could ever hold stops the stream as an
+    error at once (with every=None and no sentence ends nothing would otherwise look at it until close)."""
+    guard = Guard.from_bundle(tiny_bundle, GuardOptions(max_prompt_tokens=600))
+    stream = guard.stream(PROMPT, every=None, sentences=False)
+    most = guard.size_check.max_text_bytes(guard.prompt_limit()[1])
+    out = []
+    while not out:
+        out = stream.feed("x" * 50_000)
+    assert out[-1].stop and out[-1].result.verdict == "error" and len(stream.reply.encode()) > most
+    with pytest.raises(InputError, match="stopped"):
+        stream.feed("more")
+
+
+def test_the_callers_check_does_not_skip_check_points(tiny_bundle):
+    """check() judges the reply now; the check points before its position that were still pending are judged later
+    all the same (the caller's check is not a check point)."""
+    guard = Guard.from_bundle(tiny_bundle)
+    plain = guard.stream(PROMPT, every=4)
+    with_check = guard.stream(PROMPT, every=4)
+    asked = 0
+    for word in _words(REPLY):
+        plain.feed(word)
+        with_check.feed(word)
+        if word.startswith("thing"):
+            with_check.check()
+            asked += 1
+    plain.close()
+    with_check.close()
+    assert asked == 2 and len(with_check.checks) == len(plain.checks) + asked
+    assert {c.position for c in plain.checks} <= {c.position for c in with_check.checks}
+
+
+def test_a_stream_is_planned_before_its_media_are_encoded(tiny_bundle):
+    """A budget too small for the request (60 s of audio, 10 MiB over the allocator slack): refused when the stream
+    is made, before any encoder runs, as moderate refuses it."""
+    from omniguard_edge.runtime import media as media_module
+    from omniguard_edge.runtime.errors import MemoryBudgetError
+    from omniguard_edge.runtime.memory import ALLOCATOR_SLACK, MemoryBudget
+
+    guard = Guard.from_bundle(tiny_bundle, GuardOptions(memory=MemoryBudget(ALLOCATOR_SLACK + 10 * 2**20)))
+    audio = (np.random.default_rng(0).standard_normal(16000 * 60) * 0.1).astype(np.float32)
+    assert guard.moderate(PROMPT, audio=audio, sample_rate=16000).error.startswith("MemoryBudgetError")
+    runs = []
+    real = media_module.encode_audio
+    media_module.encode_audio = lambda *a, **k: runs.append(1) or real(*a, **k)
+    try:
+        with pytest.raises(MemoryBudgetError):
+            guard.stream(PROMPT, audio=audio, sample_rate=16000)
+    finally:
+        media_module.encode_audio = real
+    assert runs == []
+
+
+def test_a_conversation_whose_len_lies_is_read_as_the_list_it_holds(tiny_bundle):
+    class Lying(list):
+        def __len__(self):
+            return 1
+
+    guard = Guard.from_bundle(tiny_bundle)
+    stream = guard.stream(conversation=Lying(["hi", "Step 1: get the stuff."]), every=None)
+    assert stream.conversation(" Step 2.").turns[-1].text == "Step 1: get the stuff. Step 2."
