@@ -22,7 +22,7 @@ from .errors import BundleError, InputError, OmniGuardError
 from .media import MediaStage
 from .memory import Geometry, plan_request
 from .options import GuardOptions
-from .positions import RopeIds, rope_index
+from .positions import RopeIds
 from .prefix import PolicyPrefix
 from .prompt import MEDIA_KINDS, Conversation, PromptTokenizer, compose_guard_text, template_kind
 from .prompt.tokenize import Item
@@ -90,6 +90,12 @@ class Guard:
     def prompt_limit(self) -> tuple[int, int]:
         """(token budget of the answer, the most prompt tokens allowed)."""
         return prompt_limit(self.options, self.bundle.manifest)
+
+    def plan(self, prep, prompt_tokens: int, budget: int):
+        """(the memory plan of a request of `prompt_tokens` with media `prep` and an answer budget, its run options),
+        before any graph runs: MemoryBudgetError when it cannot fit."""
+        plan = plan_request(self.geometry, prep.request_sizes(prompt_tokens, budget), self.options.memory)
+        return plan, run_options_for(plan, self.options.session)
 
     def answer(self) -> Answer:
         """A new answer state for one request: the grammar, mode and threshold of the options."""
@@ -159,25 +165,21 @@ class Guard:
         if len(ids) > limit:
             raise InputError(f"prompt of {len(ids)} tokens exceeds the limit of {limit}: inputs are refused, "
                              "not truncated (shorten the text or lower media resolution)")
-        # before any graph runs: fits the memory budget or is refused
-        plan = plan_request(self.geometry, prep.request_sizes(len(ids), budget), self.options.memory)
-        run_options = run_options_for(plan, self.options.session)
+        plan, run_options = self.plan(prep, len(ids), budget)
         feats = self.media.encode(prep, timings, run_options)
         t = time.perf_counter()
         embeds = self.media.embed(ids, feats)
-        positions, delta = rope_index(np.asarray([ids]), self.rope, image_grid_thw=prep.grids["image"] or None,
-                                      video_grid_thw=prep.grids["video"] or None,
-                                      video_second_per_grid=prep.video_seconds or None)
+        positions, delta = prep.positions(ids, self.rope)
         timings["embed"] = time.perf_counter() - t
         state, reused = None, 0
         if self.options.prefix_cache:
             t = time.perf_counter()
-            state, reused = self.prefixes.start(ids, template_kind(conv, prep.items), positions, int(delta[0, 0]),
-                                                run_options, capacity=len(ids) + budget + SCORE_MARGIN)
+            state, reused = self.prefixes.start(ids, template_kind(conv, prep.items), positions, delta, run_options,
+                                                capacity=len(ids) + budget + SCORE_MARGIN)
             timings["prefix"] = time.perf_counter() - t
         timings["generate_start"] = time.perf_counter() - start
-        return Request(ids, prep, embeds, positions, int(delta[0, 0]), budget, plan, run_options, state, reused,
-                        self.answer(), timings, start)
+        return Request(ids, prep, embeds, positions, delta, budget, plan, run_options, state, reused, self.answer(),
+                       timings, start)
 
     def _result(self, req: Request, gen) -> ModerationResult:
         timings, answer = req.timings, req.answer

@@ -17,6 +17,7 @@ from .encoder_cache import EncoderCache, content_key
 from .encoders import encode_audio, encode_vision
 from .errors import InputError, MemoryBudgetError, OmniGuardError, describe, message_of, require_finite
 from .memory import ALLOCATOR_SLACK, RequestSizes, max_vision_patches, vision_bytes
+from .positions import rope_index
 from .positions.audio import audio_output_length
 from .preprocess.audio import audio_features
 from .preprocess.image import ImageConfig, image_pixels, smart_resize
@@ -40,6 +41,13 @@ class Prepared:
         """What the memory plan needs: the prompt's length, these media's sizes and the answer's token budget."""
         frames = tuple(int(m.shape[1]) for m in self.features["audio"])
         return RequestSizes(prompt_tokens, tuple(self.vision_grids()), frames, budget)
+
+    def positions(self, ids: list[int], rope) -> tuple[np.ndarray, int]:
+        """(TMRoPE positions [3, 1, len(ids)], the rope delta) of prompt `ids` holding these media."""
+        positions, delta = rope_index(np.asarray([ids]), rope, image_grid_thw=self.grids["image"] or None,
+                                      video_grid_thw=self.grids["video"] or None,
+                                      video_second_per_grid=self.video_seconds or None)
+        return positions, int(delta[0, 0])
 
     def vision_grids(self) -> list[tuple[int, int, int]]:
         """The (t, h, w) patch grids of every image, then every video: the vision call's, in its order."""

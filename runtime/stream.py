@@ -43,12 +43,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .arguments import as_text, check_arguments, listed
-from .bundle import run_options_for
 from .checked import is_int
 from .decode import SCORE_MARGIN, fork, kv_nbytes
 from .errors import InputError, OmniGuardError
-from .memory import plan_request
-from .positions import rope_index
 from .prefix import common_prefix
 from .prompt import Conversation, Turn, template_kind
 from .request import Request
@@ -153,8 +150,7 @@ class GuardStream:
         self._prep = guard.media.prepare(items, rate, limit)
         # the plan of the request with an empty reply, before any encoder runs (as moderate plans before encoding)
         empty = guard.prompt_ids(self.conversation(""), self._prep.items, self._prep.tokens)
-        plan = plan_request(guard.geometry, self._prep.request_sizes(len(empty), budget), guard.options.memory)
-        self._feats = guard.media.encode(self._prep, {}, run_options_for(plan, guard.options.session))
+        self._feats = guard.media.encode(self._prep, {}, guard.plan(self._prep, len(empty), budget)[1])
         self._state, self._ids, self.tail_tokens = None, [], self._tail_length()
 
     # -- the caller's side -----------------------------------------------------------------------------
@@ -263,14 +259,10 @@ class GuardStream:
         if len(ids) > self._limit:
             raise InputError(f"the conversation with the reply so far takes {len(ids)} prompt tokens, over the limit "
                              f"of {self._limit}: the stream stops (a reply is judged whole or not at all)")
-        plan = plan_request(g.geometry, prep.request_sizes(len(ids), self._budget), g.options.memory)
-        run_options = run_options_for(plan, g.options.session)
+        plan, run_options = g.plan(prep, len(ids), self._budget)
         t = time.perf_counter()
         embeds = g.media.embed(ids, self._feats)
-        positions, delta = rope_index(np.asarray([ids]), g.rope, image_grid_thw=prep.grids["image"] or None,
-                                      video_grid_thw=prep.grids["video"] or None,
-                                      video_second_per_grid=prep.video_seconds or None)
-        delta = int(delta[0, 0])
+        positions, delta = prep.positions(ids, g.rope)
         timings["embed"] = time.perf_counter() - t
         t = time.perf_counter()
         keep = max(0, len(ids) - self.tail_tokens - TAIL_MARGIN)  # the part of the prompt the next check likely shares

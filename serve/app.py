@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import ipaddress
 import json
@@ -24,86 +23,20 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' annotations from here
 
-from ..runtime.checked import is_int
 from ..runtime.errors import InputError, describe
 
 from . import inputs
 from .batcher import Batcher, Closed, QueueFull
+from .config import ServeConfig, is_loopback, principal_of
 from .streams import NoStream, StreamGone, StreamLimitError, Streams, add_routes
 
 log = logging.getLogger("omniguard_edge.serve")
 # the Guard's errors that are the request's fault: a 400 with the reason
 CLIENT_ERRORS = ("InputError", "MemoryBudgetError")
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    max_body_bytes: int = 32 * 2**20  # a request body; media come inside it, base64
-    max_concurrent: int = 256  # requests in the service at once (queued or running); more: 429
-    queue_size: int = 64  # jobs waiting for the batcher; more: 429
-    max_batch: int = 8  # requests judged in one moderate_batch call
-    batch_wait_s: float = 0.005  # how long the batcher waits for more requests to join a batch
-    timeout_s: float = 60.0  # a request not judged within this: 504
-    api_key: str | None = None  # required as `Authorization: Bearer KEY` when set
-    # more keys, each its own client (principal): the Guards, and so the encoder caches and streams, are per key
-    api_keys: tuple = ()
-    warmup: bool = True  # one moderation before /ready: the policy prefix and the sessions' first runs
-    guards: int = 8  # Guards kept for distinct (mode, categories) of /v1/guard, least recently used dropped
-    max_streams: int = 64  # open /v1/streams; more: 429
-    stream_idle_s: float = 60.0  # a stream without a request for this long is dropped with its cache
-    stream_lifetime_s: float = 600.0  # a stream older than this is dropped
-    stream_kv_bytes: int = 2 << 30  # decoder caches all open streams may hold together; past it a stream stops
-    # /metrics needs the API key when one is set, except from these networks (a scraper's), by the TCP peer's
-    # address only: X-Forwarded-For is never read (any client can write it)
-    metrics_from: tuple = ()
-    # per-request stage timings (and token times) in answers: off by default, since they tell whether a medium was
-    # in the encoder cache (the vision or audio stage is missing), i.e. whether another client sent it recently
-    stage_timings: bool = False
-
-    def __post_init__(self):
-        for name in ("max_body_bytes", "max_concurrent", "queue_size", "max_batch", "guards", "max_streams",
-                     "stream_kv_bytes"):
-            value = getattr(self, name)
-            if not is_int(value) or value < 1:
-                raise ValueError(f"ServeConfig.{name} must be an int >= 1, not {value!r}")
-        if not (self.timeout_s > 0 and self.batch_wait_s >= 0 and self.stream_idle_s > 0 and self.stream_lifetime_s > 0):
-            raise ValueError("ServeConfig needs timeout_s, stream_idle_s and stream_lifetime_s > 0, batch_wait_s >= 0")
-        try:
-            object.__setattr__(self, "metrics_from", tuple(ipaddress.ip_network(n, strict=False)
-                                                           for n in self.metrics_from))
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"ServeConfig.metrics_from must be networks such as 10.0.0.0/8 ({exc})") from None
-        if not isinstance(self.api_keys, tuple) or not all(isinstance(k, str) and k.strip() for k in self.api_keys):
-            raise ValueError("ServeConfig.api_keys must be a tuple of non-empty strings (an empty key would accept "
-                             "requests without one)")
-        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
-            raise ValueError("ServeConfig.api_key must be a non-empty string or None (an empty key would accept "
-                             "requests without one)")
-
-
-    def keys(self) -> tuple[str, ...]:
-        """Every key the service accepts (none: no authentication)."""
-        return ((self.api_key,) if self.api_key is not None else ()) + self.api_keys
-
-
-def principal_of(key: bytes | None) -> str:
-    """A client's name in the service's keys (Guards, streams): a digest of its API key, never the key; "-" when the
-    service has no keys (one client)."""
-    return hashlib.sha256(key).hexdigest()[:16] if key is not None else "-"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class _Metrics:
@@ -310,19 +243,28 @@ def create_app(bundle, config: ServeConfig | None = None, guard_options=None):
                     service.metrics.stages.labels(stage).observe(seconds)
         return results, None
 
-    async def answer(request: Request, endpoint: str, parse):
-        """The results of a request whose body `parse` turns into (Guard key, requests); or the refusal. A slot of
-        max_concurrent is taken before the body is read, so no more than that many bodies are ever held."""
-        start = time.perf_counter()
+    def admit(endpoint: str):
+        """None when a request may enter the service (a slot of max_concurrent taken: `release()` gives it back),
+        else the 503 (not ready) or 429 (full) that refuses it."""
         if not service.ready.is_set():
-            return None, problem(503, "not_ready", "the service is starting or stopping", endpoint,
-                                 {"Retry-After": "1"})
+            return problem(503, "not_ready", "the service is starting or stopping", endpoint, {"Retry-After": "1"})
         with service._lock:
             full = service.inflight >= config.max_concurrent
             if not full:
                 service.inflight += 1
-        if full:
-            return None, problem(429, "busy", "too many requests in the service", endpoint, {"Retry-After": "1"})
+        return problem(429, "busy", "too many requests in the service", endpoint, {"Retry-After": "1"}) if full \
+            else None
+
+    def release() -> None:
+        with service._lock:
+            service.inflight -= 1
+
+    async def answer(request: Request, endpoint: str, parse):
+        """The results of a request whose body `parse` turns into (Guard key, requests); or the refusal. A slot of
+        max_concurrent is taken before the body is read, so no more than that many bodies are ever held."""
+        start = time.perf_counter()
+        if (refused := admit(endpoint)) is not None:
+            return None, refused
         try:
             body, refused = await body_json(request, endpoint)
             if refused is not None:
@@ -334,8 +276,7 @@ def create_app(bundle, config: ServeConfig | None = None, guard_options=None):
                 return None, problem(400, "invalid_request", str(exc), endpoint)
             results, refused = await judge(key, requests, endpoint)
         finally:
-            with service._lock:
-                service.inflight -= 1
+            release()
         if refused is None:
             service.metrics.requests.labels(endpoint, "200").inc()
             service.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
@@ -344,17 +285,9 @@ def create_app(bundle, config: ServeConfig | None = None, guard_options=None):
     async def ask(request: Request, endpoint: str, work, status: int = 200, empty_body: bool = False):
         """A stream request: readiness, a slot of max_concurrent, auth and body as for the others; `work(body)` in a
         thread (a stream's checks run the decoder); its dict, or the refusal."""
-        from fastapi.responses import JSONResponse as Reply
-
         start = time.perf_counter()
-        if not service.ready.is_set():
-            return problem(503, "not_ready", "the service is starting or stopping", endpoint, {"Retry-After": "1"})
-        with service._lock:
-            full = service.inflight >= config.max_concurrent
-            if not full:
-                service.inflight += 1
-        if full:
-            return problem(429, "busy", "too many requests in the service", endpoint, {"Retry-After": "1"})
+        if (refused := admit(endpoint)) is not None:
+            return refused
         try:
             if empty_body:
                 refused = authorize(request, endpoint)
@@ -374,11 +307,10 @@ def create_app(bundle, config: ServeConfig | None = None, guard_options=None):
             except StreamGone:
                 return problem(410, "gone", "the stream was closed when the service stopped", endpoint)
         finally:
-            with service._lock:
-                service.inflight -= 1
+            release()
         service.metrics.requests.labels(endpoint, str(status)).inc()
         service.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-        return Reply(out, status_code=status)
+        return JSONResponse(out, status_code=status)
 
     add_routes(app, service, ask)
 
