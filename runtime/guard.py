@@ -128,15 +128,17 @@ class Guard:
                                         sample_rate))
 
     def stream(self, text=None, *, conversation=None, image=None, audio=None, video=None, media=None,
-               sample_rate=None, every: int | None = 64, sentences: bool = True, hysteresis: int = 1):
+               sample_rate=None, every: int | None = 64, sentences: bool = True, hysteresis: int = 1,
+               span: int | None = None):
         """A stream that judges a reply while it arrives, after `text` (the prompt) or `conversation`, with any
         media (runtime/stream.py): `feed(chunk)` -> the checks it crossed, `check()`, `close()` -> the final
-        result. Check points every `every` reply tokens and at sentence ends; `hysteresis` consecutive unsafe
-        checks stop it. Arguments as `moderate`'s, checked now (an InputError, not an error result)."""
+        result. Check points every `every` reply tokens, at sentence ends and at most `span` characters apart
+        (runtime/checkpoints.py); `hysteresis` consecutive unsafe checks stop it. Arguments as `moderate`'s, checked
+        now (an InputError, not an error result)."""
         from .stream import GuardStream
 
         return GuardStream(self, text, conversation, image, audio, video, media, sample_rate, every, sentences,
-                           hysteresis)
+                           hysteresis, span)
 
     def judge(self, req: Request) -> ModerationResult:
         """Decode a prepared request (the verdict first, as the options' mode says) and build its result."""

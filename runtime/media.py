@@ -49,6 +49,12 @@ class Prepared:
                                       video_second_per_grid=self.video_seconds or None)
         return positions, int(delta[0, 0])
 
+    def without_rows(self) -> Prepared:
+        """These media once encoded: the preprocessed rows (pixels, mel features) replaced by zero-byte read-only
+        views of their shapes, which the memory plan still reads (a stream keeps this, not megabytes of rows)."""
+        rows = {k: [np.broadcast_to(np.zeros((), f.dtype), f.shape) for f in v] for k, v in self.features.items()}
+        return dataclasses.replace(self, features=rows)
+
     def vision_grids(self) -> list[tuple[int, int, int]]:
         """The (t, h, w) patch grids of every image, then every video: the vision call's, in its order."""
         return [tuple(int(x) for x in g) for k in ("image", "video") for g in self.grids[k]]

@@ -5,13 +5,9 @@ text so far. `feed(text)` appends text and judges the conversation at every chec
 `check()` judges it now; `close()` judges the whole reply.
 
 Check points are positions in the reply's text, a function of the text alone (never of how it arrives in
-chunks), and every one a chunk crosses is judged, with the reply cut there:
-- `every` tokens: the end of token k x every of the reply tokenized alone, once it is final (it lies before the
-  reply's last two pre-tokenizer pieces, which more text can still change);
-- sentence ends (`sentences=True`): after a run of `.`, `!`, `?` (and their CJK forms, the ellipsis) followed by
-  whitespace, and before a line break.
-With `every`, a check point is judged once the text after it can no longer change the points before it (about a
-word later), so that check points are always judged in the text's order.
+chunks): every `every` reply tokens, at sentence ends (`sentences=True`) and at most `span` characters apart
+(runtime/checkpoints.py defines them). Every one a chunk crosses is judged, in the text's order, with the reply cut
+there; a token point is judged once the text after it can no longer change it (about a word later).
 `close()` makes the text final: the check points the last pieces held are judged, then the whole reply.
 
 Each check is exactly `moderate` of the conversation so far (the guard prompt rendered and tokenized whole, so
@@ -30,21 +26,26 @@ stream. A stop is also `hysteresis` consecutive checks that are not `safe` (`uns
 did not parse; default 1: the first): `feed` returns the checks up
 to the stopping one at once, judges nothing after it, and the stream takes no more text. A higher hysteresis lets
 a single borderline check pass at the price of later stops (more unsafe text reaches the user first).
+
+For a host of many streams: `on_grow(nbytes)`, when set, is called before a check makes the kept cache grow, with
+the bytes it will hold (an exception it raises stops the stream with an error check, before any memory is taken);
+`feed(text, deadline=)` stops the stream with an error check when a check point is reached after the deadline
+(part of the chunk was judged: the rest is not skipped silently). Once the media are encoded the stream keeps
+their encoder features, not their preprocessed rows (pixels, mel features).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import time
-import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
 
 from .arguments import as_text, check_arguments, listed
 from .checked import is_int
-from .decode import SCORE_MARGIN, fork, kv_nbytes
+from .checkpoints import CheckPoints, Since
+from .decode import SCORE_MARGIN, FastDecoder, fork, kv_nbytes
 from .errors import InputError, OmniGuardError
 from .prefix import common_prefix
 from .prompt import Conversation, Turn, template_kind
@@ -53,11 +54,12 @@ from .verdict import ModerationResult
 
 log = logging.getLogger(__name__)
 
-# a run of sentence terminators followed by whitespace (the check point after the run), or a line break (before it)
-SENTENCE_END = re.compile(r"[.!?\u3002\uff01\uff1f\u2026]+(?=\s)|(?=\n)")
-FINAL_END = re.compile(r"[.!?\u3002\uff01\uff1f\u2026]+$")  # at close: a terminator that ends the reply
-UNSTABLE_PIECES = 2  # the reply's last pre-tokenizer pieces: more text can still change their tokens
 TAIL_MARGIN = 2  # tokens before the tail that the cache leaves out (a reply's end can merge with the tail's start)
+
+
+def _rows(value) -> int:
+    """Positions a cache tensor has room for: an array's, or an OrtValue's (a resident cache)."""
+    return int(value.shape[2] if isinstance(value, np.ndarray) else value.shape()[2])
 
 
 @dataclass(frozen=True)
@@ -70,68 +72,17 @@ class StreamCheck:
     stop: bool
 
 
-def _separable(text: str, at: int) -> bool:
-    """True when NFC (the tokenizer's normalizer) cannot join text[at - 1] and text[at]: text[at] is no mark
-    (combining marks, vowel signs: a later one would compose with what precedes it) and the pair does not compose
-    (Hangul jamo). A scan may start at such a boundary: the text after it normalizes the same on its own."""
-    if at <= 0 or at >= len(text):
-        return at <= 0
-    return unicodedata.category(text[at])[0] != "M" and \
-        len(unicodedata.normalize("NFC", text[at - 1:at + 1])) == len(unicodedata.normalize("NFC", text[at - 1])) + 1
-
-
-class CheckPoints:
-    """The check positions of a reply's text (see the module's docstring)."""
-
-    def __init__(self, tokenizer, every: int | None, sentences: bool):
-        if every is not None and (not is_int(every) or every < 1):
-            raise InputError(f"every must be None or an int >= 1 (reply tokens between checks), not {every!r}")
-        if not isinstance(sentences, bool):
-            raise InputError(f"sentences must be a bool, not {sentences!r}")
-        self.tokenizer, self.every, self.sentences = tokenizer, every, sentences
-
-    def __call__(self, text: str, final: bool = False) -> list[int]:
-        """The check points of `text` that no later text can change or precede: with `every`, those before the
-        text's last pieces (a sentence end waits for them too, so that points are always judged in order)."""
-        return self.scan(text, final)[0]
-
-    def scan(self, text: str, final: bool = False, since: tuple[int, int] = (0, 0)) -> tuple[list[int], tuple]:
-        """(`__call__`'s points after `since`, the `since` of the next call). `since`: a pre-tokenizer piece boundary
-        of the text that earlier text already made stable, and the reply's tokens before it: only the text from there
-        is tokenized (pieces are tokenized on their own, so its tokens are the whole text's), and a call costs the
-        text since the last stable boundary rather than the whole reply."""
-        base, base_tokens = since
-        points = set()
-        if self.sentences:
-            lead = max(0, base - 16)  # a terminator run that ends just after the boundary
-            points |= {m.end() for m in SENTENCE_END.finditer(text, lead)}
-            if final and (m := FINAL_END.search(text, lead)):
-                points.add(m.end())
-        stable, after = len(text), since
-        rest = text[base:]
-        if self.every and rest:
-            if not final:  # the last boundary before the last pieces that the tokenizer's NFC cannot reach across
-                pieces = self.tokenizer.pre_tokenizer.pre_tokenize_str(rest) if self.tokenizer.pre_tokenizer else []
-                starts = [start for _, (start, _) in pieces[:max(0, len(pieces) - UNSTABLE_PIECES + 1)]]
-                stable = base + next((b for b in reversed(starts) if _separable(text, base + b)), 0)
-            ends = [base + end for _, end in self.tokenizer.encode(rest, add_special_tokens=False).offsets]
-            first = (base_tokens // self.every + 1) * self.every  # the first multiple of `every` past the boundary
-            points |= {ends[k - base_tokens - 1] for k in range(first, base_tokens + len(ends) + 1, self.every)}
-            if not final and stable > base:  # the next scan starts there
-                after = (stable, base_tokens + sum(1 for e in ends if e <= stable))
-        return sorted(p for p in points if base < p <= stable), after
-
-
 class GuardStream:
     """A reply judged while it arrives (`Guard.stream` makes one; the module's docstring says how)."""
 
     def __init__(self, guard, text=None, conversation=None, image=None, audio=None, video=None, media=None,
-                 sample_rate=None, every: int | None = 64, sentences: bool = True, hysteresis: int = 1):
+                 sample_rate=None, every: int | None = 64, sentences: bool = True, hysteresis: int = 1,
+                 span: int | None = None):
         if not is_int(hysteresis) or hysteresis < 1:
             raise InputError(f"hysteresis must be an int >= 1 (consecutive unsafe checks that stop the stream), "
                              f"not {hysteresis!r}")
         self.guard, self.hysteresis = guard, int(hysteresis)
-        self.points = CheckPoints(guard.bundle.tokenizer, every, sentences)
+        self.points = CheckPoints(guard.bundle.tokenizer, every, sentences, span)
         conv, items, rate = check_arguments(text, None, image, audio, video, media, conversation, sample_rate) \
             if (text is not None or conversation is not None or image is not None or audio is not None
                 or video is not None or media is not None) else (None, [], None)
@@ -143,7 +94,7 @@ class GuardStream:
         self._turns = turns[:-1]  # every turn before the reply's (from_messages adds an empty agent turn to odd ones)
         self.reply, self.checks, self.closed, self.stopped = "", [], False, None
         self._done, self._unsafe_run = 0, 0
-        self._since = (0, 0)  # the reply's last stable piece boundary and its tokens before it (CheckPoints.scan)
+        self._since = Since()  # where the next scan of the reply starts (CheckPoints.scan)
         budget, limit = guard.prompt_limit()
         self._budget, self._limit = budget, limit
         self._max_bytes = guard.size_check.max_text_bytes(limit)
@@ -151,11 +102,16 @@ class GuardStream:
         # the plan of the request with an empty reply, before any encoder runs (as moderate plans before encoding)
         empty = guard.prompt_ids(self.conversation(""), self._prep.items, self._prep.tokens)
         self._feats = guard.media.encode(self._prep, {}, guard.plan(self._prep, len(empty), budget)[1])
+        self._prep = self._prep.without_rows()  # the checks need the features, the grids and the sizes only
         self._state, self._ids, self.tail_tokens = None, [], self._tail_length()
+        d = guard.decoder
+        self._row_bytes = 2 * d.layers * d.kv_heads * d.head_dim * 4  # one cached position, float32 on the host
+        self.on_grow = None  # the host's memory account (the module's docstring)
 
     # -- the caller's side -----------------------------------------------------------------------------
-    def feed(self, text) -> list[StreamCheck]:
-        """Append `text` to the reply; -> the checks of every check point it crossed, in order, up to a stop."""
+    def feed(self, text, deadline: float | None = None) -> list[StreamCheck]:
+        """Append `text` to the reply; -> the checks of every check point it crossed, in order, up to a stop.
+        `deadline` (time.monotonic()): a check point reached after it stops the stream with an error check."""
         self._accepting("feed")
         text = as_text("text", text, optional=False)  # str or UTF-8 bytes; a lone surrogate is refused here
         self.reply += text
@@ -168,7 +124,7 @@ class GuardStream:
             points, self._since = self.points.scan(self.reply, False, self._since)
         except Exception as exc:  # noqa: BLE001 (fail closed: the stream stops with an error, it is never left open)
             return [self.fail(exc)]
-        return self._run(points)
+        return self._run(points, deadline)
 
     def check(self) -> StreamCheck:
         """Judge the reply as it stands now (not a check point of the text: the caller's own)."""
@@ -210,11 +166,16 @@ class GuardStream:
             raise InputError(f"{what}: the stream stopped at character {self.stopped.position} "
                              f"({self.stopped.result.verdict}); it takes no more text")
 
-    def _run(self, points: list[int]) -> list[StreamCheck]:
+    def _run(self, points: list[int], deadline: float | None = None) -> list[StreamCheck]:
         out = []
         for p in points:
             if p <= self._done:
                 continue
+            if deadline is not None and time.monotonic() > deadline:
+                out.append(self.fail(TimeoutError(
+                    f"the check at character {p} was reached after the chunk's deadline: the stream stops (its "
+                    "reply is not judged further)")))
+                break
             out.append(self._evaluate(p))
             if out[-1].stop:
                 break
@@ -280,6 +241,11 @@ class GuardStream:
         cache."""
         g = self.guard
         need = len(ids) + self._budget + SCORE_MARGIN
+        if self.on_grow is not None:  # the rows the kept cache will hold: the fast decoder's buffers, or `keep`
+            have = 0 if self._state is None else _rows(self._state.past[0])
+            rows = (have if have >= need else 2 * need) if isinstance(g.decoder, FastDecoder) else keep
+            if rows > have:
+                self.on_grow(rows * self._row_bytes)
         if self._state is None:
             state, reused = g.prefixes.start(ids, kind, positions, delta, run_options, 2 * need) \
                 if g.options.prefix_cache else (None, 0)

@@ -11,13 +11,15 @@ import pytest
 from omniguard_edge.runtime.bundle import SessionOptions
 from omniguard_edge.runtime.errors import InputError
 from omniguard_edge.runtime.guard import Guard, GuardOptions
-from omniguard_edge.runtime.stream import CheckPoints
+from omniguard_edge.runtime.checkpoints import CheckPoints, Since
 
 PROMPT = "How do I get the thing done?"
 REPLY = ("Sure. Here is how you do it. First you take the thing, then you mix it with the other thing! Is that "
          "clear? Yes.\nDone, and 3.14 is not a sentence end.")
 # fp32: the logits of a check within 1e-4 of a full run's, so P(unsafe) (a softmax of two of them) within 2.5e-5
 P_TOL = 2.5e-5
+# four sentences of 39 characters: each end is a check point (32 characters or more after the previous one)
+SENTENCES = "".join(f"Sentence number {n} is right about here. " for n in range(1, 5))
 
 
 @pytest.fixture(scope="module", params=["fast", "standard"])
@@ -76,10 +78,16 @@ def test_check_points_are_a_function_of_the_text(tiny_bundle):
     from omniguard_edge.runtime.bundle import open_bundle
 
     tok = open_bundle(tiny_bundle, SessionOptions(graphs=("decoder",))).tokenizer
-    sentences = CheckPoints(tok, None, True)
+    sentences = CheckPoints(tok, None, True, gap=1)
     text = "One. Two?! Three 3.14\nFour"
     assert sentences(text) == [4, 10, 21]
     assert sentences("Ends here.", final=True) == [10] and sentences("Ends here.") == []
+    # CJK terminators need no space after them; the last run waits for the next character
+    assert sentences("\u4f60\u597d\u3002\u6211\u4eec\u8d70\u5427\uff01\uff01\u597d") == [3, 9]
+    assert sentences("\u4f60\u597d\u3002") == [] and sentences("\u4f60\u597d\u3002", final=True) == [3]
+    # with the default gap, a sentence end counts 32 characters or more after the previous point
+    spaced = "x" * 30 + ". " + "b" * 21 + ". " + "d" * 31 + ". " + "e" * 29 + ". f"  # ends at 31, 54, 87, 118
+    assert CheckPoints(tok, None, True)(text) == [] and CheckPoints(tok, None, True)(spaced) == [54, 87]
     tokens = CheckPoints(tok, 2, False)
     ends = [e for _, e in tok.encode("alpha beta gamma delta", add_special_tokens=False).offsets]
     partial = tokens("alpha beta gamma delta")
@@ -124,14 +132,14 @@ def test_unsafe_stops_the_stream_with_hysteresis(tiny_bundle):
     judged, and it takes no more text); with hysteresis 3, the third."""
     guard = Guard.from_bundle(tiny_bundle, GuardOptions(threshold=0.0))
     stream = guard.stream(PROMPT, every=None)
-    out = stream.feed("One. Two. Three. Four. ")
-    assert [c.position for c in out] == [4] and out[-1].stop and out[-1].result.verdict == "unsafe"
-    with pytest.raises(InputError, match="stopped at character 4"):
+    out = stream.feed(SENTENCES)
+    assert [c.position for c in out] == [38] and out[-1].stop and out[-1].result.verdict == "unsafe"
+    with pytest.raises(InputError, match="stopped at character 38"):
         stream.feed("more")
     assert stream.close() is out[-1].result
     stream = guard.stream(PROMPT, every=None, hysteresis=3)
-    out = stream.feed("One. Two. Three. Four. ")
-    assert [c.position for c in out] == [4, 9, 16] and [c.stop for c in out] == [False, False, True]
+    out = stream.feed(SENTENCES)
+    assert [c.position for c in out] == [38, 77, 116] and [c.stop for c in out] == [False, False, True]
 
 
 def test_a_stream_past_the_prompt_limit_answers_error(tiny_bundle):
@@ -258,21 +266,25 @@ def test_incremental_check_points_equal_the_whole_texts(tiny_bundle, which):
         tok = real
     text = ("Well...  it's 2024-06-01 now.\n\nThe café\u0301 opens at 9:30!   Really?  Yes:\tfine, "
             "don't worry.\nx word ae\u0301 next a\u0308 \u1100\u1161 y go e\u0301 now\r\nthen" * 3)
-    for every, sentences in ((3, True), (5, False), (None, True)):
-        points = CheckPoints(tok, every, sentences)
-        since, seen = (0, 0), []
+    # a long word and CJK text without spaces: only span points reach into them before they end
+    text += "x" * 700 + " then \u6211\u4eec\u8d70\u5427" * 30 + "." + "\n" * 300 + " end"
+    for every, sentences, span in ((3, True, None), (5, False, 64), (None, True, 100), (7, True, 40)):
+        points = CheckPoints(tok, every, sentences, span)
+        since, seen = None, []
         for i in range(1, len(text) + 1):
             found, since = points.scan(text[:i], False, since)
-            seen += [p for p in found if not seen or p > seen[-1]]
-        seen += [p for p in points.scan(text, True, since)[0] if not seen or p > seen[-1]]
-        assert seen == points(text, final=True), (every, sentences)
+            seen += found
+        seen += points.scan(text, True, since)[0]
+        whole = points(text, final=True)
+        assert seen == whole, (every, sentences, span)
+        assert all(b - a <= points.span for a, b in zip([0, *whole], whole)), (every, sentences, span)
 
 
 def test_an_unparsed_answer_stops_the_stream_like_an_unsafe_one(tiny_bundle):
     """Free decoding (constrain_verdict=False) can answer `unknown`: never safe, so it counts toward the stop."""
     guard = Guard.from_bundle(tiny_bundle, GuardOptions(constrain_verdict=False))
     stream = guard.stream(PROMPT, every=None)
-    checks = stream.feed("One. Two. Three. Four. ")
+    checks = stream.feed(SENTENCES)
     assert checks and all(c.stop == (c.result.verdict != "safe") for c in checks)
     assert checks[-1].stop or all(c.result.verdict == "safe" for c in checks)
 
