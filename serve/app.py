@@ -24,6 +24,7 @@ import time
 import uuid
 from collections import OrderedDict
 from pathlib import Path
+from types import SimpleNamespace
 
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' annotations from here
 
@@ -31,34 +32,15 @@ from ..runtime.errors import InputError, describe
 
 from . import inputs
 from .batcher import Batcher, Closed, QueueFull
+from .metrics import Metrics
 from .config import ServeConfig, is_loopback, principal_of
-from .streams import NoStream, StreamGone, StreamLimitError, Streams, add_routes
+from .stream_routes import add_routes
+from .streams import StreamLimitError, Streams
+from .workers import FairWorkers
 
 log = logging.getLogger("omniguard_edge.serve")
 # the Guard's errors that are the request's fault: a 400 with the reason
 CLIENT_ERRORS = ("InputError", "MemoryBudgetError")
-
-
-class _Metrics:
-    def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        self.registry = CollectorRegistry()
-        self.requests = Counter("omniguard_requests", "HTTP requests answered", ["endpoint", "status"],
-                                registry=self.registry)
-        self.errors = Counter("omniguard_errors", "requests refused or failed, by kind", ["kind"],
-                              registry=self.registry)
-        self.latency = Histogram("omniguard_request_seconds", "time from receipt to answer", ["endpoint"],
-                                 registry=self.registry)
-        self.stages = Histogram("omniguard_stage_seconds", "the Guard's stage timings", ["stage"],
-                                registry=self.registry)
-        self.queue = Gauge("omniguard_queue_depth", "jobs waiting for the batcher", registry=self.registry)
-        self.batch = Histogram("omniguard_batch_size", "requests per moderate_batch call",
-                               buckets=(1, 2, 4, 8, 16, 32), registry=self.registry)
-        self.verdicts = Counter("omniguard_verdicts", "results by verdict", ["verdict"], registry=self.registry)
-        self.streams = Gauge("omniguard_open_streams", "open /v1/streams", registry=self.registry)
-        self.stream_kv = Gauge("omniguard_stream_kv_bytes", "decoder cache the open streams hold",
-                               registry=self.registry)
 
 
 class Service:
@@ -67,14 +49,15 @@ class Service:
     def __init__(self, bundle: Path, config: ServeConfig, guard_options=None):
         self.bundle, self.config = Path(bundle), config
         self.guard_options = guard_options
-        self.metrics = _Metrics()
+        self.metrics = Metrics()
         self.ready = threading.Event()
         self.inflight = 0
         self._lock = threading.Lock()
         self._guards: OrderedDict = OrderedDict()
         self.base = None
         self.batcher: Batcher | None = None
-        self.streams = Streams(self.guard_for, config)
+        self.streams = Streams(lambda key: self.guard_for(key, for_stream=True), config)
+        self.workers: FairWorkers | None = None  # stream requests; one open stream has at most one queued
 
     def start(self) -> None:
         from ..runtime.guard import Guard, GuardOptions
@@ -83,6 +66,7 @@ class Service:
         self._guards[(principal_of(None), self.base.options.mode, None)] = self.base
         self.batcher = Batcher(self.guard_for, self.config.max_batch, self.config.batch_wait_s,
                                self.config.queue_size, on_batch=lambda n, s: self.metrics.batch.observe(n))
+        self.workers = FairWorkers(self.config.stream_workers, self.config.max_streams + self.config.queue_size)
         threading.Thread(target=self._reap, name="stream-reaper", daemon=True).start()
         if self.config.warmup:  # builds the policy prefix, runs every session once
             result = self.base.moderate(text="warm-up")
@@ -99,12 +83,18 @@ class Service:
     def stop(self) -> None:
         self.ready.clear()
         self.streams.stop()
+        if self.workers is not None:
+            self.workers.close()
         if self.batcher is not None:
             self.batcher.close(drain=True)
 
-    def guard_for(self, key: tuple):
+    def guard_for(self, key: tuple, for_stream: bool = False):
         """The Guard for (client, mode, categories): the served one's options with that mode and policy subset; each
-        client its own Guard (own encoder cache: one client cannot time another's cached media)."""
+        client its own Guard (own encoder cache: one client cannot time another's cached media). The service keeps
+        `guards` of them, least recently used dropped first; a Guard an open stream holds is kept. When every kept
+        Guard serves open streams, a stream of other settings is refused (StreamLimitError: each client holds at most
+        `client_guards` of them), and a one-shot request gets a Guard of its own, used for its batch and dropped (its
+        policy prefix built again: slower, never refused)."""
         import dataclasses
 
         from ..runtime.guard import Guard
@@ -123,10 +113,13 @@ class Service:
                 options = dataclasses.replace(options, policy=Policy.subset(list(codes)),
                                               category_thresholds=renamed or None)
             in_use = self.streams.in_use()
-            if key not in in_use and len(in_use) >= self.config.guards:
+            full = key not in in_use and len(in_use) >= self.config.guards
+            if full and for_stream:
                 raise StreamLimitError(f"all {self.config.guards} Guards of the service serve open streams "
                                        "(ServeConfig.guards): close a stream or use its mode and categories")
             guard = Guard(self.base.bundle, options)  # the same sessions: only the prompt and the budget differ
+            if full:
+                return guard
             self._guards[key] = guard
             # the least recently used go first; a Guard an open stream holds stays (it counts against the bound)
             for old in [k for k in self._guards if k not in in_use and k != key]:
@@ -227,8 +220,6 @@ def create_app(bundle, config: ServeConfig | None = None, guard_options=None):
             return None, problem(504, "timeout", f"not judged within {config.timeout_s:g} s", endpoint)
         except InputError as exc:  # the request's settings cannot be served (e.g. a budget over the engines')
             return None, problem(400, "invalid_request", str(exc), endpoint)
-        except StreamLimitError as exc:  # a new Guard while every Guard the service keeps serves an open stream
-            return None, problem(429, "busy", str(exc), endpoint, {"Retry-After": "1"})
         except Exception as exc:  # the Guard failed as a whole: fail closed; the details stay in the log
             log.error("guard failure: %s", describe(exc))
             return None, problem(500, "guard_failure", "the guard failed on this request; nothing was judged",
@@ -282,37 +273,8 @@ def create_app(bundle, config: ServeConfig | None = None, guard_options=None):
             service.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
         return results, refused
 
-    async def ask(request: Request, endpoint: str, work, status: int = 200, empty_body: bool = False):
-        """A stream request: readiness, a slot of max_concurrent, auth and body as for the others; `work(body)` in a
-        thread (a stream's checks run the decoder); its dict, or the refusal."""
-        start = time.perf_counter()
-        if (refused := admit(endpoint)) is not None:
-            return refused
-        try:
-            if empty_body:
-                refused = authorize(request, endpoint)
-                body = None
-            else:
-                body, refused = await body_json(request, endpoint)
-            if refused is not None:
-                return refused
-            try:
-                out = await asyncio.to_thread(work, body, request.state.principal)
-            except InputError as exc:
-                return problem(400, "invalid_request", str(exc), endpoint)
-            except StreamLimitError as exc:
-                return problem(429, "busy", str(exc), endpoint, {"Retry-After": "1"})
-            except NoStream:
-                return problem(404, "not_found", "no such stream (closed, timed out or never opened)", endpoint)
-            except StreamGone:
-                return problem(410, "gone", "the stream was closed when the service stopped", endpoint)
-        finally:
-            release()
-        service.metrics.requests.labels(endpoint, str(status)).inc()
-        service.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-        return JSONResponse(out, status_code=status)
-
-    add_routes(app, service, ask)
+    add_routes(app, service, SimpleNamespace(admit=admit, release=release, authorize=authorize,
+                                             body_json=body_json, problem=problem))
 
     @app.post("/v1/moderations")
     async def moderations(request: Request):

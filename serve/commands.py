@@ -24,6 +24,8 @@ def cmd_serve(args) -> int:
                                         if k.strip()),
                          stream_idle_s=args.stream_idle, stream_lifetime_s=args.stream_lifetime,
                          stream_kv_bytes=args.stream_kv_mb * 2**20, metrics_from=tuple(args.metrics_from or ()),
+                         client_streams=args.client_streams, client_stream_kv_bytes=args.client_stream_kv_mb * 2**20,
+                         client_guards=args.client_guards, stream_workers=args.stream_workers,
                          stage_timings=args.stage_timings)
     serve(args.bundle, args.host, args.port, config, insecure_no_auth=args.insecure_no_auth)
     return 0
@@ -58,6 +60,14 @@ def register(sub) -> None:
     p.add_argument("--stream-lifetime", type=float, default=600.0, help="seconds a stream may live (default 600)")
     p.add_argument("--stream-kv-mb", type=int_in(1, 1 << 24), default=2048,
                    help="MiB of decoder cache all open streams may hold together (default 2048)")
+    p.add_argument("--client-streams", type=int_in(1, 1 << 16), default=8,
+                   help="open streams of one client, i.e. one API key (default 8)")
+    p.add_argument("--client-stream-kv-mb", type=int_in(1, 1 << 24), default=512,
+                   help="MiB of decoder cache one client's streams may hold (default 512)")
+    p.add_argument("--client-guards", type=int_in(1, 256), default=2,
+                   help="(mode, categories) settings one client's open streams may use (default 2)")
+    p.add_argument("--stream-workers", type=int_in(1, 256), default=2,
+                   help="threads judging stream requests, taking the clients in turn (default 2)")
     p.add_argument("--metrics-from", nargs="+", metavar="CIDR",
                    help="networks whose TCP peers may read /metrics without the API key (a scraper's; "
                         "X-Forwarded-For is never trusted)")

@@ -26,6 +26,11 @@ class ServeConfig:
     stream_idle_s: float = 60.0  # a stream without a request for this long is dropped with its cache
     stream_lifetime_s: float = 600.0  # a stream older than this is dropped
     stream_kv_bytes: int = 2 << 30  # decoder caches all open streams may hold together; past it a stream stops
+    # each client's (API key's) share, so that one client cannot take what the others need
+    client_streams: int = 8  # open streams of one client
+    client_stream_kv_bytes: int = 512 << 20  # decoder caches one client's streams may hold
+    client_guards: int = 2  # (mode, categories) settings one client's open streams may hold Guards for
+    stream_workers: int = 2  # threads judging stream requests, taking the clients in turn
     # /metrics needs the API key when one is set, except from these networks (a scraper's), by the TCP peer's
     # address only: X-Forwarded-For is never read (any client can write it)
     metrics_from: tuple = ()
@@ -35,7 +40,7 @@ class ServeConfig:
 
     def __post_init__(self):
         for name in ("max_body_bytes", "max_concurrent", "queue_size", "max_batch", "guards", "max_streams",
-                     "stream_kv_bytes"):
+                     "stream_kv_bytes", "client_streams", "client_stream_kv_bytes", "client_guards", "stream_workers"):
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 raise ValueError(f"ServeConfig.{name} must be an int >= 1, not {value!r}")

@@ -4,43 +4,50 @@ can drive (server-sent events alone could not carry the client's chunks).
 - POST /v1/streams: {prompt?, conversation?, media?, categories?, mode?, every?, sentences?, hysteresis?} -> 201
   {"id", "idle_timeout_s", "lifetime_s"}.
 - POST /v1/streams/{id}/chunks: {"text": "..."} -> {"checks": [...], "stopped": bool}: the checks of every check
-  point the chunk crossed (an unsafe one ends the list and the stream).
+  point the chunk crossed (an unsafe one ends the list and the stream). One chunk of a stream at a time: another
+  sent while one is being judged is a 409 (its text is not taken).
 - POST /v1/streams/{id}/close -> {"result": {...}, "flagged": bool}: the whole reply's result; the stream is gone.
 
-Limits (ServeConfig): open streams (`max_streams`, then 429), idle time (`stream_idle_s`) and lifetime
-(`stream_lifetime_s`), after which a stream is dropped with its cache (404 then), and the decoder cache all streams
-hold together (`stream_kv_bytes`: a chunk that would pass it stops its stream with an `error` check, fail closed).
-Chunks of one stream run one at a time; different streams run in parallel threads on the shared sessions. On
-shutdown every open stream is closed: a request to it then gets 410 and says the service stopped.
+Limits (ServeConfig), the service's and each client's (an API key's; with no key there is one client and the
+service's limits are its), so that one client cannot take what the others need: open streams (`max_streams`,
+`client_streams`: then 429); the Guards (mode, categories) a client's streams hold (`client_guards`; the service
+keeps `guards`); the decoder cache the streams hold (`stream_kv_bytes`, `client_stream_kv_bytes`), reserved before a
+check makes a cache grow: a check that would pass either stops its stream with an `error` check (fail closed)
+before the memory is taken; idle time (`stream_idle_s`) and lifetime (`stream_lifetime_s`), after which a stream is
+dropped with its cache (404 then). Stream requests run on `stream_workers` threads that take the clients in turn
+(serve/workers.py); one not judged within `timeout_s` is a 504: if it had not started, nothing was taken; a chunk
+whose checks had started stops its stream at its next check point (part of it was judged). On shutdown every open
+stream is closed: a request to it then gets 410.
 """
 
 from __future__ import annotations
 
+import functools
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from fastapi import Request  # module level: FastAPI resolves the handlers' annotations from here
-
-from ..runtime.errors import InputError
+from ..runtime.errors import InputError, MemoryBudgetError
 from .inputs import MODES, guard_request
 
 STREAM_FIELDS = {"prompt", "conversation", "media", "categories", "mode", "every", "sentences", "hysteresis"}
 MAX_CHUNK_CHARS = 1 << 16  # one chunk's text
+MIN_EVERY = 16  # the service's smallest `every`: a check per reply token would cost a decoder run per token
 
 
 @dataclass
 class OpenStream:
+    sid: str
     stream: object  # runtime.stream.GuardStream
     key: tuple  # the Guard's (client, mode, categories)
     created: float
     used: float
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    busy: bool = False  # a request of this stream is queued or running
 
 
 class StreamLimitError(Exception):
-    """Too many open streams (a 429), or the service is stopping (a 503)."""
+    """Too many open streams, the service's or the client's (a 429), or the service is stopping (a 503)."""
 
 
 class NoStream(Exception):
@@ -51,7 +58,8 @@ class StreamGone(Exception):
     """The stream was closed when the service stopped (a 410)."""
 
 
-MIN_EVERY = 16  # the service's smallest `every`: a check per reply token would cost a decoder run per token
+class StreamBusy(Exception):
+    """A request of this stream is being judged (a 409: chunks go one at a time, in order)."""
 
 
 class Streams:
@@ -61,11 +69,12 @@ class Streams:
         self.guard_for, self.config, self.public = guard_for, config, public
         self.open: dict[str, OpenStream] = {}
         self.closed_by_stop: set[str] = set()
+        self.reserved: dict[str, int] = {}  # cache bytes each stream may hold (asked before its cache grows)
         self._lock = threading.Lock()
         self.stopping = False
 
     # -- life cycle -------------------------------------------------------------------------------------
-    def create(self, body, principal: str) -> tuple[str, OpenStream]:
+    def create(self, body, principal: str, deadline: float | None = None) -> tuple[str, OpenStream]:
         if not isinstance(body, dict):
             raise InputError(f"the body must be a JSON object, got {type(body).__name__}")
         unknown = sorted(set(body) - STREAM_FIELDS)
@@ -83,70 +92,88 @@ class Streams:
         if "prompt" not in request and "conversation" not in request:
             request["prompt"] = ""  # a reply without a prompt: guard_request needs something to judge
         req, mode, codes = guard_request(request)
+        key = (principal, mode, codes)
         self.reap()
         with self._lock:
-            if self.stopping:
-                raise StreamLimitError("the service is stopping")
-            if len(self.open) >= self.config.max_streams:
-                raise StreamLimitError(f"{len(self.open)} streams are open, the most this service keeps "
-                                       f"({self.config.max_streams}): close one or wait")
-        guard = self.guard_for((principal, mode, codes))
+            self._admit(key)
+        guard = self.guard_for(key)
         stream = guard.stream(req.get("text"), conversation=req.get("conversation"), media=req.get("media"),
                               **options)
         now = time.monotonic()
         sid = f"strm-{secrets.token_hex(12)}"
+        stream.on_grow = functools.partial(self._grow, sid, principal)
         with self._lock:
-            if len(self.open) >= self.config.max_streams or self.stopping:  # raced with others: still bounded
-                raise StreamLimitError("the service is stopping" if self.stopping else "too many open streams")
-            self.open[sid] = OpenStream(stream, (principal, mode, codes), now, now)
+            self._admit(key)  # raced with others: still bounded
+            self.open[sid] = OpenStream(sid, stream, key, now, now)
+        if deadline is not None and time.monotonic() > deadline:  # its caller was answered 504: nobody has the id
+            self._drop(sid)
+            raise TimeoutError("the stream was made after its request's timeout")
         return sid, self.open[sid]
 
-    def get(self, sid: str, principal: str) -> OpenStream:
-        """The open stream `sid` of this client; KeyError for another client's (as for none: its existence is not
-        told)."""
+    def _admit(self, key: tuple) -> None:
+        """StreamLimitError unless a stream of Guard `key` may open: the service's and the client's limits (the
+        caller holds the lock)."""
+        cfg, principal = self.config, key[0]
+        if self.stopping:
+            raise StreamLimitError("the service is stopping")
+        if len(self.open) >= cfg.max_streams:
+            raise StreamLimitError(f"{len(self.open)} streams are open, the most this service keeps "
+                                   f"({cfg.max_streams}): close one or wait")
+        if not cfg.keys():  # no API keys: every request is the one client, the service's limits are its
+            return
+        mine = [e.key for e in self.open.values() if e.key[0] == principal]
+        if len(mine) >= cfg.client_streams:
+            raise StreamLimitError(f"this client has {len(mine)} open streams, the most one client may keep "
+                                   f"({cfg.client_streams}): close one or wait")
+        if key not in mine and len(set(mine)) >= cfg.client_guards:
+            raise StreamLimitError(f"this client's open streams use {len(set(mine))} (mode, categories) settings, the "
+                                   f"most one client may ({cfg.client_guards}): use one of theirs or close a stream")
+
+    def claim(self, sid: str, principal: str) -> OpenStream:
+        """The open stream `sid` of this client, marked busy until `release`: NoStream for another client's (as for
+        none: its existence is not told), StreamBusy while another request of it is queued or running."""
         self.reap()
         with self._lock:
             entry = self.open.get(sid)
-        if entry is not None and entry.key[0] != principal:
-            raise NoStream(sid)
-        if entry is None:
-            if sid in self.closed_by_stop:
-                raise StreamGone(sid)
-            raise NoStream(sid)
-        entry.used = time.monotonic()
+            if entry is None or entry.key[0] != principal:
+                raise StreamGone(sid) if entry is None and sid in self.closed_by_stop else NoStream(sid)
+            if entry.busy:
+                raise StreamBusy(sid)
+            entry.busy, entry.used = True, time.monotonic()
         return entry
 
-    def feed(self, sid: str, body, principal: str) -> dict:
-        if not isinstance(body, dict) or set(body) != {"text"} or not isinstance(body["text"], str):
-            raise InputError('the body must be {"text": "<the reply\'s next chunk>"}')
-        if len(body["text"]) > MAX_CHUNK_CHARS:
-            raise InputError(f"text: {len(body['text'])} characters, more than one chunk may hold ({MAX_CHUNK_CHARS})")
-        entry = self.get(sid, principal)
-        with entry.lock:
-            checks = entry.stream.feed(body["text"])
-            checks = self._within_memory(entry, checks)
-            entry.used = time.monotonic()
+    def release(self, entry: OpenStream) -> None:
+        with self._lock:
+            entry.busy, entry.used = False, time.monotonic()
+
+    def feed(self, entry: OpenStream, text: str, deadline: float | None = None) -> dict:
+        checks = entry.stream.feed(text, deadline=deadline)
+        if entry.stream.stopped is not None:  # the cache is gone with the stop
+            with self._lock:
+                self.reserved.pop(entry.sid, None)
         return {"checks": [check_json(c) for c in checks], "stopped": entry.stream.stopped is not None}
 
-    def close(self, sid: str, principal: str) -> dict:
-        entry = self.get(sid, principal)
-        with entry.lock:
-            result = entry.stream.close()
-        with self._lock:
-            self.open.pop(sid, None)
+    def close(self, entry: OpenStream) -> dict:
+        result = entry.stream.close()
+        self._drop(entry.sid)
         out = self.public(result.to_dict())
         out["flagged"] = result.verdict != "safe"
         return {"result": out, "flagged": out["flagged"]}
+
+    def _drop(self, sid: str) -> None:
+        with self._lock:
+            self.open.pop(sid, None)
+            self.reserved.pop(sid, None)
 
     def reap(self) -> int:
         """Drop streams idle or alive past their limits (their caches go with them); -> how many."""
         now, cfg = time.monotonic(), self.config
         with self._lock:
-            old = [sid for sid, e in self.open.items()  # a stream whose chunk is running is busy, not idle
-                   if (now - e.used > cfg.stream_idle_s and not e.lock.locked())
-                   or now - e.created > cfg.stream_lifetime_s]
+            old = [sid for sid, e in self.open.items()  # a stream whose request is queued or running is not idle
+                   if (now - e.used > cfg.stream_idle_s and not e.busy) or now - e.created > cfg.stream_lifetime_s]
             for sid in old:
                 self.open.pop(sid, None)
+                self.reserved.pop(sid, None)
         return len(old)
 
     def stop(self) -> None:
@@ -155,6 +182,7 @@ class Streams:
             self.stopping = True
             self.closed_by_stop |= set(self.open)
             self.open.clear()
+            self.reserved.clear()
 
     def in_use(self) -> set:
         with self._lock:
@@ -162,20 +190,32 @@ class Streams:
 
     # -- memory ---------------------------------------------------------------------------------------------
     def kv_bytes(self) -> int:
+        """The cache bytes the open streams have reserved (at least what they hold)."""
         with self._lock:
-            entries = list(self.open.values())
-        return sum(e.stream.cache_bytes for e in entries)
+            return sum(self.reserved.values())
 
-    def _within_memory(self, entry: OpenStream, checks: list) -> list:
-        """The checks, unless the streams' caches together now pass `stream_kv_bytes`: then this stream stops with
-        an error check (fail closed: its reply is not judged further)."""
-        total = self.kv_bytes()
-        if total <= self.config.stream_kv_bytes or entry.stream.stopped is not None:
-            return checks
-        stop = entry.stream.fail(InputError(
-            f"the open streams' decoder caches take {total / 2**20:.0f} MiB, over the service's limit of "
-            f"{self.config.stream_kv_bytes / 2**20:.0f} MiB (ServeConfig.stream_kv_bytes): this stream stops"))
-        return [*checks, stop]
+    def _grow(self, sid: str, principal: str, nbytes: int) -> None:
+        """A stream's cache is about to hold `nbytes` (GuardStream.on_grow): reserved, unless the streams' caches
+        would pass the service's or the client's limit; then MemoryBudgetError, and the stream stops with an error
+        check before the memory is taken."""
+        cfg = self.config
+        with self._lock:
+            if sid not in self.open:  # dropped (its lifetime, shutdown) while this check ran
+                raise MemoryBudgetError("the stream was closed by the service: it stops")
+            others = sum(b for s, b in self.reserved.items() if s != sid)
+            mine = sum(b for s, b in self.reserved.items()
+                       if s != sid and s in self.open and self.open[s].key[0] == principal)
+            if others + nbytes > cfg.stream_kv_bytes:
+                raise MemoryBudgetError(
+                    f"the open streams' decoder caches would take {(others + nbytes) / 2**20:.0f} MiB, over the "
+                    f"service's limit of {cfg.stream_kv_bytes / 2**20:.0f} MiB (ServeConfig.stream_kv_bytes): this "
+                    "stream stops")
+            if cfg.keys() and mine + nbytes > cfg.client_stream_kv_bytes:
+                raise MemoryBudgetError(
+                    f"this client's open streams' decoder caches would take {(mine + nbytes) / 2**20:.0f} MiB, over "
+                    f"one client's limit of {cfg.client_stream_kv_bytes / 2**20:.0f} MiB "
+                    "(ServeConfig.client_stream_kv_bytes): this stream stops")
+            self.reserved[sid] = nbytes
 
 
 def check_json(check) -> dict:
@@ -183,23 +223,3 @@ def check_json(check) -> dict:
     return {"position": check.position, "verdict": r.verdict, "flagged": r.verdict != "safe", "p_unsafe": r.p_unsafe,
             "categories": [c["code"] for c in r.categories], "stop": check.stop,
             **({"error": r.error} if r.error else {})}
-
-
-def add_routes(app, service, ask):
-    """The /v1/streams routes. `ask(request, endpoint, work)`: the service's common path (readiness, a slot of
-    max_concurrent, auth, body) that runs `work(body)` in a thread and answers its dict, or the refusal."""
-    @app.post("/v1/streams", status_code=201)
-    async def create(request: Request):
-        def work(body, principal):
-            sid, _ = service.streams.create(body, principal)
-            return {"id": sid, "idle_timeout_s": service.config.stream_idle_s,
-                    "lifetime_s": service.config.stream_lifetime_s}
-        return await ask(request, "streams", work, status=201)
-
-    @app.post("/v1/streams/{sid}/chunks")
-    async def chunk(sid: str, request: Request):
-        return await ask(request, "stream_chunks", lambda body, who: service.streams.feed(sid, body, who))
-
-    @app.post("/v1/streams/{sid}/close")
-    async def close(sid: str, request: Request):
-        return await ask(request, "stream_close", lambda body, who: service.streams.close(sid, who), empty_body=True)
