@@ -54,6 +54,7 @@ def measure(bundle: Path, lengths: list[int], runs: int, threads: int) -> list[d
     chunks = [" ".join(words[i:i + 16]) + " " for i in range(0, len(words), 16)]
     wanted = {n // EVERY: n for n in lengths}  # the k-th check is at token k x EVERY
     checks = {n: [] for n in lengths}
+    render = {n: [] for n in lengths}  # the check's prompt re-rendered and re-tokenized whole
     full = {n: [] for n in lengths}
     dp = {n: [] for n in lengths}
     # fp32 graphs compute each position the same, up to rounding, however the prompt is split into runs; INT8
@@ -62,7 +63,9 @@ def measure(bundle: Path, lengths: list[int], runs: int, threads: int) -> list[d
     guard.moderate(PROMPT, "warm-up")  # the policy prefix built, the sessions' first runs done
     for _ in range(runs):
         # never stopped by an unsafe check: the random-weight reference's verdicts mean nothing, the timings do
-        stream = guard.stream(PROMPT, every=EVERY, sentences=False, hysteresis=10**9)
+        # token points only (no span points: the filler's tokens are final within a word), so that check k is at
+        # token k x EVERY
+        stream = guard.stream(PROMPT, every=EVERY, sentences=False, hysteresis=10**9, span=1 << 30)
         for chunk in chunks:
             stream.feed(chunk)
             if len(stream.checks) >= max(wanted):
@@ -71,6 +74,7 @@ def measure(bundle: Path, lengths: list[int], runs: int, threads: int) -> list[d
         for k, n in wanted.items():
             check = stream.checks[k - 1]
             checks[n].append(check.result.timings["total"])
+            render[n].append(check.result.timings["prompt"])
             t = time.perf_counter()
             result = guard.moderate(PROMPT, stream.reply[:check.position])
             full[n].append(time.perf_counter() - t)
@@ -82,6 +86,7 @@ def measure(bundle: Path, lengths: list[int], runs: int, threads: int) -> list[d
                      for k, n in wanted.items()}
     return [{"bundle": str(bundle), "precision": guard.bundle.manifest.precision, "reply_tokens": n,
              "prompt_tokens": prompt_tokens[n], "check_s": statistics.median(checks[n]),
+             "render_s": statistics.median(render[n]),
              "full_s": statistics.median(full[n]), "check_runs_s": checks[n], "full_runs_s": full[n],
              "max_abs_dp_unsafe": max(dp[n])}
             for n in lengths]
@@ -99,10 +104,10 @@ def main(argv=None) -> int:
     if any(n < EVERY or n % EVERY for n in args.lengths) or args.runs < 1 or args.threads < 0:
         p.error(f"--lengths must be multiples of {EVERY}, --runs >= 1, --threads >= 0")
     rows = [r for b in args.bundle for r in measure(b, sorted(args.lengths), args.runs, args.threads)]
-    print(markdown_table(["bundle", "precision", "reply tok", "prompt tok", "check s", "full re-moderation s", "ratio",
-                          "max abs dP(unsafe)"],
+    print(markdown_table(["bundle", "precision", "reply tok", "prompt tok", "check s", "of it: render + tokenize ms",
+                          "full re-moderation s", "ratio", "max abs dP(unsafe)"],
                          [[Path(r["bundle"]).name, r["precision"], r["reply_tokens"], r["prompt_tokens"],
-                           f"{r['check_s']:.3f}", f"{r['full_s']:.3f}", f"{r['full_s'] / r['check_s']:.1f}x",
+                           f"{r['check_s']:.3f}", f"{r['render_s'] * 1e3:.1f}", f"{r['full_s']:.3f}", f"{r['full_s'] / r['check_s']:.1f}x",
                            f"{r['max_abs_dp_unsafe']:.2g}"] for r in rows]))
     info = system_info(args.threads)
     print(f"\nmedians of {args.runs} runs, verdict mode, a check every {EVERY} reply tokens; CPU "

@@ -62,12 +62,17 @@ def add_routes(app, service, http):
             except Closed:
                 done()
                 return http.problem(503, "not_ready", "the service is stopping", endpoint)
+            # a job cancelled before it started (its request timed out or went away, the workers closed) never runs
+            # `run`: its release comes from here, exactly once either way
+            future.add_done_callback(lambda f: done() if f.cancelled() else None)
             try:
                 out = await asyncio.wait_for(asyncio.wrap_future(future), max(0.0, deadline - time.monotonic()))
+            except asyncio.CancelledError:
+                if not future.cancelled():  # this request's task was cancelled (the client went away): not ours
+                    raise
+                return http.problem(503, "not_ready", "the service is stopping", endpoint)  # the workers were closed
             except asyncio.TimeoutError:
                 started = not future.cancel()
-                if not started:
-                    done()
                 return http.problem(504, "timeout", f"not judged within {service.config.timeout_s:g} s: " + (
                     "its checks had started, so the stream stops at its next check point" if started else
                     "it had not started, and nothing was taken"), endpoint)

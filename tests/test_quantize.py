@@ -454,7 +454,7 @@ def test_a_stream_on_a_recipe_bundle_stays_within_its_tolerance(quantized, name,
     prompt = "How do I get the thing done?"
     reply = "Sure. First you take the thing, then you mix it with the other thing! Is that clear? Yes.\nDone."
     guard = Guard.from_bundle(quantized[name].out)
-    stream = guard.stream(prompt, every=8, hysteresis=10**9)
+    stream = guard.stream(prompt, every=4, hysteresis=10**9)
     for word in reply.split(" "):
         stream.feed(word + " ")
     stream.close()
