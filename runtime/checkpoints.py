@@ -11,11 +11,13 @@ The points, in the text's order, each defined from the previous one (`last`, 0 a
   (a reply of one long word, or without any sentence end, is still judged every `span` characters; the token
   points inside such a span, known only later, are not points).
 
-A point is known once no later text can change it or add one before it: a token point lies before the text's last
-two pre-tokenizer pieces (the tokens of those can still change), a sentence end is followed by a character. The
+A point is known once no later text can change it or add one before it: a token point lies before a stable piece
+boundary (two pieces or more after it, the first of them more than whitespace: whitespace pieces split and merge
+as text arrives; the pieces are the tokenizer's own, on its normalized text), a sentence end is followed by a
+character. The
 scan of a chunk starts at the last stable piece boundary, so each chunk costs the text since then, not the reply;
-a long tail without a stable boundary (one long word, 8,000 line breaks) is scanned again only once it has grown by
-an eighth, so that feeding it character by character costs O(n), not O(n^2) (its points come out a little later;
+with `every`, a long tail without a stable boundary (one long word, 8,000 line breaks) is scanned again only once
+it has grown by an eighth, so that feeding it character by character costs O(n), not O(n^2) (its points come out a little later;
 the span points, found on their own, do not wait).
 """
 
@@ -91,7 +93,7 @@ class CheckPoints:
                 known, after = [q], Since(after.base, after.tokens, q)
             out += known
             since = after
-        if not final and len(text) - since.scanned < (since.scanned - since.base) // 8:
+        if not final and self.every and len(text) - since.scanned < (since.scanned - since.base) // 8:
             return out, since  # a long unstable tail (one long piece): scanned again once it grew by an eighth
         known, since = self._known(text, final, since)
         return out + known, replace(since, scanned=len(text))
@@ -101,27 +103,46 @@ class CheckPoints:
         base, base_tokens = since.base, since.tokens
         stable, base_after, tokens_after = len(text), base, base_tokens
         rest = text[base:]
-        if self.every and rest and not final:  # the last boundary before the last pieces that NFC cannot cross
-            pieces = self.tokenizer.pre_tokenizer.pre_tokenize_str(rest) if self.tokenizer.pre_tokenizer else []
-            starts = [start for _, (start, _) in pieces[:max(0, len(pieces) - UNSTABLE_PIECES + 1)]]
-            stable = base + next((b for b in reversed(starts) if _separable(text, base + b)), 0)
-            if stable <= base:  # nothing known past the boundary yet (inside a long piece): no tokenizing
-                return [], since
+        ends = []
+        if self.every and rest:
+            enc = self.tokenizer.encode(rest, add_special_tokens=False)
+            ends = [base + end for _, end in enc.offsets]
+            if not final:
+                stable, first_stable = self._stable(text, base, enc)
+                if stable > base:  # the next scan starts there
+                    base_after, tokens_after = stable, base_tokens + first_stable
         sentence_ends, tokens = set(), set()
         if self.sentences:  # from the last point on: a terminator run that straddles it ends where it ends
             lead = max(base, since.last)
             sentence_ends = {m.end() for m in SENTENCE_END.finditer(text, lead, stable + 1)}
             if final and (m := FINAL_END.search(text, lead)):
                 sentence_ends.add(m.end())
-        if self.every and rest:
-            ends = [base + end for _, end in self.tokenizer.encode(rest, add_special_tokens=False).offsets]
+        if ends:
             first = (base_tokens // self.every + 1) * self.every  # the first multiple of `every` past the boundary
             tokens = {ends[k - base_tokens - 1] for k in range(first, base_tokens + len(ends) + 1, self.every)}
-            if not final and stable > base:  # the next scan starts there
-                base_after, tokens_after = stable, base_tokens + sum(1 for e in ends if e <= stable)
         last, out = since.last, []
         for p in sorted(p for p in sentence_ends | tokens if since.last < p <= stable and p > base):
             if p in tokens or p - last >= self.gap:
                 out.append(p)
                 last = p
         return out, replace(since, base=base_after, tokens=tokens_after, last=last)
+
+    @staticmethod
+    def _stable(text: str, base: int, enc) -> tuple[int, int]:
+        """(the last boundary of `text` after `base` that no later text can move or merge across, the index of its
+        first token in `enc`, the encoding of text[base:]). The pieces are the tokenizer's own (its pre-tokenizer on
+        its normalized text, word_ids, offsets mapped back to the text): the raw text's pieces differ where NFC
+        composes. A boundary qualifies when two pieces or more follow it, the piece after it holds more than
+        whitespace (runs of whitespace split and merge as more arrives: "\n", " " then "\n \n") and NFC cannot
+        join across it."""
+        starts, seen = [], None  # (text offset, token index) of each piece's first token
+        for i, (word, (start, _)) in enumerate(zip(enc.word_ids, enc.offsets)):
+            if word != seen:
+                starts.append((base + start, i))
+                seen = word
+        bounds = [b for b, _ in starts] + [len(text)]
+        for k in range(len(starts) - UNSTABLE_PIECES, 0, -1):
+            at, index = starts[k]
+            if text[at:bounds[k + 1]].strip() and _separable(text, at):
+                return at, index
+        return base, 0
