@@ -94,6 +94,7 @@ class GuardStream:
         self._turns = turns[:-1]  # every turn before the reply's (from_messages adds an empty agent turn to odd ones)
         self.reply, self.checks, self.closed, self.stopped = "", [], False, None
         self._done, self._unsafe_run = 0, 0
+        self._pending: list[int] = []  # check points crossed and not judged yet (feed's `limit`)
         self._since = Since()  # where the next scan of the reply starts (CheckPoints.scan)
         budget, limit = guard.prompt_limit()
         self._budget, self._limit = budget, limit
@@ -109,10 +110,15 @@ class GuardStream:
         self.on_grow = None  # the host's memory account (the module's docstring)
 
     # -- the caller's side -----------------------------------------------------------------------------
-    def feed(self, text, deadline: float | None = None) -> list[StreamCheck]:
+    def feed(self, text, deadline: float | None = None, limit: int | None = None) -> list[StreamCheck]:
         """Append `text` to the reply; -> the checks of every check point it crossed, in order, up to a stop.
-        `deadline` (time.monotonic()): a check point reached after it stops the stream with an error check."""
+        `deadline` (time.monotonic()): a check point reached after it stops the stream with an error check.
+        `limit`: judge at most this many now; the rest stay `pending` until `resume()` (a host that shares its
+        threads between streams judges a long chunk in slices)."""
         self._accepting("feed")
+        if self._pending:
+            raise InputError(f"feed: {len(self._pending)} check points of the text so far are still to be judged: "
+                             "resume() first")
         text = as_text("text", text, optional=False)  # str or UTF-8 bytes; a lone surrogate is refused here
         self.reply += text
         size = len(self.reply.encode("utf-8"))
@@ -124,7 +130,18 @@ class GuardStream:
             points, self._since = self.points.scan(self.reply, False, self._since)
         except Exception as exc:  # noqa: BLE001 (fail closed: the stream stops with an error, it is never left open)
             return [self.fail(exc)]
-        return self._run(points, deadline)
+        self._pending = points
+        return self._run(deadline, limit)
+
+    @property
+    def pending(self) -> int:
+        """Check points crossed and not judged yet (feed with a `limit`)."""
+        return len(self._pending)
+
+    def resume(self, deadline: float | None = None, limit: int | None = None) -> list[StreamCheck]:
+        """Judge pending check points (at most `limit`), as feed does."""
+        self._accepting("resume")
+        return self._run(deadline, limit)
 
     def check(self) -> StreamCheck:
         """Judge the reply as it stands now (not a check point of the text: the caller's own)."""
@@ -138,7 +155,8 @@ class GuardStream:
             self.closed = True
             return self.stopped.result
         self._accepting("close")
-        self._run(self.points.scan(self.reply, True, self._since)[0])
+        self._pending += self.points.scan(self.reply, True, self._since)[0]
+        self._run()
         if self.stopped is None and (not self.checks or self.checks[-1].position != len(self.reply)):
             self._evaluate(len(self.reply))  # the whole reply, unless its end was a check point
         self.closed = True
@@ -155,7 +173,7 @@ class GuardStream:
         for all its streams); -> that check."""
         check = StreamCheck(len(self.reply), ModerationResult.failed(exc), True)
         self.checks.append(check)
-        self.stopped, self._state = check, None
+        self.stopped, self._state, self._pending = check, None, []
         return check
 
     # -- checks ---------------------------------------------------------------------------------------------
@@ -166,9 +184,13 @@ class GuardStream:
             raise InputError(f"{what}: the stream stopped at character {self.stopped.position} "
                              f"({self.stopped.result.verdict}); it takes no more text")
 
-    def _run(self, points: list[int], deadline: float | None = None) -> list[StreamCheck]:
+    def _run(self, deadline: float | None = None, limit: int | None = None) -> list[StreamCheck]:
+        """Judge the pending points in order: up to `limit`, a stop, or the deadline."""
+        if limit is not None and (not is_int(limit) or limit < 1):
+            raise InputError(f"limit must be None or an int >= 1 (checks to judge now), not {limit!r}")
         out = []
-        for p in points:
+        while self._pending and (limit is None or len(out) < limit):
+            p = self._pending.pop(0)
             if p <= self._done:
                 continue
             if deadline is not None and time.monotonic() > deadline:
@@ -197,7 +219,7 @@ class GuardStream:
         if point:  # a caller's check() is not a check point: the points before it are still judged
             self._done = max(self._done, position)
         if stop:
-            self.stopped, self._state = check, None
+            self.stopped, self._state, self._pending = check, None, []
         return check
 
     def conversation(self, reply: str) -> Conversation:

@@ -66,7 +66,10 @@ class Service:
         self._guards[(principal_of(None), self.base.options.mode, None)] = self.base
         self.batcher = Batcher(self.guard_for, self.config.max_batch, self.config.batch_wait_s,
                                self.config.queue_size, on_batch=lambda n, s: self.metrics.batch.observe(n))
-        self.workers = FairWorkers(self.config.stream_workers, self.config.max_streams + self.config.queue_size)
+        # one request at a time per stream, so a client waits on at most its streams' and its creations' requests
+        cfg = self.config
+        self.workers = FairWorkers(cfg.stream_workers, cfg.max_streams + cfg.queue_size,
+                                   2 * cfg.client_streams if cfg.keys() else None)
         threading.Thread(target=self._reap, name="stream-reaper", daemon=True).start()
         if self.config.warmup:  # builds the policy prefix, runs every session once
             result = self.base.moderate(text="warm-up")
@@ -149,10 +152,11 @@ def create_app(bundle, config: ServeConfig | None = None, guard_options=None):
     app = FastAPI(title="omniguard-edge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
 
-    def problem(status: int, kind: str, message: str, endpoint: str, headers=None):
+    def problem(status: int, kind: str, message: str, endpoint: str, headers=None, extra: dict | None = None):
         service.metrics.errors.labels(kind).inc()
         service.metrics.requests.labels(endpoint, str(status)).inc()
-        return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
+        return JSONResponse({"error": {"type": kind, "message": message, **(extra or {})}}, status_code=status,
+                            headers=headers)
 
     def public(result: dict) -> dict:
         """A result as answered: without stage timings and token times unless ServeConfig.stage_timings."""

@@ -106,7 +106,7 @@ class Streams:
             self._admit(key)  # raced with others: still bounded
             self.open[sid] = OpenStream(sid, stream, key, now, now)
         if deadline is not None and time.monotonic() > deadline:  # its caller was answered 504: nobody has the id
-            self._drop(sid)
+            self.drop(sid)
             raise TimeoutError("the stream was made after its request's timeout")
         return sid, self.open[sid]
 
@@ -142,25 +142,47 @@ class Streams:
             entry.busy, entry.used = True, time.monotonic()
         return entry
 
-    def release(self, entry: OpenStream) -> None:
+    def release(self, entry: OpenStream, stop: bool = False) -> None:
+        """The request of `entry` is over. `stop`: its chunk was taken and not wholly judged (its request timed out
+        or went away): the stream stops with an error check, fail closed (nobody received the rest's checks)."""
+        stream = entry.stream
+        if stop and stream.stopped is None and not stream.closed:
+            stream.fail(TimeoutError("the chunk's request ended before its checks were answered: the stream stops"))
         with self._lock:
+            if stream.stopped is not None:  # the cache is gone with the stop
+                self.reserved.pop(entry.sid, None)
             entry.busy, entry.used = False, time.monotonic()
 
-    def feed(self, entry: OpenStream, text: str, deadline: float | None = None) -> dict:
-        checks = entry.stream.feed(text, deadline=deadline)
+    def feed(self, entry: OpenStream, text: str, deadline: float | None = None, limit: int | None = None) -> dict:
+        """The chunk's checks, at most `limit` of them now ("more": the rest wait for `resume`)."""
+        return self._answer(entry, entry.stream.feed(text, deadline=deadline, limit=limit))
+
+    def resume(self, entry: OpenStream, deadline: float | None = None, limit: int | None = None) -> dict:
+        return self._answer(entry, entry.stream.resume(deadline=deadline, limit=limit))
+
+    def _answer(self, entry: OpenStream, checks: list) -> dict:
         if entry.stream.stopped is not None:  # the cache is gone with the stop
             with self._lock:
                 self.reserved.pop(entry.sid, None)
-        return {"checks": [check_json(c) for c in checks], "stopped": entry.stream.stopped is not None}
+        return {"checks": [check_json(c) for c in checks], "stopped": entry.stream.stopped is not None,
+                "more": entry.stream.pending > 0}
+
+    def admit_client(self, principal: str) -> None:
+        """StreamLimitError when this client may open no stream now (checked again, whole, when it is made)."""
+        with self._lock:
+            mine = sum(1 for e in self.open.values() if e.key[0] == principal)
+            if self.config.keys() and mine >= self.config.client_streams:
+                raise StreamLimitError(f"this client has {mine} open streams, the most one client may keep "
+                                       f"({self.config.client_streams}): close one or wait")
 
     def close(self, entry: OpenStream) -> dict:
         result = entry.stream.close()
-        self._drop(entry.sid)
+        self.drop(entry.sid)
         out = self.public(result.to_dict())
         out["flagged"] = result.verdict != "safe"
         return {"result": out, "flagged": out["flagged"]}
 
-    def _drop(self, sid: str) -> None:
+    def drop(self, sid: str) -> None:
         with self._lock:
             self.open.pop(sid, None)
             self.reserved.pop(sid, None)

@@ -1,8 +1,8 @@
 """The threads that judge stream requests (a stream's creation encodes its media, a chunk runs its checks), shared
 fairly between clients.
 
-`submit(client, fn)` queues `fn` and returns its Future, or raises `QueueFull` past `max_pending` jobs in all. The
-workers take the clients in turn (round robin: the next job is the oldest of the client after the one served last),
+`submit(client, fn)` queues `fn` and returns its Future, or raises `QueueFull` past `max_pending` jobs in all or
+`per_client` of one client (so that one client's queued jobs cannot fill the queue for everyone). The workers take the clients in turn (round robin: the next job is the oldest of the client after the one served last),
 so a client with many jobs waiting delays another's by at most one job per worker, never by its whole queue. A job
 whose Future was cancelled before it started is skipped. `close` takes no more jobs and cancels the waiting ones.
 """
@@ -17,10 +17,11 @@ from .batcher import Closed, QueueFull
 
 
 class FairWorkers:
-    def __init__(self, workers: int, max_pending: int, name: str = "omniguard-stream"):
-        if workers < 1 or max_pending < 1:
-            raise ValueError("FairWorkers needs workers >= 1 and max_pending >= 1")
-        self.max_pending = max_pending
+    def __init__(self, workers: int, max_pending: int, per_client: int | None = None, name: str = "omniguard-stream"):
+        per_client = max_pending if per_client is None else per_client
+        if workers < 1 or max_pending < 1 or per_client < 1:
+            raise ValueError("FairWorkers needs workers >= 1, max_pending >= 1 and per_client >= 1")
+        self.max_pending, self.per_client = max_pending, per_client
         self._queues: OrderedDict[str, deque] = OrderedDict()  # clients in turn order, each its jobs in order
         self._pending = 0
         self._closed = False
@@ -39,7 +40,7 @@ class FairWorkers:
         with self._cond:
             if self._closed:
                 raise Closed()
-            if self._pending >= self.max_pending:
+            if self._pending >= self.max_pending or len(self._queues.get(client, ())) >= self.per_client:
                 raise QueueFull()
             self._queues.setdefault(client, deque()).append((fn, future))
             self._pending += 1

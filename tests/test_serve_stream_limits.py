@@ -18,6 +18,7 @@ from test_serve import Server, _free_port  # noqa: E402
 from omniguard_edge.runtime.guard import GuardOptions  # noqa: E402
 from omniguard_edge.serve.config import ServeConfig, principal_of  # noqa: E402
 from omniguard_edge.serve.streams import StreamBusy, StreamLimitError  # noqa: E402
+from omniguard_edge.serve.batcher import QueueFull  # noqa: E402
 from omniguard_edge.serve.workers import FairWorkers  # noqa: E402
 
 KEYS = {"OMNIGUARD_API_KEYS": "alpha-key, beta-key"}
@@ -188,4 +189,84 @@ def test_stream_workers_take_the_clients_in_turn():
             f.result(10)
         assert ran == ["a0", "b", "a1", "a2", "a3", "a4"]
     finally:
+        workers.close()
+
+
+def test_a_late_answer_is_undone_and_says_so(tiny_bundle):
+    """A chunk whose job is running at its timeout: 504 with taken true, and the stream stops once the job ends
+    (nobody received its checks); a stream made after its request's timeout is dropped (nobody has its id)."""
+    s = InProcess(tiny_bundle, ServeConfig(timeout_s=1.0, stream_workers=1))
+    streams = s.service.streams
+    gate = threading.Event()
+    try:
+        sid = s.post("/v1/streams", {"prompt": "x"})[1]["id"]
+        feed, create = streams.feed, streams.create
+        streams.feed = lambda *a, **k: (gate.wait(), feed(*a, **k))[1]
+        status, body, _ = s.post(f"/v1/streams/{sid}/chunks", {"text": "Hello there, all is fine."})
+        assert status == 504 and body["error"]["taken"] is True and "stream stops" in body["error"]["message"]
+        gate.set()
+        for _ in range(100):
+            if not streams.open[sid].busy:
+                break
+            time.sleep(0.05)
+        stopped = streams.open[sid].stream.stopped
+        assert stopped is not None and stopped.result.verdict == "error" and sid not in streams.reserved
+        assert s.post(f"/v1/streams/{sid}/chunks", {"text": "more"})[0] == 400
+        streams.feed = feed
+
+        gate.clear()
+        streams.create = lambda *a, **k: (gate.wait(), create(*a, **k))[1]
+        before = set(streams.open)
+        status, body, _ = s.post("/v1/streams", {"prompt": "y"})
+        assert status == 504 and body["error"]["taken"] is True
+        gate.set()
+        time.sleep(0.5)
+        assert set(streams.open) == before  # made after the timeout, then dropped
+    finally:
+        gate.set()
+        s.stop()
+
+
+def test_a_long_chunk_is_judged_in_slices_and_another_client_gets_its_turn(tiny_bundle):
+    """One worker. alpha's chunk crosses ~200 check points (slices of 4, about 2.5 s on tiny); beta's chunk, sent
+    while alpha's runs, is answered first (in one job it waited for all of alpha's); alpha's answer holds every
+    check, equal to a local stream's."""
+    from omniguard_edge.runtime.guard import Guard
+
+    s = InProcess(tiny_bundle, ServeConfig(stream_workers=1, api_keys=("alpha-key", "beta-key")))
+    text = " ".join(f"w{i % 89}" for i in range(1200))
+    try:
+        a = s.post("/v1/streams", {"prompt": "p", "every": 16, "hysteresis": 10**6}, headers=ALPHA)[1]["id"]
+        b = s.post("/v1/streams", {"prompt": "q", "every": 16}, headers=BETA)[1]["id"]
+        done, answers = [], {}
+
+        def send(name, sid, headers, chunk):
+            answers[name] = s.post(f"/v1/streams/{sid}/chunks", {"text": chunk}, headers=headers)
+            done.append(name)
+        slow = threading.Thread(target=send, args=("alpha", a, ALPHA, text))
+        slow.start()
+        time.sleep(0.3)
+        send("beta", b, BETA, "Fine. ")
+        slow.join(120)
+        assert done == ["beta", "alpha"], done
+        status, body, _ = answers["alpha"]
+        local = Guard.from_bundle(tiny_bundle, GuardOptions(mode="verdict")).stream("p", every=16,
+                                                                                    hysteresis=10**6)
+        expected = [c.position for c in local.feed(text)]
+        assert status == 200 and len(expected) > 100 and [c["position"] for c in body["checks"]] == expected
+    finally:
+        s.stop()
+
+
+def test_one_client_cannot_fill_the_stream_queue():
+    workers, gate = FairWorkers(1, 16, per_client=2), threading.Event()
+    try:
+        workers.submit("x", gate.wait)
+        workers.submit("a", lambda: None)
+        workers.submit("a", lambda: None)
+        with pytest.raises(QueueFull):
+            workers.submit("a", lambda: None)
+        workers.submit("b", lambda: None)  # another client still gets in
+    finally:
+        gate.set()
         workers.close()

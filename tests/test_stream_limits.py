@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from omniguard_edge.runtime.errors import MemoryBudgetError
+from omniguard_edge.runtime.errors import InputError, MemoryBudgetError
 from omniguard_edge.runtime.guard import Guard
 
 PROMPT = "How do I get the thing done?"
@@ -99,3 +99,21 @@ def test_a_stream_keeps_no_preprocessed_rows(guard, media_dir):
     checks = stream.feed("It is fine, nothing to see here at all. ")
     full = guard.moderate(PROMPT, "It is fine, nothing to see here at all. "[:checks[0].position], image=image)
     assert abs(checks[0].result.p_unsafe - full.p_unsafe) <= P_TOL
+
+
+def test_a_chunk_can_be_judged_in_slices(guard):
+    """feed(limit=k) judges k check points and leaves the rest pending until resume(): the same checks as one feed;
+    feeding more text while points are pending is refused (the order of the text would be lost)."""
+    text = "word " * 60
+    whole = guard.stream(PROMPT, every=4, hysteresis=10**6)
+    expected = [(c.position, c.result.p_unsafe) for c in whole.feed(text)]
+    sliced = guard.stream(PROMPT, every=4, hysteresis=10**6)
+    got = sliced.feed(text, limit=3)
+    assert len(got) == 3 and sliced.pending == len(expected) - 3
+    with pytest.raises(InputError, match="resume"):
+        sliced.feed("more")
+    while sliced.pending:
+        got += sliced.resume(limit=3)
+    assert [(c.position, c.result.p_unsafe) for c in got] == expected
+    with pytest.raises(InputError, match="limit must be"):
+        sliced.resume(limit=0)
