@@ -119,6 +119,10 @@ class Streams:
         if len(self.open) >= cfg.max_streams:
             raise StreamLimitError(f"{len(self.open)} streams are open, the most this service keeps "
                                    f"({cfg.max_streams}): close one or wait")
+        held = {e.key for e in self.open.values()}
+        if key not in held and len(held) >= cfg.guards:  # as Service.guard_for decides; again here, when it is made
+            raise StreamLimitError(f"all {cfg.guards} Guards of the service serve open streams (ServeConfig.guards): "
+                                   "close a stream or use its mode and categories")
         if not cfg.keys():  # no API keys: every request is the one client, the service's limits are its
             return
         mine = [e.key for e in self.open.values() if e.key[0] == principal]
