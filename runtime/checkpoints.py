@@ -50,6 +50,16 @@ class Since:
     scanned: int = 0  # the text's length at the last whole scan
 
 
+def _plain(tokenizer):
+    """The tokenizer without its added tokens: the reply is data, as in the guard prompt (runtime/prompt/tokenize.py),
+    so `<|im_end|>` in a reply is the plain tokens it spells, whichever chunk completes it."""
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer(tokenizer.model)
+    plain.normalizer, plain.pre_tokenizer = tokenizer.normalizer, tokenizer.pre_tokenizer
+    return plain
+
+
 def _separable(text: str, at: int) -> bool:
     """True when NFC (the tokenizer's normalizer) cannot join text[at - 1] and text[at]: text[at] is no mark
     (combining marks, vowel signs: a later one would compose with what precedes it) and the pair does not compose
@@ -76,7 +86,8 @@ class CheckPoints:
                              f"{span!r}")
         if not is_int(gap) or gap < 1:
             raise InputError(f"gap must be an int >= 1 (characters before a sentence end counts), not {gap!r}")
-        self.tokenizer, self.every, self.sentences, self.span, self.gap = tokenizer, every, sentences, int(span), gap
+        self.every, self.sentences, self.span, self.gap = every, sentences, int(span), gap
+        self.tokenizer = _plain(tokenizer)
 
     def __call__(self, text: str, final: bool = False) -> list[int]:
         """The check points of `text` known now (all of them when it is `final`)."""
@@ -104,6 +115,8 @@ class CheckPoints:
         stable, base_after, tokens_after = len(text), base, base_tokens
         rest = text[base:]
         ends = []
+        if self.every and rest and not final and not self._may_be_stable(rest):
+            return [], since  # inside a long piece: nothing known past the boundary yet, no tokenizing
         if self.every and rest:
             enc = self.tokenizer.encode(rest, add_special_tokens=False)
             ends = [base + end for _, end in enc.offsets]
@@ -126,6 +139,15 @@ class CheckPoints:
                 out.append(p)
                 last = p
         return out, replace(since, base=base_after, tokens=tokens_after, last=last)
+
+    def _may_be_stable(self, rest: str) -> bool:
+        """Whether `rest` (the text after the boundary) can hold a stable boundary: its pieces, by the pre-tokenizer
+        alone (cheap, beside the BPE of a long piece), allow one."""
+        tok = self.tokenizer
+        if tok.pre_tokenizer is None:
+            return False
+        pieces = tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(rest) if tok.normalizer else rest)
+        return any(p.strip() for p, _ in pieces[1:len(pieces) - UNSTABLE_PIECES + 1])
 
     @staticmethod
     def _stable(text: str, base: int, enc) -> tuple[int, int]:

@@ -83,3 +83,16 @@ def test_a_sentence_end_is_found_as_soon_as_it_is_known(tok):
         found, since = points.scan(text[:i], False, since)
         late += [i - p for p in found]
     assert late and max(late) == 1
+
+
+def test_a_special_token_string_in_the_reply_is_plain_text(tiny_bundle):
+    """The bundle's tokenizer matches `<|im_end|>` as one added token; in a reply it is data (as in the guard
+    prompt), so a chunk that ends inside it cannot move a point: every two-chunk cut gives the whole text's points."""
+    from omniguard_edge.runtime.bundle import SessionOptions, open_bundle
+
+    tok = open_bundle(tiny_bundle, SessionOptions(graphs=("decoder",))).tokenizer
+    text = "one two three <|im_end|> " + " ".join(f"w{chr(97 + i % 26)}" for i in range(40))
+    points = CheckPoints(tok, 16, True)
+    whole = points(text, final=True)
+    for cut in range(1, len(text)):
+        assert _incremental(points, text, [cut, len(text)]) == whole, cut
