@@ -57,6 +57,11 @@ log = logging.getLogger(__name__)
 TAIL_MARGIN = 2  # tokens before the tail that the cache leaves out (a reply's end can merge with the tail's start)
 
 
+def _check_limit(limit) -> None:
+    if limit is not None and (not is_int(limit) or limit < 1):
+        raise InputError(f"limit must be None or an int >= 1 (checks to judge now), not {limit!r}")
+
+
 def _rows(value) -> int:
     """Positions a cache tensor has room for: an array's, or an OrtValue's (a resident cache)."""
     return int(value.shape[2] if isinstance(value, np.ndarray) else value.shape()[2])
@@ -116,6 +121,7 @@ class GuardStream:
         `limit`: judge at most this many now; the rest stay `pending` until `resume()` (a host that shares its
         threads between streams judges a long chunk in slices)."""
         self._accepting("feed")
+        _check_limit(limit)  # before the text is taken
         if self._pending:
             raise InputError(f"feed: {len(self._pending)} check points of the text so far are still to be judged: "
                              "resume() first")
@@ -186,8 +192,7 @@ class GuardStream:
 
     def _run(self, deadline: float | None = None, limit: int | None = None) -> list[StreamCheck]:
         """Judge the pending points in order: up to `limit`, a stop, or the deadline."""
-        if limit is not None and (not is_int(limit) or limit < 1):
-            raise InputError(f"limit must be None or an int >= 1 (checks to judge now), not {limit!r}")
+        _check_limit(limit)
         out = []
         while self._pending and (limit is None or len(out) < limit):
             p = self._pending.pop(0)

@@ -84,7 +84,7 @@ def add_routes(app, service, http):
         answer, job, taken = None, work.first, False
         while True:
             try:
-                future = service.workers.submit(client, job)
+                future = service.workers.submit(client, job, admitted=taken)
             except (QueueFull, Closed) as exc:
                 work.release(taken)
                 if isinstance(exc, QueueFull):
@@ -93,17 +93,22 @@ def add_routes(app, service, http):
             try:
                 out = await asyncio.wait_for(asyncio.wrap_future(future), max(0.0, deadline - time.monotonic()))
             except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
-                gone = isinstance(exc, asyncio.CancelledError)  # the request's task: its client went away
+                # this request's task cancelled (its client went away, a forced shutdown), not only its job (the
+                # workers closed: that is a 503)
+                gone = isinstance(exc, asyncio.CancelledError) and asyncio.current_task().cancelling() > 0
+                closed = isinstance(exc, asyncio.CancelledError) and not gone
                 if future.cancel():  # not started (or cancelled already): it never will
                     work.release(taken)
                     ended = False
                 elif future.done() and not gone:  # it ended in the meantime: its answer stands
                     ended, out = True, future.exception() or future.result()
                 else:  # running: settled (the stream stopped, a made stream dropped) once it ends
-                    future.add_done_callback(lambda f: _settle(work, f))
+                    future.add_done_callback(lambda f, prior=taken: _settle(work, f, prior))
                     ended, taken = False, True
                 if gone:
                     raise
+                if closed and not ended:
+                    return http.problem(503, "not_ready", "the service is stopping", endpoint, extra={"taken": taken})
                 if not ended:
                     return http.problem(504, "timeout", f"not judged within {config.timeout_s:g} s; " + (
                         "it was taken and is undone: a chunk's stream stops (its checks were not all answered), a "
@@ -133,8 +138,9 @@ def add_routes(app, service, http):
         if isinstance(exc, StreamBusy):
             return http.problem(409, "conflict", "a chunk of this stream is being judged: send the next one after "
                                 "its answer (its text was not taken)", endpoint)
-        if isinstance(exc, TimeoutError):
-            return http.problem(504, "timeout", f"not judged within {config.timeout_s:g} s", endpoint)
+        if isinstance(exc, TimeoutError):  # a stream made after its request's timeout, dropped
+            return http.problem(504, "timeout", f"not judged within {config.timeout_s:g} s; the stream made for it "
+                                "was dropped", endpoint, extra={"taken": True})
         raise exc
 
     @app.post("/v1/streams", status_code=201)
@@ -167,8 +173,10 @@ def add_routes(app, service, http):
         return await ask(request, "stream_close", plan, empty_body=True)
 
 
-def _settle(work: Work, future) -> None:
-    """A slice that ended after its request gave up: a made stream goes; a chunk's stream stops; then the release."""
-    if not future.cancelled() and future.exception() is None:
+def _settle(work: Work, future, prior: bool) -> None:
+    """A slice that ended after its request gave up: a made stream goes; a chunk's stream stops (unless this, its
+    first slice, refused its text and nothing was taken before); then the release."""
+    done = not future.cancelled() and future.exception() is None
+    if done:
         work.abandon(future.result())
-    work.release(True)
+    work.release(prior or done)

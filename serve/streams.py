@@ -15,9 +15,10 @@ keeps `guards`); the decoder cache the streams hold (`stream_kv_bytes`, `client_
 check makes a cache grow: a check that would pass either stops its stream with an `error` check (fail closed)
 before the memory is taken; idle time (`stream_idle_s`) and lifetime (`stream_lifetime_s`), after which a stream is
 dropped with its cache (404 then). Stream requests run on `stream_workers` threads that take the clients in turn
-(serve/workers.py); one not judged within `timeout_s` is a 504: if it had not started, nothing was taken; a chunk
-whose checks had started stops its stream at its next check point (part of it was judged). On shutdown every open
-stream is closed: a request to it then gets 410.
+(serve/workers.py), a long chunk in slices (serve/stream_routes.py); one not judged within `timeout_s` is a 504
+that says whether anything was taken: if it had not started, nothing was; a chunk whose job had started stops its
+stream once that job ends (its checks were not all answered), a stream made for nobody is dropped. On shutdown
+every open stream is closed: a request to it then gets 410.
 """
 
 from __future__ import annotations

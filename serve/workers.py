@@ -2,8 +2,9 @@
 fairly between clients.
 
 `submit(client, fn)` queues `fn` and returns its Future, or raises `QueueFull` past `max_pending` jobs in all or
-`per_client` of one client (so that one client's queued jobs cannot fill the queue for everyone). The workers take the clients in turn (round robin: the next job is the oldest of the client after the one served last),
-so a client with many jobs waiting delays another's by at most one job per worker, never by its whole queue. A job
+`per_client` of one client (so that one client's queued jobs cannot fill the queue for everyone). The workers
+take the clients in turn (round robin: the next job is the oldest of the client after the one served last), so a
+client with many jobs waiting delays another's by at most one job per worker, never by its whole queue. A job
 whose Future was cancelled before it started is skipped. `close` takes no more jobs and cancels the waiting ones.
 """
 
@@ -35,12 +36,15 @@ class FairWorkers:
         with self._cond:
             return self._pending
 
-    def submit(self, client: str, fn) -> Future:
+    def submit(self, client: str, fn, admitted: bool = False) -> Future:
+        """`admitted`: the next slice of a request already taken (never refused for the bounds: refusing it would
+        undo work already done)."""
         future = Future()
         with self._cond:
             if self._closed:
                 raise Closed()
-            if self._pending >= self.max_pending or len(self._queues.get(client, ())) >= self.per_client:
+            if not admitted and (self._pending >= self.max_pending
+                                 or len(self._queues.get(client, ())) >= self.per_client):
                 raise QueueFull()
             self._queues.setdefault(client, deque()).append((fn, future))
             self._pending += 1

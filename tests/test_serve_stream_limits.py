@@ -267,6 +267,32 @@ def test_one_client_cannot_fill_the_stream_queue():
         with pytest.raises(QueueFull):
             workers.submit("a", lambda: None)
         workers.submit("b", lambda: None)  # another client still gets in
+        workers.submit("a", lambda: None, admitted=True)  # the next slice of a request already taken is never refused
     finally:
         gate.set()
         workers.close()
+
+
+def test_a_chunk_waiting_when_the_workers_close_is_a_503(tiny_bundle):
+    """Shutdown closes the stream workers: a chunk still queued is answered 503 with taken false (it was a 500),
+    and its stream is released."""
+    s = InProcess(tiny_bundle, ServeConfig(stream_workers=1))
+    gate, answer = threading.Event(), {}
+    try:
+        sid = s.post("/v1/streams", {"prompt": "x"})[1]["id"]
+        s.service.workers.submit("someone", gate.wait)  # the only worker is busy
+        sender = threading.Thread(target=lambda: answer.update(r=s.post(f"/v1/streams/{sid}/chunks",
+                                                                        {"text": "Hello there."})))
+        sender.start()
+        for _ in range(100):
+            if s.service.workers.pending:
+                break
+            time.sleep(0.02)
+        s.service.workers.close()
+        sender.join(30)
+        status, body, _ = answer["r"]
+        assert status == 503 and body["error"]["taken"] is False
+        assert not s.service.streams.open[sid].busy and s.service.streams.open[sid].stream.reply == ""
+    finally:
+        gate.set()
+        s.stop()

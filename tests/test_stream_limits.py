@@ -117,3 +117,6 @@ def test_a_chunk_can_be_judged_in_slices(guard):
     assert [(c.position, c.result.p_unsafe) for c in got] == expected
     with pytest.raises(InputError, match="limit must be"):
         sliced.resume(limit=0)
+    with pytest.raises(InputError, match="limit must be"):
+        sliced.feed("more text", limit=0)
+    assert sliced.reply == text and sliced.pending == 0  # refused before the text was taken
