@@ -146,8 +146,9 @@ class CheckPoints:
         tok = self.tokenizer
         if tok.pre_tokenizer is None:
             return False
-        pieces = tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(rest) if tok.normalizer else rest)
-        return any(p.strip() for p, _ in pieces[1:len(pieces) - UNSTABLE_PIECES + 1])
+        normalized = tok.normalizer.normalize_str(rest) if tok.normalizer else rest
+        pieces = tok.pre_tokenizer.pre_tokenize_str(normalized)  # byte-level pieces: read the text by their offsets
+        return any(normalized[a:b].strip() for _, (a, b) in pieces[1:len(pieces) - UNSTABLE_PIECES + 1])
 
     @staticmethod
     def _stable(text: str, base: int, enc) -> tuple[int, int]:

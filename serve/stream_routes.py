@@ -89,7 +89,7 @@ def add_routes(app, service, http):
                 work.release(taken)
                 if isinstance(exc, QueueFull):
                     return http.problem(429, "busy", "too many stream requests waiting", endpoint, {"Retry-After": "1"})
-                return http.problem(503, "not_ready", "the service is stopping", endpoint)
+                return http.problem(503, "not_ready", "the service is stopping", endpoint, extra={"taken": taken})
             try:
                 out = await asyncio.wait_for(asyncio.wrap_future(future), max(0.0, deadline - time.monotonic()))
             except (asyncio.TimeoutError, asyncio.CancelledError) as exc:

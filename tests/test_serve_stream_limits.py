@@ -277,10 +277,11 @@ def test_a_chunk_waiting_when_the_workers_close_is_a_503(tiny_bundle):
     """Shutdown closes the stream workers: a chunk still queued is answered 503 with taken false (it was a 500),
     and its stream is released."""
     s = InProcess(tiny_bundle, ServeConfig(stream_workers=1))
-    gate, answer = threading.Event(), {}
+    gate, running, answer = threading.Event(), threading.Event(), {}
     try:
         sid = s.post("/v1/streams", {"prompt": "x"})[1]["id"]
-        s.service.workers.submit("someone", gate.wait)  # the only worker is busy
+        s.service.workers.submit("someone", lambda: (running.set(), gate.wait()))  # the only worker is busy
+        assert running.wait(10)
         sender = threading.Thread(target=lambda: answer.update(r=s.post(f"/v1/streams/{sid}/chunks",
                                                                         {"text": "Hello there."})))
         sender.start()
