@@ -17,8 +17,8 @@ as text arrives; the pieces are the tokenizer's own, on its normalized text), a 
 character. The
 scan of a chunk starts at the last stable piece boundary, so each chunk costs the text since then, not the reply;
 with `every`, a long tail without a stable boundary (one long word, 8,000 line breaks) is scanned again only once
-it has grown by an eighth, so that feeding it character by character costs O(n), not O(n^2) (its points come out a little later;
-the span points, found on their own, do not wait).
+it has grown by an eighth, so that feeding it character by character costs O(n), not O(n^2) (its points come out a
+little later; the span points, found on their own, do not wait).
 """
 
 from __future__ import annotations
@@ -48,6 +48,12 @@ class Since:
     tokens: int = 0
     last: int = 0
     scanned: int = 0  # the text's length at the last whole scan
+
+
+def _candidates(pieces: int) -> range:
+    """The pieces (by index, last first) whose start may be a stable boundary: not the first (it starts at the
+    boundary already known) and with UNSTABLE_PIECES - 1 pieces or more after it."""
+    return range(pieces - UNSTABLE_PIECES, 0, -1)
 
 
 def _plain(tokenizer):
@@ -148,7 +154,7 @@ class CheckPoints:
             return False
         normalized = tok.normalizer.normalize_str(rest) if tok.normalizer else rest
         pieces = tok.pre_tokenizer.pre_tokenize_str(normalized)  # byte-level pieces: read the text by their offsets
-        return any(normalized[a:b].strip() for _, (a, b) in pieces[1:len(pieces) - UNSTABLE_PIECES + 1])
+        return any(normalized[slice(*pieces[k][1])].strip() for k in _candidates(len(pieces)))
 
     @staticmethod
     def _stable(text: str, base: int, enc) -> tuple[int, int]:
@@ -164,7 +170,7 @@ class CheckPoints:
                 starts.append((base + start, i))
                 seen = word
         bounds = [b for b, _ in starts] + [len(text)]
-        for k in range(len(starts) - UNSTABLE_PIECES, 0, -1):
+        for k in _candidates(len(starts)):
             at, index = starts[k]
             if text[at:bounds[k + 1]].strip() and _separable(text, at):
                 return at, index

@@ -47,6 +47,7 @@ from .checked import is_int
 from .checkpoints import CheckPoints, Since
 from .decode import SCORE_MARGIN, FastDecoder, fork, kv_nbytes
 from .errors import InputError, OmniGuardError
+from .memory import kv_bytes
 from .prefix import common_prefix
 from .prompt import Conversation, Turn, template_kind
 from .request import Request
@@ -110,8 +111,6 @@ class GuardStream:
         self._feats = guard.media.encode(self._prep, {}, guard.plan(self._prep, len(empty), budget)[1])
         self._prep = self._prep.without_rows()  # the checks need the features, the grids and the sizes only
         self._state, self._ids, self.tail_tokens = None, [], self._tail_length()
-        d = guard.decoder
-        self._row_bytes = 2 * d.layers * d.kv_heads * d.head_dim * 4  # one cached position, float32 on the host
         self.on_grow = None  # the host's memory account (the module's docstring)
 
     # -- the caller's side -----------------------------------------------------------------------------
@@ -268,23 +267,24 @@ class GuardStream:
         cache."""
         g = self.guard
         need = len(ids) + self._budget + SCORE_MARGIN
+        have = 0 if self._state is None else _rows(self._state.past[0])
+        capacity = have if have >= need else 2 * need  # the fast decoder's buffers grow geometrically
         if self.on_grow is not None:  # the rows the kept cache will hold: the fast decoder's buffers, or `keep`
-            have = 0 if self._state is None else _rows(self._state.past[0])
-            rows = (have if have >= need else 2 * need) if isinstance(g.decoder, FastDecoder) else keep
+            rows = capacity if isinstance(g.decoder, FastDecoder) else keep
             if rows > have:
-                self.on_grow(rows * self._row_bytes)
-        if self._state is None:
-            state, reused = g.prefixes.start(ids, kind, positions, delta, run_options, 2 * need) \
+                self.on_grow(kv_bytes(g.geometry, rows))
+        fresh = self._state is None
+        if fresh:
+            state, reused = g.prefixes.start(ids, kind, positions, delta, run_options, capacity) \
                 if g.options.prefix_cache else (None, 0)
-            self._state = state if state is not None else g.decoder.start(delta, run_options, capacity=2 * need)
+            self._state = state if state is not None else g.decoder.start(delta, run_options, capacity=capacity)
             self._ids = list(ids[:reused])
         state = self._state
         shared = min(common_prefix(self._ids, ids), keep)
         g.decoder.truncate(state, shared)
         state.rope_delta, state.run_options = delta, run_options
-        # the fast decoder's buffers (the standard one's cache grows by itself: reserve is a no-op there)
-        if isinstance(state.past[0], np.ndarray) and state.past[0].shape[2] < need:
-            g.decoder.reserve(state, 2 * need)
+        if not fresh and capacity > have:  # the fast decoder's buffers (the standard one's cache grows by itself)
+            g.decoder.reserve(state, capacity)
         if keep > shared:
             g.decoder.extend(state, embeds[:, shared:keep], positions[:, :, shared:keep], g.decoder.prefill_chunk)
         self._ids = list(ids[:keep])
