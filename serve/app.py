@@ -35,7 +35,7 @@ from .batcher import Batcher, Closed, QueueFull
 from .metrics import Metrics
 from .config import ServeConfig, is_loopback, principal_of
 from .stream_routes import add_routes
-from .streams import StreamLimitError, Streams
+from .streams import Streams
 from .workers import FairWorkers
 
 log = logging.getLogger("omniguard_edge.serve")
@@ -56,7 +56,7 @@ class Service:
         self._guards: OrderedDict = OrderedDict()
         self.base = None
         self.batcher: Batcher | None = None
-        self.streams = Streams(lambda key: self.guard_for(key, for_stream=True), config)
+        self.streams = Streams(self.guard_for, config)
         self.workers: FairWorkers | None = None  # stream requests; one open stream has at most one queued
 
     def start(self) -> None:
@@ -91,13 +91,13 @@ class Service:
         if self.batcher is not None:
             self.batcher.close(drain=True)
 
-    def guard_for(self, key: tuple, for_stream: bool = False):
+    def guard_for(self, key: tuple):
         """The Guard for (client, mode, categories): the served one's options with that mode and policy subset; each
         client its own Guard (own encoder cache: one client cannot time another's cached media). The service keeps
         `guards` of them, least recently used dropped first; a Guard an open stream holds is kept. When every kept
-        Guard serves open streams, a stream of other settings is refused (StreamLimitError: each client holds at most
-        `client_guards` of them), and a one-shot request gets a Guard of its own, used for its batch and dropped (its
-        policy prefix built again: slower, never refused)."""
+        Guard serves open streams, a request of other settings gets a Guard of its own, not kept: a one-shot request
+        uses it for its batch (its policy prefix built again: slower, never refused); a stream of other settings was
+        refused before (Streams: the same bound, each client holding at most `client_guards`)."""
         import dataclasses
 
         from ..runtime.guard import Guard
@@ -117,9 +117,6 @@ class Service:
                                               category_thresholds=renamed or None)
             in_use = self.streams.in_use()
             full = key not in in_use and len(in_use) >= self.config.guards
-            if full and for_stream:
-                raise StreamLimitError(f"all {self.config.guards} Guards of the service serve open streams "
-                                       "(ServeConfig.guards): close a stream or use its mode and categories")
             guard = Guard(self.base.bundle, options)  # the same sessions: only the prompt and the budget differ
             if full:
                 return guard

@@ -29,6 +29,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from ..runtime.checked import is_int
 from ..runtime.errors import InputError, MemoryBudgetError
 from .inputs import MODES, guard_request
 
@@ -45,6 +46,7 @@ class OpenStream:
     created: float
     used: float
     busy: bool = False  # a request of this stream is queued or running
+    reserved: int = 0  # cache bytes it may hold (asked before its cache grows; none once it stopped)
 
 
 class StreamLimitError(Exception):
@@ -70,7 +72,6 @@ class Streams:
         self.guard_for, self.config, self.public = guard_for, config, public
         self.open: dict[str, OpenStream] = {}
         self.closed_by_stop: set[str] = set()
-        self.reserved: dict[str, int] = {}  # cache bytes each stream may hold (asked before its cache grows)
         self._lock = threading.Lock()
         self.stopping = False
 
@@ -83,7 +84,7 @@ class Streams:
             raise InputError(f"unknown field(s) {unknown}: {', '.join(sorted(STREAM_FIELDS))}")
         options = {k: body[k] for k in ("every", "sentences", "hysteresis") if k in body}
         every = options.get("every", 64)
-        if isinstance(every, int) and not isinstance(every, bool) and 0 < every < MIN_EVERY:
+        if is_int(every) and 0 < every < MIN_EVERY:
             raise InputError(f"every must be at least {MIN_EVERY} reply tokens here (or null: sentence ends only), not "
                              f"{every}")
         request = {k: body[k] for k in ("prompt", "conversation", "media", "categories", "mode") if k in body}
@@ -121,15 +122,13 @@ class Streams:
             raise StreamLimitError(f"{len(self.open)} streams are open, the most this service keeps "
                                    f"({cfg.max_streams}): close one or wait")
         held = {e.key for e in self.open.values()}
-        if key not in held and len(held) >= cfg.guards:  # as Service.guard_for decides; again here, when it is made
+        if key not in held and len(held) >= cfg.guards:  # the Guards streams hold: Service.guard_for keeps them
             raise StreamLimitError(f"all {cfg.guards} Guards of the service serve open streams (ServeConfig.guards): "
                                    "close a stream or use its mode and categories")
         if not cfg.keys():  # no API keys: every request is the one client, the service's limits are its
             return
+        self._within_client_streams(principal)
         mine = [e.key for e in self.open.values() if e.key[0] == principal]
-        if len(mine) >= cfg.client_streams:
-            raise StreamLimitError(f"this client has {len(mine)} open streams, the most one client may keep "
-                                   f"({cfg.client_streams}): close one or wait")
         if key not in mine and len(set(mine)) >= cfg.client_guards:
             raise StreamLimitError(f"this client's open streams use {len(set(mine))} (mode, categories) settings, the "
                                    f"most one client may ({cfg.client_guards}): use one of theirs or close a stream")
@@ -154,8 +153,6 @@ class Streams:
         if stop and stream.stopped is None and not stream.closed:
             stream.fail(TimeoutError("the chunk's request ended before its checks were answered: the stream stops"))
         with self._lock:
-            if stream.stopped is not None:  # the cache is gone with the stop
-                self.reserved.pop(entry.sid, None)
             entry.busy, entry.used = False, time.monotonic()
 
     def feed(self, entry: OpenStream, text: str, deadline: float | None = None, limit: int | None = None) -> dict:
@@ -166,19 +163,21 @@ class Streams:
         return self._answer(entry, entry.stream.resume(deadline=deadline, limit=limit))
 
     def _answer(self, entry: OpenStream, checks: list) -> dict:
-        if entry.stream.stopped is not None:  # the cache is gone with the stop
-            with self._lock:
-                self.reserved.pop(entry.sid, None)
         return {"checks": [check_json(c) for c in checks], "stopped": entry.stream.stopped is not None,
                 "more": entry.stream.pending > 0}
 
     def admit_client(self, principal: str) -> None:
         """StreamLimitError when this client may open no stream now (checked again, whole, when it is made)."""
-        with self._lock:
-            mine = sum(1 for e in self.open.values() if e.key[0] == principal)
-            if self.config.keys() and mine >= self.config.client_streams:
-                raise StreamLimitError(f"this client has {mine} open streams, the most one client may keep "
-                                       f"({self.config.client_streams}): close one or wait")
+        if self.config.keys():
+            with self._lock:
+                self._within_client_streams(principal)
+
+    def _within_client_streams(self, principal: str) -> None:
+        """StreamLimitError when this client keeps client_streams open streams (the caller holds the lock)."""
+        mine = sum(1 for e in self.open.values() if e.key[0] == principal)
+        if mine >= self.config.client_streams:
+            raise StreamLimitError(f"this client has {mine} open streams, the most one client may keep "
+                                   f"({self.config.client_streams}): close one or wait")
 
     def close(self, entry: OpenStream) -> dict:
         result = entry.stream.close()
@@ -190,7 +189,6 @@ class Streams:
     def drop(self, sid: str) -> None:
         with self._lock:
             self.open.pop(sid, None)
-            self.reserved.pop(sid, None)
 
     def reap(self) -> int:
         """Drop streams idle or alive past their limits (their caches go with them); -> how many."""
@@ -200,7 +198,6 @@ class Streams:
                    if (now - e.used > cfg.stream_idle_s and not e.busy) or now - e.created > cfg.stream_lifetime_s]
             for sid in old:
                 self.open.pop(sid, None)
-                self.reserved.pop(sid, None)
         return len(old)
 
     def stop(self) -> None:
@@ -209,17 +206,24 @@ class Streams:
             self.stopping = True
             self.closed_by_stop |= set(self.open)
             self.open.clear()
-            self.reserved.clear()
 
     def in_use(self) -> set:
         with self._lock:
             return {e.key for e in self.open.values()}
 
     # -- memory ---------------------------------------------------------------------------------------------
-    def kv_bytes(self) -> int:
-        """The cache bytes the open streams have reserved (at least what they hold)."""
+    @property
+    def reserved(self) -> dict[str, int]:
+        """Cache bytes each open stream has reserved (at least what it holds): a stopped stream holds none, a closed or
+        dropped one is gone with its entry."""
         with self._lock:
-            return sum(self.reserved.values())
+            return self._reserved()
+
+    def _reserved(self) -> dict[str, int]:
+        return {sid: e.reserved for sid, e in self.open.items() if e.reserved and e.stream.stopped is None}
+
+    def kv_bytes(self) -> int:
+        return sum(self.reserved.values())
 
     def _grow(self, sid: str, principal: str, nbytes: int) -> None:
         """A stream's cache is about to hold `nbytes` (GuardStream.on_grow): reserved, unless the streams' caches
@@ -227,11 +231,12 @@ class Streams:
         check before the memory is taken."""
         cfg = self.config
         with self._lock:
-            if sid not in self.open:  # dropped (its lifetime, shutdown) while this check ran
+            entry = self.open.get(sid)
+            if entry is None:  # dropped (its lifetime, shutdown) while this check ran
                 raise MemoryBudgetError("the stream was closed by the service: it stops")
-            others = sum(b for s, b in self.reserved.items() if s != sid)
-            mine = sum(b for s, b in self.reserved.items()
-                       if s != sid and s in self.open and self.open[s].key[0] == principal)
+            reserved = self._reserved()
+            others = sum(b for s, b in reserved.items() if s != sid)
+            mine = sum(b for s, b in reserved.items() if s != sid and self.open[s].key[0] == principal)
             if others + nbytes > cfg.stream_kv_bytes:
                 raise MemoryBudgetError(
                     f"the open streams' decoder caches would take {(others + nbytes) / 2**20:.0f} MiB, over the "
@@ -242,7 +247,7 @@ class Streams:
                     f"this client's open streams' decoder caches would take {(mine + nbytes) / 2**20:.0f} MiB, over "
                     f"one client's limit of {cfg.client_stream_kv_bytes / 2**20:.0f} MiB "
                     "(ServeConfig.client_stream_kv_bytes): this stream stops")
-            self.reserved[sid] = nbytes
+            entry.reserved = nbytes
 
 
 def check_json(check) -> dict:
